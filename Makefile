@@ -1,0 +1,26 @@
+# Both targets create/refresh .venv from pyproject.toml + constraints.txt first (stamp file).
+PY      ?= python3
+VENV    := .venv
+STAMP   := $(VENV)/.installed
+PYTHON  := $(VENV)/bin/python
+# 8 simulated CPU devices so sharding is exercised without an accelerator (DESIGN §6).
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export PYTHONHASHSEED := 0
+
+.PHONY: test dryrun venv clean
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+dryrun: $(STAMP)
+	$(PYTHON) -m launch.run --config launch/configs/tiny.py $(DRYRUN_ARGS)
+
+clean:
+	rm -rf $(VENV) workdir
