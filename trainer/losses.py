@@ -1,0 +1,82 @@
+"""Classification losses and per-example metrics.
+
+All functions return per-example values (shape [B]); reduce them with `masked_mean`, which
+drops padded eval examples. Math is done in float32 whatever the logits' dtype (bf16 logits
+from a bf16 model would otherwise lose most of the loss' precision).
+
+`labels` are always dense [B, C] float targets, as the loader produces them: multi-hot for
+multi-label data (several 1s), one-hot for single-label data, or mixup-mixed soft targets.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["sigmoid_xent", "softmax_xent", "top1_correct", "masked_mean"]
+
+
+def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits {logits.shape} and labels {labels.shape} must have the same shape")
+
+
+def _f32(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    _check_shapes(logits, labels)
+    return logits.astype(jnp.float32), labels.astype(jnp.float32)
+
+
+def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example sigmoid cross-entropy summed over classes, [B].
+
+    The multi-label pre-training loss of ViT-G/ViT-22B (every class is an independent binary
+    problem; the JFT label hierarchy is flattened). Uses `log_sigmoid(x)` and `log_sigmoid(-x)`
+    rather than `log(sigmoid(x))`, which is exact for large |x| instead of giving log(0).
+    """
+    logits, labels = _f32(logits, labels)
+    log_p = jax.nn.log_sigmoid(logits)
+    log_not_p = jax.nn.log_sigmoid(-logits)
+    return -jnp.sum(labels * log_p + (1.0 - labels) * log_not_p, axis=-1)
+
+
+def softmax_xent(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy, [B].
+
+    Multi-hot labels are normalized into a distribution (k positives get 1/k each; an all-zero row
+    stays zero, i.e. loss 0 without smoothing). Label smoothing then mixes in a uniform target:
+    `target = (1 - label_smoothing) * labels / sum(labels) + label_smoothing / C`.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    logits, labels = _f32(logits, labels)
+    total = jnp.sum(labels, axis=-1, keepdims=True)
+    target = jnp.where(total > 0, labels / jnp.where(total > 0, total, 1.0), 0.0)
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing / logits.shape[-1]
+    return -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example bool [B]: is the top-scoring class one of the example's positive labels?
+
+    This is ImageNet-ReaL style accuracy for multi-hot labels and plain top-1 for one-hot labels.
+    Ties in the logits resolve to the lowest class index (`argmax`).
+    """
+    _check_shapes(logits, labels)
+    top1 = jnp.argmax(logits, axis=-1)
+    return jnp.take_along_axis(labels, top1[..., None], axis=-1)[..., 0] > 0
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean of per-example values `x` [B] over examples where `mask` [B] is True (float32).
+
+    Masked-out values are selected away (not multiplied by 0), so NaN/inf in padding rows cannot
+    leak into the result; an all-False mask gives 0 rather than NaN.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if mask is None:
+        return jnp.mean(x)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask {mask.shape} must have the shape of x {x.shape}")
+    mask = mask.astype(bool)
+    total = jnp.sum(jnp.where(mask, x, 0.0))
+    return total / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
