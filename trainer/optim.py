@@ -319,8 +319,8 @@ def wd_assignments(cfg: ml_collections.ConfigDict | Mapping, params) -> dict[str
     """`{param path: weight decay}` (None = frozen) for every parameter, e.g. to log at start."""
     cfg = validate_config(cfg)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
-    leaves = jax.tree_util.tree_leaves_with_path(meta.unbox(params))
-    return {param_path(path): _rule_value(param_path(path), rules, default) for path, _ in leaves}
+    names = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(meta.unbox(params))]
+    return {name: _rule_value(name, rules, default) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +362,8 @@ def make_optimizer(
     `params` is only read for its parameter paths (to validate and log the weight-decay rules);
     the returned transformation recomputes its masks from whatever tree it is given, so it works
     with abstract (`jax.eval_shape`) and sharded parameters alike. Returns `(tx, schedule)` where
-    `schedule(step)` is the absolute learning rate used at update count `step`.
+    `schedule(step)` is the absolute learning rate used at update count `step`. `tx.update` needs
+    the current params (`tx.update(grads, opt_state, params)`): Adafactor and the decay read them.
     """
     cfg = validate_config(cfg)
     schedule = make_schedule(cfg, total_steps)
