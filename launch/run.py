@@ -1,0 +1,41 @@
+"""Local runner for the stage DAG.
+
+    python -m launch.run --config launch/configs/tiny.py[:ARG] [--workdir ./workdir]
+        [--stages a,b] [--force a] [--dry_run] [--config.<stage>.<key>=VALUE ...]
+
+Stages run in this process in dependency order; cached stages (same fingerprint, `_SUCCESS`
+present) are reused. The library entry is `launch.dag.run_pipeline`.
+"""
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+
+from launch import cli
+from launch import dag
+
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
+
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the plan (every stage, cache hit/miss and why) and exit.")
+
+
+def main(argv):
+    cli.no_positional(argv)
+    config = cli.config()
+    try:
+        plans = dag.plan(config, cli.workdir(), cli.registry(),
+                         only=cli.STAGES.value or None, force=cli.FORCE.value)
+    except dag.PlanError as e:
+        cli.fail(e)
+    if DRY_RUN.value:
+        print(dag.format_plan(plans))
+        return
+    outputs = dag.execute(plans, config)
+    print("Outputs:")
+    for name, output in outputs.items():
+        print(f"  {name}: {output.path}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
