@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -482,11 +483,54 @@ def _install(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = print) -> StageOutput:
-    """Runs one stage into a sibling temp dir and renames it into place, under the stage lock."""
+def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -> dict:
+    # A copy, so a stage that mutates its config cannot change what was fingerprinted.
+    return _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
+
+
+def _commit(p: StagePlan, result: dict, tmp: Path) -> None:
+    _write_framework_files(p, result, tmp)
+    _mark_success(tmp)
+    _install(tmp, p.path)
+
+
+def jax_process() -> tuple[int, int]:
+    """(index, count) of this process in a multi-controller JAX job; (0, 1) if JAX is unused.
+
+    Read after the stage ran: the stage itself calls `jax.distributed.initialize()` on a
+    multi-host slice. Never imports JAX.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = print,
+            run_id: str | None = None) -> StageOutput:
+    """Runs one stage into a sibling temp dir and renames it into place.
+
+    Single process (run_id None): under the stage lock, in a private temp dir.
+    Multi-host (run_id set, the same on every host of the job): every process runs the stage
+    into the shared temp dir `.tmp-<fp16>-<run_id>` (collective checkpoints need one path), and
+    only JAX process 0 writes the framework files and `_SUCCESS` and renames it into place. No
+    lock: the hosts must run together, and flock() does not span machines anyway.
+    """
     stage_root = p.path.parent
     fp16 = p.path.name
     stage_root.mkdir(parents=True, exist_ok=True)
+    if run_id is not None:
+        if is_complete(p.path) and not p.forced:
+            return load_output(p.name, p.fingerprint, p.path)
+        tmp = stage_root / f".tmp-{fp16}-{run_id}"
+        tmp.mkdir(exist_ok=True)
+        result = _run_into(p, cfg, inputs, tmp)
+        index, count = jax_process()
+        if index == 0:
+            _commit(p, result, tmp)
+            return load_output(p.name, p.fingerprint, p.path)
+        log(f"[{p.name}] process {index}/{count} done; process 0 commits {p.path}")
+        return StageOutput(p.name, p.fingerprint, p.path, result)
     with _exclusive(stage_root / ".locks" / f"{fp16}.lock",
                     lambda: log(f"[{p.name}] waiting for another process producing {p.path}")):
         if is_complete(p.path) and not p.forced:
@@ -496,19 +540,15 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
         tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            # A copy, so a stage that mutates its config cannot change what was fingerprinted.
-            result = p.stage.load()(copy.deepcopy(cfg), dict(inputs), tmp)
-            result = _validate_result(p.name, result, tmp)
-            _write_framework_files(p, result, tmp)
-            _mark_success(tmp)
-            _install(tmp, p.path)
+            _commit(p, _run_into(p, cfg, inputs, tmp), tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return load_output(p.name, p.fingerprint, p.path)
 
 
-def execute(plans: Sequence[StagePlan], config, *, log: Log = print) -> dict[str, StageOutput]:
+def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
+            run_id: str | None = None) -> dict[str, StageOutput]:
     """Runs the plan in order, printing one progress line per stage with its elapsed time."""
     outputs: dict[str, StageOutput] = {}
     todo = [p for p in plans if p.action != "skip"]
@@ -522,7 +562,7 @@ def execute(plans: Sequence[StagePlan], config, *, log: Log = print) -> dict[str
         start = time.monotonic()
         inputs = {up: outputs[up] for up in p.stage.upstream}
         try:
-            outputs[p.name] = produce(p, config[p.name], inputs, log=log)
+            outputs[p.name] = produce(p, config[p.name], inputs, log=log, run_id=run_id)
         except BaseException:
             log(f"{prefix}: FAILED after {time.monotonic() - start:.1f}s")
             raise
@@ -539,16 +579,17 @@ def run_pipeline(config, workdir: Path, *, registry: Registry = STAGES,
 
 def run_stage(name: str, config, workdir: Path, *, registry: Registry = STAGES,
               force: bool = False, expect_fingerprint: str | None = None,
-              log: Log = print) -> StageOutput:
+              run_id: str | None = None, log: Log = print) -> StageOutput:
     """Runs (or reuses) one stage as its own process does; its upstream must be in the cache.
 
     expect_fingerprint: what the launcher planned. A mismatch (sources edited after launch, an
     override that did not reach this process, other package versions in the job's image) fails
-    before any work is done, explaining which input differs.
+    before any work is done.
+    run_id: set by launchers on multi-host jobs (same on every host); see `produce`.
     """
     plans = plan(config, workdir, registry, only=[name], force=[name] if force else [])
     mine = next(p for p in plans if p.name == name)
     if expect_fingerprint and mine.fingerprint != expect_fingerprint:
         raise PlanError(f"stage {name!r}: fingerprint {mine.fingerprint[:16]} differs from the "
                         f"launcher's {expect_fingerprint[:16]}; its inputs changed since launch")
-    return execute(plans, config, log=log)[name]
+    return execute(plans, config, log=log, run_id=run_id)[name]

@@ -29,6 +29,9 @@ STAGE = flags.DEFINE_string("stage", None, "Name of the stage to run.", required
 EXPECT_FINGERPRINT = flags.DEFINE_string(
     "expect_fingerprint", None, "Fail unless the stage's fingerprint is this (set by launchers).")
 LOG_FILE = flags.DEFINE_string("log_file", None, "Also append stdout+stderr to this file.")
+RUN_ID = flags.DEFINE_string(
+    "run_id", None, "Same on every host of a multi-host job: all hosts run the stage into one "
+    "shared temp dir and JAX process 0 commits it (set by launchers).")
 
 
 @contextlib.contextmanager
@@ -80,7 +83,8 @@ def main(argv):
         try:
             output = dag.run_stage(name, config, cli.workdir(), registry=registry,
                                    force=bool(cli.FORCE.value),
-                                   expect_fingerprint=EXPECT_FINGERPRINT.value)
+                                   expect_fingerprint=EXPECT_FINGERPRINT.value,
+                                   run_id=RUN_ID.value)
             print(f"{name}: {output.path}")
         except dag.PlanError as e:
             plan_error = e
