@@ -1,0 +1,48 @@
+"""ViT-22B/14 on ImageNet/JFT-style TFDS data on a TPU v4 pod slice (DESIGN §4 as far as fixed).
+
+    python -m launch.xm_launch --config launch/configs/vit22b.py --xm_target=vertex --xm_dry_run \
+        --workdir /gcs/YOUR_BUCKET/vit22b
+    python -m launch.xm_launch --config launch/configs/vit22b.py --xm_target=gke \
+        --workdir /mnt/shared/vit22b --config.xm.image=us-docker.pkg.dev/PROJECT/REPO/vit22b:TAG \
+        --config.prepare.datasets.imagenet2012.tfds_data_dir=/mnt/shared/tensorflow_datasets
+
+Data: a *local* TFDS data dir (prepare never downloads); ImageNet-2012 by default, with a 1%
+`minival` carved from train for model selection (big_vision convention). JFT is not public:
+point `tfds_name`/`tfds_data_dir` (or a `folder` source) at any JFT-style multi-label dataset.
+The workdir must be a POSIX path every job sees (GCS FUSE on Vertex, a shared volume on GKE).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from launch.configs import common
+from pipelines import prepare
+
+# One TPU v4 pod slice of 1024 chips (8x8x16 torus, 256 hosts); our choice of size, override
+# with --config.xm.resources.pretrain.tpu_topology=4x4x8 etc.
+PRETRAIN_TPU = common.resources(tpu_type="v4", tpu_topology="8x8x16")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
+    prep = prepare.default_config()
+    prep.datasets = ml_collections.ConfigDict({
+        "imagenet2012": prepare.dataset_config(
+            source="tfds", tfds_name="imagenet2012",
+            tfds_data_dir="/gcs/YOUR_BUCKET/tensorflow_datasets",
+            splits={"train": "train[:99%]", "minival": "train[99%:]", "val": "validation"},
+            # Shorter side stored at 384 px (downscale only): room for 224 px inception crops
+            # in pretraining and higher-resolution fine-tuning without re-preparing.
+            image_size=384,
+            records_per_shard=4096),
+    })
+    prep.direct_num_workers = 16
+    prep.direct_running_mode = "multi_processing"
+    groups = {
+        "prepare": prep,
+    }
+    xm = common.xm_group({
+        "prepare": common.resources(cpu=32, ram_gib=128),
+        "pretrain": PRETRAIN_TPU,
+    })
+    return common.build(groups, xm, arg)
