@@ -1,0 +1,214 @@
+"""The device mesh and THE logical-axis rules table (DESIGN §5).
+
+Mesh axes: ("data", "model"), plus an optional outer "replica" for multi-slice data parallelism.
+Parameters are sharded on both axes: their model dims (heads, mlp, classes) on "model" and their
+embedding dim on "data" (FSDP-style). Activations keep the batch on "data" and hidden/heads on
+"model". Model code names axes only logically (trainer/models/layers.py); this table maps them.
+
+`python -m trainer.sharding --variant 22B/14 --mesh 16,16` prints per-device bytes of parameters +
+optimizer state for any mesh, without devices or allocation.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("replica", "data", "model")
+
+
+def logical_rules(mesh_axes: Sequence[str] = AXES) -> tuple[tuple[str, Any], ...]:
+    """The one table. The batch spans "replica" too when the mesh has it."""
+    batch = tuple(a for a in ("replica", "data") if a in mesh_axes)
+    return (
+        # parameters
+        ("embed", "data"),
+        ("heads", "model"),
+        ("mlp", "model"),
+        ("classes", "model"),
+        ("kv", None),
+        ("layers", None),
+        # activations
+        ("act_batch", batch if len(batch) > 1 else batch[0]),
+        ("act_len", None),
+        ("act_embed", "model"),
+        ("act_heads", "model"),
+        ("act_mlp", "model"),
+        ("act_kv", None),
+    )
+
+
+def mesh_shape(num_devices: int, data: int = -1, model: int = 1, replica: int = 1) -> tuple[int, int, int]:
+    """Resolves -1 (fill with what is left) and checks the product against the device count."""
+    sizes = {"replica": replica, "data": data, "model": model}
+    free = [k for k, v in sizes.items() if v == -1]
+    for k, v in sizes.items():
+        if v != -1 and (not isinstance(v, int) or v <= 0):
+            raise ValueError(f"mesh.{k}={v!r} must be a positive int or -1")
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {free}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                             f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)})")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh: replica={sizes['replica']} x data={sizes['data']} x model={sizes['model']} = "
+                         f"{math.prod(sizes.values())} but there are {num_devices} devices")
+    return sizes["replica"], sizes["data"], sizes["model"]
+
+
+def make_mesh(data: int = -1, model: int = 1, replica: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "model") mesh, or ("replica", "data", "model") when replica > 1.
+
+    Auto axis types: we rely on sharding propagation (jax 0.10 defaults to Explicit, DESIGN §6).
+    """
+    devices = list(devices or jax.devices())
+    r, d, m = mesh_shape(len(devices), data, model, replica)
+    shape, names = ((r, d, m), AXES) if r > 1 else ((d, m), AXES[1:])
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+    return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
+
+
+@contextlib.contextmanager
+def activate(mesh):
+    """Mesh + rules in context while tracing, so the model's logical activation constraints apply.
+
+    Without it flax's `with_logical_constraint` is a silent no-op.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(mesh.axis_names)):
+        yield
+
+
+def abstract_mesh(data: int, model: int, replica: int = 1) -> AbstractMesh:
+    """A mesh of the given shape without devices: enough to compute shard shapes for any pod."""
+    shape, names = ((replica, data, model), AXES) if replica > 1 else ((data, model), AXES[1:])
+    return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def batch_spec(mesh) -> P:
+    """Batch axis over replica x data; every other dim replicated."""
+    batch = tuple(a for a in ("replica", "data") if a in mesh.axis_names)
+    return P(batch if len(batch) > 1 else batch[0])
+
+
+def data_axes(mesh) -> tuple[str, ...]:
+    return tuple(a for a in ("replica", "data") if a in mesh.axis_names)
+
+
+def data_parallel_size(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in data_axes(mesh))
+
+
+def _fit(spec: P, shape: Sequence[int], mesh) -> P:
+    """Drops mesh axes from dims they do not divide (e.g. 10 classes over model=4): replicate those."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(boxed_params, mesh):
+    """NamedShardings for a boxed (logically partitioned) parameter pytree, abstract or concrete."""
+    rules = logical_rules(mesh.axis_names)
+    logical = nn.get_partition_spec(boxed_params)
+    unboxed = nn.unbox(boxed_params)
+
+    def one(spec, leaf):
+        return NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(spec, rules), leaf.shape, mesh))
+    return jax.tree_util.tree_map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def fsdp_spec(shape: Sequence[int], mesh, min_size: int = 2 ** 14) -> P:
+    """For state without a parameter twin: shard the largest dim that "data" divides, if worth it."""
+    size = mesh.shape["data"]
+    if math.prod(shape) < min_size or size == 1:
+        return P()
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        if shape[i] % size == 0:
+            return P(*([None] * i + ["data"]))
+    return P()
+
+
+def tree_shardings(tree, params, param_sh, mesh):
+    """Shardings for any pytree holding parameter-shaped leaves (optimizer state, EMA, ...).
+
+    A leaf whose dict-key path and shape match a parameter gets that parameter's sharding (Adam's
+    moments); any other leaf (Adafactor's factored rows/cols, counters) gets `fsdp_spec`.
+    """
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh)):
+        by_path[_keys(path)] = (tuple(leaf.shape), sh)
+
+    def one(path, leaf):
+        keys = _keys(path)  # optimizer wrappers may prefix dict keys (e.g. optax.partition's labels)
+        twin = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
+        if twin and twin[0] == tuple(leaf.shape):
+            return twin[1]
+        return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds for `tree` (abstract or concrete) under `shardings` (max over devices)."""
+    total = 0
+    for leaf, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+        total += math.prod(sh.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def memory_report(variant: str, data: int, model: int, replica: int = 1, optimizer: str = "adafactor",
+                  **overrides) -> dict[str, int]:
+    """Per-device bytes of params and optimizer state for a model on a mesh, nothing allocated."""
+    from trainer import optim
+    from trainer.models import vit
+
+    cfg = vit.make_config(variant, **overrides)
+    mesh = abstract_mesh(data, model, replica)
+    boxed = vit.abstract_params(cfg)
+    params = nn.unbox(boxed)
+    opt_cfg = optim.default_config()
+    opt_cfg.optimizer = optimizer
+    tx, _ = optim.make_optimizer(opt_cfg, params, total_steps=1000)
+    opt_state = jax.eval_shape(tx.init, params)
+    param_sh = param_shardings(boxed, mesh)
+    return {
+        "params": per_device_bytes(params, param_sh),
+        "opt_state": per_device_bytes(opt_state, tree_shardings(opt_state, params, param_sh, mesh)),
+        "params_total": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Per-device memory of params + optimizer state.")
+    parser.add_argument("--variant", default="22B/14")
+    parser.add_argument("--mesh", default="16,16", help="DATA,MODEL[,REPLICA] sizes")
+    parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"))
+    parser.add_argument("--param_dtype", default="float32")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.mesh.split(",")]
+    report = memory_report(args.variant, *sizes, optimizer=args.optimizer, param_dtype=args.param_dtype)
+    gib = 2 ** 30
+    print(f"{args.variant} on mesh data x model = {args.mesh} ({args.optimizer}, params {args.param_dtype}):")
+    print(f"  params     {report['params'] / gib:9.3f} GiB / device  (total {report['params_total'] / gib:.1f} GiB)")
+    print(f"  opt state  {report['opt_state'] / gib:9.3f} GiB / device")
+    print(f"  sum        {(report['params'] + report['opt_state']) / gib:9.3f} GiB / device")
+
+
+if __name__ == "__main__":
+    main()
