@@ -1,0 +1,591 @@
+"""`prepare` stage: sources -> decode/validate/resize -> re-encode -> ArrayRecord shards + manifest.
+
+    python -m pipelines.prepare --source digits --out /tmp/x
+    python -m pipelines.prepare --source tfds --dataset imagenet2012 --tfds_data_dir ~/tensorflow_datasets \
+        --splits train,val=validation --image_size 384 --out /data/prepared
+    python -m pipelines.prepare --source folder --root /data/pets --csv labels.csv --out /tmp/x
+    # any other Beam option passes through, e.g. --runner=DataflowRunner --project=... (shared FS)
+
+Layout (DESIGN §3): `<out>/<dataset>/<split>/{manifest.json, dead_letters.jsonl,
+<dataset>-<split>.array_record-NNNNN-of-NNNNN}`. Each split dir is assembled in a sibling temp
+dir and renamed into place when complete. Every input ends up either in a shard or as one line of
+dead_letters.jsonl ({id, source, reason, detail}); accepted + rejected = read, always.
+
+The Beam graph (one pipeline for all datasets and splits):
+
+    Create(tasks) -> Expand (list refs) -> Reshuffle -> Read -> Process (decode, validate, resize,
+    encode) -> WriteShards -> [ids] GroupByKey -> ResolveDuplicates -> [drops] CoGroupByKey with
+    the shards -> ApplyDrops -> CoGroupByKey per split with dead letters -> Finalize (rename shards,
+    manifest, dead letters, atomic install)
+
+Write strategy (DESIGN §6): `WriteToArrayRecord` with a fixed `num_shards` adds a GroupByKey over
+the encoded images, and the local runner holds all of them in memory. Here a DoFn streams each
+bundle's records straight into rolling ArrayRecord files (`group_size:1`) of at most
+`records_per_shard` records - runner-chosen sharding, memory bounded by one open file per split.
+Only small metadata is ever grouped: per-record (id -> source, file, position) for duplicate
+detection, and per-shard summaries. Duplicate ids are resolved after writing: the copy with the
+smallest source is kept, every other copy is dropped from its shard (the shard is rewritten,
+normally never) and dead-lettered as "duplicate_id".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import ml_collections
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
+
+from data import images, records
+from data import manifest as manifest_lib
+from pipelines import sources
+
+NAMESPACE = "prepare"
+# Beam 2.77's DirectRunner first tries to download Prism (no internet here); FnApiRunner is the
+# in-process portable runner and honours --direct_num_workers/--direct_running_mode (DESIGN §6).
+LOCAL_RUNNER = "FnApiRunner"
+_DEAD = "dead"
+_IDS = "ids"
+_LOG = logging.getLogger(__name__)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """One dataset: where it comes from, which splits, and how images are normalised."""
+    cfg = ml_collections.ConfigDict()
+    cfg.source = "digits"            # digits | tfds | folder | cue_conflict
+    # our split name -> source selector: digits train/val/test/all; a TFDS split spec
+    # ("train[:99%]", "validation"); a sub-dir of `root` for folder/cue_conflict ("" = root).
+    # Empty = the source's natural splits (digits: train/val/test; tfds: all; folder: train;
+    # cue_conflict: test).
+    cfg.splits = ml_collections.ConfigDict()
+    cfg.image_size = 32              # shorter side after resize (downscale only); 0 keeps size.
+    #                                   digits: the size they are rendered at.
+    cfg.lossless = False             # PNG instead of JPEG
+    cfg.jpeg_quality = 95
+    cfg.records_per_shard = 1024
+    cfg.tfds_name = ""               # default: the dataset's name; "name[/config][:version]"
+    cfg.tfds_data_dir = ""           # local TFDS data_dir (never downloads)
+    cfg.root = ""                    # folder / cue_conflict root dir
+    cfg.csv = ""                     # folder: CSV of id,label(s),attributes,text
+    cfg.min_side = images.Limits.min_side
+    cfg.max_side = images.Limits.max_side
+    cfg.max_pixels = images.Limits.max_pixels
+    cfg.max_bytes = images.Limits.max_bytes
+    for key, value in overrides.items():
+        if key == "splits":
+            cfg.splits = ml_collections.ConfigDict(dict(value))
+        else:
+            setattr(cfg, key, value)  # ConfigDict keeps the type of each default
+    return cfg
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The stage's config group (`config.prepare`): the tiny dry-run's digits at 32 px."""
+    cfg = ml_collections.ConfigDict()
+    cfg.datasets = ml_collections.ConfigDict({
+        "digits": dataset_config(source="digits", image_size=32,
+                                 splits={"train": "train", "val": "val", "test": "test"}),
+    })
+    cfg.runner = LOCAL_RUNNER
+    cfg.direct_num_workers = 1                  # FnApiRunner workers (local runs)
+    cfg.direct_running_mode = "in_memory"       # in_memory | multi_threading | multi_processing
+    cfg.beam_args = ()                          # extra Beam PipelineOptions, passed unchanged
+    return cfg
+
+
+_DATASET_KEYS = frozenset(dataset_config().keys())
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the key, on anything the job would trip over later."""
+    if not len(cfg.datasets):
+        raise ValueError("prepare.datasets is empty: nothing to prepare")
+    if cfg.direct_running_mode not in ("in_memory", "multi_threading", "multi_processing"):
+        raise ValueError(f"prepare.direct_running_mode={cfg.direct_running_mode!r} is not one of "
+                         "in_memory, multi_threading, multi_processing")
+    if cfg.direct_num_workers < 1:
+        raise ValueError(f"prepare.direct_num_workers must be >= 1, got {cfg.direct_num_workers}")
+    for name, d in cfg.datasets.items():
+        where = f"prepare.datasets.{name}"
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{where}: dataset names must be plain directory names")
+        unknown = set(d.keys()) - _DATASET_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_DATASET_KEYS)}")
+        if d.source not in sources.SOURCE_KINDS:
+            raise ValueError(f"{where}.source={d.source!r}; choose from {sources.SOURCE_KINDS}")
+        if d.source == "tfds" and not d.tfds_data_dir:
+            raise ValueError(f"{where}.tfds_data_dir is required for source 'tfds' (local data only)")
+        if d.source in ("folder", "cue_conflict") and not d.root:
+            raise ValueError(f"{where}.root is required for source {d.source!r}")
+        if d.source == "digits" and d.image_size < max(8, d.min_side):
+            raise ValueError(f"{where}.image_size={d.image_size}: digits need >= max(8, min_side={d.min_side})")
+        if d.image_size < 0 or d.records_per_shard < 1 or not 1 <= d.jpeg_quality <= 100:
+            raise ValueError(f"{where}: need image_size >= 0, records_per_shard >= 1, "
+                             f"1 <= jpeg_quality <= 100")
+        for split in d.splits.keys():
+            if not split or "/" in split or split.startswith("."):
+                raise ValueError(f"{where}.splits: {split!r} is not a plain directory name")
+
+
+# --- planning (driver side) ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    key: str                      # "<dataset>/<split>"
+    dataset: str
+    split: str
+    selector: str
+    tmp_dir: str
+    final_dir: str
+    image_size: int
+    lossless: bool
+    jpeg_quality: int
+    records_per_shard: int
+    limits: images.Limits
+    class_names: tuple[str, ...]
+    source_desc: dict
+
+
+def _natural_splits(name: str, d: ml_collections.ConfigDict) -> dict[str, str]:
+    if d.source == "digits":
+        return {"train": "train", "val": "val", "test": "test"}
+    if d.source == "tfds":
+        return {s: s for s in sources.TfdsSource(d.tfds_name or name, d.tfds_data_dir).split_names()}
+    return {"train": ""} if d.source == "folder" else {"test": ""}
+
+
+def _plan(cfg: ml_collections.ConfigDict, out: Path):
+    """(plans, {key: source}, {key: tasks}); creates one temp dir per split next to its final dir."""
+    plans, srcs, tasks = [], {}, {}
+    for name, d in cfg.datasets.items():
+        splits = dict(d.splits.items()) or _natural_splits(name, d)
+        src = sources.make_source(name, d, splits.values())
+        info = src.info()
+        limits = images.Limits(d.min_side, d.max_side, d.max_pixels, d.max_bytes)
+        for split, selector in splits.items():
+            final = out / name / split
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{split}.tmp-{uuid.uuid4().hex[:12]}"
+            tmp.mkdir()
+            plan = SplitPlan(f"{name}/{split}", name, split, selector, str(tmp), str(final),
+                             d.image_size, d.lossless, d.jpeg_quality, d.records_per_shard, limits,
+                             info.class_names, {**info.description, "selector": selector})
+            plans.append(plan)
+            srcs[plan.key] = src
+            tasks[plan.key] = src.tasks(selector)
+    return plans, srcs, tasks
+
+
+def pipeline_options(cfg: ml_collections.ConfigDict, extra_args: Sequence[str] = ()) -> PipelineOptions:
+    """Runner flags from the config, then any other Beam options unchanged (so the same job
+    runs on Dataflow/Flink/Spark); explicit args win over the config."""
+    args = [f"--runner={cfg.runner}", f"--direct_num_workers={cfg.direct_num_workers}",
+            f"--direct_running_mode={cfg.direct_running_mode}"]
+    return PipelineOptions(args + list(cfg.beam_args) + list(extra_args))
+
+
+# --- Beam transforms ----------------------------------------------------------------------------
+
+def _dead(ex_id: str, source: str, reason: str, detail: str) -> dict[str, str]:
+    return {"id": ex_id, "source": source, "reason": reason, "detail": detail}
+
+
+def _reject(key: str, letter: dict[str, str]):
+    Metrics.counter(NAMESPACE, "rejected").inc()
+    Metrics.counter(NAMESPACE, f"rejected.{letter['reason']}").inc()
+    return beam.pvalue.TaggedOutput(_DEAD, (key, letter))
+
+
+class _ExpandFn(beam.DoFn):
+    def __init__(self, srcs):
+        self._srcs = srcs
+
+    def process(self, element):
+        key, task = element
+        for ref in self._srcs[key].expand(task):
+            yield key, ref
+
+
+class _ReadFn(beam.DoFn):
+    def __init__(self, srcs):
+        self._srcs = srcs
+        self._read = Metrics.counter(NAMESPACE, "read")
+
+    def process(self, element):
+        key, ref = element
+        for ex in self._srcs[key].read(ref):
+            self._read.inc()
+            yield key, ex
+
+
+def _check_labels(ex: sources.RawExample, num_classes: int) -> None:
+    if not num_classes:
+        return
+    for field in ("label", "real_labels"):
+        bad = [v for v in (getattr(ex, field) or ()) if not 0 <= v < num_classes]
+        if bad:
+            raise records.RecordError(f"{field} {bad} outside [0, {num_classes})")
+
+
+class _ProcessFn(beam.DoFn):
+    """RawExample -> (key, id, source, record bytes, features) or a dead letter."""
+
+    def __init__(self, plans: dict[str, SplitPlan]):
+        self._plans = plans
+
+    def process(self, element):
+        key, ex = element
+        plan = self._plans[key]
+        if ex.error is not None:
+            yield _reject(key, _dead(ex.id, ex.source, *ex.error))
+            return
+        try:
+            _check_labels(ex, len(plan.class_names))
+            img = images.decode_rgb(ex.image, plan.limits)
+            if plan.image_size:
+                img = images.resize_shorter(img, plan.image_size)
+            data = images.encode_png(img) if plan.lossless else images.encode_jpeg(img, plan.jpeg_quality)
+            rec = records.Record(image=data, label=ex.label, id=ex.id, real_labels=ex.real_labels,
+                                 attributes=ex.attributes, text=ex.text, shape_label=ex.shape_label,
+                                 texture_label=ex.texture_label)
+            encoded = records.encode(rec)
+        except images.ImageRejected as e:
+            yield _reject(key, _dead(ex.id, ex.source, e.reason, e.detail))
+            return
+        except records.RecordError as e:
+            yield _reject(key, _dead(ex.id, ex.source, "bad_metadata", str(e)))
+            return
+        except Exception as e:  # a bad input must never fail the job (cv2/PIL internals)
+            yield _reject(key, _dead(ex.id, ex.source, "undecodable", f"{type(e).__name__}: {e}"))
+            return
+        yield key, ex.id, ex.source, encoded, rec.features()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardInfo:
+    key: str
+    path: str
+    num_records: int
+    sha256: str
+    min_id: str
+    features: tuple[str, ...]
+
+
+class _OpenShard:
+    def __init__(self, key: str, directory: str):
+        from array_record.python import array_record_module
+
+        self.key = key
+        self.path = os.path.join(directory, f"part-{uuid.uuid4().hex}.array_record")
+        self._writer = array_record_module.ArrayRecordWriter(self.path, manifest_lib.ARRAY_RECORD_OPTIONS)
+        self.count = 0
+        self.min_id = None
+        self.features: set[str] = set()
+
+    def add(self, data: bytes, rid: str, features: tuple[str, ...]) -> None:
+        self._writer.write(data)
+        self.count += 1
+        self.min_id = rid if self.min_id is None else min(self.min_id, rid)
+        self.features.update(features)
+
+    def close(self) -> _ShardInfo:
+        self._writer.close()
+        return _ShardInfo(self.key, self.path, self.count, manifest_lib.sha256_file(self.path),
+                          self.min_id, tuple(sorted(self.features)))
+
+
+def _write_shard(key: str, directory: str, raws: Sequence[bytes]) -> _ShardInfo:
+    shard = _OpenShard(key, directory)
+    for raw in raws:
+        ex = records.parse_example(raw)
+        shard.add(raw, ex["id"][0].decode("utf-8"), tuple(k for k in ex if k in records.FEATURE_KINDS))
+    return shard.close()
+
+
+class _WriteShardsFn(beam.DoFn):
+    """Streams records into rolling ArrayRecord files; emits one _ShardInfo per closed file and,
+    on the `ids` output, ((key, id), (source, file, position)) for duplicate detection."""
+
+    def __init__(self, plans: dict[str, SplitPlan]):
+        self._plans = plans
+        self._open: dict[str, _OpenShard] = {}
+
+    def start_bundle(self):
+        self._open = {}
+
+    def process(self, element):
+        key, rid, source, data, features = element
+        shard = self._open.get(key)
+        if shard is None:
+            shard = self._open[key] = _OpenShard(key, self._plans[key].tmp_dir)
+        yield beam.pvalue.TaggedOutput(_IDS, ((key, rid), (source, shard.path, shard.count)))
+        shard.add(data, rid, features)
+        if shard.count >= self._plans[key].records_per_shard:
+            del self._open[key]
+            info = shard.close()
+            yield info.path, info
+
+    def finish_bundle(self):
+        gw = window.GlobalWindow()
+        for key in sorted(self._open):
+            info = self._open.pop(key).close()
+            yield WindowedValue((info.path, info), gw.max_timestamp(), [gw])
+
+
+def _natural_key(text: str) -> list:
+    """Sort key with digit runs compared as numbers ("row 9" < "row 10", "__9" < "__10")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _resolve_duplicates(element):
+    """Keeps the copy whose source sorts first (naturally; then file, position): in a CSV the
+    first line, in TFDS the first record. Every other copy is dropped and dead-lettered."""
+    (key, rid), locations = element
+    locations = sorted(locations, key=lambda loc: (_natural_key(loc[0]), loc[1], loc[2]))
+    for source, path, position in locations[1:]:
+        yield _reject(key, _dead(rid, source, "duplicate_id",
+                                 f"id also read from {locations[0][0]} (kept)"))
+        yield path, position
+
+
+def _apply_drops(element):
+    """Rewrites a shard without its duplicate records (only shards that have any)."""
+    path, grouped = element
+    (info,) = grouped["shards"]
+    drops = set(grouped["drops"])
+    if not drops:
+        yield info.key, info
+        return
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(path)
+    keep = [raw for i, raw in enumerate(reader.read_all()) if i not in drops]
+    reader.close()
+    os.remove(path)
+    if keep:  # memory: one shard (records_per_shard records), and only when it has duplicates
+        yield info.key, _write_shard(info.key, os.path.dirname(path), keep)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Renames a completed split dir into place, replacing an older one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _FinalizeFn(beam.DoFn):
+    """Per split: deterministic shard names, dead_letters.jsonl, manifest.json, atomic install."""
+
+    def __init__(self, plans: dict[str, SplitPlan]):
+        self._plans = plans
+
+    def process(self, element):
+        key, grouped = element
+        plan = self._plans[key]
+        tmp = Path(plan.tmp_dir)
+        shard_infos = sorted(grouped["shards"], key=lambda s: (s.min_id, s.path))
+        letters = sorted(grouped["dead"], key=lambda d: (d["id"], d["source"], d["reason"]))
+        n = len(shard_infos)
+        shards = []
+        for i, info in enumerate(shard_infos):
+            name = f"{plan.dataset}-{plan.split}.array_record-{i:05d}-of-{n:05d}"
+            os.replace(info.path, tmp / name)
+            shards.append(manifest_lib.Shard(name, info.num_records, info.sha256))
+        with open(tmp / manifest_lib.DEAD_LETTERS_NAME, "w") as f:
+            for letter in letters:
+                f.write(json.dumps(letter, sort_keys=True) + "\n")
+        present = set().union(*(s.features for s in shard_infos)) if shard_infos else set()
+        features = [k for k in records.FEATURE_KINDS if k in present or k in records.REQUIRED_FEATURES]
+        num_records = sum(s.num_records for s in shards)
+        manifest_lib.write(tmp, manifest_lib.Manifest(
+            dataset=plan.dataset, split=plan.split, num_records=num_records,
+            num_classes=len(plan.class_names), class_names=list(plan.class_names),
+            image_size=plan.image_size or None, features=features, shards=shards,
+            dead_letters=manifest_lib.DEAD_LETTERS_NAME, num_dead_letters=len(letters),
+            source=plan.source_desc))
+        _install(tmp, Path(plan.final_dir))
+        Metrics.counter(NAMESPACE, "accepted").inc(num_records)
+        yield key, (num_records, len(letters))
+
+
+def build(p: beam.Pipeline, plans: Sequence[SplitPlan], srcs: dict, tasks: dict) -> None:
+    """Adds the whole prepare graph for `plans` to pipeline `p`."""
+    by_key = {plan.key: plan for plan in plans}
+    units = [(key, task) for key in by_key for task in tasks[key]]
+    processed = (
+        p
+        | "ListTasks" >> beam.Create(units)
+        | "Expand" >> beam.ParDo(_ExpandFn(srcs))
+        | "Redistribute" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(_ReadFn(srcs))
+        | "Process" >> beam.ParDo(_ProcessFn(by_key)).with_outputs(_DEAD, main="ok"))
+    written = processed.ok | "WriteShards" >> beam.ParDo(_WriteShardsFn(by_key)).with_outputs(_IDS, main="shards")
+    dups = (written[_IDS]
+            | "GroupIds" >> beam.GroupByKey()
+            | "ResolveDuplicates" >> beam.FlatMap(_resolve_duplicates).with_outputs(_DEAD, main="drops"))
+    shards = ({"shards": written.shards, "drops": dups.drops}
+              | "JoinDrops" >> beam.CoGroupByKey()
+              | "ApplyDrops" >> beam.FlatMap(_apply_drops))
+    dead = (processed[_DEAD], dups[_DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    splits = p | "ListSplits" >> beam.Create([(key, None) for key in by_key])
+    _ = ({"split": splits, "shards": shards, "dead": dead}
+         | "JoinSplit" >> beam.CoGroupByKey()
+         | "Finalize" >> beam.ParDo(_FinalizeFn(by_key)))
+
+
+# --- library entry ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    split_dirs: dict[str, str]                 # "<dataset>/<split>" -> split dir
+    manifests: dict[str, manifest_lib.Manifest]
+    counters: dict[str, int]                   # read, accepted, rejected, rejected.<reason>
+
+
+def _counters(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in result.metrics().query()["counters"]:
+        if c.key.metric.namespace == NAMESPACE:
+            value = c.committed if c.committed is not None else c.attempted
+            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value)
+    for name in ("read", "accepted", "rejected"):
+        out.setdefault(name, 0)
+    return dict(sorted(out.items()))
+
+
+def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
+            beam_args: Sequence[str] = ()) -> PrepareResult:
+    """Runs the prepare job for every dataset/split in `cfg` into `out`."""
+    validate_config(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plans, srcs, tasks = _plan(cfg, out)
+    try:
+        p = beam.Pipeline(options=pipeline_options(cfg, beam_args))
+        build(p, plans, srcs, tasks)
+        result = p.run()
+        result.wait_until_finish()
+        counters = _counters(result)
+    finally:
+        for plan in plans:  # a failed run leaves no half-written split behind
+            shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+    manifests = {plan.key: manifest_lib.read(plan.final_dir) for plan in plans}
+    accepted = sum(m.num_records for m in manifests.values())
+    rejected = sum(m.num_dead_letters for m in manifests.values())
+    if accepted + rejected != counters["read"]:
+        raise RuntimeError(f"prepare: accepted {accepted} + rejected {rejected} != read "
+                           f"{counters['read']} (lost inputs; this is a bug)")
+    return PrepareResult({p.key: p.final_dir for p in plans}, manifests, counters)
+
+
+def summary(result: PrepareResult) -> str:
+    """The end-of-job report: counters, then one line per split."""
+    lines = ["prepare counters: " + "  ".join(f"{k}={v}" for k, v in result.counters.items())]
+    width = max(len(k) for k in result.manifests)
+    for key, m in result.manifests.items():
+        lines.append(f"  {key:<{width}}  accepted {m.num_records:>8}  rejected {m.num_dead_letters:>6}"
+                     f"  shards {len(m.shards):>4}  -> {result.split_dirs[key]}")
+    return "\n".join(lines)
+
+
+def run(cfg: ml_collections.ConfigDict, inputs: dict, out: Path) -> dict:
+    """DAG stage entry (docs/INTERFACES.md): no upstream; writes `<out>/<dataset>/<split>/`."""
+    del inputs  # prepare has no upstream stage
+    result = prepare(cfg, out)
+    print(summary(result))
+    metrics: dict[str, int] = dict(result.counters)
+    for key, m in result.manifests.items():
+        metrics[f"{key}/accepted"] = m.num_records
+        metrics[f"{key}/rejected"] = m.num_dead_letters
+    return {"artifacts": {key: key for key in result.manifests}, "metrics": metrics}
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def _parse_splits(text: str) -> dict[str, str]:
+    """"train,val=validation" -> {"train": "train", "val": "validation"}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, selector = item.partition("=")
+        out[name.strip()] = selector.strip() if sep else name.strip()
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, str, list[str]]:
+    """CLI flags -> (stage config with one dataset, out dir, pass-through Beam args)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m pipelines.prepare",
+        description="Prepare images into ArrayRecord shards + manifest.json (+ dead_letters.jsonl). "
+                    "Unknown flags are passed to Beam unchanged.")
+    d = dataset_config()
+    ap.add_argument("--source", required=True, choices=sources.SOURCE_KINDS)
+    ap.add_argument("--out", required=True, help="output root: <out>/<dataset>/<split>/")
+    ap.add_argument("--dataset", default="", help="dataset dir name (default: tfds name or source)")
+    ap.add_argument("--splits", default="", help="comma list of split[=selector] (default: the "
+                    "source's natural splits; digits: train,val,test)")
+    ap.add_argument("--image_size", type=int, default=d.image_size,
+                    help="shorter side to downscale to; 0 keeps the size (digits: render size)")
+    ap.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
+    ap.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
+    ap.add_argument("--records_per_shard", type=int, default=d.records_per_shard)
+    ap.add_argument("--tfds_name", default="", help="TFDS name[/config][:version]")
+    ap.add_argument("--tfds_data_dir", default="", help="local TFDS data_dir (never downloads)")
+    ap.add_argument("--root", default="", help="image folder / cue-conflict root")
+    ap.add_argument("--csv", default="", help="folder: CSV with id,label(s),attributes,text")
+    for key in ("min_side", "max_side", "max_pixels", "max_bytes"):
+        ap.add_argument(f"--{key}", type=int, default=d[key], help="acceptance limit")
+    ap.add_argument("--runner", default=LOCAL_RUNNER)
+    ap.add_argument("--direct_num_workers", type=int, default=1)
+    ap.add_argument("--direct_running_mode", default="in_memory",
+                    choices=("in_memory", "multi_threading", "multi_processing"))
+    args, beam_args = ap.parse_known_args(argv)
+    if args.source == "tfds" and not (args.tfds_name or args.dataset):
+        ap.error("--source tfds needs --tfds_name (or --dataset naming the TFDS dataset)")
+    name = args.dataset or (args.tfds_name.split("/")[0].split(":")[0] if args.tfds_name else args.source)
+    cfg = default_config()
+    cfg.datasets = ml_collections.ConfigDict({name: dataset_config(
+        source=args.source, splits=_parse_splits(args.splits), image_size=args.image_size,
+        lossless=args.lossless, jpeg_quality=args.jpeg_quality, records_per_shard=args.records_per_shard,
+        tfds_name=args.tfds_name, tfds_data_dir=args.tfds_data_dir, root=args.root, csv=args.csv,
+        min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes)})
+    cfg.runner = args.runner
+    cfg.direct_num_workers = args.direct_num_workers
+    cfg.direct_running_mode = args.direct_running_mode
+    return cfg, args.out, beam_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg, out, beam_args = parse_args(argv)
+    try:
+        result = prepare(cfg, out, beam_args)
+    except (ValueError, sources.SourceError, manifest_lib.ManifestError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
