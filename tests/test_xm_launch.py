@@ -7,6 +7,7 @@ database pointed at tmp_path with `--xm_db_yaml_config_path`.
 from __future__ import annotations
 
 import json
+import runpy
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from launch import cloud_tpu
 from launch import dag
 from launch import xm_launch
-from test_dag import FakePipeline
+from test_dag import REPO, FakePipeline
 from xmanager import xm
 from xmanager.cloud import kubernetes
 from xmanager.cloud import vertex
@@ -197,3 +198,22 @@ def test_multi_host_protocol_commits_once_from_process_zero(fake, monkeypatch):
     monkeypatch.setattr(dag, "jax_process", lambda: (0, 2))
     output = dag.produce(p, config.a, {}, log=lambda _: None, run_id="R")
     assert dag.is_complete(p.path) and not shared.exists() and fake.calls() == ["a", "a"]
+
+
+@pytest.mark.slow
+def test_local_launch_of_the_tiny_pipeline(tmp_path):
+    """The real tiny config (every stage that exists) as XManager work units."""
+    db_config = tmp_path / "xm_db.yaml"
+    db_config.write_text("sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
+                         f"  db_name: {tmp_path / 'xm.sqlite3'}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.xm_launch", f"--config={REPO / 'launch/configs/tiny.py'}",
+         f"--workdir={tmp_path / 'workdir'}", f"--xm_db_yaml_config_path={db_config}"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "xm.sqlite3") as db:
+        [(experiment_id,)] = db.execute("SELECT experiment_id FROM experiment").fetchall()
+        work_units = db.execute("SELECT work_unit_id FROM work_unit").fetchall()
+    config = runpy.run_path(str(REPO / "launch/configs/tiny.py"))["get_config"]()
+    plans = dag.plan(config, tmp_path / "workdir")
+    assert len(work_units) == len(plans) and all(p.action == "reuse" for p in plans)
