@@ -32,6 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import ml_collections
+
 from launch import sources
 from launch import tb_events
 
@@ -341,6 +343,9 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
         raise PlanError(f"the config has no group for any registered stage "
                         f"(registered: {', '.join(registry.names)}; config keys: {', '.join(config)})")
     for stage in stages:
+        if not isinstance(config[stage.name], ml_collections.ConfigDict):
+            raise PlanError(f"config.{stage.name} must be a ConfigDict (the stage's config group), "
+                            f"got {type(config[stage.name]).__name__}")
         missing = [up for up in stage.upstream if up not in active]
         if missing:
             raise PlanError(f"stage {stage.name!r} needs upstream {', '.join(missing)}, which has no "

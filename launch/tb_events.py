@@ -1,9 +1,10 @@
 """A minimal TensorBoard event-file writer (scalars only), without TensorFlow or tensorboard.
 
-Why not CLU: `clu.metric_writers` imports `tensorboard` at package import and the pinned stack
-does not install it (tensorflow_cpu 2.21 no longer depends on it), so `from clu import
-metric_writers` fails here. Importing TensorFlow would also cost 3-5 s per stage process
-(DESIGN §6). The format is small and stable: a TFRecord stream of `tensorflow.Event` protos, each
+Why not CLU's `SummaryWriter`: `clu.metric_writers` imports TensorFlow at package import, 3-5 s
+and ~0.6 GB per stage process (DESIGN §6), only to write the one summary the framework writes
+for stages that log no metrics of their own. (Until tensorboard joined the pins it did not
+import at all.) Stages that log per-step metrics use CLU themselves; the files are the same
+format. The format is small and stable: a TFRecord stream of `tensorflow.Event` protos, each
 record framed as `uint64 length | masked crc32c(length) | data | masked crc32c(data)`. We encode
 the four proto messages we need by hand:
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Iterator
 
 import ml_collections
 import pytest
@@ -175,8 +176,11 @@ class FakePipeline:
 
 
 @pytest.fixture
-def fake(tmp_path) -> FakePipeline:
-    return FakePipeline(tmp_path)
+def fake(tmp_path) -> Iterator[FakePipeline]:
+    """A fresh fake pipeline (other test modules import this fixture)."""
+    pipeline = FakePipeline(tmp_path)
+    yield pipeline
+    sys.path.remove(str(tmp_path))
 
 
 def test_registry_validates_and_orders():

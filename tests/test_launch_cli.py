@@ -10,15 +10,10 @@ import time
 import pytest
 
 from launch import dag
-from test_dag import REPO, FakePipeline
+from test_dag import REPO, FakePipeline, fake  # noqa: F401 (fixture)
 
 TINY = REPO / "launch" / "configs" / "tiny.py"
 VIT22B = REPO / "launch" / "configs" / "vit22b.py"
-
-
-@pytest.fixture
-def fake(tmp_path) -> FakePipeline:
-    return FakePipeline(tmp_path)
 
 
 def _run(fake: FakePipeline, *flags: str) -> subprocess.CompletedProcess:

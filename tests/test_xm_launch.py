@@ -17,16 +17,11 @@ import pytest
 from launch import cloud_tpu
 from launch import dag
 from launch import xm_launch
-from test_dag import REPO, FakePipeline
+from test_dag import REPO, FakePipeline, fake  # noqa: F401 (fixture)
 from xmanager import xm
 from xmanager.cloud import kubernetes
 from xmanager.cloud import vertex
 from xmanager.xm_local import executors
-
-
-@pytest.fixture
-def fake(tmp_path) -> FakePipeline:
-    return FakePipeline(tmp_path)
 
 
 def _launch(fake: FakePipeline, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
