@@ -6,6 +6,7 @@ process (tests, `xmanager launch`).
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,14 @@ from ml_collections import config_flags
 from launch import dag
 
 FLAGS = flags.FLAGS
+
+# Local CPU runs simulate 8 devices so that the configs' 2-D meshes work as on a pod (DESIGN §6:
+# set before JAX initializes, hence here in the entry module). It only affects JAX's CPU backend;
+# an explicit setting in XLA_FLAGS wins.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Orbax and JAX log every checkpoint step at INFO through absl; --verbosity=0 brings them back.
+FLAGS.set_default("verbosity", -1)
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None,

@@ -9,6 +9,8 @@ Cache layout, per stage:
     <workdir>/<stage>/<fingerprint[:16]>/   completed outputs (renamed into place, `_SUCCESS` last)
         config.json  outputs.json  metrics.jsonl  tb/  fingerprint.json  _SUCCESS  <artifacts>
     <workdir>/<stage>/.tmp-<fp16>-*          a run in progress, or the debris of a crashed one
+    <workdir>/<stage>/.partial-<fp16>/       a resumable stage's run in progress: kept when it crashes
+                                             or is preempted, so the next run resumes from its checkpoints
     <workdir>/<stage>/.locks/<fp16>.lock     flock() held while a process produces <fp16>
 
 A directory without `_SUCCESS` is never reused. Concurrent runs of one stage serialise on the lock;
@@ -67,11 +69,14 @@ class Stage:
     upstream: names of the stages whose outputs this one reads (`inputs[name]`).
     extra_sources: globs (relative to the registry root) of non-Python files the stage reads;
       they join the stage's source hash next to its static import closure (launch/sources.py).
+    resumable: the stage checkpoints into its output dir and resumes from what it finds there; its
+      unfinished dir (`.partial-<fp16>`) survives a crash or preemption (`--force` starts afresh).
     """
     name: str
     target: str
     upstream: tuple[str, ...] = ()
     extra_sources: tuple[str, ...] = ()
+    resumable: bool = False
 
     @property
     def module(self) -> str:
@@ -155,7 +160,7 @@ class Registry:
 # here by module path; each activates when a config has its group.
 STAGES = Registry([
     Stage("prepare", "pipelines.prepare:run"),
-    Stage("pretrain", "trainer.train:run", upstream=("prepare",)),
+    Stage("pretrain", "trainer.train:run", upstream=("prepare",), resumable=True),
 ])
 
 
@@ -524,10 +529,11 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
     stage_root = p.path.parent
     fp16 = p.path.name
     stage_root.mkdir(parents=True, exist_ok=True)
+    partial = stage_root / f".partial-{fp16}"
     if run_id is not None:
         if is_complete(p.path) and not p.forced:
             return load_output(p.name, p.fingerprint, p.path)
-        tmp = stage_root / f".tmp-{fp16}-{run_id}"
+        tmp = partial if p.stage.resumable else stage_root / f".tmp-{fp16}-{run_id}"
         tmp.mkdir(exist_ok=True)
         result = _run_into(p, cfg, inputs, tmp)
         index, count = jax_process()
@@ -542,6 +548,15 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
             log(f"[{p.name}] produced meanwhile by another process; reusing it")
             return load_output(p.name, p.fingerprint, p.path)
         _remove_debris(stage_root, fp16)
+        if p.stage.resumable:
+            if p.forced:
+                shutil.rmtree(partial, ignore_errors=True)
+            elif partial.exists():
+                log(f"[{p.name}] resuming the unfinished run in {partial}")
+            partial.mkdir(exist_ok=True)
+            # Kept on failure: a preempted or killed run continues from its own checkpoints.
+            _commit(p, _run_into(p, cfg, inputs, partial), partial)
+            return load_output(p.name, p.fingerprint, p.path)
         tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

@@ -15,6 +15,31 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
+from trainer import train
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+    """mu/4 (the ViT-22B block at width 64) on 32 px digits, on a 4 x 2 (data x model) mesh."""
+    c = train.default_config()
+    c.model.variant = "mu/4"
+    c.model.head_bias_init = -2.2  # ~log(1/9): sigmoid outputs start at the 10-class prior
+    c.data.dataset = "digits"
+    c.data.image_size = 32
+    # 8x8 digits upscaled: Inception crops cut strokes away and flips change the digit.
+    c.data.augment.inception_crop = False
+    c.data.augment.flip = False
+    c.batch_size = 64
+    c.eval_batch_size = 64
+    c.steps = 200
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 20
+    c.optim.cooldown_steps = 40
+    c.mesh.data = 4
+    c.mesh.model = 2
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 50
+    return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     groups = {
         # digits at 32 px, 1 in-process FnApiRunner worker (pipelines/prepare.py defaults)
         "prepare": prepare.default_config(),
+        "pretrain": pretrain_config(),
     }
     xm = common.xm_group({name: common.resources(cpu=2, ram_gib=8) for name in groups})
     return common.build(groups, xm, arg)
