@@ -94,12 +94,13 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: int) -> np.ndarray:
+def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: int, *,
+                       fast: bool = False) -> np.ndarray:
     """Decodes only as many pixels as the output needs, crops `box`, resizes to size x size."""
     y, x, h, w = box
     height, width = full_hw
     image = images.decode_scaled(data, min_height=min(height, math.ceil(height * size / h)),
-                                 min_width=min(width, math.ceil(width * size / w)))
+                                 min_width=min(width, math.ceil(width * size / w)), fast=fast)
     sy, sx = image.shape[0] / height, image.shape[1] / width
     y0, x0 = int(y * sy), int(x * sx)
     y1 = max(y0 + 1, min(image.shape[0], int(round((y + h) * sy))))
@@ -108,7 +109,8 @@ def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: in
 
 
 def random_flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    # cv2.flip: ~4x faster than materialising numpy's negative-stride view of an HxWx3 image
+    return cv2.flip(image, 1) if rng.random() < 0.5 else image
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -121,8 +123,8 @@ def train_image(data: bytes, rng: np.random.Generator, size: int,
     """Record image bytes -> augmented uint8 [size, size, 3] (normalize later: 4x less to copy)."""
     hw = images.image_size(data)
     box = sample_inception_crop(rng, *hw, cfg) if cfg.inception_crop else central_square(*hw)
-    image = decode_crop_resize(data, box, hw, size)
-    return np.ascontiguousarray(random_flip(rng, image)) if cfg.flip else image
+    image = decode_crop_resize(data, box, hw, size, fast=True)
+    return random_flip(rng, image) if cfg.flip else image
 
 
 def eval_image(data: bytes, size: int) -> np.ndarray:

@@ -193,12 +193,16 @@ def image_size(data: bytes) -> tuple[int, int]:
     return img.shape[0], img.shape[1]
 
 
-def decode_scaled(data: bytes, min_height: int = 0, min_width: int = 0) -> np.ndarray:
+def decode_scaled(data: bytes, min_height: int = 0, min_width: int = 0, *,
+                  fast: bool = False) -> np.ndarray:
     """Cheap decode -> RGB uint8. JPEGs decode at the smallest libjpeg scale (k/8) that keeps
-    the result at least min_height x min_width: a 4x smaller decode is ~3x faster."""
+    the result at least min_height x min_width: a 4x smaller decode is ~3x faster. `fast` uses
+    libjpeg's fast integer DCT and plain chroma upsampling (~1.7x faster on 4:2:0 here; the
+    error is far below what random crops and resizes change) - for training only."""
     if data[:3] == _JPEG_MAGIC:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height,
-                                      min_width=min_width, strict=False)
+                                      min_width=min_width, strict=False, fastdct=fast,
+                                      fastupsample=fast)
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ValueError(f"cannot decode image ({len(data)} bytes)")
