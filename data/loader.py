@@ -169,24 +169,6 @@ class _Globalizer:
         return out
 
 
-def _open_split(split_dir: str | os.PathLike, image_size: int, process_index: int | None,
-                process_count: int | None):
-    """Validates the manifest (counts + sha256) and returns (manifest, fields, slice of the source
-    for this process, process_index, process_count)."""
-    m = manifest_lib.validate(split_dir)
-    if m.num_records == 0:
-        raise ValueError(f"{split_dir}: split has no records (see {m.dead_letters})")
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    if not 0 <= pi < pc:
-        raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
-    source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
-    fields = _Fields.from_manifest(m, records.decode(source[0]), image_size)
-    # Strided slice: each process reads a disjoint 1/pc of the records; union = the split.
-    ds = grain.MapDataset.source(source)[pi::pc]
-    return m, fields, ds, pi, pc
-
-
 def _finish(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     if worker_count > 0:
         _mark_absl_flags_parsed()
@@ -199,24 +181,45 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
 
 
-class TrainLoader:
+class _SplitLoader:
+    """What train and eval loaders share: the validated split, this process's records, the
+    batch geometry and the host -> global array conversion."""
+
+    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
+                 data_axes: Sequence[str], process_index: int | None, process_count: int | None):
+        m = manifest_lib.validate(split_dir)  # counts + sha256 before anything is read
+        if m.num_records == 0:
+            raise ValueError(f"{split_dir}: split has no records (see {m.dead_letters})")
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        if not 0 <= pi < pc:
+            raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+        self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
+        source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
+        self._fields = _Fields.from_manifest(m, records.decode(source[0]), image_size)
+        # Strided slice: each process reads a disjoint 1/pc of the records; union = the split.
+        self.records = grain.MapDataset.source(source)[pi::pc]  # serialized, in source order
+        self.manifest = m
+        self.num_classes = m.num_classes
+        self.num_examples = m.num_records
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // pc
+        self.process_index, self.process_count = pi, pc
+
+
+class TrainLoader(_SplitLoader):
     """Infinite iterator of global batches; `.iterator` is the Grain DatasetIterator (checkpoint
     it with grain.checkpoint.CheckpointSave/CheckpointRestore); get_state/set_state delegate."""
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
                  augment_cfg: augment_lib.AugmentConfig, worker_count: int, data_axes: Sequence[str],
                  process_index: int | None, process_count: int | None):
-        m, fields, ds, pi, pc = _open_split(split_dir, image_size, process_index, process_count)
-        self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
-        self.manifest = m
-        self.records = ds  # this process's serialized records, in source order (before shuffling)
-        self.num_classes = m.num_classes
-        self.num_examples = m.num_records
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // pc
-        self.process_index, self.process_count = pi, pc
-        ds = ds.shuffle(seed=_seed(seed, 0)).repeat(None)  # shuffle before repeat: new order per epoch
-        ds = ds.random_map(TrainDecode(fields, augment_cfg), seed=_seed(seed, 1, pi))
+        super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
+                         mesh=mesh, data_axes=data_axes, process_index=process_index,
+                         process_count=process_count)
+        pi = self.process_index
+        ds = self.records.shuffle(seed=_seed(seed, 0)).repeat(None)  # new order every epoch
+        ds = ds.random_map(TrainDecode(self._fields, augment_cfg), seed=_seed(seed, 1, pi))
         it_ds = ds.to_iter_dataset(_read_options()).batch(self.local_batch_size, drop_remainder=True)
         if augment_cfg.mixup_alpha > 0:
             it_ds = it_ds.random_map(Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi))
@@ -241,25 +244,18 @@ class TrainLoader:
             close()
 
 
-class EvalLoader:
+class EvalLoader(_SplitLoader):
     """Re-iterable: each iter() is one deterministic pass over the split, every example exactly
     once; all processes yield `num_batches` batches, padded ones with `mask` False."""
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
                  worker_count: int, data_axes: Sequence[str], process_index: int | None,
                  process_count: int | None):
-        m, fields, ds, pi, pc = _open_split(split_dir, image_size, process_index, process_count)
-        self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
-        self.manifest = m
-        self.records = ds  # this process's serialized records, in source order (before shuffling)
-        self._fields = fields
-        self.num_classes = m.num_classes
-        self.num_examples = m.num_records
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // pc
-        self.num_batches = math.ceil(m.num_records / global_batch_size)
-        self.process_index, self.process_count = pi, pc
-        it_ds = ds.map(EvalDecode(fields)).to_iter_dataset(_read_options())
+        super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
+                         mesh=mesh, data_axes=data_axes, process_index=process_index,
+                         process_count=process_count)
+        self.num_batches = math.ceil(self.num_examples / global_batch_size)
+        it_ds = self.records.map(EvalDecode(self._fields)).to_iter_dataset(_read_options())
         self.dataset = _finish(it_ds.batch(self.local_batch_size, drop_remainder=False), worker_count)
 
     def host_batches(self) -> Iterator[dict[str, np.ndarray]]:

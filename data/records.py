@@ -90,13 +90,18 @@ _SCALAR_KEYS = ("shape_label", "texture_label")
 _KIND_FIELD = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list"}
 
 
-def parse_example(data: bytes) -> dict[str, tuple]:
-    """Parses any serialized tf.train.Example into {key: tuple of values} (bytes/float/int)."""
+def _parse(data: bytes):
     example = Example()
     try:
         example.ParseFromString(data)
     except Exception as e:  # protobuf raises its own DecodeError type
         raise RecordError(f"not a serialized tf.train.Example ({len(data)} bytes): {e}") from e
+    return example
+
+
+def parse_example(data: bytes) -> dict[str, tuple]:
+    """Parses any serialized tf.train.Example into {key: tuple of values} (bytes/float/int)."""
+    example = _parse(data)
     out = {}
     for key, feature in example.features.feature.items():
         kind = feature.WhichOneof("kind")
@@ -174,12 +179,7 @@ def encode(record: Record) -> bytes:
 
 def decode(data: bytes) -> Record:
     """Serialized tf.train.Example -> Record; a clear RecordError names the offending field."""
-    example = Example()
-    try:
-        example.ParseFromString(data)
-    except Exception as e:
-        raise RecordError(f"not a serialized tf.train.Example ({len(data)} bytes): {e}") from e
-    fmap = example.features.feature
+    fmap = _parse(data).features.feature
     rid = fmap["id"].bytes_list.value[0].decode("utf-8") if "id" in fmap and fmap["id"].bytes_list.value else "?"
 
     def get(key: str):

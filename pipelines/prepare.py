@@ -243,11 +243,15 @@ def _check_labels(ex: sources.RawExample, num_classes: int) -> None:
             raise records.RecordError(f"{field} {bad} outside [0, {num_classes})")
 
 
-class _ProcessFn(beam.DoFn):
-    """RawExample -> (key, id, source, record bytes, features) or a dead letter."""
+class _PlanFn(beam.DoFn):
+    """A DoFn that looks up each element's SplitPlan by its "<dataset>/<split>" key."""
 
     def __init__(self, plans: dict[str, SplitPlan]):
         self._plans = plans
+
+
+class _ProcessFn(_PlanFn):
+    """RawExample -> (key, id, source, record bytes, features) or a dead letter."""
 
     def process(self, element):
         key, ex = element
@@ -318,12 +322,12 @@ def _write_shard(key: str, directory: str, raws: Sequence[bytes]) -> _ShardInfo:
     return shard.close()
 
 
-class _WriteShardsFn(beam.DoFn):
+class _WriteShardsFn(_PlanFn):
     """Streams records into rolling ArrayRecord files; emits one _ShardInfo per closed file and,
     on the `ids` output, ((key, id), (source, file, position)) for duplicate detection."""
 
     def __init__(self, plans: dict[str, SplitPlan]):
-        self._plans = plans
+        super().__init__(plans)
         self._open: dict[str, _OpenShard] = {}
 
     def start_bundle(self):
@@ -393,11 +397,8 @@ def _install(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class _FinalizeFn(beam.DoFn):
+class _FinalizeFn(_PlanFn):
     """Per split: deterministic shard names, dead_letters.jsonl, manifest.json, atomic install."""
-
-    def __init__(self, plans: dict[str, SplitPlan]):
-        self._plans = plans
 
     def process(self, element):
         key, grouped = element

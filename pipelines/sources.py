@@ -118,9 +118,37 @@ class DigitsSource:
                          label=(int(target[index]),))
 
 
+# --- directory trees ------------------------------------------------------------------------------
+
+class _DirectorySource:
+    """A root dir whose split selectors are sub-dirs ("" = the root) holding one dir per class."""
+    kind = ""
+
+    def __init__(self, root: str, selectors: Iterable[str]):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"{self.kind}: root {str(self.root)!r} is not a directory")
+        self.selectors = tuple(selectors)
+
+    def _split_dir(self, selector: str) -> Path:
+        d = self.root / selector if selector else self.root
+        if not d.is_dir():
+            raise SourceError(f"{self.kind}: split dir {str(d)!r} does not exist")
+        return d
+
+    def _class_dirs(self) -> set[str]:
+        """Names of the (non-hidden) sub-dirs of every split dir."""
+        return {p.name for sel in self.selectors for p in self._split_dir(sel).iterdir()
+                if p.is_dir() and not p.name.startswith(".")}
+
+    def _set_classes(self, names: Iterable[str]) -> None:
+        self.class_names = tuple(sorted(names))
+        self._class_index = {n: i for i, n in enumerate(self.class_names)}
+
+
 # --- image folder -------------------------------------------------------------------------------
 
-class FolderSource:
+class FolderSource(_DirectorySource):
     """`<root>/<selector>/<class>/*.{jpg,png,...}` (selector "" = root itself); images directly
     in the split dir are unlabeled. Class ids are the sorted class-dir names across all splits.
 
@@ -134,27 +162,13 @@ class FolderSource:
     CSV_CHUNKS = 16
 
     def __init__(self, root: str, selectors: Iterable[str], csv_path: str = ""):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise SourceError(f"folder: root {str(self.root)!r} is not a directory")
+        super().__init__(root, selectors)
         self.csv_path = csv_path
-        self.selectors = tuple(selectors)
-        names = set()
+        names = self._class_dirs()
         for sel in self.selectors:
-            split_dir = self._split_dir(sel)
-            names.update(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            rows = self._csv_rows(sel)
-            if rows is not None:
-                for row in rows:
-                    names.update(t for t in row.get("label", "").split() if not t.isdigit())
-        self.class_names = tuple(sorted(names))
-        self._class_index = {n: i for i, n in enumerate(self.class_names)}
-
-    def _split_dir(self, selector: str) -> Path:
-        d = self.root / selector if selector else self.root
-        if not d.is_dir():
-            raise SourceError(f"folder: split dir {str(d)!r} does not exist")
-        return d
+            for row in self._csv_rows(sel) or ():
+                names.update(t for t in row.get("label", "").split() if not t.isdigit())
+        self._set_classes(names)
 
     def _csv_file(self, selector: str) -> Path | None:
         if not self.csv_path:
@@ -264,29 +278,18 @@ class FolderSource:
 _CUE_NAME = re.compile(r"^(?P<shape>[a-z]+)(?P<n>\d+)-(?P<texture>[a-z]+)(?P<m>\d+)\.png$")
 
 
-class CueConflictSource:
+class CueConflictSource(_DirectorySource):
     """Geirhos et al. stimuli: `<root>/<selector>/<shape>/<shape>N-<texture>M.png`; label and
     shape_label are the shape's class id, texture_label the texture's (class ids = sorted shape
     dirs, i.e. the 16 model-vs-human classes)."""
     kind = "cue_conflict"
 
     def __init__(self, root: str, selectors: Iterable[str]):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise SourceError(f"cue_conflict: root {str(self.root)!r} is not a directory")
-        names = set()
-        for sel in selectors:
-            names.update(p.name for p in self._split_dir(sel).iterdir() if p.is_dir())
+        super().__init__(root, selectors)
+        names = self._class_dirs()
         if not names:
             raise SourceError(f"cue_conflict: no <shape>/ dirs under {str(self.root)!r}")
-        self.class_names = tuple(sorted(names))
-        self._index = {n: i for i, n in enumerate(self.class_names)}
-
-    def _split_dir(self, selector: str) -> Path:
-        d = self.root / selector if selector else self.root
-        if not d.is_dir():
-            raise SourceError(f"cue_conflict: split dir {str(d)!r} does not exist")
-        return d
+        self._set_classes(names)
 
     def info(self) -> SourceInfo:
         return SourceInfo(self.class_names, ("shape_label", "texture_label"),
@@ -307,7 +310,7 @@ class CueConflictSource:
         path = self._split_dir(selector) / rel
         shape_dir, name = rel.split("/")
         m = _CUE_NAME.match(name)
-        index = self._index
+        index = self._class_index
         if not m or m["shape"] != shape_dir or m["texture"] not in index:
             why = ("name is not <shape>N-<texture>M.png" if not m else
                    f"shape {m['shape']!r} is not its dir {shape_dir!r}" if m["shape"] != shape_dir else
