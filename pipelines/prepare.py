@@ -589,4 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: Beam pickles the DoFns and their types,
+    # and SDK worker processes (multi_processing, Dataflow) can only find `pipelines.prepare.*`.
+    from pipelines import prepare as _prepare
+    sys.exit(_prepare.main())

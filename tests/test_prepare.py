@@ -357,3 +357,13 @@ def test_tfds_errors_are_clear(tfds_dir):
         sources.TfdsSource("cifar10", str(tfds_dir)).tasks("validation")
     with pytest.raises(sources.SourceError, match="'imagenet_a' is not prepared"):
         sources.TfdsSource("imagenet_a", str(tfds_dir))
+
+
+def test_cli_in_separate_beam_worker_processes(tmp_path):
+    """multi_processing pickles every DoFn into SDK worker processes (as Dataflow would)."""
+    out = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--source", "digits", "--splits", "val",
+                          "--out", str(tmp_path), "--direct_num_workers", "2",
+                          "--direct_running_mode", "multi_processing"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "read=179" in out.stdout
+    assert manifest_lib.validate(tmp_path / "digits" / "val").num_records == 179
