@@ -171,7 +171,7 @@ def _natural_splits(name: str, d: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def _plan(cfg: ml_collections.ConfigDict, out: Path):
-    """(plans, {key: source}, {key: tasks}); creates one temp dir per split next to its final dir."""
+    """(plans, {key: source}, {key: tasks}); each split gets a temp dir next to its final dir."""
     plans, srcs, tasks = [], {}, {}
     for name, d in cfg.datasets.items():
         splits = dict(d.splits.items()) or _natural_splits(name, d)
@@ -180,9 +180,7 @@ def _plan(cfg: ml_collections.ConfigDict, out: Path):
         limits = images.Limits(d.min_side, d.max_side, d.max_pixels, d.max_bytes)
         for split, selector in splits.items():
             final = out / name / split
-            final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.parent / f".{split}.tmp-{uuid.uuid4().hex[:12]}"
-            tmp.mkdir()
             plan = SplitPlan(f"{name}/{split}", name, split, selector, str(tmp), str(final),
                              d.image_size, d.lossless, d.jpeg_quality, d.records_per_shard, limits,
                              info.class_names, {**info.description, "selector": selector})
@@ -482,6 +480,8 @@ def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     plans, srcs, tasks = _plan(cfg, out)
     try:
+        for plan in plans:
+            Path(plan.tmp_dir).mkdir(parents=True)
         p = beam.Pipeline(options=pipeline_options(cfg, beam_args))
         build(p, plans, srcs, tasks)
         result = p.run()

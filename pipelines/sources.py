@@ -141,8 +141,8 @@ class _DirectorySource:
         return {p.name for sel in self.selectors for p in self._split_dir(sel).iterdir()
                 if p.is_dir() and not p.name.startswith(".")}
 
-    def _set_classes(self, names: Iterable[str]) -> None:
-        self.class_names = tuple(sorted(names))
+    def _set_classes(self, ordered: Iterable[str]) -> None:
+        self.class_names = tuple(ordered)
         self._class_index = {n: i for i, n in enumerate(self.class_names)}
 
 
@@ -165,10 +165,18 @@ class FolderSource(_DirectorySource):
         super().__init__(root, selectors)
         self.csv_path = csv_path
         names = self._class_dirs()
+        self._columns: set[str] = set()
+        max_id = -1
         for sel in self.selectors:
             for row in self._csv_rows(sel) or ():
-                names.update(t for t in row.get("label", "").split() if not t.isdigit())
-        self._set_classes(names)
+                self._columns.update(row)
+                tokens = row.get("label", "").split()
+                names.update(t for t in tokens if not t.isdigit())
+                max_id = max([max_id] + [int(t) for t in tokens if t.isdigit()])
+        if not names and max_id >= 0:  # flat folder, integer labels only: classes "0".."max"
+            self._set_classes(str(i) for i in range(max_id + 1))
+        else:
+            self._set_classes(sorted(names))
 
     def _csv_file(self, selector: str) -> Path | None:
         if not self.csv_path:
@@ -199,12 +207,7 @@ class FolderSource(_DirectorySource):
         return rows
 
     def info(self) -> SourceInfo:
-        feats = ()
-        if self.csv_path:
-            header = set()
-            for sel in self.selectors:
-                header.update(k for row in (self._csv_rows(sel) or [])[:1] for k in row)
-            feats = tuple(k for k in ("attributes", "text") if k in header)
+        feats = tuple(k for k in ("attributes", "text") if k in self._columns)
         return SourceInfo(self.class_names, feats,
                           {"type": "folder", "root": str(self.root.resolve()), "csv": self.csv_path})
 
@@ -289,7 +292,7 @@ class CueConflictSource(_DirectorySource):
         names = self._class_dirs()
         if not names:
             raise SourceError(f"cue_conflict: no <shape>/ dirs under {str(self.root)!r}")
-        self._set_classes(names)
+        self._set_classes(sorted(names))
 
     def info(self) -> SourceInfo:
         return SourceInfo(self.class_names, ("shape_label", "texture_label"),

@@ -367,3 +367,13 @@ def test_cli_in_separate_beam_worker_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "read=179" in out.stdout
     assert manifest_lib.validate(tmp_path / "digits" / "val").num_records == 179
+
+
+def test_flat_folder_with_integer_csv_labels(tmp_path):
+    _write_tree(tmp_path / "flat", {"x.png": _save(_noise(seed=5), "PNG"), "y.png": _save(_noise(seed=6), "PNG")})
+    (tmp_path / "flat" / "l.csv").write_text("id,label\nx.png,2\ny.png,0\n")
+    src = sources.FolderSource(str(tmp_path / "flat"), [""], "l.csv")
+    assert src.class_names == ("0", "1", "2") and src.info().features == ()
+    refs = [r for t in src.tasks("") for r in src.expand(t)]
+    got = sorted((ex.id, ex.label) for ref in refs for ex in src.read(ref))
+    assert got == [("x.png", (2,)), ("y.png", (0,))]
