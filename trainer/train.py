@@ -104,12 +104,13 @@ def validate(cfg, mesh) -> None:
             raise ValueError(f"pretrain: {field}={value} is not divisible by {jax.process_count()} processes")
     if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.examples)) != 1:
         raise ValueError("pretrain: set exactly one of steps, epochs, examples")
+    train_state.loss_fn(cfg.loss, cfg.label_smoothing)  # raises on an unknown loss name
     if cfg.progress not in ("auto", "on", "off"):
         raise ValueError(f"pretrain: progress={cfg.progress!r} is not one of auto, on, off")
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:
-    from data import loader  # here, so that trainer/models + flops stay importable without Grain
+    from data import loader, manifest  # here, so that trainer/models + flops stay importable without Grain
 
     out = Path(out)
     # --- Config and mesh: everything is validated before anything compiles.
@@ -117,6 +118,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     train_dir, val_dir = split_dir(cfg, inputs, cfg.data.train_split), split_dir(cfg, inputs, cfg.data.val_split)
     mesh = sharding.make_mesh(**cfg.mesh)
     validate(cfg, mesh)
+    mcfg = model_config(cfg, manifest.read(train_dir).num_classes)
     axes = sharding.data_axes(mesh)
 
     # --- Data.
@@ -125,7 +127,6 @@ def run(cfg, inputs: dict, out: Path) -> dict:
                                 worker_count=cfg.data.worker_count, data_axes=axes)
     val = loader.eval_loader(val_dir, global_batch_size=cfg.eval_batch_size, image_size=cfg.data.image_size,
                              mesh=mesh, worker_count=cfg.data.worker_count, data_axes=axes)
-    mcfg = model_config(cfg, train.num_classes)
     model = vit.ViT(mcfg)
     total = cadence.total_steps(steps=cfg.steps, epochs=cfg.epochs, examples=cfg.examples,
                                 num_examples=train.num_examples, batch_size=cfg.batch_size)
