@@ -28,8 +28,9 @@ from data import augment as augment_lib
 from data import records
 from data import manifest as manifest_lib
 
-# Per-process read threads and element buffer of to_iter_dataset (decoders release the GIL).
-READ_THREADS = 4
+# Threads and element buffer of to_iter_dataset, per process (and per Grain worker). simplejpeg
+# holds the GIL, so more threads only overlap the OpenCV resize/flip: 1-4 measured within noise.
+READ_THREADS = 2
 READ_BUFFER = 128
 WORKER_BUFFER_BATCHES = 2   # per mp_prefetch worker; a big buffer of whole batches is a trap (§6)
 
@@ -197,8 +198,9 @@ class _SplitLoader:
         self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
         source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
         self._fields = _Fields.from_manifest(m, records.decode(source[0]), image_size)
+        self.all_records = grain.MapDataset.source(source)  # serialized, in source order
         # Strided slice: each process reads a disjoint 1/pc of the records; union = the split.
-        self.records = grain.MapDataset.source(source)[pi::pc]  # serialized, in source order
+        self.records = self.all_records[pi::pc]
         self.manifest = m
         self.num_classes = m.num_classes
         self.num_examples = m.num_records
@@ -217,9 +219,13 @@ class TrainLoader(_SplitLoader):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                          mesh=mesh, data_axes=data_axes, process_index=process_index,
                          process_count=process_count)
-        pi = self.process_index
-        ds = self.records.shuffle(seed=_seed(seed, 0)).repeat(None)  # new order every epoch
-        ds = ds.random_map(TrainDecode(self._fields, augment_cfg), seed=_seed(seed, 1, pi))
+        pi, pc = self.process_index, self.process_count
+        # One global stream (shuffle, then per-record augmentation seeds by stream position) cut
+        # into strided per-process slices: global batch s holds stream positions [s*B, (s+1)*B)
+        # whatever the process count, so N processes train on exactly the batches 1 process sees.
+        ds = self.all_records.shuffle(seed=_seed(seed, 0)).repeat(None)  # new order every epoch
+        ds = ds.random_map(TrainDecode(self._fields, augment_cfg), seed=_seed(seed, 1))[pi::pc]
+        # Mixup pairs examples within this process's rows, so it alone depends on the process count.
         it_ds = ds.to_iter_dataset(_read_options()).batch(self.local_batch_size, drop_remainder=True)
         if augment_cfg.mixup_alpha > 0:
             it_ds = it_ds.random_map(Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi))
