@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import ml_collections
 
 from launch import sources
-from launch import tb_events
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUCCESS = "_SUCCESS"
@@ -472,7 +471,16 @@ def _write_framework_files(p: StagePlan, result: dict, out: Path) -> None:
             if metrics:
                 f.write(json.dumps({"step": 0, **metrics}, sort_keys=True) + "\n")
     if not (out / "tb").exists():
-        tb_events.write_scalars(out / "tb", [(0, metrics)] if metrics else [])
+        _write_tensorboard(out / "tb", metrics)
+
+
+def _write_tensorboard(logdir: Path, metrics: Mapping[str, float]) -> None:
+    """The returned metrics as one TensorBoard step via CLU (imported here: it imports TensorFlow)."""
+    from clu import metric_writers
+    writer = metric_writers.create_default_writer(str(logdir), just_logging=False)
+    if metrics:
+        writer.write_scalars(0, dict(metrics))
+    writer.close()
 
 
 def _mark_success(out: Path) -> None:

@@ -388,10 +388,11 @@ def test_framework_tb_events_are_readable_by_tensorflow(fake):
     outputs = fake.run(fake.config("a", a__value=4))
     [events] = (outputs["a"].path / "tb").glob("events.out.tfevents.*")
     code = textwrap.dedent(f"""
+        import tensorflow as tf
         from tensorflow.python.summary.summary_iterator import summary_iterator
         for e in summary_iterator({str(events)!r}):
             for v in e.summary.value:
-                print(e.step, v.tag, v.simple_value)
+                print(e.step, v.tag, float(tf.make_ndarray(v.tensor)))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
