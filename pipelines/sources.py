@@ -346,7 +346,8 @@ def find_tfds_dir(name: str, data_dir: str) -> Path:
     if not base.is_dir():
         raise SourceError(f"tfds: dataset {base_name!r} is not prepared under {str(root)!r} "
                           f"(no {str(base)!r}); {hint}")
-    infos = sorted(p.parent for p in list(base.glob("*/dataset_info.json")) + list(base.glob("*/*/dataset_info.json")))
+    infos = sorted(p.parent for p in list(base.glob("*/dataset_info.json")) + list(base.glob("*/*/dataset_info.json"))
+                   if not p.parent.name.startswith(("incomplete.", ".")))  # interrupted tfds builds
     if version:
         infos = [p for p in infos if p.name == version]
     configs = sorted({p.parent.relative_to(base).as_posix() for p in infos} - {"."})
