@@ -36,7 +36,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.optim.cooldown_steps = 40
     c.mesh.data = 4
     c.mesh.model = 2
-    c.log_every = 10
+    c.log_every = 1  # MFU, loss, ... for every step
     c.eval_every = 100
     c.checkpoint_every = 50
     return c
