@@ -36,6 +36,7 @@ _CHOICES = {
     "remat": ("none", "full", "dots", "dots_no_batch", "nothing_saveable"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
+    "matmul": ("xla", "collective"),
 }
 
 
@@ -54,6 +55,9 @@ class ViTConfig:
     # "parallel" = ViT-22B block (one shared norm, attention and MLP in parallel); "sequential" = ViT.
     block: str = "parallel"
     fused: bool = True  # one matmul for [QKV|MLP-in] and one for [attn-out|MLP-out]; same math.
+    # How the two fused matmuls run on a mesh: "xla" (XLA's sharded matmul) or "collective"
+    # (trainer/collective.py: ppermute rings that overlap communication with the matmul).
+    matmul: str = "xla"
     qk_norm: bool = True  # normalize queries and keys per head over head_dim.
     use_bias: bool = False  # biases of QKV, attention-out and every norm (the MLP keeps its biases).
     # The paper applies its LayerNorms "without bias and centering" (Zhang & Sennrich 2019).
@@ -91,6 +95,9 @@ class ViTConfig:
             raise ValueError(
                 f"ViT config field mlp_dim={self.mlp_dim} is not divisible by num_heads={self.num_heads} "
                 "(required by the parallel block)")
+        if self.matmul == "collective" and (self.block != "parallel" or not self.fused):
+            raise ValueError(f"ViT config field matmul='collective' needs block='parallel' and fused=True "
+                             f"(got block={self.block!r}, fused={self.fused})")
         if self.posemb == "sincos2d" and self.width % 4:
             raise ValueError(f"ViT config field width={self.width} must be divisible by 4 for posemb='sincos2d'")
         if not 0.0 <= self.dropout < 1.0:

@@ -40,15 +40,17 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], ax
 
 def project(module: nn.Module, name: str, x: jax.Array, shape: Sequence[int], axes: Sequence[str | None],
             *, n_in: int = 1, bias: bool = False, init: Callable | None = None,
-            bias_init: Callable = nn.initializers.zeros) -> jax.Array:
+            bias_init: Callable = nn.initializers.zeros, matmul: Callable | None = None) -> jax.Array:
     """x[..., *in] @ kernel[*in, *out] (+ bias[*out]), contracting x's last `n_in` dims.
 
     Parameters `<name>_kernel` (stored in `module.param_dtype`, cast to `module.dtype` for the
-    matmul) and `<name>_bias`.
+    matmul) and `<name>_bias`. `matmul(x, kernel)` replaces the tensordot (e.g. a collective
+    matmul from trainer/collective.py); the parameters stay the same.
     """
     init = init or fan_in_init(tuple(range(n_in)))
     kernel = param(module, name + "_kernel", init, shape, axes, module.param_dtype).astype(module.dtype)
-    y = jnp.tensordot(x.astype(module.dtype), kernel, axes=n_in)
+    x = x.astype(module.dtype)
+    y = matmul(x, kernel) if matmul else jnp.tensordot(x, kernel, axes=n_in)
     if bias:
         b = param(module, name + "_bias", bias_init, shape[n_in:], axes[n_in:], module.param_dtype)
         y = y + b.astype(module.dtype)

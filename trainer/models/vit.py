@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trainer import collective
 from trainer.models.config import VARIANTS, ViTConfig, parse_variant  # noqa: F401  (re-exported)
 from trainer.models.layers import (MAPHead, Norm, attention, concat_init, constrain, fan_in_init, gelu, param,
                                    project)
@@ -77,7 +78,11 @@ class ParallelBlock(_Block):
         x = constrain(x, ACT)
         h = self.norm("norm")(x)
         if c.fused:
-            y = constrain(project(self, "in", h, (d, heads, 3 * hd + m), ("embed", "heads", "kv")), ACT_HEADS)
+            # Same parameters either way; "collective" only changes how the two matmuls communicate.
+            mm_in, mm_out = ((collective.all_gather_matmul, collective.matmul_reduce_scatter)
+                             if c.matmul == "collective" else (None, None))
+            y = constrain(project(self, "in", h, (d, heads, 3 * hd + m), ("embed", "heads", "kv"), matmul=mm_in),
+                          ACT_HEADS)
             # Biases: q, k, v only when use_bias; the MLP part always (the paper keeps MLP biases).
             bias_width = 3 * hd + m if c.use_bias else m
             y = y.at[..., -bias_width:].add(param(self, "in_bias", nn.initializers.zeros, (heads, bias_width),
@@ -87,7 +92,7 @@ class ParallelBlock(_Block):
             z = jnp.concatenate([a, gelu(u)], axis=-1)  # [b, t, H, hd + m]
             out_init = concat_init([fan_in_init((0, 1))] * 2, [hd, m], axis=1)
             y = project(self, "out", z, (heads, hd + m, d), ("heads", "kv", "embed"), n_in=2, bias=True,
-                        init=out_init)
+                        init=out_init, matmul=mm_out)
         else:
             q, k, v = self.qkv(h)
             u = gelu(project(self, "mlp_in", h, (d, mlp), ("embed", "mlp"), bias=True))
