@@ -9,8 +9,9 @@ by THE rules table (FSDP on "data", heads on "model") runs value_and_grad over p
 under `sharding.activate(mesh)`, once with `matmul="xla"` and once with `matmul="collective"`
 (trainer/collective.py), compiled from the same parameters. The two are timed in alternating
 rounds of `--steps` steps; the best round of each is reported, so both saw the same machine load.
-"permutes" counts the collective-permutes in the compiled collective step, forward and backward
-(0 = it fell back to XLA's matmul, e.g. on a model axis of size 1).
+"permutes" counts the collective-permutes in each compiled step, forward and backward: the rings
+add 4 x (model - 1) to what XLA's step has (none added = the collective path fell back to XLA's
+matmul, e.g. on a model axis of size 1).
 
 Imports only jax/flax/numpy + trainer.models/sharding/collective: runs on an accelerator host as is.
 """
@@ -81,7 +82,7 @@ def measure(width: int, mesh, batch: int, seq: int, steps: int, rounds: int, dty
             best[m] = min(best[m], time_steps(run, args, steps))
     return {"width": width, "heads": cfg.num_heads, "xla_ms": best["xla"] * 1e3,
             "collective_ms": best["collective"] * 1e3, "ratio": best["collective"] / best["xla"],
-            "permutes": variants["collective"][2]}
+            "permutes": f"{variants['xla'][2]} / {variants['collective'][2]}"}
 
 
 def main(argv=None) -> None:
@@ -103,12 +104,12 @@ def main(argv=None) -> None:
           f"{n} x {jax.devices()[0].device_kind}{load}")
     print(f"fused ViT-22B block fwd+bwd, batch {args.batch} x {args.seq} tokens, {args.dtype}, mesh "
           f"data={mesh.shape['data']} x model={mesh.shape['model']}; best of {args.rounds} rounds of {args.steps} steps")
-    print("| width | heads | xla ms/step | collective ms/step | collective/xla | permutes |")
-    print("|-------|-------|-------------|--------------------|----------------|----------|")
+    print("| width | heads | xla ms/step | collective ms/step | collective/xla | permutes xla / coll |")
+    print("|-------|-------|-------------|--------------------|----------------|---------------------|")
     for width in (int(w) for w in args.widths.split(",")):
         r = measure(width, mesh, args.batch, args.seq, args.steps, args.rounds, args.dtype)
         print(f"| {r['width']:5d} | {r['heads']:5d} | {r['xla_ms']:11.2f} | {r['collective_ms']:18.2f} | "
-              f"{r['ratio']:14.2f} | {r['permutes']:8d} |", flush=True)
+              f"{r['ratio']:14.2f} | {r['permutes']:>19} |", flush=True)
 
 
 if __name__ == "__main__":
