@@ -26,6 +26,7 @@ import ast
 import dataclasses
 import datetime
 import gc
+import os
 import platform
 import statistics
 import time
@@ -214,7 +215,7 @@ def table(headers, rows) -> str:
 def run_header(name: str, preset: str) -> str:
     d = jax.devices()
     return (f"# {name} benchmark  {datetime.date.today()}  preset {preset}  jax {jax.__version__}  "
-            f"{platform.machine()}  {len(d)} x {d[0].platform} ({d[0].device_kind})")
+            f"{platform.machine()}  {len(d)} x {d[0].platform} ({d[0].device_kind})  load avg {os.getloadavg()[0]:.2f}")
 
 
 def model_line(cfg: vit.ViTConfig, batch: int) -> str:
