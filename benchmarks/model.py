@@ -265,7 +265,8 @@ def _claims(rows) -> list[str]:
         if a in by and b in by:
             lines.append(f"  {what}: {by[b]['ms'] / by[a]['ms']:.3f}x training speed ({a} vs {b}); {paper}")
     speed("vit22b", "sequential", "parallel + fused block vs sequential", "paper/PaLM: ~1.15x")
-    speed("vit22b", "parallel_unfused", "fused vs unfused parallel block", "paper: the parallel form is what lets the projections fuse; no separate figure")
+    speed("vit22b", "parallel_unfused", "fused vs unfused parallel block",
+          "paper: the parallel form is what lets the projections fuse; no separate figure")
     speed("sequential_fused_qkv", "sequential", "fused QKV in the sequential block", "no paper figure")
     if "vit22b" in by and "bias" in by:
         a, b = 100 * by["vit22b"]["mfu"], 100 * by["bias"]["mfu"]
