@@ -168,16 +168,15 @@ def test_train_step_collective_equals_xla():
     rng = np.random.default_rng(0)
     batch = jax.device_put({"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
                             "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]}, bsh)
-    ocfg = optim.default_config()
+    models = {m: vit.ViT(_tiny(head_zeroinit=False, matmul=m)) for m in ("xla", "collective")}
+    boxed = train_state.abstract_params(models["xla"], (16, 16, 3))
+    tx, schedule = optim.make_optimizer(optim.default_config(), boxed, total_steps=10)
+    sh = train_state.state_shardings(boxed, train_state.abstract_state(boxed, tx), mesh)
+    init = train_state.make_init(models["xla"], tx, (16, 16, 3), 0, sh)
     results = {}
-    for matmul in ("xla", "collective"):
-        model = vit.ViT(_tiny(head_zeroinit=False, matmul=matmul))
-        boxed = train_state.abstract_params(model, (16, 16, 3))
-        tx, schedule = optim.make_optimizer(ocfg, boxed, total_steps=10)
-        sh = train_state.state_shardings(boxed, train_state.abstract_state(boxed, tx), mesh)
-        state = train_state.make_init(model, tx, (16, 16, 3), 0, sh)()  # same seed: same params
+    for matmul, model in models.items():  # the same parameters for both (a fresh copy: the step donates it)
         step = train_state.make_train_step(model, tx, schedule, train_state.loss_fn("sigmoid_xent"), sh, bsh)
-        results[matmul] = jax.device_get(step(state, batch))
+        results[matmul] = jax.device_get(step(init(), batch))
     (state, metrics), (ref_state, ref_metrics) = results["collective"], results["xla"]
     for key in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
