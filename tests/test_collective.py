@@ -182,3 +182,14 @@ def test_train_step_collective_equals_xla():
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            state["params"], ref_state["params"])
+
+
+def test_benchmark_script_prints_a_complete_table(capsys):
+    from benchmarks import collective as bench
+    bench.main(["--widths", "128", "--mesh", "4,2", "--batch", "8", "--seq", "8", "--steps", "1", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|   128 |")]
+    assert len(rows) == 1
+    width, heads, xla_ms, coll_ms, ratio, permutes = (c.strip() for c in rows[0].strip("|").split("|"))
+    assert (width, heads) == ("128", "2") and min(float(xla_ms), float(coll_ms), float(ratio)) > 0
+    xla, coll = (int(n) for n in permutes.split("/"))
+    assert coll == xla + 4  # two forward rings + their two transposes, one hop each on model=2
