@@ -40,7 +40,7 @@ def test_model_smoke(capsys):
         assert all(values[k] > 0 for k in ("params M", "step ms", "ex/s", "model TFLOP/s", "MFU %")), r
     assert float(tab[2][-1]) == 1.0  # the sequential baseline against itself
     assert "~15% faster" in out and "+3% utilization" in out
-    assert "parallel + fused block vs sequential" in out and "dropping biases: MFU" in out
+    assert "parallel + fused block vs sequential" in out and "dropping biases (vit22b vs bias): MFU" in out
     assert {r["variant"] for r in rows} == {"vit22b", "sequential", "bias"}
 
 
