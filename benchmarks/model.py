@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
                                         head="gap")),
                   batch=2, repeats=1, warmup=0, steps=1, interleave=True),
     "cpu": dict(model=("22B/16", dict(width=384, depth=4, mlp_dim=1536, num_heads=6, image_size=160)),
-                batch=8, repeats=9, warmup=1, steps=1, interleave=True),
+                batch=8, repeats=15, warmup=1, steps=1, interleave=True),
     # ViT-22B's layer (width 6144, 48 heads, MLP 24576) x 4 on 256 tokens, bf16 compute, f32 params:
     # 2.28B parameters, 94 model TFLOP/step. XLA:CPU's buffer assignment for this fwd+bwd at batch 32
     # needs 40 GiB of temporaries (+ 8.5 GiB params, 8.5 grads, ~5 Adafactor), under the 75% of
@@ -164,15 +164,16 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
 def time_runners(names, build: Callable[[str], Runner], repeats: int, steps: int, interleave: bool):
     """{name: (runner's config, compile s, [seconds per step] x repeats)}.
 
-    interleave: build every runner first, then time round-robin (fair under changing load).
+    interleave: build every runner first, then time round-robin, each round starting one variant later
+    (fair under changing load; repeat r of every variant ran in the same round).
     Otherwise: build, time and free one runner at a time (only one state in memory).
     """
-    results = {}
+    names, results = list(names), {}
     if interleave:
         runners = {n: build(n) for n in names}
         times = {n: [] for n in names}
-        for _ in range(repeats):
-            for n in names:
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:  # rotated: no variant always goes first
                 times[n].append(runners[n].run(steps))
         return {n: (runners[n].cfg, runners[n].compile_s, times[n]) for n in names}
     for n in names:
@@ -293,7 +294,7 @@ def _claims(rows, paired: bool) -> list[str]:
 
 def report(p: dict, preset: str, rows: list[dict], ctx: dict) -> str:
     cfg = rows[0]["cfg"]
-    order = "interleaved round-robin" if p["interleave"] else "one variant at a time"
+    order = "interleaved round-robin, rotated each round" if p["interleave"] else "one variant at a time"
     lines = [run_header("model", preset),
              model_line(cfg, p["batch"]),
              f"device peak {ctx['peak'] / 1e12:.3f} TFLOP/s per device ({ctx['peak_source']}); "
