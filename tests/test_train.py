@@ -198,3 +198,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path):
     assert "signal 15" in output and "rerun to resume" in output, output[-2000:]
     steps = [int(p.name) for p in tmp_path.glob("pretrain/.partial-*/checkpoints/*") if p.name.isdigit()]
     assert steps and 0 < max(steps) < 400
+
+
+def test_model_fields_are_overridable_from_the_command_line(tmp_path):
+    base = [sys.executable, "-m", "launch.run", "--config", "launch/configs/tiny.py", "--dry_run",
+            "--workdir", str(tmp_path)]
+    ok = subprocess.run(base + ["--config.pretrain.model.matmul=collective", "--config.pretrain.model.depth=1",
+                                "--config.pretrain.steps=5"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "pretrain.model.depth null -> 1" in ok.stdout or "pretrain  MISS" in ok.stdout
+    bad = subprocess.run(base + ["--config.pretrain.model.dept=1"], cwd=REPO, env=_env(), capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "dept" in bad.stderr

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,18 @@ from trainer.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger(__name__)
 
-# ViTConfig fields a config may override; None = the variant's value (image size / classes from data).
-_MODEL_FIELDS = [f.name for f in dataclasses.fields(vit.ViTConfig) if f.name != "variant"]
+def _model_group() -> ml_collections.ConfigDict:
+    """Every ViTConfig field as a typed placeholder: None = the variant's value (image size and
+    classes from the data); typed so that `--config.pretrain.model.depth=4` parses."""
+    hints = typing.get_type_hints(vit.ViTConfig)
+    fields = {}
+    for f in dataclasses.fields(vit.ViTConfig):
+        if f.name == "variant":
+            continue
+        kind = hints[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
+        fields[f.name] = ml_collections.config_dict.placeholder(kind)
+    return ml_collections.ConfigDict({"variant": "mu/4", **fields})
 
 
 class NonFiniteError(FloatingPointError):
@@ -38,7 +49,7 @@ class NonFiniteError(FloatingPointError):
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"variant": "mu/4", **{k: None for k in _MODEL_FIELDS}})
+    c.model = _model_group()
     c.data = ml_collections.ConfigDict(dict(
         dataset="digits", train_split="train", val_split="val", image_size=32, worker_count=0,
         prepared_dir="",  # a prepare output dir, for runs outside the DAG
@@ -49,9 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, across all processes
     c.eval_batch_size = 256
     # Training length: exactly one of these (cadence.total_steps).
-    c.steps = None
-    c.epochs = None
-    c.examples = None
+    c.steps = ml_collections.config_dict.placeholder(int)
+    c.epochs = ml_collections.config_dict.placeholder(float)
+    c.examples = ml_collections.config_dict.placeholder(int)
     c.loss = "sigmoid_xent"
     c.label_smoothing = 0.0
     c.optim = optim.default_config()

@@ -30,6 +30,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c = train.default_config()
     c.model.variant = "22B/14"
     c.model.dtype = "bfloat16"  # compute; parameters stay float32
+    c.model.matmul = "collective"  # the paper's asynchronous parallel linear operations
     c.model.remat = "dots_no_batch"  # our choice: fits 48 layers' activations on 32 GiB v4 chips
     c.model.head_bias_init = -6.9  # log(1/1000): sigmoid outputs start at the class prior
     c.data.dataset = "imagenet2012"

@@ -9,7 +9,6 @@ slice of the MLP, while each projection stays a single matmul.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -32,25 +31,29 @@ REMAT_POLICIES = {
 }
 
 
-class _Block(nn.Module):
-    """What both block styles share: norms, per-head QK-norm + attention, residual dropout."""
-    cfg: ViTConfig
+class _Dtypes:
+    """`dtype` / `param_dtype` (what layers.project reads) of a module holding a ViTConfig."""
 
     @property
     def dtype(self):
-        return jnp.dtype(self.cfg.dtype)
+        return jnp.dtype(self.config.dtype)
 
     @property
     def param_dtype(self):
-        return jnp.dtype(self.cfg.param_dtype)
+        return jnp.dtype(self.config.param_dtype)
+
+
+class _Block(_Dtypes, nn.Module):
+    """What both block styles share: norms, per-head QK-norm + attention, residual dropout."""
+    config: ViTConfig
 
     def norm(self, name: str, axis_name: str = "embed") -> Norm:
-        c = self.cfg
+        c = self.config
         return Norm(c.norm, c.use_bias, c.norm_eps, axis_name, self.dtype, self.param_dtype, name=name)
 
     def attend(self, q, k, v):
         """QK-norm normalizes each head's query/key vector over head_dim (statistics per head)."""
-        if self.cfg.qk_norm:
+        if self.config.qk_norm:
             q = self.norm("q_norm", "kv")(q)
             k = self.norm("k_norm", "kv")(k)
         q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
@@ -58,12 +61,12 @@ class _Block(nn.Module):
 
     def qkv(self, h):
         """Separate q, k, v projections [b, t, H, hd] (the unfused path)."""
-        c = self.cfg
+        c = self.config
         spec = dict(shape=(c.width, c.num_heads, c.head_dim), axes=("embed", "heads", "kv"), bias=c.use_bias)
         return [project(self, n, h, **spec) for n in ("query", "key", "value")]
 
     def residual(self, x, y, train: bool):
-        y = nn.Dropout(self.cfg.dropout, deterministic=not train)(y)
+        y = nn.Dropout(self.config.dropout, deterministic=not train)(y)
         return constrain(x + y, ACT)
 
 
@@ -72,7 +75,7 @@ class ParallelBlock(_Block):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        c = self.cfg
+        c = self.config
         d, heads, hd, mlp = c.width, c.num_heads, c.head_dim, c.mlp_dim
         m = mlp // heads  # MLP features per head slot in the fused layout
         x = constrain(x, ACT)
@@ -108,7 +111,7 @@ class SequentialBlock(_Block):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        c = self.cfg
+        c = self.config
         d, heads, hd, mlp = c.width, c.num_heads, c.head_dim, c.mlp_dim
         x = constrain(x, ACT)
         h = self.norm("norm1")(x)
@@ -128,11 +131,11 @@ class SequentialBlock(_Block):
 
 class Encoder(nn.Module):
     """`depth` blocks, scanned (params stacked on a leading "layers" axis) or unrolled, + final norm."""
-    cfg: ViTConfig
+    config: ViTConfig
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        c = self.cfg
+        c = self.config
         block = ParallelBlock if c.block == "parallel" else SequentialBlock
         if c.remat != "none":
             # static_argnums counts self as 0: `train` (arg 2) selects dropout, so it must be static.
@@ -157,21 +160,13 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
 
 
-class ViT(nn.Module):
+class ViT(_Dtypes, nn.Module):
     """Patch embedding -> position embedding -> Encoder -> head (map | gap | token) -> logits.
 
     `apply(..., images [B, H, W, C], train)` returns `(logits, out)`; `out` holds "encoded",
     "pre_logits" and "logits". With `num_classes=0` the first element is the pre-logits.
     """
     config: ViTConfig
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.config.dtype)
-
-    @property
-    def param_dtype(self):
-        return jnp.dtype(self.config.param_dtype)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -237,6 +232,3 @@ def abstract_params(cfg: ViTConfig, batch_size: int = 1):
 def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
 
-
-def config_dict(cfg: ViTConfig) -> dict:
-    return dataclasses.asdict(cfg)
