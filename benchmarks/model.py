@@ -6,7 +6,8 @@
 
 Every variant has the same width, depth, heads and MLP size; each changes one thing relative to the
 ViT-22B block ("vit22b": parallel attention + MLP with fused in/out matmuls, no QKV/norm biases,
-QK-norm, RMSNorm), except "classic", which turns all of them back to the classic ViT block.
+QK-norm, RMSNorm): the block order (sequential, with separate or fused QKV), fusion, biases, QK-norm
+or the norm; "classic" turns all of them back to the classic ViT block.
 
 A step is the full train step of `trainer/state.py` (forward + backward + Adafactor update, the
 pretrain loss) on a synthetic batch, on a one-device mesh. All variants are compiled and warmed up
