@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from launch import dag
@@ -24,8 +25,6 @@ FLAGS = flags.FLAGS
 # an explicit setting in XLA_FLAGS wins.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# Orbax and JAX log every checkpoint step at INFO through absl; --verbosity=0 brings them back.
-FLAGS.set_default("verbosity", -1)
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -115,5 +114,10 @@ def workdir() -> Path:
 
 
 def no_positional(argv: Sequence[str]) -> None:
+    """Entry set-up after absl parsed the flags: rejects positional args, quiets library logs."""
     if len(argv) > 1:
         fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
+    # absl's app.run raises an unset --verbosity to INFO, where JAX and Orbax log every backend
+    # probe and checkpoint step; keep WARNING unless the user asked (--verbosity=0 for INFO).
+    if not any(a.split("=")[0] in ("--verbosity", "-v", "--v") for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)
