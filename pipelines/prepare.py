@@ -26,15 +26,16 @@ Only small metadata is ever grouped: per-record (id -> source, file, position) f
 detection, and per-shard summaries. Duplicate ids are resolved after writing: the copy with the
 smallest source is kept, every other copy is dropped from its shard (the shard is rewritten,
 normally never) and dead-lettered as "duplicate_id".
+
+Modules: this one holds the config, planning, library entry (`prepare`), DAG stage entry (`run`)
+and CLI; pipelines/transforms.py the DoFns and `build`; pipelines/shards.py the shard files.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -44,21 +45,16 @@ from typing import Any
 
 import apache_beam as beam
 import ml_collections
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms import window
-from apache_beam.utils.windowed_value import WindowedValue
 
-from data import images, records
+from data import images
 from data import manifest as manifest_lib
-from pipelines import sources
+from pipelines import sources, tfds_source
+from pipelines.transforms import NAMESPACE, SplitPlan, build
 
-NAMESPACE = "prepare"
 # Beam 2.77's DirectRunner first tries to download Prism (no internet here); FnApiRunner is the
 # in-process portable runner and honours --direct_num_workers/--direct_running_mode (DESIGN §6).
 LOCAL_RUNNER = "FnApiRunner"
-_DEAD = "dead"
-_IDS = "ids"
 _LOG = logging.getLogger(__name__)
 
 
@@ -145,28 +141,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
 # --- planning (driver side) ---------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class SplitPlan:
-    key: str                      # "<dataset>/<split>"
-    dataset: str
-    split: str
-    selector: str
-    tmp_dir: str
-    final_dir: str
-    image_size: int
-    lossless: bool
-    jpeg_quality: int
-    records_per_shard: int
-    limits: images.Limits
-    class_names: tuple[str, ...]
-    source_desc: dict
-
-
 def _natural_splits(name: str, d: ml_collections.ConfigDict) -> dict[str, str]:
     if d.source == "digits":
         return {"train": "train", "val": "val", "test": "test"}
     if d.source == "tfds":
-        return {s: s for s in sources.TfdsSource(d.tfds_name or name, d.tfds_data_dir).split_names()}
+        return {s: s for s in tfds_source.TfdsSource(d.tfds_name or name, d.tfds_data_dir).split_names()}
     return {"train": ""} if d.source == "folder" else {"test": ""}
 
 
@@ -196,260 +175,6 @@ def pipeline_options(cfg: ml_collections.ConfigDict, extra_args: Sequence[str] =
     args = [f"--runner={cfg.runner}", f"--direct_num_workers={cfg.direct_num_workers}",
             f"--direct_running_mode={cfg.direct_running_mode}"]
     return PipelineOptions(args + list(cfg.beam_args) + list(extra_args))
-
-
-# --- Beam transforms ----------------------------------------------------------------------------
-
-def _dead(ex_id: str, source: str, reason: str, detail: str) -> dict[str, str]:
-    return {"id": ex_id, "source": source, "reason": reason, "detail": detail}
-
-
-def _reject(key: str, letter: dict[str, str]):
-    Metrics.counter(NAMESPACE, "rejected").inc()
-    Metrics.counter(NAMESPACE, f"rejected.{letter['reason']}").inc()
-    return beam.pvalue.TaggedOutput(_DEAD, (key, letter))
-
-
-class _ExpandFn(beam.DoFn):
-    def __init__(self, srcs):
-        self._srcs = srcs
-
-    def process(self, element):
-        key, task = element
-        for ref in self._srcs[key].expand(task):
-            yield key, ref
-
-
-class _ReadFn(beam.DoFn):
-    def __init__(self, srcs):
-        self._srcs = srcs
-        self._read = Metrics.counter(NAMESPACE, "read")
-
-    def process(self, element):
-        key, ref = element
-        for ex in self._srcs[key].read(ref):
-            self._read.inc()
-            yield key, ex
-
-
-def _check_labels(ex: sources.RawExample, num_classes: int) -> None:
-    if not num_classes:
-        return
-    for field in ("label", "real_labels"):
-        bad = [v for v in (getattr(ex, field) or ()) if not 0 <= v < num_classes]
-        if bad:
-            raise records.RecordError(f"{field} {bad} outside [0, {num_classes})")
-
-
-class _PlanFn(beam.DoFn):
-    """A DoFn that looks up each element's SplitPlan by its "<dataset>/<split>" key."""
-
-    def __init__(self, plans: dict[str, SplitPlan]):
-        self._plans = plans
-
-
-class _ProcessFn(_PlanFn):
-    """RawExample -> (key, id, source, record bytes, features) or a dead letter."""
-
-    def process(self, element):
-        key, ex = element
-        plan = self._plans[key]
-        if ex.error is not None:
-            yield _reject(key, _dead(ex.id, ex.source, *ex.error))
-            return
-        try:
-            _check_labels(ex, len(plan.class_names))
-            img = images.decode_rgb(ex.image, plan.limits)
-            if plan.image_size:
-                img = images.resize_shorter(img, plan.image_size)
-            data = images.encode_png(img) if plan.lossless else images.encode_jpeg(img, plan.jpeg_quality)
-            rec = records.Record(image=data, label=ex.label, id=ex.id, real_labels=ex.real_labels,
-                                 attributes=ex.attributes, text=ex.text, shape_label=ex.shape_label,
-                                 texture_label=ex.texture_label)
-            encoded = records.encode(rec)
-        except images.ImageRejected as e:
-            yield _reject(key, _dead(ex.id, ex.source, e.reason, e.detail))
-            return
-        except records.RecordError as e:
-            yield _reject(key, _dead(ex.id, ex.source, "bad_metadata", str(e)))
-            return
-        except Exception as e:  # a bad input must never fail the job (cv2/PIL internals)
-            yield _reject(key, _dead(ex.id, ex.source, "undecodable", f"{type(e).__name__}: {e}"))
-            return
-        yield key, ex.id, ex.source, encoded, rec.features()
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardInfo:
-    key: str
-    path: str
-    num_records: int
-    sha256: str
-    min_id: str
-    features: tuple[str, ...]
-
-
-class _OpenShard:
-    def __init__(self, key: str, directory: str):
-        from array_record.python import array_record_module
-
-        self.key = key
-        self.path = os.path.join(directory, f"part-{uuid.uuid4().hex}.array_record")
-        self._writer = array_record_module.ArrayRecordWriter(self.path, manifest_lib.ARRAY_RECORD_OPTIONS)
-        self.count = 0
-        self.min_id = None
-        self.features: set[str] = set()
-
-    def add(self, data: bytes, rid: str, features: tuple[str, ...]) -> None:
-        self._writer.write(data)
-        self.count += 1
-        self.min_id = rid if self.min_id is None else min(self.min_id, rid)
-        self.features.update(features)
-
-    def close(self) -> _ShardInfo:
-        self._writer.close()
-        return _ShardInfo(self.key, self.path, self.count, manifest_lib.sha256_file(self.path),
-                          self.min_id, tuple(sorted(self.features)))
-
-
-def _write_shard(key: str, directory: str, raws: Sequence[bytes]) -> _ShardInfo:
-    shard = _OpenShard(key, directory)
-    for raw in raws:
-        ex = records.parse_example(raw)
-        shard.add(raw, ex["id"][0].decode("utf-8"), tuple(k for k in ex if k in records.FEATURE_KINDS))
-    return shard.close()
-
-
-class _WriteShardsFn(_PlanFn):
-    """Streams records into rolling ArrayRecord files; emits one _ShardInfo per closed file and,
-    on the `ids` output, ((key, id), (source, file, position)) for duplicate detection."""
-
-    def __init__(self, plans: dict[str, SplitPlan]):
-        super().__init__(plans)
-        self._open: dict[str, _OpenShard] = {}
-
-    def start_bundle(self):
-        self._open = {}
-
-    def process(self, element):
-        key, rid, source, data, features = element
-        shard = self._open.get(key)
-        if shard is None:
-            shard = self._open[key] = _OpenShard(key, self._plans[key].tmp_dir)
-        yield beam.pvalue.TaggedOutput(_IDS, ((key, rid), (source, shard.path, shard.count)))
-        shard.add(data, rid, features)
-        if shard.count >= self._plans[key].records_per_shard:
-            del self._open[key]
-            info = shard.close()
-            yield info.path, info
-
-    def finish_bundle(self):
-        gw = window.GlobalWindow()
-        for key in sorted(self._open):
-            info = self._open.pop(key).close()
-            yield WindowedValue((info.path, info), gw.max_timestamp(), [gw])
-
-
-def _natural_key(text: str) -> list:
-    """Sort key with digit runs compared as numbers ("row 9" < "row 10", "__9" < "__10")."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _resolve_duplicates(element):
-    """Keeps the copy whose source sorts first (naturally; then file, position): in a CSV the
-    first line, in TFDS the first record. Every other copy is dropped and dead-lettered."""
-    (key, rid), locations = element
-    locations = sorted(locations, key=lambda loc: (_natural_key(loc[0]), loc[1], loc[2]))
-    for source, path, position in locations[1:]:
-        yield _reject(key, _dead(rid, source, "duplicate_id",
-                                 f"id also read from {locations[0][0]} (kept)"))
-        yield path, position
-
-
-def _apply_drops(element):
-    """Rewrites a shard without its duplicate records (only shards that have any)."""
-    path, grouped = element
-    (info,) = grouped["shards"]
-    drops = set(grouped["drops"])
-    if not drops:
-        yield info.key, info
-        return
-    from array_record.python import array_record_module
-
-    reader = array_record_module.ArrayRecordReader(path)
-    keep = [raw for i, raw in enumerate(reader.read_all()) if i not in drops]
-    reader.close()
-    os.remove(path)
-    if keep:  # memory: one shard (records_per_shard records), and only when it has duplicates
-        yield info.key, _write_shard(info.key, os.path.dirname(path), keep)
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Renames a completed split dir into place, replacing an older one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class _FinalizeFn(_PlanFn):
-    """Per split: deterministic shard names, dead_letters.jsonl, manifest.json, atomic install."""
-
-    def process(self, element):
-        key, grouped = element
-        plan = self._plans[key]
-        tmp = Path(plan.tmp_dir)
-        shard_infos = sorted(grouped["shards"], key=lambda s: (s.min_id, s.path))
-        letters = sorted(grouped["dead"], key=lambda d: (d["id"], d["source"], d["reason"]))
-        n = len(shard_infos)
-        shards = []
-        for i, info in enumerate(shard_infos):
-            name = f"{plan.dataset}-{plan.split}.array_record-{i:05d}-of-{n:05d}"
-            os.replace(info.path, tmp / name)
-            shards.append(manifest_lib.Shard(name, info.num_records, info.sha256))
-        with open(tmp / manifest_lib.DEAD_LETTERS_NAME, "w") as f:
-            for letter in letters:
-                f.write(json.dumps(letter, sort_keys=True) + "\n")
-        present = set().union(*(s.features for s in shard_infos)) if shard_infos else set()
-        features = [k for k in records.FEATURE_KINDS if k in present or k in records.REQUIRED_FEATURES]
-        num_records = sum(s.num_records for s in shards)
-        manifest_lib.write(tmp, manifest_lib.Manifest(
-            dataset=plan.dataset, split=plan.split, num_records=num_records,
-            num_classes=len(plan.class_names), class_names=list(plan.class_names),
-            image_size=plan.image_size or None, features=features, shards=shards,
-            dead_letters=manifest_lib.DEAD_LETTERS_NAME, num_dead_letters=len(letters),
-            source=plan.source_desc))
-        _install(tmp, Path(plan.final_dir))
-        Metrics.counter(NAMESPACE, "accepted").inc(num_records)
-        yield key, (num_records, len(letters))
-
-
-def build(p: beam.Pipeline, plans: Sequence[SplitPlan], srcs: dict, tasks: dict) -> None:
-    """Adds the whole prepare graph for `plans` to pipeline `p`."""
-    by_key = {plan.key: plan for plan in plans}
-    units = [(key, task) for key in by_key for task in tasks[key]]
-    processed = (
-        p
-        | "ListTasks" >> beam.Create(units)
-        | "Expand" >> beam.ParDo(_ExpandFn(srcs))
-        | "Redistribute" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(_ReadFn(srcs))
-        | "Process" >> beam.ParDo(_ProcessFn(by_key)).with_outputs(_DEAD, main="ok"))
-    written = processed.ok | "WriteShards" >> beam.ParDo(_WriteShardsFn(by_key)).with_outputs(_IDS, main="shards")
-    dups = (written[_IDS]
-            | "GroupIds" >> beam.GroupByKey()
-            | "ResolveDuplicates" >> beam.FlatMap(_resolve_duplicates).with_outputs(_DEAD, main="drops"))
-    shards = ({"shards": written.shards, "drops": dups.drops}
-              | "JoinDrops" >> beam.CoGroupByKey()
-              | "ApplyDrops" >> beam.FlatMap(_apply_drops))
-    dead = (processed[_DEAD], dups[_DEAD]) | "AllDeadLetters" >> beam.Flatten()
-    splits = p | "ListSplits" >> beam.Create([(key, None) for key in by_key])
-    _ = ({"split": splits, "shards": shards, "dead": dead}
-         | "JoinSplit" >> beam.CoGroupByKey()
-         | "Finalize" >> beam.ParDo(_FinalizeFn(by_key)))
 
 
 # --- library entry ------------------------------------------------------------------------------

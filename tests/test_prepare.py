@@ -1,4 +1,4 @@
-"""pipelines/prepare.py + sources.py + data/images.py on real files the tests write."""
+"""pipelines/ (the prepare job and its sources) + data/images.py on real files the tests write."""
 import io
 import json
 import struct
@@ -13,7 +13,7 @@ from PIL import Image
 
 from data import images, records
 from data import manifest as manifest_lib
-from pipelines import prepare, sources
+from pipelines import folder_sources, prepare, sources, tfds_source
 
 # --- image fixtures -------------------------------------------------------------------------------
 
@@ -354,9 +354,9 @@ def test_tfds_source_maps_features(tfds_dir, tmp_path):
 
 def test_tfds_errors_are_clear(tfds_dir):
     with pytest.raises(sources.SourceError, match="has no split 'validation'"):
-        sources.TfdsSource("cifar10", str(tfds_dir)).tasks("validation")
+        tfds_source.TfdsSource("cifar10", str(tfds_dir)).tasks("validation")
     with pytest.raises(sources.SourceError, match="'imagenet_a' is not prepared"):
-        sources.TfdsSource("imagenet_a", str(tfds_dir))
+        tfds_source.TfdsSource("imagenet_a", str(tfds_dir))
 
 
 def test_cli_in_separate_beam_worker_processes(tmp_path):
@@ -372,7 +372,7 @@ def test_cli_in_separate_beam_worker_processes(tmp_path):
 def test_flat_folder_with_integer_csv_labels(tmp_path):
     _write_tree(tmp_path / "flat", {"x.png": _save(_noise(seed=5), "PNG"), "y.png": _save(_noise(seed=6), "PNG")})
     (tmp_path / "flat" / "l.csv").write_text("id,label\nx.png,2\ny.png,0\n")
-    src = sources.FolderSource(str(tmp_path / "flat"), [""], "l.csv")
+    src = folder_sources.FolderSource(str(tmp_path / "flat"), [""], "l.csv")
     assert src.class_names == ("0", "1", "2") and src.info().features == ()
     refs = [r for t in src.tasks("") for r in src.expand(t)]
     got = sorted((ex.id, ex.label) for ref in refs for ex in src.read(ref))

@@ -1,0 +1,174 @@
+"""A TFDS dataset already prepared in a local data_dir, as a source for `pipelines.prepare`
+(tfrecord or array_record files, read directly; never downloads, no TensorFlow import).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data import records
+from pipelines.source_types import RawExample, SourceError, SourceInfo
+
+
+# --- TFDS (local data_dir only) -----------------------------------------------------------------
+
+# Our schema field -> the TFDS feature it comes from, for datasets whose names differ from the
+# defaults (image <- "image", label <- "label", id <- "id" | "file_name" | TFDS id).
+TFDS_FIELD_MAP: dict[str, dict[str, str | None]] = {
+    "imagenet2012_real": {"label": "original_label", "real_labels": "real_label"},
+    "celeb_a": {"label": None, "attributes": "attributes"},
+}
+_ARRAY_RECORD_CHUNK = 1024
+
+
+def find_tfds_dir(name: str, data_dir: str) -> Path:
+    """`name[/config][:version]` -> the prepared version dir under data_dir (never downloads)."""
+    base_name, _, version = name.partition(":")
+    root = Path(data_dir).expanduser()
+    base = root / base_name
+    hint = (f"this job never downloads: prepare it first (e.g. `tfds build {base_name} "
+            f"--data_dir {root}`, or place the TFDS files there)")
+    if not base.is_dir():
+        raise SourceError(f"tfds: dataset {base_name!r} is not prepared under {str(root)!r} "
+                          f"(no {str(base)!r}); {hint}")
+    infos = sorted(p.parent for p in list(base.glob("*/dataset_info.json")) + list(base.glob("*/*/dataset_info.json"))
+                   if not p.parent.name.startswith(("incomplete.", ".")))  # interrupted tfds builds
+    if version:
+        infos = [p for p in infos if p.name == version]
+    configs = sorted({p.parent.relative_to(base).as_posix() for p in infos} - {"."})
+    if len(configs) > 1:
+        raise SourceError(f"tfds: {base_name!r} has several configs under {str(base)!r} "
+                          f"({configs}); name one as {base_name}/<config>")
+    if not infos:
+        raise SourceError(f"tfds: no dataset_info.json for {name!r} under {str(base)!r}; {hint}")
+
+    def version_key(p: Path):
+        return tuple(int(x) if x.isdigit() else -1 for x in p.name.split("."))
+    return max(infos, key=version_key)
+
+
+def _class_names(feature) -> tuple[str, ...]:
+    feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) -> ClassLabel
+    return tuple(getattr(feature, "names", ()) or ())
+
+
+def _read_tfrecord(path: str, skip: int, take: int) -> Iterator[bytes]:
+    """Records [skip, skip+take) of an uncompressed TFRecord file (take < 0: to the end)."""
+    with open(path, "rb") as f:
+        i = 0
+        while take < 0 or i < skip + take:
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) != 12:
+                raise IOError(f"{path}: truncated TFRecord header at record {i}")
+            (length,) = struct.unpack("<Q", header[:8])
+            if i < skip:
+                f.seek(length + 4, os.SEEK_CUR)
+            else:
+                data = f.read(length)
+                if len(data) != length or len(f.read(4)) != 4:
+                    raise IOError(f"{path}: truncated TFRecord data at record {i}")
+                yield data
+            i += 1
+
+
+class TfdsSource:
+    """A TFDS dataset already prepared in a local `data_dir` (tfrecord or array_record files).
+    The files are read directly and parsed with data.records (no TensorFlow import)."""
+    kind = "tfds"
+
+    def __init__(self, name: str, data_dir: str):
+        if not data_dir:
+            raise SourceError(f"tfds: {name!r} needs tfds_data_dir (a local dir with prepared data)")
+        import tensorflow_datasets as tfds  # reading metadata does not import TensorFlow
+
+        self.name = name
+        self.version_dir = find_tfds_dir(name, data_dir)
+        builder = tfds.builder_from_directory(str(self.version_dir))
+        self._info = builder.info
+        self.file_format = str(getattr(self._info.file_format, "value", self._info.file_format) or "tfrecord")
+        features = self._info.features
+        mapping = {"image": "image", "label": "label", "real_labels": None, "attributes": None}
+        mapping.update(TFDS_FIELD_MAP.get(name.split("/")[0].split(":")[0], {}))
+        if mapping["label"] is not None and mapping["label"] not in features:
+            mapping["label"] = None
+        if mapping["image"] not in features:
+            raise SourceError(f"tfds: {name!r} has no 'image' feature (features: {sorted(features.keys())})")
+        self.id_key = next((k for k in ("id", "file_name") if k in features), None)
+        self.attribute_names: tuple[str, ...] = ()
+        if mapping["attributes"]:
+            self.attribute_names = tuple(sorted(features[mapping["attributes"]].keys()))
+        self.mapping = mapping
+        self.class_names = _class_names(features[mapping["label"]]) if mapping["label"] else ()
+
+    def __getstate__(self):
+        # Workers only read files: the DatasetInfo (features, split metadata) stays in the driver.
+        return {**self.__dict__, "_info": None}
+
+    def split_names(self) -> list[str]:
+        return sorted(self._info.splits.keys())
+
+    def info(self) -> SourceInfo:
+        feats = tuple(k for k in ("real_labels", "attributes") if self.mapping.get(k))
+        desc = {"type": "tfds", "name": self.name, "version_dir": str(self.version_dir),
+                "file_format": self.file_format, "label_feature": self.mapping["label"],
+                "id_feature": self.id_key or "tfds_id"}
+        if self.attribute_names:
+            desc["attribute_names"] = list(self.attribute_names)
+        return SourceInfo(self.class_names, feats, desc)
+
+    def tasks(self, selector: str) -> list[tuple[str, int, int]]:
+        try:
+            instructions = self._info.splits[selector].file_instructions
+        except (KeyError, ValueError) as e:
+            raise SourceError(f"tfds: {self.name!r} has no split {selector!r} "
+                              f"(splits: {sorted(self._info.splits.keys())}): {e}") from e
+        return [(os.fspath(fi.filename), int(fi.skip), int(fi.take)) for fi in instructions]
+
+    def expand(self, task: tuple[str, int, int]) -> Iterator[tuple[str, int, int]]:
+        path, skip, take = task
+        if self.file_format != "array_record" or take < 0:
+            yield task  # tfrecord: sequential only, one reader per file instruction
+            return
+        for start in range(skip, skip + take, _ARRAY_RECORD_CHUNK):
+            yield path, start, min(_ARRAY_RECORD_CHUNK, skip + take - start)
+
+    def _raw(self, path: str, skip: int, take: int) -> Iterator[bytes]:
+        if self.file_format == "array_record":
+            from array_record.python import array_record_module
+            reader = array_record_module.ArrayRecordReader(path)
+            try:
+                end = reader.num_records() if take < 0 else skip + take
+                yield from reader.read(skip, end)
+            finally:
+                reader.close()
+        else:
+            yield from _read_tfrecord(path, skip, take)
+
+    def read(self, ref: tuple[str, int, int]) -> Iterator[RawExample]:
+        path, skip, take = ref
+        basename = os.path.basename(path)
+        for i, raw in enumerate(self._raw(path, skip, take), start=skip):
+            tfds_id = f"{basename}__{i}"
+            try:
+                ex = records.parse_example(raw)
+                yield self._convert(ex, tfds_id)
+            except (records.RecordError, KeyError, IndexError, UnicodeDecodeError) as e:
+                yield RawExample(id=tfds_id, source=tfds_id, error=("bad_metadata", f"{type(e).__name__}: {e}"))
+
+    def _convert(self, ex: dict[str, tuple], tfds_id: str) -> RawExample:
+        m = self.mapping
+        rid = ex[self.id_key][0].decode("utf-8") if self.id_key and ex.get(self.id_key) else tfds_id
+        images_ = ex.get(m["image"], ())
+        if len(images_) != 1:
+            return RawExample(id=rid, source=tfds_id, error=("bad_metadata", f"{len(images_)} images"))
+        fields: dict[str, Any] = {"label": tuple(int(v) for v in ex[m["label"]]) if m["label"] else ()}
+        if m["real_labels"]:
+            fields["real_labels"] = tuple(int(v) for v in ex.get(m["real_labels"], ()))
+        if self.attribute_names:
+            fields["attributes"] = tuple(int(ex[f"{m['attributes']}/{a}"][0]) for a in self.attribute_names)
+        return RawExample(id=rid, source=tfds_id, image=images_[0], **fields)
