@@ -13,6 +13,7 @@ from absl import flags
 
 from launch import cli
 from launch import dag
+from launch import produce
 
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
 
@@ -31,7 +32,7 @@ def main(argv):
     if DRY_RUN.value:
         print(dag.format_plan(plans))
         return
-    outputs = dag.execute(plans, config)
+    outputs = produce.execute(plans, config)
     print("Outputs:")
     for name, output in outputs.items():
         print(f"  {name}: {output.path}")

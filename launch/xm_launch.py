@@ -98,7 +98,7 @@ class Invocation:
     """How every work unit calls `launch.stage` (same config, overrides, workdir, registry).
 
     launch_id names this launch; multi-host stages get `--run_id=<launch_id>` so all hosts of
-    the slice share one temp dir (launch.dag.produce).
+    the slice share one temp dir (launch.produce.produce).
     """
     config_argument: str
     overrides: tuple[str, ...]

@@ -19,7 +19,9 @@ from typing import Iterator
 import ml_collections
 import pytest
 
+from launch import cache
 from launch import dag
+from launch import fingerprint
 from launch import sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,8 +259,8 @@ def test_source_edit_invalidates_only_stages_importing_it(fake):
 
 def test_version_change_is_explained(fake, monkeypatch):
     fake.run()
-    old = dag.package_versions()
-    monkeypatch.setattr(dag, "package_versions", lambda: {**old, "jax": "9.9"})
+    old = fingerprint.package_versions()
+    monkeypatch.setattr(fingerprint, "package_versions", lambda: {**old, "jax": "9.9"})
     plans = dag.plan(fake.config(), fake.workdir, fake.registry)
     assert [p.action for p in plans] == ["run"] * 3
     assert plans[0].reason == f'versions changed: jax "{old["jax"]}" -> "9.9"'
@@ -284,7 +286,7 @@ def test_force_reruns_just_that_stage(fake):
     outputs = fake.run(only=["a"], force=["a"])
     assert fake.calls() == ["a", "b", "c", "a"]
     assert outputs["a"].path == before["a"]  # same fingerprint, replaced in place
-    assert dag.is_complete(outputs["a"].path)
+    assert cache.is_complete(outputs["a"].path)
     assert [p.action for p in dag.plan(fake.config(), fake.workdir, fake.registry)] == ["reuse"] * 3
 
 
@@ -348,7 +350,7 @@ def test_stage_killed_midway_is_rerun(fake):
     assert p.action == "run"
     output = dag.run_pipeline(config, fake.workdir, registry=fake.registry, log=lambda _: None)["slow"]
     assert fake.calls() == ["slow", "slow"]
-    assert (output.path / "done.txt").read_text() == "done" and dag.is_complete(output.path)
+    assert (output.path / "done.txt").read_text() == "done" and cache.is_complete(output.path)
     assert not [p for p in stage_root.iterdir() if p.name.startswith(".tmp-")]  # debris cleaned
 
 
@@ -363,7 +365,7 @@ def test_concurrent_runs_of_one_stage_do_not_corrupt(fake):
     assert fake.calls() == ["slow"]  # the second process waited on the lock, then reused
     assert any("reusing it" in out for out, _ in results)
     [final] = [p for p in (fake.workdir / "slow").iterdir() if not p.name.startswith(".")]
-    assert dag.is_complete(final) and (final / "done.txt").read_text() == "done"
+    assert cache.is_complete(final) and (final / "done.txt").read_text() == "done"
     assert json.loads((final / "outputs.json").read_text())["artifacts"] == {"done": "done.txt"}
 
 

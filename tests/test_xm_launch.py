@@ -14,8 +14,10 @@ import sys
 
 import pytest
 
+from launch import cache
 from launch import cloud_tpu
 from launch import dag
+from launch import produce
 from launch import xm_launch
 from test_dag import REPO, FakePipeline, fake  # noqa: F401 (fixture)
 from xmanager import xm
@@ -185,14 +187,14 @@ def test_xmanager_adapters_feed_xmanagers_own_executors(monkeypatch):
 def test_multi_host_protocol_commits_once_from_process_zero(fake, monkeypatch):
     config = fake.config("a")
     [p] = dag.plan(config, fake.workdir, fake.registry)
-    monkeypatch.setattr(dag, "jax_process", lambda: (1, 2))
-    output = dag.produce(p, config.a, {}, log=lambda _: None, run_id="R")
-    assert output.outputs["artifacts"] == {"a": "a.txt"} and not dag.is_complete(p.path)
+    monkeypatch.setattr(produce, "jax_process", lambda: (1, 2))
+    output = produce.produce(p, config.a, {}, log=lambda _: None, run_id="R")
+    assert output.outputs["artifacts"] == {"a": "a.txt"} and not cache.is_complete(p.path)
     shared = p.path.parent / f".tmp-{p.path.name}-R"
     assert (shared / "a.txt").exists()  # host 1 wrote into the shared dir, did not commit
-    monkeypatch.setattr(dag, "jax_process", lambda: (0, 2))
-    output = dag.produce(p, config.a, {}, log=lambda _: None, run_id="R")
-    assert dag.is_complete(p.path) and not shared.exists() and fake.calls() == ["a", "a"]
+    monkeypatch.setattr(produce, "jax_process", lambda: (0, 2))
+    output = produce.produce(p, config.a, {}, log=lambda _: None, run_id="R")
+    assert cache.is_complete(p.path) and not shared.exists() and fake.calls() == ["a", "a"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,50 @@
+"""The content-addressed cache's on-disk layout (DESIGN §2).
+
+Per stage:
+
+    <workdir>/<stage>/<fingerprint[:16]>/   completed outputs (renamed into place, `_SUCCESS` last)
+        config.json  outputs.json  metrics.jsonl  tb/  fingerprint.json  _SUCCESS  <artifacts>
+    <workdir>/<stage>/.tmp-<fp16>-*          a run in progress, or the debris of a crashed one
+    <workdir>/<stage>/.partial-<fp16>/       a resumable stage's run in progress: kept when it crashes
+                                             or is preempted, so the next run resumes from its checkpoints
+    <workdir>/<stage>/.locks/<fp16>.lock     flock() held while a process produces <fp16>
+
+A directory without `_SUCCESS` is never reused (launch/produce.py writes them).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launch.stage_types import StageOutput
+
+SUCCESS = "_SUCCESS"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def stage_dir(workdir: Path, name: str, fp: str) -> Path:
+    return Path(workdir) / name / fp[:16]
+
+
+def is_complete(path: Path) -> bool:
+    return (path / SUCCESS).is_file()
+
+
+def load_output(name: str, fp: str, path: Path) -> StageOutput:
+    outputs = json.loads((path / "outputs.json").read_text())
+    return StageOutput(name=name, fingerprint=fp, path=path, outputs=outputs)
+
+
+
+def latest_completed_components(stage_root: Path) -> dict | None:
+    """fingerprint.json of the most recently completed run of a stage, if any."""
+    candidates = []
+    for child in stage_root.glob("*/" + SUCCESS):
+        record = child.parent / FINGERPRINT_FILE
+        if record.is_file():
+            candidates.append((child.stat().st_mtime, record))
+    if not candidates:
+        return None
+    _, record = max(candidates, key=lambda item: item[0])
+    return json.loads(record.read_text())["components"]
+

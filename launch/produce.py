@@ -1,0 +1,206 @@
+"""Producing one stage's output into the cache: lock, run into a temp dir, `_SUCCESS`, rename.
+
+Concurrent runs of one stage serialise on the lock (launch/cache.py has the layout); the loser of
+the race finds `_SUCCESS` after the lock is released and reuses the winner's output.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from launch.cache import FINGERPRINT_FILE, SUCCESS, is_complete, load_output
+from launch.stage_types import Log, StageOutput, StagePlan
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """flock()-based mutual exclusion between processes producing the same stage output."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_debris(stage_root: Path, fp16: str) -> None:
+    """Deletes temp/old dirs of `fp16` left by crashed runs (call only while holding the lock)."""
+    for pattern in (f".tmp-{fp16}-*", f".old-{fp16}-*"):
+        for debris in stage_root.glob(pattern):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy / jax scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _validate_result(name: str, result: Any, out: Path) -> dict:
+    if not isinstance(result, dict):
+        raise TypeError(f"stage {name!r} returned {type(result).__name__}, expected a dict "
+                        "({'artifacts': {...}, 'metrics': {...}})")
+    for artifact, rel in result.get("artifacts", {}).items():
+        if Path(rel).is_absolute() or not (out / rel).exists():
+            raise ValueError(f"stage {name!r}: artifact {artifact!r} -> {rel!r} must be a path "
+                             "relative to the stage's out dir that exists")
+    for metric, value in result.get("metrics", {}).items():
+        number = value.item() if hasattr(value, "item") and callable(value.item) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise TypeError(f"stage {name!r}: metric {metric!r} = {value!r} is not a number")
+    return json.loads(json.dumps(result, default=_json_default))
+
+
+def _write_framework_files(p: StagePlan, result: dict, out: Path) -> None:
+    (out / "outputs.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(p.components["config"], indent=2, sort_keys=True) + "\n")
+    (out / FINGERPRINT_FILE).write_text(json.dumps(
+        {"fingerprint": p.fingerprint, "components": p.components}, indent=2, sort_keys=True) + "\n")
+    metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
+    # Stages that log per-step metrics write metrics.jsonl and tb/ themselves (INTERFACES.md).
+    if not (out / "metrics.jsonl").exists():
+        with open(out / "metrics.jsonl", "w") as f:
+            if metrics:
+                f.write(json.dumps({"step": 0, **metrics}, sort_keys=True) + "\n")
+    if not (out / "tb").exists():
+        _write_tensorboard(out / "tb", metrics)
+
+
+def _write_tensorboard(logdir: Path, metrics: Mapping[str, float]) -> None:
+    """The returned metrics as one TensorBoard step via CLU (imported here: it imports TensorFlow)."""
+    from clu import metric_writers
+    writer = metric_writers.create_default_writer(str(logdir), just_logging=False)
+    if metrics:
+        writer.write_scalars(0, dict(metrics))
+    writer.close()
+
+
+def _mark_success(out: Path) -> None:
+    with open(out / SUCCESS, "w") as f:
+        f.write(json.dumps({"completed_at": time.time(), "pid": os.getpid()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Renames the finished temp dir into place; an existing (forced or incomplete) dir is swapped out."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -> dict:
+    # A copy, so a stage that mutates its config cannot change what was fingerprinted.
+    return _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
+
+
+def _commit(p: StagePlan, result: dict, tmp: Path) -> None:
+    _write_framework_files(p, result, tmp)
+    _mark_success(tmp)
+    _install(tmp, p.path)
+
+
+def jax_process() -> tuple[int, int]:
+    """(index, count) of this process in a multi-controller JAX job; (0, 1) if JAX is unused.
+
+    Read after the stage ran: the stage itself calls `jax.distributed.initialize()` on a
+    multi-host slice. Never imports JAX.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = print,
+            run_id: str | None = None) -> StageOutput:
+    """Runs one stage into a sibling temp dir and renames it into place.
+
+    Single process (run_id None): under the stage lock, in a private temp dir.
+    Multi-host (run_id set, the same on every host of the job): every process runs the stage
+    into the shared temp dir `.tmp-<fp16>-<run_id>` (collective checkpoints need one path), and
+    only JAX process 0 writes the framework files and `_SUCCESS` and renames it into place. No
+    lock: the hosts must run together, and flock() does not span machines anyway.
+    """
+    stage_root = p.path.parent
+    fp16 = p.path.name
+    stage_root.mkdir(parents=True, exist_ok=True)
+    partial = stage_root / f".partial-{fp16}"
+    if run_id is not None:
+        if is_complete(p.path) and not p.forced:
+            return load_output(p.name, p.fingerprint, p.path)
+        tmp = partial if p.stage.resumable else stage_root / f".tmp-{fp16}-{run_id}"
+        tmp.mkdir(exist_ok=True)
+        result = _run_into(p, cfg, inputs, tmp)
+        index, count = jax_process()
+        if index == 0:
+            _commit(p, result, tmp)
+            return load_output(p.name, p.fingerprint, p.path)
+        log(f"[{p.name}] process {index}/{count} done; process 0 commits {p.path}")
+        return StageOutput(p.name, p.fingerprint, p.path, result)
+    with _exclusive(stage_root / ".locks" / f"{fp16}.lock",
+                    lambda: log(f"[{p.name}] waiting for another process producing {p.path}")):
+        if is_complete(p.path) and not p.forced:
+            log(f"[{p.name}] produced meanwhile by another process; reusing it")
+            return load_output(p.name, p.fingerprint, p.path)
+        _remove_debris(stage_root, fp16)
+        if p.stage.resumable:
+            if p.forced:
+                shutil.rmtree(partial, ignore_errors=True)
+            elif partial.exists():
+                log(f"[{p.name}] resuming the unfinished run in {partial}")
+            partial.mkdir(exist_ok=True)
+            # Kept on failure: a preempted or killed run continues from its own checkpoints.
+            _commit(p, _run_into(p, cfg, inputs, partial), partial)
+            return load_output(p.name, p.fingerprint, p.path)
+        tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _commit(p, _run_into(p, cfg, inputs, tmp), tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return load_output(p.name, p.fingerprint, p.path)
+
+
+def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
+            run_id: str | None = None) -> dict[str, StageOutput]:
+    """Runs the plan in order, printing one progress line per stage with its elapsed time."""
+    outputs: dict[str, StageOutput] = {}
+    todo = [p for p in plans if p.action != "skip"]
+    for index, p in enumerate(todo, 1):
+        prefix = f"[{index}/{len(todo)}] {p.name}"
+        if p.action == "reuse":
+            outputs[p.name] = load_output(p.name, p.fingerprint, p.path)
+            log(f"{prefix}: cache hit -> {p.path}")
+            continue
+        log(f"{prefix}: running ({p.reason})")
+        start = time.monotonic()
+        inputs = {up: outputs[up] for up in p.stage.upstream}
+        try:
+            outputs[p.name] = produce(p, config[p.name], inputs, log=log, run_id=run_id)
+        except BaseException:
+            log(f"{prefix}: FAILED after {time.monotonic() - start:.1f}s")
+            raise
+        log(f"{prefix}: done in {time.monotonic() - start:.1f}s -> {p.path}")
+    return outputs
