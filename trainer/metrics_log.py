@@ -10,14 +10,13 @@ import math
 import sys
 from pathlib import Path
 
-from clu import metric_writers
-
 
 class MetricsLog:
     def __init__(self, out: Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress: bool | None = None):
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
+        from clu import metric_writers  # here: it imports TensorFlow, which configs need not pay for
         self.writer = metric_writers.create_default_writer(str(Path(out) / "tb"), just_logging=not enabled)
         if enabled:
             self._truncate_after(start_step)
