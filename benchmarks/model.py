@@ -140,9 +140,7 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     """trainer/state.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up."""
     model = vit.ViT(cfg)
     image_shape = (cfg.image_size, cfg.image_size, 3)
-    boxed = train_state.abstract_params(model, image_shape)
-    tx, schedule = optim.make_optimizer(optim.default_config(), boxed, total_steps=10_000)
-    shardings = train_state.state_shardings(boxed, train_state.abstract_state(boxed, tx), mesh)
+    setup = train_state.setup(model, optim.default_config(), 10_000, mesh, image_shape, seed)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"batch {batch_size} is not divisible by the data-parallel size "
@@ -152,9 +150,9 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     labels = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch_size)]
     batch = jax.device_put({"image": rng.standard_normal((batch_size, *image_shape), np.float32),
                             "labels": labels}, batch_sharding)
-    state = train_state.make_init(model, tx, image_shape, seed, shardings)()
-    step = train_state.make_train_step(model, tx, schedule, train_state.loss_fn("sigmoid_xent"), shardings,
-                                       batch_sharding)
+    state = setup.init()
+    step = train_state.make_train_step(model, setup.tx, setup.schedule, train_state.loss_fn("sigmoid_xent"),
+                                       setup.shardings, batch_sharding)
     runner = Runner(cfg, step, state, batch, mesh.devices.size)
     runner.compile_s = runner.run(1)  # the first call compiles
     if warmup:

@@ -169,10 +169,8 @@ def test_train_step_collective_equals_xla():
     batch = jax.device_put({"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
                             "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]}, bsh)
     models = {m: vit.ViT(_tiny(head_zeroinit=False, matmul=m)) for m in ("xla", "collective")}
-    boxed = train_state.abstract_params(models["xla"], (16, 16, 3))
-    tx, schedule = optim.make_optimizer(optim.default_config(), boxed, total_steps=10)
-    sh = train_state.state_shardings(boxed, train_state.abstract_state(boxed, tx), mesh)
-    init = train_state.make_init(models["xla"], tx, (16, 16, 3), 0, sh)
+    setup = train_state.setup(models["xla"], optim.default_config(), 10, mesh, (16, 16, 3), seed=0)
+    tx, schedule, sh, init = setup.tx, setup.schedule, setup.shardings, setup.init
     results = {}
     for matmul, model in models.items():  # the same parameters for both (a fresh copy: the step donates it)
         step = train_state.make_train_step(model, tx, schedule, train_state.loss_fn("sigmoid_xent"), sh, bsh)

@@ -1,7 +1,6 @@
 """Mesh, the logical-axis rules table, state shardings and per-device memory on 8 simulated devices."""
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +15,11 @@ from trainer.models import vit
 def _setup(mesh, optimizer="adafactor", **model_kw):
     cfg = vit.make_config("mu/4", image_size=16, num_classes=8, head_zeroinit=False, **model_kw)
     model = vit.ViT(cfg)
-    boxed = train_state.abstract_params(model, (16, 16, 3))
     ocfg = optim.default_config()
     ocfg.optimizer = optimizer
     ocfg.lr = 1e-2
     ocfg.wd_rules = [("head_kernel", 1e-3)]
-    tx, schedule = optim.make_optimizer(ocfg, boxed, total_steps=10)
-    abstract = train_state.abstract_state(boxed, tx)
-    shardings = train_state.state_shardings(boxed, abstract, mesh)
-    return model, tx, schedule, abstract, shardings
+    return model, train_state.setup(model, ocfg, 10, mesh, (16, 16, 3), seed=0)
 
 
 def _batch(mesh, n=16):
@@ -37,10 +32,10 @@ def _batch(mesh, n=16):
 
 
 def _train(mesh, steps=3, optimizer="adafactor"):
-    model, tx, schedule, abstract, sh = _setup(mesh, optimizer)
-    st = train_state.make_init(model, tx, (16, 16, 3), 0, sh)()
-    step = train_state.make_train_step(model, tx, schedule, train_state.loss_fn("sigmoid_xent"), sh,
-                                       jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
+    model, setup = _setup(mesh, optimizer)
+    st = setup.init()
+    step = train_state.make_train_step(model, setup.tx, setup.schedule, train_state.loss_fn("sigmoid_xent"),
+                                       setup.shardings, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
     losses = []
     for _ in range(steps):
         st, metrics = step(st, _batch(mesh))
@@ -74,8 +69,9 @@ def test_rules_shard_params_on_both_axes_golden():
 
 def test_per_device_bytes_match_the_arrays_after_init():
     mesh = sharding.make_mesh(data=4, model=2)
-    model, tx, _, abstract, sh = _setup(mesh)
-    st = train_state.make_init(model, tx, (16, 16, 3), 0, sh)()
+    _, setup = _setup(mesh)
+    st = setup.init()
+    abstract, sh = setup.abstract, setup.shardings
     predicted = sharding.per_device_bytes(abstract, sh)
     per_device = {}
     for leaf in jax.tree_util.tree_leaves(st):
@@ -104,7 +100,8 @@ def test_sharded_training_equals_unsharded(optimizer):
 
 def test_activation_constraints_reach_the_compiled_step():
     mesh = sharding.make_mesh(data=4, model=2)
-    model, tx, schedule, abstract, sh = _setup(mesh)
+    model, setup = _setup(mesh)
+    abstract = setup.abstract
     bsh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     args = (abstract["params"], jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32, sharding=bsh))

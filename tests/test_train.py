@@ -79,16 +79,11 @@ def test_frozen_parameters_stay_bit_identical(digits, tmp_path):
 
 def train_state_init(cfg):
     """The initial parameters the trainer creates for `cfg` (same seed, same init function)."""
-    from trainer import optim, sharding
+    from trainer import sharding
     from trainer import state as train_state
-    mcfg = train.model_config(cfg, num_classes=10)
-    model = vit.ViT(mcfg)
-    boxed = train_state.abstract_params(model, (32, 32, 3))
-    tx, _ = optim.make_optimizer(cfg.optim, boxed, 10)
-    abstract = train_state.abstract_state(boxed, tx)
-    mesh = sharding.make_mesh(**cfg.mesh)
-    sh = train_state.state_shardings(boxed, abstract, mesh)
-    return train_state.make_init(model, tx, (32, 32, 3), cfg.seed, sh)()["params"]
+    model = vit.ViT(train.model_config(cfg, num_classes=10))
+    setup = train_state.setup(model, cfg.optim, 10, sharding.make_mesh(**cfg.mesh), (32, 32, 3), cfg.seed)
+    return setup.init()["params"]
 
 
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(digits, tmp_path):

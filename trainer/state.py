@@ -6,6 +6,7 @@ an update is not applied, so the state never holds NaNs and the host can stop wi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainer import losses, sharding
+from trainer import losses, optim, sharding
 
 LOSSES = {"sigmoid_xent": losses.sigmoid_xent, "softmax_xent": losses.softmax_xent}
 
@@ -55,6 +56,25 @@ def state_shardings(boxed, state, mesh):
         "rng": replicated,
         "bad_step": replicated,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every training entry needs before restoring or initializing a state."""
+    tx: optax.GradientTransformation
+    schedule: Callable
+    abstract: Any  # the state's shapes and dtypes
+    shardings: Any  # NamedShardings of the state
+    init: Callable[[], Any]  # jitted: creates the state already sharded
+
+
+def setup(model: nn.Module, optim_cfg, total_steps: int, mesh, image_shape, seed: int) -> Setup:
+    """Shapes -> optimizer -> state shardings -> sharded initializer (big_vision's "shard" section)."""
+    boxed = abstract_params(model, image_shape)
+    tx, schedule = optim.make_optimizer(optim_cfg, boxed, total_steps)
+    abstract = abstract_state(boxed, tx)
+    shardings = state_shardings(boxed, abstract, mesh)
+    return Setup(tx, schedule, abstract, shardings, make_init(model, tx, image_shape, seed, shardings))
 
 
 def under_mesh(fn: Callable, mesh) -> Callable:

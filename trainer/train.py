@@ -144,19 +144,16 @@ def run(cfg, inputs: dict, out: Path) -> dict:
 
     # --- Shapes and shardings, then the state created already sharded.
     image_shape = (mcfg.image_size, mcfg.image_size, 3)
-    boxed = train_state.abstract_params(model, image_shape)
-    tx, schedule = optim.make_optimizer(cfg.optim, boxed, total)
-    abstract = train_state.abstract_state(boxed, tx)
-    shardings = train_state.state_shardings(boxed, abstract, mesh)
+    setup = train_state.setup(model, cfg.optim, total, mesh, image_shape, cfg.seed)
+    tx, schedule, shardings = setup.tx, setup.schedule, setup.shardings
     batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
-    init = train_state.make_init(model, tx, image_shape, cfg.seed, shardings)
 
     # --- Restore: own checkpoint > resume > init_params > scratch.
     ckpts = checkpoint.Checkpoints(out / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpoint)
     st, origin = checkpoint.initial_state(own=ckpts, resume=cfg.resume, init_params=cfg.init_params,
-                                          abstract_state=checkpoint.abstract_with_shardings(abstract, shardings),
-                                          data_iterator=train.iterator, init_fn=init)
+                                          abstract_state=checkpoint.abstract_with_shardings(setup.abstract, shardings),
+                                          data_iterator=train.iterator, init_fn=setup.init)
     start = int(st["step"])
     log.info("pretrain: %s, %d params, %d steps, start at step %d (%s)", mcfg.variant, vit.count_params(st["params"]),
              total, start, origin)
