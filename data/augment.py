@@ -85,18 +85,25 @@ def central_square(height: int, width: int) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resizes to size x size (or (height, width)); area filter when shrinking."""
+def resize(image: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resizes to size x size (or (height, width)); area filter when shrinking. With `out`
+    (a C-contiguous [h, w, 3] uint8 view, e.g. a batch row) the result is written there."""
     h, w = (size, size) if isinstance(size, int) else size
     if image.shape[:2] == (h, w):
-        return image
+        if out is None:
+            return image
+        out[...] = image
+        return out
     shrink = h < image.shape[0] and w < image.shape[1]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(image, (w, h), dst=out,
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: int, *,
-                       fast: bool = False) -> np.ndarray:
-    """Decodes only as many pixels as the output needs, crops `box`, resizes to size x size."""
+                       fast: bool = False, flip: bool = False,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """Decodes only as many pixels as the output needs, crops `box`, [mirrors,] resizes to
+    size x size (into `out` when given)."""
     y, x, h, w = box
     height, width = full_hw
     image = images.decode_scaled(data, min_height=min(height, math.ceil(height * size / h)),
@@ -105,12 +112,10 @@ def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: in
     y0, x0 = int(y * sy), int(x * sx)
     y1 = max(y0 + 1, min(image.shape[0], int(round((y + h) * sy))))
     x1 = max(x0 + 1, min(image.shape[1], int(round((x + w) * sx))))
-    return np.ascontiguousarray(resize(image[y0:y1, x0:x1], size))
-
-
-def random_flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    # cv2.flip: ~4x faster than materialising numpy's negative-stride view of an HxWx3 image
-    return cv2.flip(image, 1) if rng.random() < 0.5 else image
+    crop = image[y0:y1, x0:x1]
+    if flip:  # before the resize: the crop has at most as many pixels as the output. cv2.flip:
+        crop = cv2.flip(crop, 1)  # ~4x faster than copying numpy's negative-stride view
+    return resize(np.ascontiguousarray(crop), size, out)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -119,18 +124,19 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
 
 def train_image(data: bytes, rng: np.random.Generator, size: int,
-                cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
-    """Record image bytes -> augmented uint8 [size, size, 3] (normalize later: 4x less to copy)."""
+                cfg: AugmentConfig = AugmentConfig(), out: np.ndarray | None = None) -> np.ndarray:
+    """Record image bytes -> augmented uint8 [size, size, 3] (normalize later: 4x less to copy),
+    written into `out` when given."""
     hw = images.image_size(data)
     box = sample_inception_crop(rng, *hw, cfg) if cfg.inception_crop else central_square(*hw)
-    image = decode_crop_resize(data, box, hw, size, fast=True)
-    return random_flip(rng, image) if cfg.flip else image
+    flip = cfg.flip and rng.random() < 0.5
+    return decode_crop_resize(data, box, hw, size, fast=True, flip=flip, out=out)
 
 
-def eval_image(data: bytes, size: int) -> np.ndarray:
+def eval_image(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """Deterministic: resize shorter side to `size`, central crop -> uint8 [size, size, 3]."""
     hw = images.image_size(data)
-    return decode_crop_resize(data, central_square(*hw), hw, size)
+    return decode_crop_resize(data, central_square(*hw), hw, size, out=out)
 
 
 def mixup(rng: np.random.Generator, images_: np.ndarray, labels: np.ndarray,

@@ -1,8 +1,9 @@
 """Grain input pipelines over prepared splits -> global `jax.Array` batches (docs/INTERFACES.md).
 
-Train: ArrayRecord source (manifest validated first) -> this process's slice -> seeded global
-shuffle -> repeat -> decode + augment (seeded per record) -> to_iter_dataset -> batch ->
-[mixup] -> [mp_prefetch] -> global arrays sharded over the mesh's data axes.
+Train: ArrayRecord source (manifest validated first) -> seeded global shuffle -> repeat -> this
+process's strided slice -> batches of record bytes -> decode + augment into the batch (seeded per
+record) -> to_iter_dataset (threads) -> [mixup] -> [mp_prefetch] -> global arrays sharded over
+the mesh's data axes.
 Eval: same source and slice, deterministic order, every example exactly once, the last batch
 padded (`mask` False on padding).
 
@@ -27,10 +28,10 @@ from data import augment as augment_lib
 from data import records
 from data import manifest as manifest_lib
 
-# Threads and element buffer of to_iter_dataset, per process (and per Grain worker). simplejpeg
-# holds the GIL, so more threads only overlap the OpenCV resize/flip: 1-4 measured within noise.
+# Threads decoding whole batches in to_iter_dataset, per process (and per Grain worker), and the
+# batches they may run ahead. The JPEG decoder and OpenCV release the GIL, so threads scale.
 READ_THREADS = 2
-READ_BUFFER = 128
+READ_BUFFER_BATCHES = 2     # per thread
 WORKER_BUFFER_BATCHES = 2   # per mp_prefetch worker; a big buffer of whole batches is a trap (§6)
 
 
@@ -64,30 +65,26 @@ class _Fields:
         return cls(image_size, m.num_classes, "real_labels" in m.features, num_attributes,
                    "shape_label" in m.features)
 
-    def example(self, rec: records.Record, image: np.ndarray) -> dict[str, np.ndarray]:
-        labels = np.zeros(self.num_classes, np.float32)
+    def fill(self, out: dict[str, np.ndarray], i: int, rec: records.Record) -> None:
+        """Writes rec's labels/metadata into row i of a batch made by `zeros`."""
         for c in rec.label:
             if not 0 <= c < self.num_classes:
                 raise records.RecordError(f"record {rec.id!r}: label {c} outside [0, {self.num_classes})")
-            labels[c] = 1.0
-        out = {"image": image, "labels": labels,
-               "label": np.int32(rec.label[0] if rec.label else -1)}
+            out["labels"][i, c] = 1.0
+        out["label"][i] = rec.label[0] if rec.label else -1
         if self.real_labels:
-            real = np.zeros(self.num_classes, np.float32)
-            real[list(rec.real_labels or ())] = 1.0
-            out["real_labels"] = real
+            out["real_labels"][i, list(rec.real_labels or ())] = 1.0
         if self.num_attributes:
             attrs = rec.attributes or ()
             if len(attrs) != self.num_attributes:
                 raise records.RecordError(f"record {rec.id!r}: {len(attrs)} attributes, expected {self.num_attributes}")
-            out["attributes"] = np.asarray(attrs, np.int32)
+            out["attributes"][i] = attrs
         if self.cue_conflict:
-            out["shape_label"] = np.int32(-1 if rec.shape_label is None else rec.shape_label)
-            out["texture_label"] = np.int32(-1 if rec.texture_label is None else rec.texture_label)
-        return out
+            out["shape_label"][i] = -1 if rec.shape_label is None else rec.shape_label
+            out["texture_label"][i] = -1 if rec.texture_label is None else rec.texture_label
 
     def zeros(self, n: int) -> dict[str, np.ndarray]:
-        """A batch of n padding examples (same keys/shapes/dtypes as `example`)."""
+        """A batch of n padding examples: what `fill` writes into, and eval's padding."""
         s = self.image_size
         out = {"image": np.zeros((n, s, s, 3), np.uint8),
                "labels": np.zeros((n, self.num_classes), np.float32),
@@ -102,24 +99,42 @@ class _Fields:
         return out
 
 
-class TrainDecode(grain.transforms.RandomMap):
-    """Record bytes -> augmented example; the rng is Grain's per-record generator."""
+# Records are decoded a batch at a time, each image written straight into its row of the batch:
+# per-element Grain machinery and the np.stack copy of a batch cost ~40% of the decode itself.
 
-    def __init__(self, fields: _Fields, cfg: augment_lib.AugmentConfig):
-        self.fields, self.cfg = fields, cfg
-
-    def random_map(self, raw: bytes, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        rec = records.decode(raw)
-        return self.fields.example(rec, augment_lib.train_image(rec.image, rng, self.fields.image_size, self.cfg))
+def _with_position(position: int, raw: bytes) -> tuple[int, bytes]:
+    return position, raw
 
 
-class EvalDecode(grain.transforms.Map):
+class TrainDecodeBatch(grain.transforms.Map):
+    """[(stream position, record bytes)] -> augmented batch. Each record's augmentation draws from
+    Philox(seed) at counter = its global stream position (as Grain's own RandomMap does), so a
+    record's crop depends neither on the batch it lands in nor on the process count."""
+
+    def __init__(self, fields: _Fields, cfg: augment_lib.AugmentConfig, seed: int):
+        self.fields, self.cfg, self.seed = fields, cfg, seed
+
+    def map(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
+        out = self.fields.zeros(len(items))
+        for i, (position, raw) in enumerate(items):
+            rec = records.decode(raw)
+            rng = np.random.Generator(np.random.Philox(key=self.seed, counter=[0, 0, 0, position]))
+            augment_lib.train_image(rec.image, rng, self.fields.image_size, self.cfg, out=out["image"][i])
+            self.fields.fill(out, i, rec)
+        return out
+
+
+class EvalDecodeBatch(grain.transforms.Map):
     def __init__(self, fields: _Fields):
         self.fields = fields
 
-    def map(self, raw: bytes) -> dict[str, np.ndarray]:
-        rec = records.decode(raw)
-        return self.fields.example(rec, augment_lib.eval_image(rec.image, self.fields.image_size))
+    def map(self, raws: Sequence[bytes]) -> dict[str, np.ndarray]:
+        out = self.fields.zeros(len(raws))
+        for i, raw in enumerate(raws):
+            rec = records.decode(raw)
+            augment_lib.eval_image(rec.image, self.fields.image_size, out=out["image"][i])
+            self.fields.fill(out, i, rec)
+        return out
 
 
 class Mixup(grain.transforms.RandomMap):
@@ -169,24 +184,17 @@ class _Globalizer:
         return out
 
 
-def _finish(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
-    if worker_count > 0:
-        _mark_absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=worker_count, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
-    return ds
-
-
-def _read_options() -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
-
-
 class _SplitLoader:
     """What train and eval loaders share: the validated split, this process's records, the
-    batch geometry and the host -> global array conversion."""
+    batch geometry, the decode parallelism and the host -> global array conversion."""
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
-                 data_axes: Sequence[str], process_index: int | None, process_count: int | None):
+                 data_axes: Sequence[str], process_index: int | None, process_count: int | None,
+                 worker_count: int, read_threads: int):
+        if worker_count < 0 or read_threads < 1:
+            raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, "
+                             f"{read_threads}")
+        self.worker_count, self.read_threads = worker_count, read_threads
         m = manifest_lib.validate(split_dir)  # counts + sha256 before anything is read
         if m.num_records == 0:
             raise ValueError(f"{split_dir}: split has no records (see {m.dead_letters})")
@@ -207,28 +215,40 @@ class _SplitLoader:
         self.local_batch_size = global_batch_size // pc
         self.process_index, self.process_count = pi, pc
 
+    def _iter_dataset(self, batches: grain.MapDataset, post=None) -> grain.IterDataset:
+        """Decoded batches -> `read_threads` threads per process [-> post] [-> worker processes]."""
+        ds = batches.to_iter_dataset(grain.ReadOptions(
+            num_threads=self.read_threads, prefetch_buffer_size=READ_BUFFER_BATCHES * self.read_threads))
+        if post is not None:
+            ds = post(ds)
+        if self.worker_count > 0:
+            _mark_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.worker_count, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
+        return ds
+
 
 class TrainLoader(_SplitLoader):
     """Infinite iterator of global batches; `.iterator` is the Grain DatasetIterator (checkpoint
     it with grain.checkpoint.CheckpointSave/CheckpointRestore); get_state/set_state delegate."""
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
-                 augment_cfg: augment_lib.AugmentConfig, worker_count: int, data_axes: Sequence[str],
-                 process_index: int | None, process_count: int | None):
+                 augment_cfg: augment_lib.AugmentConfig, **kwargs):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         mesh=mesh, data_axes=data_axes, process_index=process_index,
-                         process_count=process_count)
+                         mesh=mesh, **kwargs)
         pi, pc = self.process_index, self.process_count
         # One global stream (shuffle, then per-record augmentation seeds by stream position) cut
         # into strided per-process slices: global batch s holds stream positions [s*B, (s+1)*B)
         # whatever the process count, so N processes train on exactly the batches 1 process sees.
         ds = self.all_records.shuffle(seed=_seed(seed, 0)).repeat(None)  # new order every epoch
-        ds = ds.random_map(TrainDecode(self._fields, augment_cfg), seed=_seed(seed, 1))[pi::pc]
+        ds = ds.map_with_index(_with_position)[pi::pc]
+        ds = ds.batch(self.local_batch_size, drop_remainder=True, batch_fn=list)
+        ds = ds.map(TrainDecodeBatch(self._fields, augment_cfg, _seed(seed, 1)))
         # Mixup pairs examples within this process's rows, so it alone depends on the process count.
-        it_ds = ds.to_iter_dataset(_read_options()).batch(self.local_batch_size, drop_remainder=True)
+        mixup = None
         if augment_cfg.mixup_alpha > 0:
-            it_ds = it_ds.random_map(Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi))
-        self.dataset = _finish(it_ds, worker_count)
+            mixup = lambda it_ds: it_ds.random_map(Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi))
+        self.dataset = self._iter_dataset(ds, mixup)
         self.iterator = iter(self.dataset)
 
     def __iter__(self) -> "TrainLoader":
@@ -253,15 +273,12 @@ class EvalLoader(_SplitLoader):
     """Re-iterable: each iter() is one deterministic pass over the split, every example exactly
     once; all processes yield `num_batches` batches, padded ones with `mask` False."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
-                 worker_count: int, data_axes: Sequence[str], process_index: int | None,
-                 process_count: int | None):
+    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh, **kwargs):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         mesh=mesh, data_axes=data_axes, process_index=process_index,
-                         process_count=process_count)
+                         mesh=mesh, **kwargs)
         self.num_batches = math.ceil(self.num_examples / global_batch_size)
-        it_ds = self.records.map(EvalDecode(self._fields)).to_iter_dataset(_read_options())
-        self.dataset = _finish(it_ds.batch(self.local_batch_size, drop_remainder=False), worker_count)
+        ds = self.records.batch(self.local_batch_size, drop_remainder=False, batch_fn=list)
+        self.dataset = self._iter_dataset(ds.map(EvalDecodeBatch(self._fields)))
 
     def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This process's numpy batches (with `mask`), exactly `num_batches` of them."""
@@ -284,25 +301,29 @@ class EvalLoader(_SplitLoader):
 
 def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
                  augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
-                 worker_count: int = 0, data_axes: Sequence[str] = ("data",),
-                 process_index: int | None = None, process_count: int | None = None) -> TrainLoader:
+                 worker_count: int = 0, read_threads: int = READ_THREADS,
+                 data_axes: Sequence[str] = ("data",), process_index: int | None = None,
+                 process_count: int | None = None) -> TrainLoader:
     """Training batches of `split_dir` (a prepared split). `augment`: None = Inception crop +
-    flip, no mixup; or an AugmentConfig / mapping of its fields. `worker_count` > 0 decodes in that
-    many Grain worker processes. Batches: image f32 [B,H,W,3] in [-1,1], labels f32 [B,C]
+    flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
+    `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
+    many Grain worker processes, each with `read_threads` threads. Batches: image f32 [B,H,W,3] in [-1,1], labels f32 [B,C]
     multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
     / attributes / shape_label, texture_label when the split has them."""
     return TrainLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                        seed=seed, mesh=mesh, augment_cfg=augment_lib.AugmentConfig.from_any(augment),
-                       worker_count=worker_count,
+                       worker_count=worker_count, read_threads=read_threads,
                        data_axes=tuple(data_axes), process_index=process_index,
                        process_count=process_count)
 
 
 def eval_loader(split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
-                worker_count: int = 0, data_axes: Sequence[str] = ("data",),
-                process_index: int | None = None, process_count: int | None = None) -> EvalLoader:
+                worker_count: int = 0, read_threads: int = READ_THREADS,
+                data_axes: Sequence[str] = ("data",), process_index: int | None = None,
+                process_count: int | None = None) -> EvalLoader:
     """Evaluation batches of `split_dir`: resize shorter side + central crop to image_size,
     deterministic order, last batch padded; same keys as training plus `mask` bool [B]."""
     return EvalLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                      mesh=mesh, worker_count=worker_count, data_axes=tuple(data_axes),
+                      mesh=mesh, worker_count=worker_count, read_threads=read_threads,
+                      data_axes=tuple(data_axes),
                       process_index=process_index, process_count=process_count)

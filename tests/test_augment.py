@@ -55,10 +55,21 @@ def test_train_and_eval_image_shapes_and_determinism():
     assert augment.eval_image(png, 40).tolist() == _photo(40, 40).tolist()
 
 
-def test_flip_normalize_mixup():
-    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    flips = {augment.random_flip(np.random.default_rng(s), img).tobytes() for s in range(20)}
-    assert flips == {img.tobytes(), img[:, ::-1].tobytes()}
+def test_flip_mirrors_half_the_time_and_writes_into_out():
+    data = images.encode_jpeg(_photo(), 95)
+    cfg = augment.AugmentConfig(inception_crop=False)  # the rng then only decides the flip
+    plain = augment.eval_image(data, 48)
+    outs = {augment.train_image(data, np.random.default_rng(s), 48, cfg).tobytes() for s in range(20)}
+    plain_fast = augment.decode_crop_resize(data, augment.central_square(*images.image_size(data)),
+                                            images.image_size(data), 48, fast=True)
+    assert outs == {plain_fast.tobytes(), plain_fast[:, ::-1].tobytes()}
+    assert np.abs(plain_fast.astype(int) - plain.astype(int)).mean() < 2.0  # fast DCT: close
+    batch = np.zeros((3, 48, 48, 3), np.uint8)
+    res = augment.eval_image(data, 48, out=batch[1])
+    assert np.shares_memory(res, batch) and np.array_equal(batch[1], plain) and not batch[0].any()
+
+
+def test_normalize_mixup():
     n = augment.normalize(np.array([0, 127, 255], np.uint8))
     assert n.dtype == np.float32 and n[0] == -1 and n[2] == 1
     x = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)

@@ -148,6 +148,16 @@ def test_seeded_augmentation_is_reproducible(digits):
     assert not np.array_equal(first["image"], other["image"])
 
 
+def test_augmentation_is_per_record_not_per_batch_or_thread_count(digits):
+    """A record's crop/flip depend only on the seed and its stream position: two batches of 32
+    equal one batch of 64, whatever the number of decode threads."""
+    big = _host(next(_train(digits / "train", seed=3, read_threads=1)))
+    small = _train(digits / "train", seed=3, global_batch_size=32, mesh=_mesh((4, 2)), read_threads=3)
+    halves = [_host(next(small)) for _ in range(2)]
+    for key in ("image", "labels", "label"):
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), big[key])
+
+
 def test_eval_pads_last_batch_and_is_reiterable(digits):
     el = loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, mesh=_mesh())
     one, two = [_host(b) for b in el], [_host(b) for b in el]
@@ -192,6 +202,8 @@ def test_bad_inputs_fail_clearly(digits, tmp_path):
         _train(digits / "train", augment={"mixup": 0.2})
     with pytest.raises(ValueError, match="not in mesh axes"):
         _train(digits / "train", data_axes=("batch",))
+    with pytest.raises(ValueError, match="read_threads >= 1"):
+        _train(digits / "train", read_threads=0)
     bad = tmp_path / "val"
     shutil.copytree(digits / "val", bad)
     obj = json.loads((bad / "manifest.json").read_text())
