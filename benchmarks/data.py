@@ -12,9 +12,11 @@
    pipeline: a Python generator over the ArrayRecord files in shuffled order (array_record has
    no tf.data source; TFDS's ArrayRecord adapter raises for as_dataset) -> parse_single_example ->
    sample_distorted_bounding_box + decode_and_crop_jpeg -> resize -> flip -> batch. Both yield
-   uint8 [B, S, S, 3] crops + multi-hot labels. "workers" = Grain worker processes vs tf.data
-   parallel map calls (its private thread pool gets one more thread for the generator). Each
-   pipeline runs alone; the best of `--rounds` windows is kept. img/cpu-s divides by the CPU
+   uint8 [B, S, S, 3] crops + multi-hot labels. "workers" = parallel decoders: Grain decode
+   threads in the training process (`read_threads`; the JPEG decoder and OpenCV release the GIL)
+   vs tf.data parallel map calls (its private thread pool gets one more thread for the
+   generator); the "procs" columns run Grain with that many worker processes of one thread each
+   (`worker_count`) instead. Each pipeline runs alone; the best of `--rounds` windows is kept. img/cpu-s divides by the CPU
    time of this process and its children (Grain workers) over the window: a per-core rate that
    other jobs on a shared machine disturb less than wall time.
 """
@@ -116,19 +118,28 @@ def _time_batches(it, warmup: int, batches: int, batch_size: int) -> tuple[float
     for _ in range(batches):
         next(it)
     n = batches * batch_size
-    return n / (time.perf_counter() - t0), n / (_tree_cpu_seconds() - c0)
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_seconds() - c0
+    # CPU time ticks in 10 ms: a tiny window (smoke runs) can read 0
+    return n / wall, n / cpu if cpu > 0 else float("nan")
 
 
-def grain_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
-    """Our train pipeline's host batches (returns (iterator, close))."""
+def grain_iterator(split_dir: Path, workers: int, batch_size: int, size: int, *,
+                   processes: bool = False):
+    """Our train pipeline's host batches (returns (iterator, close)): `workers` decode threads in
+    this process, or with `processes` that many Grain worker processes of one thread each."""
     import jax
 
     from data import loader
 
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     tl = loader.train_loader(split_dir, global_batch_size=batch_size, image_size=size, seed=0,
-                             mesh=mesh, worker_count=workers)
+                             mesh=mesh, worker_count=workers if processes else 0,
+                             read_threads=1 if processes else workers)
     return tl.iterator, tl.close
+
+
+def grain_processes_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
+    return grain_iterator(split_dir, workers, batch_size, size, processes=True)
 
 
 def tfdata_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
@@ -229,19 +240,20 @@ def main(argv=None) -> None:
         split = work / "out1" / "bench" / "train"
         common = dict(batch_size=args.batch_size, size=args.image_size, warmup=args.warmup,
                       batches=args.batches)
+        pipelines = (("grain", grain_iterator), ("tf.data", tfdata_iterator),
+                     ("grain processes", grain_processes_iterator))
         res = {(name, w): bench_loader(make, split, w, rounds=args.rounds, **common)
-               for w in workers for name, make in (("grain", grain_iterator), ("tf.data", tfdata_iterator))}
-        in_process = bench_loader(grain_iterator, split, 0, rounds=args.rounds, **common)
+               for w in workers for name, make in pipelines}
         rows = []
         for w in workers:
-            (g, gc), (t, tc) = res["grain", w], res["tf.data", w]
-            rows.append([w, f"{g:.0f}", f"{t:.0f}", f"{g / t:.2f}", f"{gc:.0f}", f"{tc:.0f}", f"{gc / tc:.2f}"])
+            (g, gc), (t, tc), (p, pc) = (res[name, w] for name, _ in pipelines)
+            rows.append([w, f"{g:.0f}", f"{t:.0f}", f"{g / t:.2f}", f"{gc:.0f}", f"{tc:.0f}",
+                         f"{gc / tc:.2f}", f"{p:.0f}", f"{p / t:.2f}"])
         print(f"\nloader ({args.image_size}^2 Inception crops + flip from the 224^2 records, batch "
               f"{args.batch_size}, host batches; best of {args.rounds} windows of {args.batches} "
               f"batches; target Grain/tf.data >= 2)")
         print(_table(["workers", "grain img/s", "tf.data img/s", "ratio", "grain img/cpu-s",
-                      "tf.data img/cpu-s", "ratio/cpu"], rows))
-        print(f"(grain in-process, worker_count=0: {in_process[0]:.0f} img/s, {in_process[1]:.0f} img/cpu-s)")
+                      "tf.data img/cpu-s", "ratio/cpu", "grain procs img/s", "procs ratio"], rows))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -73,3 +73,15 @@ def test_mfu_smoke(capsys):
     values = dict(zip(mfu.STEP_COLUMNS[2:], map(_number, row[2:])))
     assert all(values[k] > 0 for k in ("model GFLOP/step", "step ms", "achieved TFLOP/s", "MFU %")), row
     assert "54.9%" in out
+
+
+def test_data_benchmark_smoke(capsys):
+    """The data benchmark runs end to end on a few images (real Beam job, Grain, tf.data)."""
+    from benchmarks import data
+
+    data.main(["--num_images", "96", "--batch_size", "16", "--batches", "1", "--warmup", "1",
+               "--rounds", "1", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "FnApiRunner in_memory x1 |     96 |" in out
+    row = [line for line in out.splitlines() if line.startswith("|       1 |")]
+    assert len(row) == 1 and len(row[0].split("|")) == 11  # workers + 9 measured columns

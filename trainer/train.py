@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = _model_group()
     c.data = ml_collections.ConfigDict(dict(
-        dataset="digits", train_split="train", val_split="val", image_size=32, worker_count=0,
+        dataset="digits", train_split="train", val_split="val", image_size=32,
+        read_threads=2, worker_count=0,  # decode threads per process; >0: Grain worker processes
         prepared_dir="",  # a prepare output dir, for runs outside the DAG
         # data/augment.py AugmentConfig; big_vision's ViT recipe: Inception crop (area >= 5%) + flip.
         augment=ml_collections.ConfigDict(dict(inception_crop=True, area_min=0.05, area_max=1.0, aspect_min=0.75,
@@ -135,9 +136,11 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     # --- Data.
     train = loader.train_loader(train_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,
                                 seed=cfg.seed, mesh=mesh, augment=cfg.data.augment.to_dict(),
-                                worker_count=cfg.data.worker_count, data_axes=axes)
+                                worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads,
+                                data_axes=axes)
     val = loader.eval_loader(val_dir, global_batch_size=cfg.eval_batch_size, image_size=cfg.data.image_size,
-                             mesh=mesh, worker_count=cfg.data.worker_count, data_axes=axes)
+                             mesh=mesh, worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads,
+                             data_axes=axes)
     model = vit.ViT(mcfg)
     total = cadence.total_steps(steps=cfg.steps, epochs=cfg.epochs, examples=cfg.examples,
                                 num_examples=train.num_examples, batch_size=cfg.batch_size)
