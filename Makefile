@@ -10,7 +10,8 @@ export PYTHONHASHSEED := 0
 .PHONY: test dryrun venv clean
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# setup.py + the C source: the editable install compiles data/_jpeg_crop.c in place.
+$(STAMP): pyproject.toml constraints.txt setup.py data/_jpeg_crop.c
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
