@@ -5,6 +5,10 @@ Validation turns every way an input can be unusable into an `ImageRejected` with
 of `REASONS`, so `prepare` can dead-letter it. Accepted inputs come back as RGB uint8 [H, W, 3]:
 grayscale/palette/CMYK are converted, alpha is composited over white (transparent pixels carry
 arbitrary colours otherwise), 16-bit samples keep their high byte, EXIF orientation is applied.
+
+The loader's cropped decode (`decode_crop`) uses the optional C extension `data._jpeg_crop`
+(libjpeg-turbo's jpeg_crop_scanline + jpeg_skip_scanlines, built by setup.py); without it, it
+decodes the whole image at the same scale and slices.
 """
 from __future__ import annotations
 
@@ -16,6 +20,15 @@ import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    from data import _jpeg_crop
+except ImportError:  # built without libjpeg-turbo headers (setup.py: optional extension)
+    _jpeg_crop = None
+
+HAS_CROPPED_DECODE: bool = _jpeg_crop is not None  # decode_crop skips undecoded rows/columns
+
+Box = tuple[int, int, int, int]  # (y, x, height, width) in source pixels
 
 # Reasons an input is rejected (the `reason` of a dead letter). Sources add their own
 # ("unreadable", "bad_name", "bad_metadata") and prepare adds "duplicate_id".
@@ -207,3 +220,70 @@ def decode_scaled(data: bytes, min_height: int = 0, min_width: int = 0, *,
     if bgr is None:
         raise ValueError(f"cannot decode image ({len(data)} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _jpeg_scale_num(height: int, width: int, min_height: int, min_width: int) -> int:
+    """k of the k/8 scale `decode_scaled` (simplejpeg 1.9) decodes a height x width JPEG at.
+
+    simplejpeg picks the output size with the smallest TurboJPEG factor (those <= 1 are all
+    k/8) whose ceil(side*k/8) meets both minimums (a minimum <= 0 is ignored, one above the side
+    counts as the side; neither set: full size); tjDecompress2 then decodes with the *largest*
+    factor that fits that size. The two differ only when both sides are < 8 (a 5x5 JPEG is 5x5
+    at 7/8 and 8/8, decoded at 8/8), but the IDCT, and so every pixel, depends on k."""
+    if min_height <= 0 and min_width <= 0:
+        return 8
+    min_height, min_width = min(height, min_height), min(width, min_width)
+    k = next((k for k in range(1, 8)
+              if -(-height * k // 8) >= min_height and -(-width * k // 8) >= min_width), 8)
+    out_h, out_w = -(-height * k // 8), -(-width * k // 8)
+    while k < 8 and -(-height * (k + 1) // 8) <= out_h and -(-width * (k + 1) // 8) <= out_w:
+        k += 1
+    return k
+
+
+def _scaled_box(box: Box, full_hw: tuple[int, int],
+                scaled_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`box` in source pixels -> (y0, x0, y1, x1) in an image decoded at scaled_hw: the
+    mapping augment.decode_crop_resize slices with (>= 1 pixel each way)."""
+    y, x, h, w = box
+    sy, sx = scaled_hw[0] / full_hw[0], scaled_hw[1] / full_hw[1]
+    y0, x0 = int(y * sy), int(x * sx)
+    y1 = max(y0 + 1, min(scaled_hw[0], int(round((y + h) * sy))))
+    x1 = max(x0 + 1, min(scaled_hw[1], int(round((x + w) * sx))))
+    return y0, x0, y1, x1
+
+
+def decode_crop(data: bytes, box: Box, min_height: int = 0, min_width: int = 0, *,
+                fast: bool = False) -> np.ndarray:
+    """`box` (y, x, height, width; source pixels) of the image at the scale `decode_scaled`
+    picks for min_height x min_width -> C-contiguous RGB uint8 [h', w', 3].
+
+    Exactly `decode_scaled(data, min_height, min_width, fast=fast)` sliced to the box mapped to
+    that scale (`_scaled_box`), but for JPEGs with the extension only the box is decoded: rows
+    below it not at all, rows above it entropy-decoded only, columns outside the box's iMCU
+    columns not inverse-transformed/colour-converted. The result may be read-only (a view of the
+    decoder's bytes): copy before writing into it. A box outside the image raises ValueError."""
+    if data[:3] == _JPEG_MAGIC:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        _check_box(box, height, width)
+        # CMYK/YCCK: libjpeg has no conversion to RGB (simplejpeg converts them itself)
+        if HAS_CROPPED_DECODE and colorspace not in ("CMYK", "YCCK"):
+            k = _jpeg_scale_num(height, width, min_height, min_width)
+            scaled_hw = (-(-height * k // 8), -(-width * k // 8))
+            y0, x0, y1, x1 = _scaled_box(box, (height, width), scaled_hw)
+            pixels = _jpeg_crop.decode_crop(data, y0, x0, y1 - y0, x1 - x0, k, fast)
+            return np.frombuffer(pixels, np.uint8).reshape(y1 - y0, x1 - x0, 3)
+        image = decode_scaled(data, min_height, min_width, fast=fast)
+    else:
+        image = decode_scaled(data, min_height, min_width, fast=fast)  # full size: not a JPEG
+        height, width = image.shape[:2]
+        _check_box(box, height, width)
+    y0, x0, y1, x1 = _scaled_box(box, (height, width), image.shape[:2])
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def _check_box(box: Box, height: int, width: int) -> None:
+    y, x, h, w = box
+    if y < 0 or x < 0 or h < 1 or w < 1 or y + h > height or x + w > width:
+        raise ValueError(f"crop box (y={y}, x={x}, h={h}, w={w}) is outside the "
+                         f"{height}x{width} (HxW) image")
