@@ -31,6 +31,8 @@
  * component at >= 2 downsampled columns (4x horizontal subsampling at most), so libjpeg never
  * takes its re-initialise-the-upsampler path for very narrow crops. */
 #define CROP_MIN_WIDTH 16
+/* Rows asked of jpeg_read_scanlines per call: an iMCU row of 4:2:0 at full scale. */
+#define READ_ROWS 16
 
 typedef struct {
     struct jpeg_error_mgr pub;
@@ -123,8 +125,8 @@ static int smoothing_active(struct jpeg_decompress_struct *cinfo)
 static int decode_rows(crop_ctx *ctx, unsigned char *out)
 {
     struct jpeg_decompress_struct *cinfo = &ctx->cinfo;
-    JDIMENSION full_width = ctx->out_width, left, right, crop_x, crop_w, r;
-    JSAMPARRAY row;
+    JDIMENSION full_width = ctx->out_width, left, right, crop_x, crop_w, r, i, got;
+    JSAMPARRAY rows;
     size_t row_bytes = (size_t)ctx->w * 3;
 
     if (setjmp(ctx->err.jump))
@@ -147,19 +149,25 @@ static int decode_rows(crop_ctx *ctx, unsigned char *out)
      * crop_w. A no-op when the full width is asked for. */
     jpeg_crop_scanline(cinfo, &crop_x, &crop_w);
 
-    /* One row, as wide as the uncropped image: libjpeg-turbo < 2.0.7 could write a full
-     * uncropped row with merged upsampling, and it costs nothing. Freed by abort/destroy. */
-    row = (*cinfo->mem->alloc_sarray)((j_common_ptr)cinfo, JPOOL_IMAGE,
-                                      full_width * (JDIMENSION)cinfo->output_components, 1);
+    /* A block of rows per jpeg_read_scanlines call (one row per call costs ~10% at 224^2: the
+     * merged/fancy 2-row upsamplers go through their spare row). As wide as the uncropped image:
+     * libjpeg-turbo < 2.0.7 could write a full uncropped row with merged upsampling, and it costs
+     * nothing. Freed by jpeg_abort_decompress / jpeg_destroy_decompress. */
+    rows = (*cinfo->mem->alloc_sarray)((j_common_ptr)cinfo, JPOOL_IMAGE,
+                                       full_width * (JDIMENSION)cinfo->output_components,
+                                       READ_ROWS);
     if (ctx->y > 0)
         jpeg_skip_scanlines(cinfo, ctx->y);
-    for (r = 0; r < ctx->h; r++) {
-        if (jpeg_read_scanlines(cinfo, row, 1) != 1) {
+    for (r = 0; r < ctx->h; r += got) {
+        got = jpeg_read_scanlines(cinfo, rows, ctx->h - r < READ_ROWS ? ctx->h - r : READ_ROWS);
+        if (got == 0) {
             snprintf(ctx->err.message, sizeof ctx->err.message,
                      "libjpeg returned no scanline at row %u", (unsigned)(ctx->y + r));
             return -1;
         }
-        memcpy(out + (size_t)r * row_bytes, row[0] + (size_t)(ctx->x - crop_x) * 3, row_bytes);
+        for (i = 0; i < got; i++)
+            memcpy(out + (size_t)(r + i) * row_bytes, rows[i] + (size_t)(ctx->x - crop_x) * 3,
+                   row_bytes);
     }
     /* The rows below the box are never decoded. */
     jpeg_abort_decompress(cinfo);
