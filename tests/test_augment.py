@@ -43,6 +43,17 @@ def test_reduced_scale_decode_matches_full_decode():
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0
 
 
+def test_decode_scale_is_a_power_of_two_eighth_that_keeps_enough_pixels(monkeypatch):
+    assert [augment.decode_scale(f) for f in (0.05, 0.125, 0.13, 0.3, 0.5, 0.51, 0.7, 1.0, 3.0)] \
+        == [1, 1, 2, 4, 4, 8, 8, 8, 8]
+    seen = []
+    real = images.decode_crop
+    monkeypatch.setattr(images, "decode_crop", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    data = images.encode_jpeg(_photo(640, 800), 95)
+    out = augment.decode_crop_resize(data, (0, 0, 300, 300), (640, 800), 112)  # needs 112/300
+    assert seen[-1]["min_height"] == 320 and seen[-1]["min_width"] == 400 and out.shape == (112, 112, 3)
+
+
 def test_train_and_eval_image_shapes_and_determinism():
     data = images.encode_jpeg(_photo(), 95)
     a = augment.train_image(data, np.random.default_rng(1), 64)
