@@ -1,9 +1,9 @@
 """Grain input pipelines over prepared splits -> global `jax.Array` batches (docs/INTERFACES.md).
 
-Train: ArrayRecord source (manifest validated first) -> seeded global shuffle -> repeat -> this
-process's strided slice -> batches of record bytes -> decode + augment into the batch (seeded per
-record) -> to_iter_dataset (threads) -> [mixup] -> [mp_prefetch] -> global arrays sharded over
-the mesh's data axes.
+Train: ArrayRecord source (manifest validated first); batch numbers -> this process's stream
+positions of the batch -> seeded per-epoch shuffle (data/shuffle.py) -> read + decode + augment
+into the batch (seeded per record) -> to_iter_dataset (threads) -> [mixup] -> [mp_prefetch] ->
+global arrays sharded over the mesh's data axes.
 Eval: same source and slice, deterministic order, every example exactly once, the last batch
 padded (`mask` False on padding).
 
@@ -13,8 +13,10 @@ mixes in float32 and the device leaves them as they are).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data import augment as augment_lib
 from data import records
+from data import shuffle as shuffle_lib
 from data import manifest as manifest_lib
 
 # Threads decoding whole batches in to_iter_dataset, per process (and per Grain worker), and the
@@ -99,42 +102,75 @@ class _Fields:
         return out
 
 
-# Records are decoded a batch at a time, each image written straight into its row of the batch:
-# per-element Grain machinery and the np.stack copy of a batch cost ~40% of the decode itself.
+# A batch is decoded by one Map call: its records are read and each image written straight into
+# its row. Per-element Grain stages (index_shuffle ~18 us a record, map/slice/batch, np.stack)
+# cost ~40% of the decode itself.
 
-def _with_position(position: int, raw: bytes) -> tuple[int, bytes]:
-    return position, raw
+class _DecodeBatch(grain.transforms.Map):
+    """Batch number -> this process's rows of that batch (dict of numpy arrays)."""
 
+    def __init__(self, source: grain.sources.ArrayRecordDataSource, fields: _Fields):
+        self.source, self.fields = source, fields
 
-class TrainDecodeBatch(grain.transforms.Map):
-    """[(stream position, record bytes)] -> augmented batch. Each record's augmentation draws from
-    Philox(seed) at counter = its global stream position (as Grain's own RandomMap does), so a
-    record's crop depends neither on the batch it lands in nor on the process count."""
+    @abc.abstractmethod
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(record indices, stream positions) of the rows of batch `step`."""
 
-    def __init__(self, fields: _Fields, cfg: augment_lib.AugmentConfig, seed: int):
-        self.fields, self.cfg, self.seed = fields, cfg, seed
+    @abc.abstractmethod
+    def image(self, data: bytes, position: int, out: np.ndarray) -> None:
+        """Decodes (and augments) one record's image into `out`, a row of the batch."""
 
-    def map(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
-        out = self.fields.zeros(len(items))
-        for i, (position, raw) in enumerate(items):
-            rec = records.decode(raw)
-            rng = np.random.Generator(np.random.Philox(key=self.seed, counter=[0, 0, 0, position]))
-            augment_lib.train_image(rec.image, rng, self.fields.image_size, self.cfg, out=out["image"][i])
+    def map(self, step: int) -> dict[str, np.ndarray]:
+        indices, positions = self.rows(step)
+        out = self.fields.zeros(len(indices))
+        for i, (index, position) in enumerate(zip(indices.tolist(), positions.tolist())):
+            rec = records.decode(self.source[index])
+            self.image(rec.image, position, out["image"][i])
             self.fields.fill(out, i, rec)
         return out
 
 
-class EvalDecodeBatch(grain.transforms.Map):
-    def __init__(self, fields: _Fields):
-        self.fields = fields
+class TrainDecodeBatch(_DecodeBatch):
+    """One global stream cut into strided per-process slices: global batch s holds stream
+    positions [s*B, (s+1)*B) and process pi the positions s*B + pi + k*pc, so N processes train
+    on exactly the batches 1 process sees. Position p reads record shuffle(p) (a new permutation
+    every epoch); its augmentation draws from Philox(seed) at counter p (as Grain's RandomMap
+    does), so a record's crop depends neither on its batch nor on the process count."""
 
-    def map(self, raws: Sequence[bytes]) -> dict[str, np.ndarray]:
-        out = self.fields.zeros(len(raws))
-        for i, raw in enumerate(raws):
-            rec = records.decode(raw)
-            augment_lib.eval_image(rec.image, self.fields.image_size, out=out["image"][i])
-            self.fields.fill(out, i, rec)
-        return out
+    def __init__(self, source, fields: _Fields, cfg: augment_lib.AugmentConfig, seed: int, *,
+                 global_batch_size: int, process_index: int, process_count: int):
+        super().__init__(source, fields)
+        self.cfg, self.seed = cfg, _seed(seed, 1)
+        self.shuffle = shuffle_lib.EpochShuffle(len(source), _seed(seed, 0))
+        self.offsets = process_index + process_count * np.arange(global_batch_size // process_count)
+        self.global_batch_size = global_batch_size
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        positions = step * self.global_batch_size + self.offsets
+        return self.shuffle(positions), positions
+
+    def image(self, data: bytes, position: int, out: np.ndarray) -> None:
+        rng = np.random.Generator(np.random.Philox(key=self.seed, counter=[0, 0, 0, position]))
+        augment_lib.train_image(data, rng, self.fields.image_size, self.cfg, out=out)
+
+
+class EvalDecodeBatch(_DecodeBatch):
+    """This process's records (pi, pi + pc, ...) in order, `local_batch_size` at a time; the last
+    batch may be short (the loader pads it)."""
+
+    def __init__(self, source, fields: _Fields, *, local_batch_size: int, process_index: int,
+                 process_count: int):
+        super().__init__(source, fields)
+        self.local_batch_size, self.pi, self.pc = local_batch_size, process_index, process_count
+        self.num_local = len(range(process_index, len(source), process_count))
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        local = np.arange(step * self.local_batch_size,
+                          min((step + 1) * self.local_batch_size, self.num_local))
+        return self.pi + self.pc * local, local
+
+    def image(self, data: bytes, position: int, out: np.ndarray) -> None:
+        augment_lib.eval_image(data, self.fields.image_size, out=out)
 
 
 class Mixup(grain.transforms.RandomMap):
@@ -203,11 +239,10 @@ class _SplitLoader:
         if not 0 <= pi < pc:
             raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
         self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
-        source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
-        self._fields = _Fields.from_manifest(m, records.decode(source[0]), image_size)
-        self.all_records = grain.MapDataset.source(source)  # serialized, in source order
-        # Strided slice: each process reads a disjoint 1/pc of the records; union = the split.
-        self.records = self.all_records[pi::pc]
+        self.source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
+        self._fields = _Fields.from_manifest(m, records.decode(self.source[0]), image_size)
+        # Strided: each process reads a disjoint 1/pc of the records; union = the split.
+        self.records = grain.MapDataset.source(self.source)[pi::pc]  # serialized, for inspection
         self.manifest = m
         self.num_classes = m.num_classes
         self.num_examples = m.num_records
@@ -237,13 +272,9 @@ class TrainLoader(_SplitLoader):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                          mesh=mesh, **kwargs)
         pi, pc = self.process_index, self.process_count
-        # One global stream (shuffle, then per-record augmentation seeds by stream position) cut
-        # into strided per-process slices: global batch s holds stream positions [s*B, (s+1)*B)
-        # whatever the process count, so N processes train on exactly the batches 1 process sees.
-        ds = self.all_records.shuffle(seed=_seed(seed, 0)).repeat(None)  # new order every epoch
-        ds = ds.map_with_index(_with_position)[pi::pc]
-        ds = ds.batch(self.local_batch_size, drop_remainder=True, batch_fn=list)
-        ds = ds.map(TrainDecodeBatch(self._fields, augment_cfg, _seed(seed, 1)))
+        ds = grain.MapDataset.range(sys.maxsize).map(TrainDecodeBatch(  # batch numbers, forever
+            self.source, self._fields, augment_cfg, seed, global_batch_size=global_batch_size,
+            process_index=pi, process_count=pc))
         # Mixup pairs examples within this process's rows, so it alone depends on the process count.
         mixup = None
         if augment_cfg.mixup_alpha > 0:
@@ -277,8 +308,10 @@ class EvalLoader(_SplitLoader):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                          mesh=mesh, **kwargs)
         self.num_batches = math.ceil(self.num_examples / global_batch_size)
-        ds = self.records.batch(self.local_batch_size, drop_remainder=False, batch_fn=list)
-        self.dataset = self._iter_dataset(ds.map(EvalDecodeBatch(self._fields)))
+        decode = EvalDecodeBatch(self.source, self._fields, local_batch_size=self.local_batch_size,
+                                 process_index=self.process_index, process_count=self.process_count)
+        local_batches = math.ceil(decode.num_local / self.local_batch_size)
+        self.dataset = self._iter_dataset(grain.MapDataset.range(local_batches).map(decode))
 
     def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This process's numpy batches (with `mask`), exactly `num_batches` of them."""
