@@ -86,18 +86,21 @@ def test_decode_errors_name_the_field():
 
 # --- manifest -------------------------------------------------------------------------------------
 
-def _write_split(tmp_path, n=5):
+def _write_split(tmp_path, n=5, num_shards=1):
     from array_record.python import array_record_module
-    w = array_record_module.ArrayRecordWriter(str(tmp_path / "s-00000"), manifest_lib.ARRAY_RECORD_OPTIONS)
-    for i in range(n):
-        w.write(records.encode(records.Record(image=b"img%d" % i, label=(i % 2,), id=f"r{i}")))
-    w.close()
+    shards = []
+    for s in range(num_shards):
+        name = f"s-{s:05d}"
+        w = array_record_module.ArrayRecordWriter(str(tmp_path / name), manifest_lib.ARRAY_RECORD_OPTIONS)
+        for i in range(n):
+            w.write(records.encode(records.Record(image=b"img%d" % i, label=(i % 2,), id=f"r{s}-{i}")))
+        w.close()
+        shards.append(manifest_lib.Shard(name, n, manifest_lib.sha256_file(tmp_path / name)))
     (tmp_path / manifest_lib.DEAD_LETTERS_NAME).write_text(
         json.dumps({"id": "bad", "source": "x", "reason": "undecodable"}) + "\n")
     m = manifest_lib.Manifest(
-        dataset="toy", split="train", num_records=n, num_classes=2, class_names=["a", "b"],
-        image_size=None, features=["image", "label", "id"],
-        shards=[manifest_lib.Shard("s-00000", n, manifest_lib.sha256_file(tmp_path / "s-00000"))],
+        dataset="toy", split="train", num_records=n * num_shards, num_classes=2, class_names=["a", "b"],
+        image_size=None, features=["image", "label", "id"], shards=shards,
         dead_letters=manifest_lib.DEAD_LETTERS_NAME, num_dead_letters=1, source={"type": "test"})
     manifest_lib.write(tmp_path, m)
     return m
@@ -134,6 +137,15 @@ def test_manifest_tamper_gives_one_line_error(tmp_path, tamper, msg):
     with pytest.raises(manifest_lib.ManifestError, match=msg) as e:
         manifest_lib.validate(tmp_path)
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_shards_checked_in_parallel_report_the_first_bad_one(tmp_path, threads):
+    _write_split(tmp_path, num_shards=6)
+    assert manifest_lib.validate(tmp_path, threads=threads).num_records == 30
+    _edit(tmp_path, lambda o: [o["shards"][k].update(sha256="0" * 64) for k in (4, 2)])
+    with pytest.raises(manifest_lib.ManifestError, match="s-00002: sha256 .* shards\\[2\\].sha256"):
+        manifest_lib.validate(tmp_path, threads=threads)
 
 
 def test_tampered_shard_bytes_detected(tmp_path):
