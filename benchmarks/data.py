@@ -16,9 +16,9 @@
    threads in the training process (`read_threads`; the JPEG decoder and OpenCV release the GIL)
    vs tf.data parallel map calls (its private thread pool gets one more thread for the
    generator); the "procs" columns run Grain with that many worker processes of one thread each
-   (`worker_count`) instead. Each pipeline runs alone; the best of `--rounds` windows is kept. img/cpu-s divides by the CPU
-   time of this process and its children (Grain workers) over the window: a per-core rate that
-   other jobs on a shared machine disturb less than wall time.
+   (`worker_count`) instead. Each pipeline runs alone; the best of `--rounds` windows is kept.
+   img/cpu-s divides by the CPU time of this process and its children (Grain workers) over the
+   window: a per-core rate that other jobs on a shared machine disturb less than wall time.
 """
 from __future__ import annotations
 

@@ -243,8 +243,8 @@ def _jpeg_scale_num(height: int, width: int, min_height: int, min_width: int) ->
 
 def _scaled_box(box: Box, full_hw: tuple[int, int],
                 scaled_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """`box` in source pixels -> (y0, x0, y1, x1) in an image decoded at scaled_hw: the
-    mapping augment.decode_crop_resize slices with (>= 1 pixel each way)."""
+    """`box` in source pixels -> (y0, x0, y1, x1) in an image decoded at scaled_hw (>= 1 pixel
+    each way): the rows and columns `decode_crop` returns."""
     y, x, h, w = box
     sy, sx = scaled_hw[0] / full_hw[0], scaled_hw[1] / full_hw[1]
     y0, x0 = int(y * sy), int(x * sx)

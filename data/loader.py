@@ -340,8 +340,8 @@ def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: in
     """Training batches of `split_dir` (a prepared split). `augment`: None = Inception crop +
     flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
     `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
-    many Grain worker processes, each with `read_threads` threads. Batches: image f32 [B,H,W,3] in [-1,1], labels f32 [B,C]
-    multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
+    many Grain worker processes, each with `read_threads` threads. Batches: image f32 [B,H,W,3]
+    in [-1,1], labels f32 [B,C] multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
     / attributes / shape_label, texture_label when the split has them."""
     return TrainLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                        seed=seed, mesh=mesh, augment_cfg=augment_lib.AugmentConfig.from_any(augment),

@@ -150,7 +150,7 @@ _VERIFIED: set[tuple[str, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
 
 
-def _check_shard(split_dir: Path, where: Path, i: int, shard: "Shard", check_checksums: bool) -> None:
+def _check_shard(split_dir: Path, where: Path, i: int, shard: Shard, check_checksums: bool) -> None:
     path = split_dir / shard.path
     if not path.is_file():
         raise ManifestError(f"{where}: shards[{i}].path {shard.path!r} does not exist")

@@ -6,7 +6,7 @@ The permutation is a keyed Feistel network on the smallest number of bits coveri
 cycle walking to stay inside [0, n) (the construction of Grain's `index_shuffle`, which
 JFT-scale datasets need: a materialised permutation of 4B indices does not fit a host). Grain's
 version is scalar (~18 us a call, as much as the rest of a record's read); this one is numpy
-over a batch (~0.5 us a position).
+over a batch (~1.7 us a position for ImageNet's 1.28M records, ~0.7 us for 4B).
 """
 from __future__ import annotations
 
