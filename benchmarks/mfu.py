@@ -49,7 +49,7 @@ def matmul_rows(devices, sizes, dtype: str, repeats: int) -> list[list]:
     rows = []
     for size in sizes:
         measured = flops.measure_matmul_peak(devices, size=size, dtype=jnp.dtype(dtype), repeats=repeats)
-        rows.append([dtype, size, len(devices), f"{measured / 1e12:.4f}",
+        rows.append([dtype, size, len(devices), bench.sig(measured / 1e12),
                      f"{table_peak / 1e12:.1f}" if table_peak else "n/a (CPU: none)",
                      f"{measured / table_peak:.3f}" if table_peak else "n/a"])
     return rows
@@ -81,9 +81,9 @@ def run(p: dict) -> str:
     t = statistics.median(times)
     m = bench.step_metrics(cfg, p["batch"], t, mesh.devices.size, peak)
     row = [cfg.variant, " x ".join(str(mesh.shape[a]) for a in ("data", "model")), p["batch"], cfg.seq_len,
-           f"{flops.param_count(cfg) / 1e6:.2f}", f"{m['flops'] / 1e9:.3f}", f"{runner.compile_s:.1f}",
-           f"{1e3 * t:.2f}", f"{bench.spread(times):.1f}", f"{m['ex_s']:.1f}", f"{m['tflops']:.4f}",
-           f"{m['tflops'] / mesh.devices.size:.4f}", f"{peak / 1e12:.4f}", f"{100 * m['mfu']:.2f}", "54.9"]
+           f"{flops.param_count(cfg) / 1e6:.2f}", bench.sig(m["flops"] / 1e9), f"{runner.compile_s:.1f}",
+           f"{1e3 * t:.2f}", f"{bench.spread(times):.1f}", f"{m['ex_s']:.1f}", bench.sig(m['tflops']),
+           bench.sig(m['tflops'] / mesh.devices.size), bench.sig(peak / 1e12), bench.sig(100 * m['mfu']), "54.9"]
     lines += [bench.table(STEP_COLUMNS, [row]), PAPER]
     return "\n".join(lines)
 

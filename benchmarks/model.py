@@ -215,6 +215,11 @@ def peak_per_device(devices) -> tuple[float, str]:
     return peak, f"measured here by flops.measure_matmul_peak: float32 matmuls on {len(devices)} {kind} device(s)"
 
 
+def sig(x: float, digits: int = 4) -> str:
+    """`x` to `digits` significant figures: a slow CPU step's MFU (1e-5 %) must not print as 0.00."""
+    return f"{x:.{digits}g}"
+
+
 def table(headers, rows) -> str:
     """A right-aligned markdown table."""
     cells = [[str(c) for c in r] for r in rows]
@@ -283,7 +288,7 @@ def _claims(rows, paired: bool) -> list[str]:
     if "vit22b" in by and "bias" in by:  # same model FLOPs: utilization changes as speed does
         a, b = 100 * by["vit22b"]["mfu"], 100 * by["bias"]["mfu"]
         x = speedup(by["vit22b"]["times"], by["bias"]["times"], paired)
-        lines.append(f"  dropping biases (vit22b vs bias): MFU {b:.2f}% -> {a:.2f}% (medians); utilization "
+        lines.append(f"  dropping biases (vit22b vs bias): MFU {sig(b)}% -> {sig(a)}% (medians); utilization "
                      f"{100 * (x - 1):+.1f}% relative; paper: +3% utilization")
     speed("vit22b", "no_qk_norm", "QK-norm on vs off", "paper: without it the loss diverges at 8B+; cost not given")
     speed("vit22b", "layernorm", "RMSNorm vs LayerNorm", "no paper figure")
@@ -304,7 +309,7 @@ def report(p: dict, preset: str, rows: list[dict], ctx: dict) -> str:
              PAPER, ""]
     body = [[r["variant"], r["cfg"].block, r["cfg"].fused, r["cfg"].use_bias, r["cfg"].qk_norm, r["cfg"].norm,
              f"{r['params'] / 1e6:.2f}", f"{r['compile_s']:.1f}", f"{r['ms']:.2f}", f"{r['spread']:.1f}",
-             f"{r['ex_s']:.1f}", f"{r['tflops']:.4f}", f"{100 * r['mfu']:.2f}", f"{r['vs_base']:.3f}"]
+             f"{r['ex_s']:.1f}", sig(r['tflops']), sig(100 * r['mfu']), f"{r['vs_base']:.3f}"]
             for r in rows]
     lines += [table(COLUMNS, body), "", "measured vs paper:", *_claims(rows, p["interleave"])]
     return "\n".join(lines)
