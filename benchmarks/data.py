@@ -198,12 +198,6 @@ def bench_loader(make, split_dir: Path, workers: int, batch_size: int, size: int
         close()
 
 
-def _table(headers, rows) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num_images", type=int, default=2048)
@@ -218,6 +212,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     workers = [int(w) for w in args.workers.split(",")]
+    from benchmarks.model import table  # after JAX_PLATFORMS: importing it imports jax
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
         print(f"# data benchmark  {datetime.date.today()}  {platform.machine()}  "
@@ -235,7 +230,7 @@ def main(argv=None) -> None:
         n, rate = bench_element(work / "src")
         rows.append(["per-image work only (no Beam)", n, "", f"{rate:.0f}", "", ""])
         print("\nprepare (224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest; target 500 img/s/core)")
-        print(_table(["run", "images", "wall s", "img/s", "img/s/core", "vs target"], rows))
+        print(table(["run", "images", "wall s", "img/s", "img/s/core", "vs target"], rows))
 
         split = work / "out1" / "bench" / "train"
         common = dict(batch_size=args.batch_size, size=args.image_size, warmup=args.warmup,
@@ -252,7 +247,7 @@ def main(argv=None) -> None:
         print(f"\nloader ({args.image_size}^2 Inception crops + flip from the 224^2 records, batch "
               f"{args.batch_size}, host batches; best of {args.rounds} windows of {args.batches} "
               f"batches; target Grain/tf.data >= 2)")
-        print(_table(["workers", "grain img/s", "tf.data img/s", "ratio", "grain img/cpu-s",
+        print(table(["workers", "grain img/s", "tf.data img/s", "ratio", "grain img/cpu-s",
                       "tf.data img/cpu-s", "ratio/cpu", "grain procs img/s", "procs ratio"], rows))
     finally:
         if not args.workdir:
