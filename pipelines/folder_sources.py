@@ -53,7 +53,6 @@ class FolderSource(_DirectorySource):
     falls back to the class dir.
     """
     kind = "folder"
-    CSV_CHUNKS = 16
 
     def __init__(self, root: str, selectors: Iterable[str], csv_path: str = ""):
         super().__init__(root, selectors)
@@ -108,7 +107,8 @@ class FolderSource(_DirectorySource):
     def tasks(self, selector: str) -> list[tuple]:
         split_dir = self._split_dir(selector)
         if self.csv_path:
-            return [("csv", selector, k) for k in range(self.CSV_CHUNKS)]
+            # one task: its expand parses the CSV once, and the Reshuffle after Expand spreads the rows
+            return [("csv", selector, "")]
         dirs = [("dir", selector, "")]
         dirs += [("dir", selector, p.name) for p in sorted(split_dir.iterdir())
                  if p.is_dir() and not p.name.startswith(".")]
@@ -122,8 +122,7 @@ class FolderSource(_DirectorySource):
                 yield ("file", selector, p.relative_to(split_dir).as_posix(), None)
             return
         for i, row in enumerate(self._csv_rows(selector)):
-            if i % self.CSV_CHUNKS == arg:
-                yield ("row", selector, row.get("id", ""), {**row, "_line": str(i + 2)})
+            yield ("row", selector, row.get("id", ""), {**row, "_line": str(i + 2)})
 
     def _parse_row(self, row: dict[str, str], rel: str) -> dict[str, Any]:
         fields: dict[str, Any] = {}
