@@ -49,7 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data import images
 from data import manifest as manifest_lib
-from pipelines import sources, tfds_source
+from pipelines import sources
 from pipelines.transforms import NAMESPACE, SplitPlan, build
 
 # Beam 2.77's DirectRunner first tries to download Prism (no internet here); FnApiRunner is the
@@ -141,11 +141,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
 # --- planning (driver side) ---------------------------------------------------------------------
 
-def _natural_splits(name: str, d: ml_collections.ConfigDict) -> dict[str, str]:
+def _natural_splits(d: ml_collections.ConfigDict) -> dict[str, str]:
+    """Non-tfds only: a tfds source's natural splits come from the source itself (see _plan)."""
     if d.source == "digits":
         return {"train": "train", "val": "val", "test": "test"}
-    if d.source == "tfds":
-        return {s: s for s in tfds_source.TfdsSource(d.tfds_name or name, d.tfds_data_dir).split_names()}
     return {"train": ""} if d.source == "folder" else {"test": ""}
 
 
@@ -153,8 +152,14 @@ def _plan(cfg: ml_collections.ConfigDict, out: Path):
     """(plans, {key: source}, {key: tasks}); each split gets a temp dir next to its final dir."""
     plans, srcs, tasks = [], {}, {}
     for name, d in cfg.datasets.items():
-        splits = dict(d.splits.items()) or _natural_splits(name, d)
-        src = sources.make_source(name, d, splits.values())
+        splits = dict(d.splits.items())
+        if not splits and d.source == "tfds":
+            # a TfdsSource ignores selectors: build it once (dir globs + builder) and ask it
+            src = sources.make_source(name, d, ())
+            splits = {s: s for s in src.split_names()}
+        else:
+            splits = splits or _natural_splits(d)
+            src = sources.make_source(name, d, splits.values())
         info = src.info()
         limits = images.Limits(d.min_side, d.max_side, d.max_pixels, d.max_bytes)
         for split, selector in splits.items():
