@@ -81,19 +81,17 @@ class DigitsSource:
 # --- construction from a dataset config -----------------------------------------------------------
 
 def make_source(dataset: str, dcfg, selectors: Iterable[str]):
-    """Builds the source for one dataset config group (see pipelines.prepare.dataset_config)."""
+    """Builds the source for one dataset config group (see pipelines.prepare.dataset_config).
+
+    `dcfg` must have passed pipelines.prepare.validate_config (its only caller, prepare._plan,
+    runs after it): that is what rejects an unknown kind, a missing root and a digits
+    image_size below the limit, so none of them is checked again here."""
     selectors = tuple(selectors)
     kind = dcfg.source
     if kind == "digits":
-        return DigitsSource(dcfg.image_size or 32)
+        return DigitsSource(dcfg.image_size)
     if kind == "tfds":
         return TfdsSource(dcfg.tfds_name or dataset, dcfg.tfds_data_dir)
     if kind == "folder":
-        if not dcfg.root:
-            raise SourceError(f"dataset {dataset!r}: source 'folder' needs root")
         return FolderSource(dcfg.root, selectors, dcfg.csv)
-    if kind == "cue_conflict":
-        if not dcfg.root:
-            raise SourceError(f"dataset {dataset!r}: source 'cue_conflict' needs root")
-        return CueConflictSource(dcfg.root, selectors)
-    raise SourceError(f"dataset {dataset!r}: unknown source {kind!r}; choose from {SOURCE_KINDS}")
+    return CueConflictSource(dcfg.root, selectors)  # the one kind left in SOURCE_KINDS
