@@ -23,22 +23,11 @@ class _DirectorySource:
         if not self.root.is_dir():
             raise SourceError(f"{self.kind}: root {str(self.root)!r} is not a directory")
         self.selectors = tuple(selectors)
-        # selector -> split dir seen to exist, so read() does not stat the dir for every record;
-        # a missing dir is never cached and raises the same error on every call
-        self._split_dirs: dict[str, Path] = {}
-
-    def __getstate__(self):
-        # each worker checks the dirs on its own filesystem: the driver having seen one proves
-        # nothing there (e.g. a runner without the shared FS), and the error must stay this one
-        return {**self.__dict__, "_split_dirs": {}}
 
     def _split_dir(self, selector: str) -> Path:
-        d = self._split_dirs.get(selector)
-        if d is None:
-            d = self.root / selector if selector else self.root
-            if not d.is_dir():
-                raise SourceError(f"{self.kind}: split dir {str(d)!r} does not exist")
-            self._split_dirs[selector] = d
+        d = self.root / selector if selector else self.root
+        if not d.is_dir():
+            raise SourceError(f"{self.kind}: split dir {str(d)!r} does not exist")
         return d
 
     def _class_dirs(self) -> set[str]:
