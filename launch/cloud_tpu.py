@@ -118,20 +118,24 @@ def vertex_machine_spec(requirements: xm.JobRequirements, machine_type: str = ""
     }
 
 
+def _machine_spec(requirements: xm.JobRequirements, machine_type: str = "") -> dict:
+    """The Vertex MachineSpec for any stage; `machine_type` overrides the TPU table only."""
+    if slice_of(requirements) is not None:
+        return vertex_machine_spec(requirements, machine_type)
+    # CPU/GPU stages: XManager's own mapping is complete (and reads only the requirements).
+    from xmanager.cloud import vertex
+    from xmanager.xm_local import executors
+    xm_machine_spec = _ORIGINAL.get("vertex", vertex.get_machine_spec)
+    return xm_machine_spec(xm.Job(executable=None, executor=executors.Vertex(  # type: ignore[arg-type]
+        requirements=requirements)))
+
+
 def vertex_worker_pool_specs(*, image_uri: str, args: Sequence[str], env: Mapping[str, str],
                              requirements: xm.JobRequirements, machine_type: str = "") -> list[dict]:
     """The CustomJob `worker_pool_specs` for one stage, validated through the aiplatform_v1 protos."""
     from google.cloud import aiplatform_v1
-    if slice_of(requirements) is not None:
-        machine = vertex_machine_spec(requirements, machine_type)
-    else:  # CPU/GPU stages: XManager's own mapping is complete
-        from xmanager.cloud import vertex
-        from xmanager.xm_local import executors
-        xm_machine_spec = _ORIGINAL.get("vertex", vertex.get_machine_spec)
-        machine = xm_machine_spec(xm.Job(executable=None, executor=executors.Vertex(  # type: ignore[arg-type]
-            requirements=requirements)))
     pool = aiplatform_v1.WorkerPoolSpec(
-        machine_spec=machine,
+        machine_spec=_machine_spec(requirements, machine_type),
         replica_count=1,  # a TPU slice is one replica: Vertex provisions all of its hosts
         container_spec=aiplatform_v1.ContainerSpec(
             image_uri=image_uri, args=list(args),
@@ -204,14 +208,14 @@ def gke_manifests(*, name: str, image: str, command: Sequence[str], args: Sequen
 # ---------------------------------------------------------------------------------------------
 # Adapters for XManager's own launch code
 
+# XManager's replaced functions, plus the Vertex machine type of the latest install (XManager
+# calls get_machine_spec with the job alone, so the configured type has to live here).
 _ORIGINAL: dict[str, Any] = {}
 
 
 def _vertex_get_machine_spec(job: xm.Job) -> dict:
-    requirements = job.executor.requirements  # type: ignore[attr-defined]
-    if slice_of(requirements) is not None:
-        return vertex_machine_spec(requirements)
-    return _ORIGINAL["vertex"](job)
+    return _machine_spec(job.executor.requirements,  # type: ignore[attr-defined]
+                         _ORIGINAL.get("vertex_machine_type", ""))
 
 
 def _k8s_requirements(executor) -> Any:
@@ -236,14 +240,16 @@ def _k8s_node_selector(executor) -> dict[str, str]:
             "cloud.google.com/gke-tpu-topology": tpu.topology}
 
 
-def install_xmanager_adapters() -> None:
+def install_xmanager_adapters(machine_type: str = "") -> None:
     """Routes XManager's Vertex / Kubernetes spec building through the TPU-aware functions above.
 
-    Idempotent. Needed only for real submissions (`--xm_target=vertex|gke` without
+    Idempotent; `machine_type` (config.xm.vertex_machine_type, "" = the table above) is taken
+    from the latest call. Needed only for real submissions (`--xm_target=vertex|gke` without
     --xm_dry_run); the originals still handle every non-TPU job.
     """
     from xmanager.cloud import kubernetes
     from xmanager.cloud import vertex
+    _ORIGINAL["vertex_machine_type"] = machine_type
     if _ORIGINAL.get("installed"):
         return
     _ORIGINAL.setdefault("vertex", vertex.get_machine_spec)

@@ -274,7 +274,7 @@ def cloud_job_specs(plans: Sequence[dag.StagePlan], invocation: Invocation, conf
 def launch_cloud(plans: Sequence[dag.StagePlan], invocation: Invocation, config,
                  resources: dict[str, Resources], target: str, title: str, root: Path) -> int:
     """Builds the image and submits the work units through XManager's Vertex/Kubernetes executors."""
-    cloud_tpu.install_xmanager_adapters()
+    cloud_tpu.install_xmanager_adapters(_xm_setting(config, "vertex_machine_type", ""))
     image = _xm_setting(config, "image", "")
     if not image or "YOUR_PROJECT" in image:
         raise ValueError(f"config.xm.image={image!r}: set the registry tag to push, e.g. "

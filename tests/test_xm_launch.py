@@ -171,7 +171,11 @@ def test_xmanager_adapters_feed_xmanagers_own_executors(monkeypatch):
         vertex.get_machine_spec(job)
     cloud_tpu.install_xmanager_adapters()
     assert vertex.get_machine_spec(job)["tpu_topology"] == "2x2x1"
+    assert vertex.get_machine_spec(job)["machine_type"] == "ct4p-hightpu-4t"
     cpu_job = xm.Job(executable=None, executor=executors.Vertex(requirements=xm.JobRequirements(cpu=4)))
+    assert vertex.get_machine_spec(cpu_job)["machine_type"].startswith("n1-")
+    cloud_tpu.install_xmanager_adapters(machine_type="ct4p-custom")  # config.xm.vertex_machine_type
+    assert vertex.get_machine_spec(job)["machine_type"] == "ct4p-custom"
     assert vertex.get_machine_spec(cpu_job)["machine_type"].startswith("n1-")
 
     single = executors.Kubernetes(requirements=v4)
