@@ -84,6 +84,16 @@ class TpuSlice:
     def hosts(self) -> int:
         return self.chips // self.chips_per_host
 
+    @property
+    def gke_node_selector(self) -> dict[str, str]:
+        return {"cloud.google.com/gke-tpu-accelerator": self.generation.gke_accelerator,
+                "cloud.google.com/gke-tpu-topology": self.topology}
+
+    @property
+    def gke_limits(self) -> dict[str, str]:
+        """Per pod, i.e. per host: GKE schedules one TPU VM's chips to each pod."""
+        return {"google.com/tpu": str(self.chips_per_host)}
+
     def requirements(self, **resources: Any) -> xm.JobRequirements:
         """XManager requirements carrying the slice (`tpu_v4='8x8x16'`): chips + topology."""
         return xm.JobRequirements({self.generation.resource: xm.Topology(self.topology)}, **resources)
@@ -171,9 +181,8 @@ def gke_manifests(*, name: str, image: str, command: Sequence[str], args: Sequen
     tolerations = []
     ports = []
     if tpu:
-        limits["google.com/tpu"] = str(tpu.chips_per_host)
-        node_selector = {"cloud.google.com/gke-tpu-accelerator": tpu.generation.gke_accelerator,
-                         "cloud.google.com/gke-tpu-topology": tpu.topology}
+        limits.update(tpu.gke_limits)
+        node_selector = tpu.gke_node_selector
         tolerations = [k8s.V1Toleration(**TPU_TOLERATION)]
         ports = [k8s.V1ContainerPort(container_port=port) for port in TPU_PORTS]
     for resource, value in requirements.task_requirements.items():
@@ -222,7 +231,7 @@ def _k8s_requirements(executor) -> Any:
     resources = _ORIGINAL["k8s_requirements"](executor)
     tpu = slice_of(executor.requirements)
     if tpu is not None:
-        resources.limits = {**(resources.limits or {}), "google.com/tpu": str(tpu.chips_per_host)}
+        resources.limits = {**(resources.limits or {}), **tpu.gke_limits}
         resources.requests = dict(resources.limits)
     return resources
 
@@ -236,8 +245,7 @@ def _k8s_node_selector(executor) -> dict[str, str]:
             f"TPU {tpu.version} {tpu.topology} spans {tpu.hosts} hosts; XManager's Kubernetes "
             "executor creates one non-indexed pod per job, which cannot run it. Apply the "
             "Indexed Job printed by --xm_dry_run with kubectl instead.")
-    return {"cloud.google.com/gke-tpu-accelerator": tpu.generation.gke_accelerator,
-            "cloud.google.com/gke-tpu-topology": tpu.topology}
+    return tpu.gke_node_selector
 
 
 def install_xmanager_adapters(machine_type: str = "") -> None:
