@@ -140,7 +140,7 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     """trainer/state.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up."""
     model = vit.ViT(cfg)
     image_shape = (cfg.image_size, cfg.image_size, 3)
-    setup = train_state.setup(model, optim.default_config(), 10_000, mesh, image_shape, seed)
+    setup = train_state.setup(model, optim.default_config(), 10_000, mesh, seed)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"batch {batch_size} is not divisible by the data-parallel size "

@@ -169,7 +169,7 @@ def test_train_step_collective_equals_xla():
     batch = jax.device_put({"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
                             "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]}, bsh)
     models = {m: vit.ViT(_tiny(head_zeroinit=False, matmul=m)) for m in ("xla", "collective")}
-    setup = train_state.setup(models["xla"], optim.default_config(), 10, mesh, (16, 16, 3), seed=0)
+    setup = train_state.setup(models["xla"], optim.default_config(), 10, mesh, seed=0)
     tx, schedule, sh, init = setup.tx, setup.schedule, setup.shardings, setup.init
     results = {}
     for matmul, model in models.items():  # the same parameters for both (a fresh copy: the step donates it)

@@ -19,7 +19,7 @@ def _setup(mesh, optimizer="adafactor", **model_kw):
     ocfg.optimizer = optimizer
     ocfg.lr = 1e-2
     ocfg.wd_rules = [("head_kernel", 1e-3)]
-    return model, train_state.setup(model, ocfg, 10, mesh, (16, 16, 3), seed=0)
+    return model, train_state.setup(model, ocfg, 10, mesh, seed=0)
 
 
 def _batch(mesh, n=16):

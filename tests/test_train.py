@@ -82,7 +82,7 @@ def train_state_init(cfg):
     from trainer import sharding
     from trainer import state as train_state
     model = vit.ViT(train.model_config(cfg, num_classes=10))
-    setup = train_state.setup(model, cfg.optim, 10, sharding.make_mesh(**cfg.mesh), (32, 32, 3), cfg.seed)
+    setup = train_state.setup(model, cfg.optim, 10, sharding.make_mesh(**cfg.mesh), cfg.seed)
     return setup.init()["params"]
 
 

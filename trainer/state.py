@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainer import losses, optim, sharding
+from trainer.models import vit
 
 LOSSES = {"sigmoid_xent": losses.sigmoid_xent, "softmax_xent": losses.softmax_xent}
 
@@ -26,12 +27,6 @@ def loss_fn(name: str, label_smoothing: float = 0.0) -> Callable:
     if name == "softmax_xent":
         return lambda logits, labels: losses.softmax_xent(logits, labels, label_smoothing=label_smoothing)
     return LOSSES[name]
-
-
-def abstract_params(model: nn.Module, image_shape):
-    """Parameters boxed with their logical axis names, as shapes only (nothing allocated)."""
-    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], images)
 
 
 def abstract_state(boxed, tx: optax.GradientTransformation):
@@ -68,13 +63,13 @@ class Setup:
     init: Callable[[], Any]  # jitted: creates the state already sharded
 
 
-def setup(model: nn.Module, optim_cfg, total_steps: int, mesh, image_shape, seed: int) -> Setup:
+def setup(model: vit.ViT, optim_cfg, total_steps: int, mesh, seed: int) -> Setup:
     """Shapes -> optimizer -> state shardings -> sharded initializer (big_vision's "shard" section)."""
-    boxed = abstract_params(model, image_shape)
+    boxed = vit.abstract_params(model.config)
     tx, schedule = optim.make_optimizer(optim_cfg, boxed, total_steps)
     abstract = abstract_state(boxed, tx)
     shardings = state_shardings(boxed, abstract, mesh)
-    return Setup(tx, schedule, abstract, shardings, make_init(model, tx, image_shape, seed, shardings))
+    return Setup(tx, schedule, abstract, shardings, make_init(model, tx, seed, shardings))
 
 
 def under_mesh(fn: Callable, mesh) -> Callable:
@@ -85,12 +80,14 @@ def under_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
-def make_init(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int, shardings):
+def make_init(model: vit.ViT, tx: optax.GradientTransformation, seed: int, shardings):
     """A jitted initializer whose outputs are born sharded (no full copy on any one device)."""
+    size = model.config.image_size
+
     def init():
         rng = jax.random.PRNGKey(seed)
         init_rng, train_rng = jax.random.split(rng)
-        params = nn.unbox(model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))["params"])
+        params = nn.unbox(model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"])
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
     return under_mesh(jax.jit(init, out_shardings=shardings), shardings["step"].mesh)

@@ -146,8 +146,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
                                 num_examples=train.num_examples, batch_size=cfg.batch_size)
 
     # --- Shapes and shardings, then the state created already sharded.
-    image_shape = (mcfg.image_size, mcfg.image_size, 3)
-    setup = train_state.setup(model, cfg.optim, total, mesh, image_shape, cfg.seed)
+    setup = train_state.setup(model, cfg.optim, total, mesh, cfg.seed)
     tx, schedule, shardings = setup.tx, setup.schedule, setup.shardings
     batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
 
