@@ -77,8 +77,7 @@ def main(argv):
     config = cli.config()
     registry = cli.registry()
     log_context = tee_output(Path(LOG_FILE.value)) if LOG_FILE.value else contextlib.nullcontext()
-    plan_error = None
-    failed = False
+    # sys.exit inside the tee is safe: SystemExit runs tee_output's finally (flush, close log).
     with log_context:
         try:
             output = dag.run_stage(name, config, cli.workdir(), registry=registry,
@@ -87,15 +86,11 @@ def main(argv):
                                    run_id=RUN_ID.value)
             print(f"{name}: {output.path}")
         except dag.PlanError as e:
-            plan_error = e
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         except Exception:  # the traceback must land in --log_file, so print it inside the tee
             traceback.print_exc()
-            failed = True
-    if plan_error is not None:
-        sys.exit(2)
-    if failed:
-        sys.exit(1)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
