@@ -25,8 +25,6 @@ mesh, with a ring axis of size 1, or with a batch the data axes do not divide (m
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -38,14 +36,6 @@ def context_mesh():
     """The mesh of the enclosing `jax.set_mesh` / `sharding.activate`, or None outside one."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
-
-
-def _fit(axes, dim: int, mesh):
-    """`axes` if they divide `dim`, else None (replicate that dim): the parameter shardings' policy."""
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if not names or dim % math.prod(mesh.shape[a] for a in names):
-        return None
-    return axes
 
 
 def _plan(mesh, batch_size: int, width: int, heads: int):
@@ -63,13 +53,13 @@ def _plan(mesh, batch_size: int, width: int, heads: int):
     ring = rules["act_embed"]
     if ring is None or ring != rules["heads"] or ring not in mesh.axis_names or mesh.shape[ring] == 1:
         return None
-    if _fit(rules["act_batch"], batch_size, mesh) is None:
+    if sharding.fit_dim(rules["act_batch"], batch_size, mesh) is None:
         return None
     for what, dim in (("width", width), ("heads", heads)):
         if dim % mesh.shape[ring]:
             raise ValueError(f"collective matmul: {what}={dim} is not divisible by the {ring!r} mesh axis "
                              f"(size {mesh.shape[ring]}); use matmul='xla' or another mesh")
-    return mesh, rules["act_batch"], ring, _fit(rules["embed"], width, mesh)
+    return mesh, rules["act_batch"], ring, sharding.fit_dim(rules["embed"], width, mesh)
 
 
 def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:

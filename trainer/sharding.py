@@ -109,14 +109,19 @@ def data_parallel_size(mesh) -> int:
     return math.prod(mesh.shape[a] for a in data_axes(mesh))
 
 
+def fit_dim(axes, dim: int, mesh):
+    """`axes` (one mesh axis name, a tuple of them, or None) if their sizes' product divides `dim`, else
+    None: replicate that dim. The one policy for parameters and the collective matmuls' plans."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if not names or dim % math.prod(mesh.shape[a] for a in names):
+        return None
+    return axes
+
+
 def _fit(spec: P, shape: Sequence[int], mesh) -> P:
     """Drops mesh axes from dims they do not divide (e.g. 10 classes over model=4): replicate those."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if names and dim % size == 0 else None)
-    return P(*out)
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*(fit_dim(axes, dim, mesh) for dim, axes in zip(shape, padded)))
 
 
 def param_shardings(boxed_params, mesh):
