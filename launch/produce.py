@@ -114,10 +114,12 @@ def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -
     return _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
 
 
-def _commit(p: StagePlan, result: dict, tmp: Path) -> None:
+def _commit(p: StagePlan, result: dict, tmp: Path) -> StageOutput:
     _write_framework_files(p, result, tmp)
     _mark_success(tmp)
     _install(tmp, p.path)
+    # Equal to load_output's, key order included: outputs.json is written with sorted keys.
+    return StageOutput(p.name, p.fingerprint, p.path, json.loads(json.dumps(result, sort_keys=True)))
 
 
 def jax_process() -> tuple[int, int]:
@@ -154,8 +156,7 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
         result = _run_into(p, cfg, inputs, tmp)
         index, count = jax_process()
         if index == 0:
-            _commit(p, result, tmp)
-            return load_output(p.name, p.fingerprint, p.path)
+            return _commit(p, result, tmp)
         log(f"[{p.name}] process {index}/{count} done; process 0 commits {p.path}")
         return StageOutput(p.name, p.fingerprint, p.path, result)
     with _exclusive(stage_root / ".locks" / f"{fp16}.lock",
@@ -171,16 +172,14 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
                 log(f"[{p.name}] resuming the unfinished run in {partial}")
             partial.mkdir(exist_ok=True)
             # Kept on failure: a preempted or killed run continues from its own checkpoints.
-            _commit(p, _run_into(p, cfg, inputs, partial), partial)
-            return load_output(p.name, p.fingerprint, p.path)
+            return _commit(p, _run_into(p, cfg, inputs, partial), partial)
         tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _commit(p, _run_into(p, cfg, inputs, tmp), tmp)
+            return _commit(p, _run_into(p, cfg, inputs, tmp), tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return load_output(p.name, p.fingerprint, p.path)
 
 
 def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
