@@ -24,9 +24,13 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 AXES = ("replica", "data", "model")
 
 
+def _data_axes(mesh_axes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(a for a in ("replica", "data") if a in mesh_axes)
+
+
 def logical_rules(mesh_axes: Sequence[str] = AXES) -> tuple[tuple[str, Any], ...]:
     """The one table. The batch spans "replica" too when the mesh has it."""
-    batch = tuple(a for a in ("replica", "data") if a in mesh_axes)
+    batch = _data_axes(mesh_axes)
     return (
         # parameters
         ("embed", "data"),
@@ -96,13 +100,12 @@ def abstract_mesh(data: int, model: int, replica: int = 1) -> AbstractMesh:
 
 
 def batch_spec(mesh) -> P:
-    """Batch axis over replica x data; every other dim replicated."""
-    batch = tuple(a for a in ("replica", "data") if a in mesh.axis_names)
-    return P(batch if len(batch) > 1 else batch[0])
+    """Batch axis over replica x data (the table's act_batch); every other dim replicated."""
+    return P(dict(logical_rules(mesh.axis_names))["act_batch"])
 
 
 def data_axes(mesh) -> tuple[str, ...]:
-    return tuple(a for a in ("replica", "data") if a in mesh.axis_names)
+    return _data_axes(mesh.axis_names)
 
 
 def data_parallel_size(mesh) -> int:
