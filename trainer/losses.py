@@ -1,8 +1,8 @@
 """Classification losses and per-example metrics.
 
-All functions return per-example values (shape [B]); reduce them with `masked_mean`, which
-drops padded eval examples. Math is done in float32 whatever the logits' dtype (bf16 logits
-from a bf16 model would otherwise lose most of the loss' precision).
+All functions return per-example values (shape [B]); reduce them with `masked_mean` or
+`masked_sum`, which drop padded eval examples. Math is done in float32 whatever the logits'
+dtype (bf16 logits from a bf16 model would otherwise lose most of the loss' precision).
 
 `labels` are always dense [B, C] float targets, as the loader produces them: multi-hot for
 multi-label data (several 1s), one-hot for single-label data, or mixup-mixed soft targets.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sigmoid_xent", "softmax_xent", "top1_correct", "masked_mean"]
+__all__ = ["sigmoid_xent", "softmax_xent", "top1_correct", "masked_sum", "masked_mean"]
 
 
 def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
@@ -66,17 +66,24 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(labels, top1[..., None], axis=-1)[..., 0] > 0
 
 
+def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of per-example values `x` [B] over examples where `mask` [B] is True (float32).
+
+    Masked-out values are selected away (not multiplied by 0, as NaN * 0 is NaN), so NaN/inf in
+    padding rows cannot leak into the result.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask {mask.shape} must have the shape of x {x.shape}")
+    return jnp.sum(jnp.where(mask.astype(bool), x, 0.0))
+
+
 def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean of per-example values `x` [B] over examples where `mask` [B] is True (float32).
 
-    Masked-out values are selected away (not multiplied by 0), so NaN/inf in padding rows cannot
-    leak into the result; an all-False mask gives 0 rather than NaN.
+    NaN-safe like `masked_sum`; an all-False mask gives 0 rather than NaN.
     """
-    x = jnp.asarray(x, jnp.float32)
     if mask is None:
-        return jnp.mean(x)
-    if mask.shape != x.shape:
-        raise ValueError(f"mask {mask.shape} must have the shape of x {x.shape}")
-    mask = mask.astype(bool)
-    total = jnp.sum(jnp.where(mask, x, 0.0))
-    return total / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+        return jnp.mean(jnp.asarray(x, jnp.float32))
+    total = masked_sum(x, mask)
+    return total / jnp.maximum(jnp.sum(mask.astype(bool)), 1).astype(jnp.float32)

@@ -138,10 +138,10 @@ def make_eval_step(model: nn.Module, loss: Callable, param_sh, batch_sharding):
     """Sums of loss, correct and count over the real (mask=True) examples of one batch."""
     def eval_fn(params, batch):
         logits, _ = model.apply({"params": params}, batch["image"], train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        return {"loss": jnp.sum(loss(logits, batch["labels"]) * mask),
-                "correct": jnp.sum(losses.top1_correct(logits, batch["labels"]) * mask),
-                "count": jnp.sum(mask)}
+        mask = batch["mask"]
+        return {"loss": losses.masked_sum(loss(logits, batch["labels"]), mask),
+                "correct": losses.masked_sum(losses.top1_correct(logits, batch["labels"]), mask),
+                "count": jnp.sum(mask.astype(jnp.float32))}
 
     replicated = NamedSharding(batch_sharding.mesh, P())
     return under_mesh(jax.jit(eval_fn, in_shardings=(param_sh, batch_sharding), out_shardings=replicated),
