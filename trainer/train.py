@@ -216,11 +216,12 @@ def run(cfg, inputs: dict, out: Path) -> dict:
                     check_finite()
                     ckpts.save(step, st, train.iterator)
                 if guard.requested:
+                    # Not left to close(): here the guard still holds SIGTERM/SIGINT, so a second
+                    # signal cannot cut the save short.
                     ckpts.wait()
                     raise Preempted(f"pretrain: signal {guard.requested} at step {step}; checkpoint saved in "
                                     f"{ckpts.directory}; rerun to resume")
         check_finite()
-        ckpts.wait()
     finally:
         metrics_log.close()
         ckpts.close()
