@@ -9,7 +9,7 @@ ViT-22B block ("vit22b": parallel attention + MLP with fused in/out matmuls, no 
 QK-norm, RMSNorm): the block order (sequential, with separate or fused QKV), fusion, biases, QK-norm
 or the norm; "classic" turns all of them back to the classic ViT block.
 
-A step is the full train step of `trainer/state.py` (forward + backward + Adafactor update, the
+A step is the full train step of `trainer/step.py` (forward + backward + Adafactor update, the
 pretrain loss) on a synthetic batch, on a one-device mesh. All variants are compiled and warmed up
 first; then, with `--interleave` (default except on the GPU preset), the repeats run round-robin
 across variants so that load from other jobs hits them alike. Without it each variant is timed and
@@ -37,9 +37,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from trainer import flops, optim, sharding
-from trainer import state as train_state
+from trainer import flops, losses, optim, sharding
+from trainer import step as step_lib
 from trainer.models import vit
+from trainer.task import classifier
 
 # Each variant's overrides on top of the preset's model (a "22B/..." variant: the ViT-22B block).
 VARIANTS: dict[str, dict] = {
@@ -131,16 +132,16 @@ class Runner:
         """Mean seconds per step over `steps` steps, waiting for the last one to finish."""
         start = time.perf_counter()
         for _ in range(steps):
-            self.state, metrics = self.step(self.state, self.batch)
+            self.state, metrics = self.step(self.state, {}, self.batch)  # no frozen params
         jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / steps
 
 
 def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, seed: int = 0) -> Runner:
-    """trainer/state.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up."""
-    model = vit.ViT(cfg)
+    """trainer/step.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up."""
+    task = classifier("benchmark", vit.ViT(cfg), losses.sigmoid_xent)
     image_shape = (cfg.image_size, cfg.image_size, 3)
-    setup = train_state.setup(model, optim.default_config(), 10_000, mesh, seed)
+    setup = step_lib.setup(task, optim.default_config(), 10_000, mesh, seed)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"batch {batch_size} is not divisible by the data-parallel size "
@@ -151,8 +152,7 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     batch = jax.device_put({"image": rng.standard_normal((batch_size, *image_shape), np.float32),
                             "labels": labels}, batch_sharding)
     state = setup.init()
-    step = train_state.make_train_step(model, setup.tx, setup.schedule, train_state.loss_fn("sigmoid_xent"),
-                                       setup.shardings, batch_sharding)
+    step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding)
     runner = Runner(cfg, step, state, batch, mesh.devices.size)
     runner.compile_s = runner.run(1)  # the first call compiles
     if warmup:

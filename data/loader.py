@@ -250,6 +250,11 @@ class _SplitLoader:
         self.local_batch_size = global_batch_size // pc
         self.process_index, self.process_count = pi, pc
 
+    @property
+    def sharding(self):
+        """The NamedSharding of every batch array (batch axis over the data axes): the step's in_sharding."""
+        return self._globalize.sharding
+
     def _iter_dataset(self, batches: grain.MapDataset, post=None) -> grain.IterDataset:
         """Decoded batches -> `read_threads` threads per process [-> post] [-> worker processes]."""
         ds = batches.to_iter_dataset(grain.ReadOptions(

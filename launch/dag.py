@@ -40,6 +40,8 @@ class Registry:
             module, sep, function = stage.target.partition(":")
             if not (sep and module and function.isidentifier()):
                 raise ValueError(f"stage {stage.name!r}: target {stage.target!r} is not 'module:function'")
+            if stage.validate and not all(stage.validate.partition(":")[::2]):
+                raise ValueError(f"stage {stage.name!r}: validate {stage.validate!r} is not 'module:function'")
             self._stages[stage.name] = stage
         for stage in self._stages.values():
             for up in stage.upstream:
@@ -98,8 +100,9 @@ class Registry:
 # The stage table (INTERFACES.md). Later stages (finetune, distill, probe, lit, evaluate) are added
 # here by module path; each activates when a config has its group.
 STAGES = Registry([
-    Stage("prepare", "pipelines.prepare:run"),
-    Stage("pretrain", "trainer.train:run", upstream=("prepare",), resumable=True),
+    Stage("prepare", "pipelines.prepare:run", validate="pipelines.prepare:validate"),
+    Stage("pretrain", "trainer.pretrain:run", upstream=("prepare",), resumable=True,
+          validate="trainer.pretrain:validate"),
 ])
 
 
@@ -148,6 +151,8 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
         if missing:
             raise PlanError(f"stage {stage.name!r} needs upstream {', '.join(missing)}, which has no "
                             f"config group; add config.{missing[0]}")
+    for stage in stages:  # every stage of the config, selected or not: a bad group fails before any work
+        stage.check(config[stage.name], {up: config[up] for up in stage.upstream})
     _check_names("--stages", only or (), active, registry)
     _check_names("--force", force, active, registry)
     selected = set(only) if only else set(active)

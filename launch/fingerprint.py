@@ -1,6 +1,6 @@
 """Stage fingerprints: everything a stage's output depends on, hashed; and why a fingerprint changed.
 
-A fingerprint covers the stage's name and target, its resolved config, its upstream fingerprints,
+A fingerprint covers the stage's name and target, its resolved config minus `runtime`, its upstream fingerprints,
 the hashes of its sources (static import closure, launch/sources.py) and VERSIONED_DISTRIBUTIONS.
 """
 from __future__ import annotations
@@ -18,12 +18,21 @@ from launch.stage_types import PlanError, Stage
 VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "grain", "apache-beam")
 
 
+# A stage group's subgroup of settings that cannot change its results (progress bars, log cadence,
+# decode threads, checkpoint retention, distributed addresses): left out of the fingerprint, so
+# changing one is a cache hit (DESIGN §2; tests/test_dag_runtime.py proves the outputs identical).
+RUNTIME = "runtime"
+
+
 def canonical_config(cfg) -> dict:
-    """The stage's resolved config as plain JSON data (FieldReferences resolved, tuples -> lists)."""
+    """The stage's resolved config as plain JSON data (FieldReferences resolved, tuples -> lists),
+    without its `runtime` subgroup."""
     try:
-        return json.loads(cfg.to_json(sort_keys=True))
+        data = json.loads(cfg.to_json(sort_keys=True))
     except TypeError as e:
         raise PlanError(f"config is not JSON-serialisable, so it cannot be fingerprinted: {e}") from e
+    data.pop(RUNTIME, None)
+    return data
 
 
 def _canonical_json(data: Any) -> str:

@@ -67,9 +67,11 @@ def _validate_result(name: str, result: Any, out: Path) -> dict:
     return json.loads(json.dumps(result, default=_json_default))
 
 
-def _write_framework_files(p: StagePlan, result: dict, out: Path) -> None:
+def _write_framework_files(p: StagePlan, result: dict, out: Path, cfg) -> None:
     (out / "outputs.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (out / "config.json").write_text(json.dumps(p.components["config"], indent=2, sort_keys=True) + "\n")
+    # The whole group as run, `runtime` included (the fingerprint leaves that out).
+    (out / "config.json").write_text(json.dumps(json.loads(cfg.to_json(sort_keys=True)), indent=2,
+                                                sort_keys=True) + "\n")
     (out / FINGERPRINT_FILE).write_text(json.dumps(
         {"fingerprint": p.fingerprint, "components": p.components}, indent=2, sort_keys=True) + "\n")
     metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
@@ -114,8 +116,8 @@ def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -
     return _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
 
 
-def _commit(p: StagePlan, result: dict, tmp: Path) -> StageOutput:
-    _write_framework_files(p, result, tmp)
+def _commit(p: StagePlan, result: dict, tmp: Path, cfg) -> StageOutput:
+    _write_framework_files(p, result, tmp, cfg)
     _mark_success(tmp)
     _install(tmp, p.path)
     # Equal to load_output's, key order included: outputs.json is written with sorted keys.
@@ -156,7 +158,7 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
         result = _run_into(p, cfg, inputs, tmp)
         index, count = jax_process()
         if index == 0:
-            return _commit(p, result, tmp)
+            return _commit(p, result, tmp, cfg)
         log(f"[{p.name}] process {index}/{count} done; process 0 commits {p.path}")
         return StageOutput(p.name, p.fingerprint, p.path, result)
     with _exclusive(stage_root / ".locks" / f"{fp16}.lock",
@@ -172,11 +174,11 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
                 log(f"[{p.name}] resuming the unfinished run in {partial}")
             partial.mkdir(exist_ok=True)
             # Kept on failure: a preempted or killed run continues from its own checkpoints.
-            return _commit(p, _run_into(p, cfg, inputs, partial), partial)
+            return _commit(p, _run_into(p, cfg, inputs, partial), partial, cfg)
         tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            return _commit(p, _run_into(p, cfg, inputs, tmp), tmp)
+            return _commit(p, _run_into(p, cfg, inputs, tmp), tmp, cfg)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -36,20 +36,39 @@ class Stage:
       they join the stage's source hash next to its static import closure (launch/sources.py).
     resumable: the stage checkpoints into its output dir and resumes from what it finds there; its
       unfinished dir (`.partial-<fp16>`) survives a crash or preemption (`--force` starts afresh).
+    validate: "package.module:function" `(cfg, upstream) -> None` that `dag.plan` calls for the
+      stage's group before anything runs (also under --dry_run and before XManager submits);
+      `upstream` maps each upstream stage name to its config group (e.g. which datasets `prepare`
+      produces). It raises ValueError with one line naming the key; "" = no checks.
     """
     name: str
     target: str
     upstream: tuple[str, ...] = ()
     extra_sources: tuple[str, ...] = ()
     resumable: bool = False
+    validate: str = ""
 
     @property
     def module(self) -> str:
         return self.target.partition(":")[0]
 
     def load(self) -> Callable[[Any, dict, Path], dict]:
-        module, _, function = self.target.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _resolve(self.target)
+
+    def check(self, cfg, upstream: dict) -> None:
+        """Runs the stage's plan-time `validate`; its error becomes a one-line PlanError."""
+        if not self.validate:
+            return
+        try:
+            _resolve(self.validate)(cfg, upstream)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise PlanError(message if message.startswith(self.name) else f"{self.name}: {message}") from e
+
+
+def _resolve(target: str) -> Callable:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 

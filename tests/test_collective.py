@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainer import collective, optim, sharding
-from trainer import state as train_state
+from trainer import collective, losses, optim, sharding
+from trainer import step as step_lib
+from trainer.task import classifier
 from trainer.models import vit
 
 MESHES = [(4, 2), (2, 4), (1, 8)]
@@ -169,12 +170,13 @@ def test_train_step_collective_equals_xla():
     batch = jax.device_put({"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
                             "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]}, bsh)
     models = {m: vit.ViT(_tiny(head_zeroinit=False, matmul=m)) for m in ("xla", "collective")}
-    setup = train_state.setup(models["xla"], optim.default_config(), 10, mesh, seed=0)
+    tasks = {m: classifier(m, model, losses.sigmoid_xent) for m, model in models.items()}
+    setup = step_lib.setup(tasks["xla"], optim.default_config(), 10, mesh, seed=0)
     tx, schedule, sh, init = setup.tx, setup.schedule, setup.shardings, setup.init
     results = {}
-    for matmul, model in models.items():  # the same parameters for both (a fresh copy: the step donates it)
-        step = train_state.make_train_step(model, tx, schedule, train_state.loss_fn("sigmoid_xent"), sh, bsh)
-        results[matmul] = jax.device_get(step(init(), batch))
+    for matmul, task in tasks.items():  # the same parameters for both (a fresh copy: the step donates it)
+        step = step_lib.make_train_step(task, tx, schedule, sh, bsh)
+        results[matmul] = jax.device_get(step(init(), {}, batch))
     (state, metrics), (ref_state, ref_metrics) = results["collective"], results["xla"]
     for key in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)

@@ -199,7 +199,7 @@ def test_registry_validates_and_orders():
 def test_registered_stage_table():
     assert dag.STAGES.names[:2] == ["prepare", "pretrain"]
     assert dag.STAGES["prepare"].target == "pipelines.prepare:run"
-    assert dag.STAGES["pretrain"].target == "trainer.train:run"
+    assert dag.STAGES["pretrain"].target == "trainer.pretrain:run"
     assert dag.STAGES["pretrain"].upstream == ("prepare",)
 
 

@@ -18,18 +18,18 @@ WORKER = """
 import json, sys
 from pathlib import Path
 from launch.configs import tiny
-from trainer import train
+from trainer import pretrain
 data_dir, out, pid, nproc, port = sys.argv[1:6]
 cfg = tiny.pretrain_config()
 cfg.data.prepared_dir = data_dir
-cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 6, 1, 0, 0
+cfg.steps, cfg.runtime.log_every, cfg.evals.val.every, cfg.checkpoint_every = 6, 1, 0, 0
 cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 2, 0
 if int(nproc) > 1:
-    cfg.distributed.coordinator = f"127.0.0.1:{port}"
-    cfg.distributed.num_processes = int(nproc)
-    cfg.distributed.process_id = int(pid)
-    cfg.distributed.cpu_collectives = True
-result = train.run(cfg, {}, Path(out))
+    cfg.runtime.distributed.coordinator = f"127.0.0.1:{port}"
+    cfg.runtime.distributed.num_processes = int(nproc)
+    cfg.runtime.distributed.process_id = int(pid)
+    cfg.runtime.distributed.cpu_collectives = True
+result = pretrain.run(cfg, {}, Path(out))
 print("RESULT", json.dumps(result["metrics"]))
 """
 
@@ -93,4 +93,4 @@ def test_two_processes_match_one_process(digits, tmp_path):
     # The global batch holds the same examples in a different row order: equal up to summation order.
     np.testing.assert_allclose(multi, ref, rtol=2e-5)
     result = [json.loads(line.split(" ", 1)[1]) for line in outputs[0].splitlines() if line.startswith("RESULT")][0]
-    assert result["val_top1"] >= 0.0 and (tmp_path / "multi" / "params").exists()
+    assert result["val/top1"] >= 0.0 and (tmp_path / "multi" / "params").exists()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from trainer import optim, sharding
-from trainer import state as train_state
+from trainer import losses, memory, optim, sharding
+from trainer import step as step_lib
+from trainer.task import classifier
 from trainer.models import vit
 
 
@@ -19,7 +20,8 @@ def _setup(mesh, optimizer="adafactor", **model_kw):
     ocfg.optimizer = optimizer
     ocfg.lr = 1e-2
     ocfg.wd_rules = [("head_kernel", 1e-3)]
-    return model, train_state.setup(model, ocfg, 10, mesh, seed=0)
+    task = classifier("test", model, losses.sigmoid_xent)
+    return task, step_lib.setup(task, ocfg, 10, mesh, seed=0)
 
 
 def _batch(mesh, n=16):
@@ -32,15 +34,15 @@ def _batch(mesh, n=16):
 
 
 def _train(mesh, steps=3, optimizer="adafactor"):
-    model, setup = _setup(mesh, optimizer)
+    task, setup = _setup(mesh, optimizer)
     st = setup.init()
-    step = train_state.make_train_step(model, setup.tx, setup.schedule, train_state.loss_fn("sigmoid_xent"),
-                                       setup.shardings, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
-    losses = []
+    step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings,
+                                    jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
+    values = []
     for _ in range(steps):
-        st, metrics = step(st, _batch(mesh))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(st["params"])
+        st, metrics = step(st, {}, _batch(mesh))
+        values.append(float(metrics["loss"]))
+    return values, jax.device_get(st["params"])
 
 
 def test_mesh_sizes_are_validated_with_one_line_errors():
@@ -100,7 +102,8 @@ def test_sharded_training_equals_unsharded(optimizer):
 
 def test_activation_constraints_reach_the_compiled_step():
     mesh = sharding.make_mesh(data=4, model=2)
-    model, setup = _setup(mesh)
+    task, setup = _setup(mesh)
+    model = vit.ViT(vit.make_config("mu/4", image_size=16, num_classes=8, head_zeroinit=False))
     abstract = setup.abstract
     bsh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
@@ -112,10 +115,10 @@ def test_activation_constraints_reach_the_compiled_step():
 
 
 def test_memory_report_cli(capsys):
-    sharding.main(["--variant", "22B/14", "--mesh", "16,16"])
+    memory.main(["--variant", "22B/14", "--mesh", "16,16"])
     out = capsys.readouterr().out
     assert "params" in out and "opt state" in out
-    report = sharding.memory_report("22B/14", 16, 16)
+    report = memory.memory_report("22B/14", 16, 16)
     # 22.2B f32 params over 256 devices: ~347 MB each when fully sharded on both axes.
     assert report["params"] == pytest.approx(report["params_total"] / 256, rel=0.02)
     assert report["opt_state"] < report["params"]  # Adafactor: factored second moment, bf16 momentum

@@ -30,12 +30,13 @@ def settings(cfg) -> dict:
 def initialize(cfg) -> bool:
     """Initializes the JAX distributed runtime if configured; returns whether it did."""
     s = settings(cfg)
+    if not s["auto"] and s["num_processes"] == 1:
+        return False
+    # A second stage (or a test) in the same process: initializing twice raises in JAX.
+    if jax.distributed.is_initialized():
+        return True
     if s["auto"]:
         jax.distributed.initialize()
-        return True
-    if s["num_processes"] == 1:
-        return False
-    if jax.distributed.is_initialized():
         return True
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or cfg.get("cpu_collectives", False):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -9,10 +9,13 @@ multi-label data (several 1s), one-hot for single-label data, or mixup-mixed sof
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sigmoid_xent", "softmax_xent", "top1_correct", "masked_sum", "masked_mean"]
+__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "top1_correct", "topk_correct", "masked_sum",
+           "masked_mean"]
 
 
 def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
@@ -66,6 +69,14 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(labels, top1[..., None], axis=-1)[..., 0] > 0
 
 
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Per-example bool [B]: is any of the k top-scoring classes a positive label? (k=1: top1_correct.)"""
+    _check_shapes(logits, labels)
+    k = min(k, logits.shape[-1])
+    _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
+    return jnp.any(jnp.take_along_axis(labels, top, axis=-1) > 0, axis=-1)
+
+
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Sum of per-example values `x` [B] over examples where `mask` [B] is True (float32).
 
@@ -87,3 +98,20 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return jnp.mean(jnp.asarray(x, jnp.float32))
     total = masked_sum(x, mask)
     return total / jnp.maximum(jnp.sum(mask.astype(bool)), 1).astype(jnp.float32)
+
+
+# The loss table: a config names a classification loss by key; unknown names fail at plan time.
+LOSSES: dict[str, Callable[..., jax.Array]] = {"sigmoid_xent": sigmoid_xent, "softmax_xent": softmax_xent}
+
+
+def get(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`(logits, labels) -> [B]` for a LOSSES key; label smoothing applies to softmax_xent only."""
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r} is not one of {tuple(LOSSES)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
+    if name == "softmax_xent":
+        return lambda logits, labels: softmax_xent(logits, labels, label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing={label_smoothing!r} applies to softmax_xent only, not loss={name!r}")
+    return LOSSES[name]

@@ -5,12 +5,11 @@ Parameters are sharded on both axes: their model dims (heads, mlp, classes) on "
 embedding dim on "data" (FSDP-style). Activations keep the batch on "data" and hidden/heads on
 "model". Model code names axes only logically (trainer/models/layers.py); this table maps them.
 
-`python -m trainer.sharding --variant 22B/14 --mesh 16,16` prints per-device bytes of parameters +
-optimizer state for any mesh, without devices or allocation.
+Imports no model, optimizer or stage module (the model imports this table; trainer/memory.py
+has the per-device memory report, which needs both).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from typing import Any, Sequence
@@ -178,45 +177,3 @@ def per_device_bytes(tree, shardings) -> int:
     for leaf, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
         total += math.prod(sh.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
     return total
-
-
-def memory_report(variant: str, data: int, model: int, replica: int = 1, optimizer: str = "adafactor",
-                  **overrides) -> dict[str, int]:
-    """Per-device bytes of params and optimizer state for a model on a mesh, nothing allocated."""
-    from trainer import optim
-    from trainer.models import vit
-
-    cfg = vit.make_config(variant, **overrides)
-    mesh = abstract_mesh(data, model, replica)
-    boxed = vit.abstract_params(cfg)
-    params = nn.unbox(boxed)
-    opt_cfg = optim.default_config()
-    opt_cfg.optimizer = optimizer
-    tx, _ = optim.make_optimizer(opt_cfg, params, total_steps=1000)
-    opt_state = jax.eval_shape(tx.init, params)
-    param_sh = param_shardings(boxed, mesh)
-    return {
-        "params": per_device_bytes(params, param_sh),
-        "opt_state": per_device_bytes(opt_state, tree_shardings(opt_state, params, param_sh, mesh)),
-        "params_total": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)),
-    }
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Per-device memory of params + optimizer state.")
-    parser.add_argument("--variant", default="22B/14")
-    parser.add_argument("--mesh", default="16,16", help="DATA,MODEL[,REPLICA] sizes")
-    parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"))
-    parser.add_argument("--param_dtype", default="float32")
-    args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.mesh.split(",")]
-    report = memory_report(args.variant, *sizes, optimizer=args.optimizer, param_dtype=args.param_dtype)
-    gib = 2 ** 30
-    print(f"{args.variant} on mesh data x model = {args.mesh} ({args.optimizer}, params {args.param_dtype}):")
-    print(f"  params     {report['params'] / gib:9.3f} GiB / device  (total {report['params_total'] / gib:.1f} GiB)")
-    print(f"  opt state  {report['opt_state'] / gib:9.3f} GiB / device")
-    print(f"  sum        {(report['params'] + report['opt_state']) / gib:9.3f} GiB / device")
-
-
-if __name__ == "__main__":
-    main()

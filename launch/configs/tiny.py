@@ -15,12 +15,12 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
-from trainer import train
+from trainer import pretrain
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
     """mu/4 (the ViT-22B block at width 64) on 32 px digits, on a 4 x 2 (data x model) mesh."""
-    c = train.default_config()
+    c = pretrain.default_config()
     c.model.variant = "mu/4"
     c.model.head_bias_init = -2.2  # ~log(1/9): sigmoid outputs start at the 10-class prior
     c.data.dataset = "digits"
@@ -36,8 +36,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.optim.cooldown_steps = 40
     c.mesh.data = 4
     c.mesh.model = 2
-    c.log_every = 1  # MFU, loss, ... for every step
-    c.eval_every = 100
+    c.runtime.log_every = 1  # MFU, loss, ... for every step
+    c.evals.val.every = 100
     c.checkpoint_every = 50
     return c
 

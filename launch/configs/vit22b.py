@@ -17,7 +17,7 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
-from trainer import optim, train
+from trainer import optim, pretrain
 
 # One TPU v4 pod slice of 1024 chips (8x8x16 torus, 256 hosts); our choice of size, override
 # with --config.xm.resources.pretrain.tpu_topology=4x4x8 etc.
@@ -27,16 +27,16 @@ PRETRAIN_TPU = common.resources(tpu_type="v4", tpu_topology="8x8x16")
 def pretrain_config() -> ml_collections.ConfigDict:
     """ViT-22B/14 at 224 px (256 patches): parallel block, QK-norm, bias-free RMS LayerNorms, MAP
     head, sigmoid cross-entropy; Adafactor with the head/body weight decay of trainer/optim.py."""
-    c = train.default_config()
+    c = pretrain.default_config()
     c.model.variant = "22B/14"
     c.model.dtype = "bfloat16"  # compute; parameters stay float32
     c.model.matmul = "collective"  # the paper's asynchronous parallel linear operations
     c.model.remat = "dots_no_batch"  # our choice: fits 48 layers' activations on 32 GiB v4 chips
     c.model.head_bias_init = -6.9  # log(1/1000): sigmoid outputs start at the class prior
     c.data.dataset = "imagenet2012"
-    c.data.val_split = "minival"
+    c.evals.val.split = "minival"
     c.data.image_size = 224
-    c.data.worker_count = 16
+    c.runtime.worker_count = 16
     c.loss = "sigmoid_xent"
     c.optim = optim.vit22b_config()
     # The paper's JFT schedule (batch 65,536, 177k steps ~ 3 epochs of JFT-4B) as we recall it;
@@ -47,11 +47,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
     # 16-way model parallelism: 48 heads, width 6144 and MLP 24576 all divide by 16 (our choice).
     c.mesh.model = 16
     c.mesh.data = -1
-    c.log_every = 50
-    c.eval_every = 5_000
+    c.runtime.log_every = 50
+    c.evals.val.every = 5_000
     c.checkpoint_every = 1_000
-    c.keep_checkpoints = 3
-    c.distributed.auto = True  # TPU pod slices: jax.distributed.initialize() detects the cluster
+    c.runtime.keep_checkpoints = 3
+    c.runtime.distributed.auto = True  # TPU pod slices: jax.distributed.initialize() detects the cluster
     return c
 
 

@@ -1,8 +1,11 @@
-"""Train state created already sharded, and the jitted train / eval steps.
+"""The train state created already sharded, and the jitted train / eval steps of any Task.
 
 State = {"params", "opt_state", "step", "rng", "bad_step"}: a plain dict pytree that Orbax saves as
 is. `bad_step` records the first step whose loss or gradient was not finite (-1 while healthy); such
 an update is not applied, so the state never holds NaNs and the host can stop with the exact step.
+A Task's frozen parameters are a separate jit argument (never donated, never in the state).
+
+Imports only JAX/flax/optax (the benchmarks run this step on machines without Grain).
 """
 from __future__ import annotations
 
@@ -15,18 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainer import losses, optim, sharding
-from trainer.models import vit
-
-LOSSES = {"sigmoid_xent": losses.sigmoid_xent, "softmax_xent": losses.softmax_xent}
-
-
-def loss_fn(name: str, label_smoothing: float = 0.0) -> Callable:
-    if name not in LOSSES:
-        raise ValueError(f"loss={name!r} is not one of {tuple(LOSSES)}")
-    if name == "softmax_xent":
-        return lambda logits, labels: losses.softmax_xent(logits, labels, label_smoothing=label_smoothing)
-    return LOSSES[name]
+from trainer import optim, sharding
+from trainer.task import Task
 
 
 def abstract_state(boxed, tx: optax.GradientTransformation):
@@ -55,21 +48,23 @@ def state_shardings(boxed, state, mesh):
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What every training entry needs before restoring or initializing a state."""
+    """What the loop needs before restoring or initializing a state."""
     tx: optax.GradientTransformation
     schedule: Callable
     abstract: Any  # the state's shapes and dtypes
     shardings: Any  # NamedShardings of the state
+    frozen_shardings: Any  # NamedShardings of the Task's frozen params ({} when it has none)
     init: Callable[[], Any]  # jitted: creates the state already sharded
 
 
-def setup(model: vit.ViT, optim_cfg, total_steps: int, mesh, seed: int) -> Setup:
+def setup(task: Task, optim_cfg, total_steps: int, mesh, seed: int) -> Setup:
     """Shapes -> optimizer -> state shardings -> sharded initializer (big_vision's "shard" section)."""
-    boxed = vit.abstract_params(model.config)
+    boxed = task.abstract_params()
     tx, schedule = optim.make_optimizer(optim_cfg, boxed, total_steps)
     abstract = abstract_state(boxed, tx)
     shardings = state_shardings(boxed, abstract, mesh)
-    return Setup(tx, schedule, abstract, shardings, make_init(model, tx, seed, shardings))
+    frozen_sh = sharding.param_shardings(task.frozen.abstract, mesh) if task.frozen else {}
+    return Setup(tx, schedule, abstract, shardings, frozen_sh, make_init(task, tx, seed, shardings))
 
 
 def under_mesh(fn: Callable, mesh) -> Callable:
@@ -80,34 +75,28 @@ def under_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
-def make_init(model: vit.ViT, tx: optax.GradientTransformation, seed: int, shardings):
+def make_init(task: Task, tx: optax.GradientTransformation, seed: int, shardings):
     """A jitted initializer whose outputs are born sharded (no full copy on any one device)."""
-    size = model.config.image_size
-
     def init():
         rng = jax.random.PRNGKey(seed)
         init_rng, train_rng = jax.random.split(rng)
-        params = nn.unbox(model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"])
+        params = nn.unbox(task.init(init_rng))
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
     return under_mesh(jax.jit(init, out_shardings=shardings), shardings["step"].mesh)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, loss: Callable,
-                    shardings, batch_sharding, nan_at_step: int = 0):
-    """One optimizer step. `nan_at_step` (1-based, 0 = off) poisons that step's loss: the guard's test hook."""
-    def step_fn(state, batch):
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: Callable, shardings,
+                    batch_sharding, frozen_shardings=None):
+    """`(state, frozen, batch) -> (state, metrics)`: one optimizer step on `task.loss`, state donated.
+
+    metrics: loss, grad/param norm, lr and the Task's aux metrics, replicated scalars.
+    """
+    def step_fn(state, frozen, batch):
         step = state["step"] + 1
-        dropout_rng = jax.random.fold_in(state["rng"], step)
-
-        def objective(params):
-            logits, _ = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng})
-            value = jnp.mean(loss(logits, batch["labels"]))
-            if nan_at_step:
-                value = value * jnp.where(step == nan_at_step, jnp.nan, 1.0)
-            return value, logits
-
-        (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        rng = jax.random.fold_in(state["rng"], step)
+        (value, aux), grads = jax.value_and_grad(
+            lambda p: task.loss(p, frozen, batch, rng), has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -125,35 +114,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(new_state["params"]),
             "lr": schedule(state["step"]),
-            "train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"])),
+            **aux,
         }
         return new_state, metrics
 
-    replicated = NamedSharding(shardings["step"].mesh, P())
-    return under_mesh(jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                              out_shardings=(shardings, replicated), donate_argnums=(0,)), batch_sharding.mesh)
+    mesh = batch_sharding.mesh
+    frozen_shardings = {} if frozen_shardings is None else frozen_shardings
+    return under_mesh(jax.jit(step_fn, in_shardings=(shardings, frozen_shardings, batch_sharding),
+                              out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,)), mesh)
 
 
-def make_eval_step(model: nn.Module, loss: Callable, param_sh, batch_sharding):
-    """Sums of loss, correct and count over the real (mask=True) examples of one batch."""
-    def eval_fn(params, batch):
-        logits, _ = model.apply({"params": params}, batch["image"], train=False)
-        mask = batch["mask"]
-        return {"loss": losses.masked_sum(loss(logits, batch["labels"]), mask),
-                "correct": losses.masked_sum(losses.top1_correct(logits, batch["labels"]), mask),
-                "count": jnp.sum(mask.astype(jnp.float32))}
-
-    replicated = NamedSharding(batch_sharding.mesh, P())
-    return under_mesh(jax.jit(eval_fn, in_shardings=(param_sh, batch_sharding), out_shardings=replicated),
-                      batch_sharding.mesh)
-
-
-def evaluate(eval_step, params, eval_loader) -> dict[str, float]:
-    totals = None
-    for batch in eval_loader:
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    if totals is None:
-        raise ValueError("evaluation split is empty")
-    count = float(totals["count"])
-    return {"top1": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count, "examples": count}
+def make_eval_step(fn: Callable, param_shardings, frozen_shardings, batch_sharding):
+    """Jits an evaluator's per-batch `fn(params, frozen, batch) -> sums` with the state's shardings;
+    the sums come back replicated (evaluators add them up over the split)."""
+    mesh = batch_sharding.mesh
+    return under_mesh(jax.jit(fn, in_shardings=(param_shardings, frozen_shardings, batch_sharding),
+                              out_shardings=NamedSharding(mesh, P())), mesh)

@@ -1,0 +1,182 @@
+"""The config group every training stage shares, and its plan-time check.
+
+    c = stage_config.training_group()      # then a stage adds its own keys (loss, teacher, ...)
+
+Keys (a stage's `default_config()` starts from these; trainer/loop.py reads them):
+    seed, model.* (every ViTConfig field, None = the variant's value), data.{dataset, train_split,
+    image_size, prepared_dir, augment.*}, batch_size, eval_batch_size, exactly one of
+    steps/epochs/examples, optim.* (trainer/optim.py), mesh.{data, model, replica},
+    checkpoint_every, resume, init_params, evals.<name>.{type, every, ...} (trainer/evaluators),
+    runtime.* (below).
+
+`runtime` holds what cannot change a stage's results, so launch/fingerprint.py leaves it out of
+the cache key: progress bar, log cadence, decode threads / Grain workers, checkpoint retention and
+async saving, the MFU peak, and the distributed set-up (addresses, process ids; the process count
+changes only the order of float sums, DESIGN §2). tests/test_dag_runtime.py proves the artifacts
+are bit-identical across the runtime knobs.
+
+`check(cfg, where, upstream)` runs at plan time (launch/dag.py calls each stage's `validate`):
+everything that needs neither data nor devices, one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import typing
+from typing import Mapping
+
+import ml_collections
+
+from trainer import evaluators, optim
+from trainer.models import vit
+
+
+def model_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
+    """Every ViTConfig field as a typed placeholder: None = the variant's value (image size and
+    classes from the data); typed so that `--config.<stage>.model.depth=4` parses."""
+    hints = typing.get_type_hints(vit.ViTConfig)
+    fields = {}
+    for f in dataclasses.fields(vit.ViTConfig):
+        if f.name == "variant":
+            continue
+        kind = hints[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
+        fields[f.name] = ml_collections.config_dict.placeholder(kind)
+    return ml_collections.ConfigDict({"variant": variant, **fields})
+
+
+def augment_group(**overrides) -> ml_collections.ConfigDict:
+    """data/augment.py AugmentConfig; big_vision's ViT recipe: Inception crop (area >= 5%) + flip."""
+    values = dict(inception_crop=True, area_min=0.05, area_max=1.0, aspect_min=0.75, aspect_max=4 / 3,
+                  flip=True, mixup_alpha=0.0)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def runtime_group() -> ml_collections.ConfigDict:
+    """Knobs that cannot change results: not in the stage's fingerprint."""
+    return ml_collections.ConfigDict(dict(
+        progress="auto",  # tqdm bar: auto (if a terminal) | on | off
+        log_every=10,  # train metrics (loss, lr, MFU, ...) every N steps; also when the NaN guard looks
+        read_threads=2,  # decode threads per process
+        worker_count=0,  # >0: Grain worker processes, each with read_threads threads
+        keep_checkpoints=2,
+        async_checkpoint=True,
+        peak_flops=0.0,  # per device, for MFU; 0 = the device table, or measured on CPU
+        distributed=ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False,
+                                                   cpu_collectives=False)),
+    ))
+
+
+def training_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_group(variant)
+    c.data = ml_collections.ConfigDict(dict(
+        dataset="digits", train_split="train", image_size=32,
+        prepared_dir="",  # a prepare output dir, for runs outside the DAG (tests, notebooks)
+        augment=augment_group(),
+    ))
+    c.batch_size = 128  # global, across all processes
+    c.eval_batch_size = 256
+    # Training length: exactly one of these (cadence.total_steps).
+    c.steps = ml_collections.config_dict.placeholder(int)
+    c.epochs = ml_collections.config_dict.placeholder(float)
+    c.examples = ml_collections.config_dict.placeholder(int)
+    c.optim = optim.default_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, replica=1))
+    c.checkpoint_every = 50
+    c.resume = ""  # another run's checkpoints/ dir to continue from
+    c.init_params = ""  # an exported params/ dir of the same shapes: params only, fresh optimizer
+    c.evals = ml_collections.ConfigDict()
+    c.runtime = runtime_group()
+    return c
+
+
+def model_config(cfg, num_classes: int) -> vit.ViTConfig:
+    """The trained model: the variant + every set `model.*` field; image size and classes from data."""
+    overrides = {k: v for k, v in cfg.model.items() if k != "variant" and v is not None}
+    overrides.setdefault("image_size", cfg.data.image_size)
+    overrides.setdefault("num_classes", num_classes)
+    return vit.make_config(cfg.model.variant, **overrides)
+
+
+def _fail(key: str, message: str) -> ValueError:
+    return ValueError(f"{key}: {message}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | None = None) -> None:
+    """Plan-time checks of the shared keys of a training stage group `where` (e.g. "pretrain")."""
+    upstream = upstream or {}
+    given = [k for k in ("steps", "epochs", "examples") if cfg[k] is not None]
+    if len(given) != 1:
+        raise _fail(f"{where}.steps", f"set exactly one of steps, epochs, examples (got {', '.join(given) or 'none'})")
+    if cfg[given[0]] <= 0:
+        raise _fail(f"{where}.{given[0]}", f"must be > 0, got {cfg[given[0]]!r}")
+
+    for axis in ("data", "model", "replica"):
+        value = cfg.mesh[axis]
+        if value != -1 and not _positive_int(value):
+            raise _fail(f"{where}.mesh.{axis}", f"must be a positive int or -1, got {value!r}")
+    if sum(cfg.mesh[a] == -1 for a in ("data", "model", "replica")) > 1:
+        raise _fail(f"{where}.mesh", "only one axis may be -1")
+    data_parallel = None if -1 in (cfg.mesh.data, cfg.mesh.replica) else cfg.mesh.data * cfg.mesh.replica
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg[key]
+        if not _positive_int(value):
+            raise _fail(f"{where}.{key}", f"must be a positive int, got {value!r}")
+        if data_parallel and value % data_parallel:
+            raise _fail(f"{where}.{key}", f"{value} is not divisible by the data-parallel size {data_parallel} "
+                                          f"(mesh.replica x mesh.data)")
+    if not isinstance(cfg.checkpoint_every, int) or cfg.checkpoint_every < 0:
+        raise _fail(f"{where}.checkpoint_every", f"must be an int >= 0, got {cfg.checkpoint_every!r}")
+
+    try:
+        optim.validate_config(cfg.optim)
+    except ValueError as e:  # "optim config field 'schedule': ..." -> "<where>.optim.schedule: ..."
+        raise _fail(f"{where}.optim", str(e).replace("optim config field ", "")) from None
+
+    try:
+        model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size
+    except (ValueError, TypeError) as e:
+        raise _fail(f"{where}.model", str(e)) from None
+
+    _check_data(cfg, where, upstream.get("prepare"))
+    evaluators.check(cfg.evals, f"{where}.evals")
+    _check_runtime(cfg.runtime, f"{where}.runtime")
+
+
+def _check_data(cfg, where: str, prepare) -> None:
+    """The dataset and every split the stage reads must be ones the prepare stage produces."""
+    if prepare is None:
+        return
+    datasets = prepare.datasets
+    if cfg.data.dataset not in datasets:
+        raise _fail(f"{where}.data.dataset", f"{cfg.data.dataset!r} is not prepared; prepare.datasets has "
+                                             f"{', '.join(datasets) or 'nothing'}")
+    wanted = [(f"{where}.data.train_split", cfg.data.dataset, cfg.data.train_split)]
+    for name, ev in cfg.evals.items():
+        if "split" in ev:
+            wanted.append((f"{where}.evals.{name}.split", ev.get("dataset") or cfg.data.dataset, ev.split))
+        if ev.get("dataset") and ev.dataset not in datasets:
+            raise _fail(f"{where}.evals.{name}.dataset", f"{ev.dataset!r} is not prepared; prepare.datasets has "
+                                                         f"{', '.join(datasets)}")
+    for key, dataset, split in wanted:
+        splits = tuple(datasets[dataset].splits)  # empty = the source's natural splits: known at run time
+        if splits and split not in splits:
+            raise _fail(key, f"{split!r} is not a split of prepared dataset {dataset!r} ({', '.join(splits)})")
+
+
+def _check_runtime(rt, where: str) -> None:
+    if rt.progress not in ("auto", "on", "off"):
+        raise _fail(f"{where}.progress", f"{rt.progress!r} is not one of auto, on, off")
+    for key, low in (("log_every", 0), ("read_threads", 1), ("worker_count", 0), ("keep_checkpoints", 1)):
+        value = rt[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _fail(f"{where}.{key}", f"must be an int >= {low}, got {value!r}")
+    if rt.peak_flops < 0:
+        raise _fail(f"{where}.peak_flops", f"must be >= 0, got {rt.peak_flops!r}")
