@@ -12,3 +12,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+import pytest  # noqa: E402  (after the XLA_FLAGS set-up above)
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory):
+    """The tiny config's prepare output (digits train/val/test at 32 px, the real Beam job), made
+    once per test worker and shared by every training-stage test."""
+    from pipelines import prepare
+    out = tmp_path_factory.mktemp("prepared_digits")
+    prepare.prepare(prepare.default_config(), out)
+    return out

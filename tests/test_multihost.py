@@ -34,12 +34,9 @@ print("RESULT", json.dumps(result["metrics"]))
 """
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from pipelines import prepare
-    out = tmp_path_factory.mktemp("prepared")
-    prepare.prepare(prepare.default_config(), out)
-    return out
+@pytest.fixture
+def digits(prepared_digits):
+    return prepared_digits
 
 
 def _free_port() -> int:

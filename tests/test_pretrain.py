@@ -19,12 +19,9 @@ from trainer.models import vit
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from pipelines import prepare
-    out = tmp_path_factory.mktemp("prepared")
-    prepare.prepare(prepare.default_config(), out)
-    return out
+@pytest.fixture
+def digits(prepared_digits):
+    return prepared_digits
 
 
 def _cfg(digits, **overrides):

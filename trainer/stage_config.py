@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import typing
 from typing import Mapping
 
@@ -138,7 +139,8 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
     try:
         optim.validate_config(cfg.optim)
     except ValueError as e:  # "optim config field 'schedule': ..." -> "<where>.optim.schedule: ..."
-        raise _fail(f"{where}.optim", str(e).replace("optim config field ", "")) from None
+        field = re.match(r"optim config field '([^']+)': (.*)", str(e))
+        raise (_fail(f"{where}.optim.{field[1]}", field[2]) if field else _fail(f"{where}.optim", str(e))) from None
 
     try:
         model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size

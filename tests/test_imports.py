@@ -1,0 +1,55 @@
+"""Import hygiene: no cycles among the repo's modules, the model's closure free of optimizer and
+checkpoint code (the cache hashes closures), and `launch` importable without JAX/Beam/TensorFlow."""
+import subprocess
+import sys
+from pathlib import Path
+
+from launch import sources
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("data", "pipelines", "trainer", "eval", "launch", "benchmarks")
+
+
+def _modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_the_static_import_graph_has_no_cycle():
+    graph = {m: sources.local_imports(REPO, m) for m in _modules()}
+    state, cycles = {}, []
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "open":
+            cycles.append(path[path.index(node):] + [node])
+            return
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, path + [node])
+        state[node] = "done"
+
+    for module in graph:
+        visit(module, [])
+    assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_model_closure_has_no_optimizer_checkpoint_or_stage_code():
+    closure = {p.relative_to(REPO).as_posix() for p in sources.import_closure(REPO, "trainer.models.vit")}
+    assert "trainer/models/vit.py" in closure and "trainer/sharding.py" in closure
+    for banned in ("trainer/optim.py", "trainer/checkpoint.py", "trainer/loop.py", "trainer/pretrain.py",
+                   "trainer/memory.py", "trainer/step.py"):
+        assert banned not in closure, banned
+    assert not [f for f in closure if f.startswith(("launch/", "eval/", "pipelines/", "data/"))]
+
+
+def test_importing_launch_imports_no_jax_beam_or_tensorflow():
+    code = ("import sys, launch.dag, launch.produce, launch.fingerprint, launch.sources, launch.cache; "
+            "print(sorted(m for m in ('jax', 'apache_beam', 'tensorflow', 'grain', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
