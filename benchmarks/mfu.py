@@ -6,7 +6,7 @@
 
 (a) matmul: `trainer.flops.measure_matmul_peak` (square matmuls on all devices at once, best of
     `--repeats`) per size, against the vendor bf16 dense peak where `trainer/flops.py` has one.
-(b) train step: `trainer/state.py`'s sharded train step (forward + backward + Adafactor update) of
+(b) train step: `trainer/step.py`'s sharded train step (forward + backward + Adafactor update) of
     `--variant` on a `trainer.sharding.make_mesh` mesh over all local devices (`--mesh DATA,MODEL`),
     synthetic batch; model FLOPs/step = flops.model_flops_per_example x batch (PaLM's formula, no
     rematerialization counted); MFU = model FLOPs/step / median step time / (devices x peak per
@@ -73,7 +73,7 @@ def run(p: dict) -> str:
              f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, best of "
              f"{p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
              bench.table(MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"], p["matmul_dtype"], p["repeats"])),
-             "", "(b) sharded train step (trainer/state.py make_train_step): " + bench.model_line(cfg, p["batch"]),
+             "", "(b) sharded train step (trainer/step.py make_train_step): " + bench.model_line(cfg, p["batch"]),
              f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); median of {p['repeats']} repeats x "
              f"{p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up step(s)"]
     runner = bench.build_runner(cfg, mesh, p["batch"], p["warmup"])

@@ -25,3 +25,30 @@ def prepared_digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared_digits")
     prepare.prepare(prepare.default_config(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepare_output(prepared_digits):
+    """`prepared_digits` as the DAG hands it to downstream stages: inputs["prepare"]."""
+    from launch.stage_types import StageOutput
+    return StageOutput("prepare", "0" * 64, prepared_digits, {})
+
+
+@pytest.fixture(scope="session")
+def pretrain_export(prepared_digits, tmp_path_factory):
+    """ONE tiny pretrain export (mu/4 on 32 px digits, 60 steps, params/ + model.json +
+    outputs.json) shared by every downstream-stage test: inputs["pretrain"]."""
+    import json
+
+    from launch.configs import tiny
+    from launch.stage_types import StageOutput
+    from trainer import pretrain
+    cfg = tiny.pretrain_config()
+    cfg.data.prepared_dir = str(prepared_digits)
+    cfg.steps, cfg.checkpoint_every, cfg.evals.val.every = 60, 0, 0
+    cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 10
+    cfg.runtime.log_every, cfg.runtime.progress = 10, "off"
+    out = tmp_path_factory.mktemp("pretrain_export")
+    result = pretrain.run(cfg, {}, out)
+    (out / "outputs.json").write_text(json.dumps(result, sort_keys=True))
+    return StageOutput("pretrain", "1" * 64, out, result)
