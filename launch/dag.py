@@ -2,13 +2,16 @@
 
 A stage is `run(cfg, inputs, out) -> dict`, named here lazily as "module:function" so that
 importing `launch` never imports JAX, Beam or TensorFlow. The DAG runs exactly the registered
-stages whose config group appears in the config (`config.<stage name>`).
+stages whose config group appears in the config (`config.<stage name>`); a stage type registered
+with `instances=True` runs once per entry of `config.<type>.runs` as `<type>/<run>`, and keys
+named in `upstream_from` add the upstream stage their value names (a distill teacher).
 
 Planning fingerprints every active stage (launch/fingerprint.py) and looks its output up in the
 cache (launch/cache.py has the layout); launch/produce.py runs the misses.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -42,31 +45,14 @@ class Registry:
                 raise ValueError(f"stage {stage.name!r}: target {stage.target!r} is not 'module:function'")
             if stage.validate and not all(stage.validate.partition(":")[::2]):
                 raise ValueError(f"stage {stage.name!r}: validate {stage.validate!r} is not 'module:function'")
+            if not all(key.isidentifier() for key in stage.upstream_from):
+                raise ValueError(f"stage {stage.name!r}: upstream_from keys must be identifiers")
             self._stages[stage.name] = stage
         for stage in self._stages.values():
             for up in stage.upstream:
                 if up not in self._stages:
                     raise ValueError(f"stage {stage.name!r}: unknown upstream {up!r}")
-        self._order = self._toposort()
-
-    def _toposort(self) -> list[str]:
-        order: list[str] = []
-        state: dict[str, str] = {}
-
-        def visit(name: str, path: tuple[str, ...]) -> None:
-            if state.get(name) == "done":
-                return
-            if state.get(name) == "visiting":
-                raise ValueError(f"stage dependency cycle: {' -> '.join(path + (name,))}")
-            state[name] = "visiting"
-            for up in self._stages[name].upstream:
-                visit(up, path + (name,))
-            state[name] = "done"
-            order.append(name)
-
-        for name in self._stages:  # registration order breaks ties
-            visit(name, ())
-        return order
+        self._order = [stage.name for stage in _toposort(self._stages)]
 
     def __getitem__(self, name: str) -> Stage:
         return self._stages[name]
@@ -81,20 +67,86 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._order)
 
-    def active(self, config) -> list[Stage]:
-        """Registered stages whose config group is present, in dependency order."""
-        return [stage for stage in self if stage.name in config]
+    def expand(self, config) -> list[Stage]:
+        """The stages this config runs, instances expanded and config-named upstream resolved, in
+        dependency order. Raises PlanError for malformed groups, unknown names and cycles."""
+        found: dict[str, Stage] = {}
+        by_type: dict[str, list[str]] = {}
+        for stage in self:
+            if stage.name not in config:
+                continue
+            group = config[stage.name]
+            if not isinstance(group, ml_collections.ConfigDict):
+                raise PlanError(f"config.{stage.name} must be a ConfigDict (the stage's config group), "
+                                f"got {type(group).__name__}")
+            if stage.instances:
+                runs = group.get("runs")
+                if set(group.keys()) != {"runs"} or not isinstance(runs, ml_collections.ConfigDict):
+                    raise PlanError(f"config.{stage.name} must hold only `runs`: one config group per "
+                                    f"{stage.name} instance (config.{stage.name}.runs.<name>)")
+                members = []
+                for run, run_group in runs.items():
+                    if not run.isidentifier() or not isinstance(run_group, ml_collections.ConfigDict):
+                        raise PlanError(f"config.{stage.name}.runs.{run}: run names must be identifiers "
+                                        "and each run a ConfigDict")
+                    members.append(dataclasses.replace(stage, name=f"{stage.name}/{run}", run=run))
+            else:
+                members = [stage]
+            by_type[stage.name] = [m.name for m in members]
+            found.update((m.name, m) for m in members)
+        resolved: dict[str, Stage] = {}
+        for name, stage in found.items():
+            upstream = []
+            for up in stage.upstream:
+                if up not in by_type:
+                    raise PlanError(f"stage {name!r} needs upstream {up}, which has no config group; "
+                                    f"add config.{up}")
+                upstream += by_type[up]
+            group = stage.group(config)
+            for key in stage.upstream_from:
+                target = group.get(key) if key in group else None
+                if target not in found or target == name:
+                    raise PlanError(f"{stage.config_path}.{key}: {target!r} is not another stage of this "
+                                    f"config (stages: {', '.join(found)})")
+                upstream.append(target)
+            resolved[name] = dataclasses.replace(stage, upstream=tuple(dict.fromkeys(upstream)))
+        return _toposort(resolved)
 
     def upstream_closure(self, names: Iterable[str]) -> set[str]:
-        """All transitive upstream stages of `names` (not including them)."""
-        found: set[str] = set()
-        todo = [up for name in names for up in self._stages[name].upstream]
-        while todo:
-            name = todo.pop()
-            if name not in found:
-                found.add(name)
-                todo.extend(self._stages[name].upstream)
-        return found
+        """All transitive upstream stage types of `names` (not including them)."""
+        return _closure({s.name: s for s in self}, names)
+
+
+def _toposort(stages: dict[str, Stage]) -> list[Stage]:
+    """Dependency order, ties broken by the given order; PlanError on a cycle."""
+    order: list[Stage] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise PlanError(f"stage dependency cycle: {' -> '.join(path + (name,))}")
+        state[name] = "visiting"
+        for up in stages[name].upstream:
+            visit(up, path + (name,))
+        state[name] = "done"
+        order.append(stages[name])
+
+    for name in stages:
+        visit(name, ())
+    return order
+
+
+def _closure(stages: dict[str, Stage], names: Iterable[str]) -> set[str]:
+    found: set[str] = set()
+    todo = [up for name in names for up in stages[name].upstream]
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(stages[name].upstream)
+    return found
 
 
 # The stage table (INTERFACES.md). Later stages (finetune, distill, probe, lit, evaluate) are added
@@ -120,46 +172,45 @@ def load_registry(spec: str) -> Registry:
     return registry
 
 
-def _check_names(flag: str, names: Sequence[str], active: Sequence[str], registry: Registry) -> None:
+def _select(flag: str, names: Sequence[str], stages: dict[str, Stage], registry: Registry) -> list[str]:
+    """Stage names for --stages/--force: an instance (`finetune/r48`), a plain stage, or a type
+    with instances (all of them)."""
+    selected: list[str] = []
     for name in names:
-        if name not in registry:
-            raise PlanError(f"{flag}: unknown stage {name!r} (registered: {', '.join(registry.names)})")
-        if name not in active:
+        members = [s for s in stages if s == name or s.partition("/")[0] == name and "/" in s]
+        if not members:
+            if name.partition("/")[0] not in registry:
+                raise PlanError(f"{flag}: unknown stage {name!r} (registered: {', '.join(registry.names)})")
             raise PlanError(f"{flag}: stage {name!r} has no config group in this config "
-                            f"(active stages: {', '.join(active) or 'none'})")
+                            f"(active stages: {', '.join(stages) or 'none'})")
+        selected += members
+    return selected
 
 
 def plan(config, workdir: Path, registry: Registry = STAGES, *,
          only: Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StagePlan]:
-    """Fingerprints every active stage and decides run / reuse / skip for each.
+    """Validates and fingerprints every stage of the config and decides run / reuse / skip for each.
 
-    only: run just these stages (`--stages`); their upstream must already be in the cache.
+    only: run just these stages (`--stages`; a type name selects all its instances); their
+      upstream must already be in the cache.
     force: rerun these even on a cache hit (`--force`); downstream stages keep their fingerprint,
       so they stay cache hits.
     """
     workdir = Path(workdir)
-    stages = registry.active(config)
-    active = [stage.name for stage in stages]
+    stages = registry.expand(config)
     if not stages:
         raise PlanError(f"the config has no group for any registered stage "
                         f"(registered: {', '.join(registry.names)}; config keys: {', '.join(config)})")
-    for stage in stages:
-        if not isinstance(config[stage.name], ml_collections.ConfigDict):
-            raise PlanError(f"config.{stage.name} must be a ConfigDict (the stage's config group), "
-                            f"got {type(config[stage.name]).__name__}")
-        missing = [up for up in stage.upstream if up not in active]
-        if missing:
-            raise PlanError(f"stage {stage.name!r} needs upstream {', '.join(missing)}, which has no "
-                            f"config group; add config.{missing[0]}")
+    by_name = {stage.name: stage for stage in stages}
     for stage in stages:  # every stage of the config, selected or not: a bad group fails before any work
-        stage.check(config[stage.name], {up: config[up] for up in stage.upstream})
-    _check_names("--stages", only or (), active, registry)
-    _check_names("--force", force, active, registry)
-    selected = set(only) if only else set(active)
-    for name in force:
-        if name not in selected:
-            raise PlanError(f"--force {name}: not among --stages {','.join(only or ())}")
-    needed = selected | registry.upstream_closure(selected)
+        stage.check(stage.group(config), {up: by_name[up].group(config) for up in stage.upstream})
+    active = list(by_name)
+    chosen = _select("--stages", only or (), by_name, registry)
+    forced = set(_select("--force", force, by_name, registry))
+    selected = set(chosen) if only else set(active)
+    for name in sorted(forced - selected):
+        raise PlanError(f"--force {name}: not among --stages {','.join(only or ())}")
+    needed = selected | _closure(by_name, selected)
 
     versions = fingerprint.package_versions()
     fingerprints: dict[str, str] = {}
@@ -167,14 +218,14 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
     missing: list[tuple[str, Path]] = []  # upstream of --stages that is not in the cache
     for stage in stages:
         components = fingerprint.fingerprint_components(
-            stage, config[stage.name], {up: fingerprints[up] for up in stage.upstream},
+            stage, stage.group(config), {up: fingerprints[up] for up in stage.upstream},
             registry.root, versions)
         fp = fingerprints[stage.name] = fingerprint.fingerprint(components)
         path = cache.stage_dir(workdir, stage.name, fp)
         complete = cache.is_complete(path)
         if stage.name not in needed:
             action, reason = "skip", "not selected by --stages"
-        elif stage.name in force:
+        elif stage.name in forced:
             action, reason = "run", "forced" + ("; replaces the cached output" if complete else "")
         elif complete:
             action, reason = "reuse", "cache hit"
@@ -187,7 +238,7 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
             missing.append((stage.name, path))
             continue
         plans.append(StagePlan(stage, fp, components, path, action, reason,
-                               forced=stage.name in force))
+                               forced=stage.name in forced))
     if missing:
         names = [name for name, _ in missing]
         wanted = ",".join(name for name in active if name in selected)

@@ -199,7 +199,7 @@ def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
         start = time.monotonic()
         inputs = {up: outputs[up] for up in p.stage.upstream}
         try:
-            outputs[p.name] = produce(p, config[p.name], inputs, log=log, run_id=run_id)
+            outputs[p.name] = produce(p, p.stage.group(config), inputs, log=log, run_id=run_id)
         except BaseException:
             log(f"{prefix}: FAILED after {time.monotonic() - start:.1f}s")
             raise

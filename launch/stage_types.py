@@ -36,10 +36,17 @@ class Stage:
       they join the stage's source hash next to its static import closure (launch/sources.py).
     resumable: the stage checkpoints into its output dir and resumes from what it finds there; its
       unfinished dir (`.partial-<fp16>`) survives a crash or preemption (`--force` starts afresh).
-    validate: "package.module:function" `(cfg, upstream) -> None` that `dag.plan` calls for the
-      stage's group before anything runs (also under --dry_run and before XManager submits);
+    validate: "package.module:function" `(cfg, upstream, where) -> None` that `dag.plan` calls for
+      the stage's group before anything runs (also under --dry_run and before XManager submits);
       `upstream` maps each upstream stage name to its config group (e.g. which datasets `prepare`
-      produces). It raises ValueError with one line naming the key; "" = no checks.
+      produces), `where` is the group's config path ("pretrain", "finetune.runs.r48"). It raises
+      ValueError with one line naming the key; "" = no checks.
+    instances: the stage type runs once per entry of `config.<name>.runs` (DESIGN §2): instance
+      `<name>/<run>` has the group `config.<name>.runs.<run>`, its own fingerprint and cache dir
+      `<workdir>/<name>/<run>/`; `--stages <name>/<run>` selects one, `--stages <name>` all.
+    upstream_from: keys of the stage's group whose value names one more upstream stage (a distill
+      teacher, a fine-tune's init): the DAG edge follows the config.
+    run: set on an expanded instance (Registry.expand); "" for a plain stage and for a type.
     """
     name: str
     target: str
@@ -47,10 +54,27 @@ class Stage:
     extra_sources: tuple[str, ...] = ()
     resumable: bool = False
     validate: str = ""
+    instances: bool = False
+    upstream_from: tuple[str, ...] = ()
+    run: str = ""
 
     @property
     def module(self) -> str:
         return self.target.partition(":")[0]
+
+    @property
+    def type_name(self) -> str:
+        """The registered stage type: `finetune` for the instance `finetune/r48`."""
+        return self.name.partition("/")[0]
+
+    @property
+    def config_path(self) -> str:
+        """Where the stage's group lives in the pipeline config (how overrides name it)."""
+        return f"{self.type_name}.runs.{self.run}" if self.run else self.name
+
+    def group(self, config):
+        """The stage's own config group in the pipeline config."""
+        return config[self.type_name].runs[self.run] if self.run else config[self.name]
 
     def load(self) -> Callable[[Any, dict, Path], dict]:
         return _resolve(self.target)
@@ -60,10 +84,11 @@ class Stage:
         if not self.validate:
             return
         try:
-            _resolve(self.validate)(cfg, upstream)
+            _resolve(self.validate)(cfg, upstream, self.config_path)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             message = " ".join(str(e).split()) or type(e).__name__
-            raise PlanError(message if message.startswith(self.name) else f"{self.name}: {message}") from e
+            where = self.config_path
+            raise PlanError(message if message.startswith(where) else f"{where}: {message}") from e
 
 
 def _resolve(target: str) -> Callable:

@@ -189,11 +189,11 @@ def _python_path() -> str:
 def launch_local(plans: Sequence[dag.StagePlan], invocation: Invocation, title: str) -> int:
     """Runs the work units as local subprocesses of the current interpreter."""
     def log_file(experiment: xm.Experiment, p: dag.StagePlan) -> Path:
-        return Path(invocation.workdir) / ".xm" / str(experiment.experiment_id) / f"{p.name}.log"
+        return Path(invocation.workdir) / ".xm" / str(experiment.experiment_id) / f"{p.name.replace('/', '-')}.log"
 
     def make_job(experiment: xm.Experiment, executable: xm.Executable, p: dag.StagePlan) -> xm.Job:
         args = ["-m", "launch.stage", *invocation.stage_args(p, log_file=log_file(experiment, p))]
-        return xm.Job(executable, executor=xm_local.Local(), name=p.name, args=args)
+        return xm.Job(executable, executor=xm_local.Local(), name=p.name.replace("/", "-"), args=args)
 
     packageable = xm.binary(executor_spec=xm_local.LocalSpec(), path=sys.executable,
                             env_vars={"PYTHONPATH": _python_path()})
@@ -245,7 +245,7 @@ def cloud_job_specs(plans: Sequence[dag.StagePlan], invocation: Invocation, conf
     machine_type = _xm_setting(config, "vertex_machine_type", "")
     specs = []
     for p in plans:
-        res = resources.get(p.name, DEFAULT_RESOURCES)
+        res = resources.get(p.stage.type_name, DEFAULT_RESOURCES)  # instances share their type's
         requirements = res.requirements()
         args = invocation.cloud_args(p, res)
         spec: dict[str, Any] = {
@@ -264,7 +264,7 @@ def cloud_job_specs(plans: Sequence[dag.StagePlan], invocation: Invocation, conf
                 machine_type=machine_type)
         else:
             spec["manifests"] = cloud_tpu.gke_manifests(
-                name=f"vit22b-{p.name}-{p.fingerprint[:8]}", image=image,
+                name=f"vit22b-{p.name.replace('/', '-')}-{p.fingerprint[:8]}", image=image,
                 command=["python", "-m", "launch.stage"], args=args, env={},
                 requirements=requirements)
         specs.append(spec)
@@ -286,9 +286,9 @@ def launch_cloud(plans: Sequence[dag.StagePlan], invocation: Invocation, config,
         docker_instructions=docker_instructions(root), entrypoint=xm.ModuleName("launch.stage"))
 
     def make_job(experiment: xm.Experiment, executable: xm.Executable, p: dag.StagePlan) -> xm.Job:
-        res = resources.get(p.name, DEFAULT_RESOURCES)
+        res = resources.get(p.stage.type_name, DEFAULT_RESOURCES)
         return xm.Job(executable, executor=executor_type(requirements=res.requirements()),
-                      name=p.name, args=invocation.cloud_args(p, res))
+                      name=p.name.replace("/", "-"), args=invocation.cloud_args(p, res))
 
     return run_experiment(title, plans, packageable, make_job,
                           lambda experiment, p: f"see the {target} logs of work unit '{p.name}'")

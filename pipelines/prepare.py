@@ -139,13 +139,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"{where}.splits: {split!r} is not a plain directory name")
 
 
-def validate(cfg: ml_collections.ConfigDict, upstream=None) -> None:
+def validate(cfg: ml_collections.ConfigDict, upstream=None, where: str = "prepare") -> None:
     """The DAG's plan-time check (launch/dag.py): `validate_config`; prepare has no upstream.
 
     Prepare has no `runtime` group: its runner parallelism stays in the cache key, because the
     shard files' contents follow Beam's bundle boundaries, which the worker count changes.
     """
-    del upstream
+    del upstream, where  # validate_config's messages name "prepare.<key>"
     validate_config(cfg)
 
 

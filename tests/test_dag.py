@@ -55,6 +55,11 @@ def run_c(cfg, inputs, out):
     return {"metrics": {"b_total": int((inputs["b"].path / "b.txt").read_text())}}
 
 
+def run_d(cfg, inputs, out):
+    _record(cfg, f"d{cfg.value}:" + "+".join(sorted(inputs)))
+    return {"metrics": {"value": cfg.value}}
+
+
 def run_slow(cfg, inputs, out):
     _record(cfg, "slow")
     (out / "partial.txt").write_text("half-way")
@@ -94,6 +99,7 @@ REGISTRY = dag.Registry([
     dag.Stage("b", "fakepipe.stage_b:run_b", upstream=("a",)),
     dag.Stage("c", "fakepipe.stages:run_c", upstream=("b",)),
     dag.Stage("slow", "fakepipe.stages:run_slow"),
+    dag.Stage("d", "fakepipe.stages:run_d", upstream=("a",), instances=True, upstream_from=("extra",)),
 ], root=Path(__file__).resolve().parents[1])
 '''
 
@@ -205,7 +211,7 @@ def test_registered_stage_table():
 
 def test_importing_launch_is_cheap():
     code = ("import sys, launch.dag, launch.run, launch.stage; "
-            "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax') if m in sys.modules]; "
+            "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax', 'grain') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
@@ -400,3 +406,64 @@ def test_framework_tb_events_are_readable_by_tensorflow(fake):
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "value", "4.0"]
+
+
+# --- stage instances: <type>/<run> from config.<type>.runs.<run> ---------------------------------
+
+def _with_runs(fake: FakePipeline, **runs: tuple[int, str]) -> ml_collections.ConfigDict:
+    config = fake.config()
+    config.unlock()
+    groups = {}
+    for run, (value, extra) in runs.items():
+        group = ml_collections.ConfigDict({"value": value, "calls_file": str(fake.calls_file), "extra": extra})
+        groups[run] = group
+    config.d = ml_collections.ConfigDict({"runs": groups})
+    config.lock()
+    return config
+
+
+def test_instances_are_dag_nodes_with_their_own_cache_entries(fake):
+    config = _with_runs(fake, one=(1, "b"), two=(2, "a"))
+    plans = {p.name: p for p in dag.plan(config, fake.workdir, fake.registry)}
+    assert list(plans) == ["a", "b", "c", "d/one", "d/two"]
+    assert plans["d/one"].stage.upstream == ("a", "b") and plans["d/two"].stage.upstream == ("a",)
+    assert plans["d/one"].path.parent == fake.workdir / "d" / "one"
+    assert plans["d/one"].fingerprint != plans["d/two"].fingerprint
+    fake.run(config)
+    assert sorted(c for c in fake.calls() if c.startswith("d")) == ["d1:a+b", "d2:a"]
+
+    # --stages d/one reruns that instance alone; the type name selects every instance.
+    fake.run(config, only=["d/one"], force=["d/one"])
+    assert fake.calls()[-1] == "d1:a+b" and fake.calls().count("d2:a") == 1
+    assert [p.action for p in dag.plan(config, fake.workdir, fake.registry, only=["d"])
+            if p.name.startswith("d/")] == ["reuse", "reuse"]
+
+    # Adding a run reruns nothing else; changing one run's group invalidates that run only.
+    bigger = _with_runs(fake, one=(1, "b"), two=(2, "a"), three=(3, "c"))
+    actions = {p.name: p.action for p in dag.plan(bigger, fake.workdir, fake.registry)}
+    assert actions == {"a": "reuse", "b": "reuse", "c": "reuse", "d/one": "reuse", "d/two": "reuse",
+                       "d/three": "run"}
+    changed = _with_runs(fake, one=(5, "b"), two=(2, "a"))
+    plans = {p.name: p for p in dag.plan(changed, fake.workdir, fake.registry)}
+    assert plans["d/two"].action == "reuse" and plans["d/one"].action == "run"
+    assert "config changed: d/one.value 1 -> 5" in plans["d/one"].reason
+
+
+@pytest.mark.parametrize("runs,message", [
+    (dict(one=(1, "zz")), "d.runs.one.extra: 'zz' is not another stage of this config"),
+    (dict(one=(1, "d/one")), "d.runs.one.extra: 'd/one' is not another stage"),
+    (dict(one=(1, "d/two"), two=(2, "d/one")), "stage dependency cycle"),
+])
+def test_instance_upstream_errors(fake, runs, message):
+    with pytest.raises(dag.PlanError, match=message.replace("(", r"\(")):
+        dag.plan(_with_runs(fake, **runs), fake.workdir, fake.registry)
+
+
+def test_instance_type_group_must_hold_runs(fake):
+    config = fake.config()
+    config.unlock()
+    config.d = ml_collections.ConfigDict({"value": 1})
+    with pytest.raises(dag.PlanError, match=r"config.d must hold only `runs`"):
+        dag.plan(config, fake.workdir, fake.registry)
+    with pytest.raises(dag.PlanError, match="--stages: unknown stage 'zz/one'"):
+        dag.plan(_with_runs(fake, one=(1, "a")), fake.workdir, fake.registry, only=["zz/one"])

@@ -27,13 +27,10 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(cfg, upstream=None) -> None:
+def validate(cfg, upstream=None, where: str = "pretrain") -> None:
     """Plan-time checks (launch/dag.py): the shared training keys + the loss."""
-    stage_config.check(cfg, "pretrain", upstream)
-    try:
-        losses.get(cfg.loss, cfg.label_smoothing)
-    except ValueError as e:
-        raise ValueError(f"pretrain.loss: {e}") from None
+    stage_config.check(cfg, where, upstream)
+    stage_config.check_loss(cfg, where)
 
 
 def make_task(cfg, num_classes: int) -> Task:

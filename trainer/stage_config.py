@@ -28,7 +28,7 @@ from typing import Mapping
 
 import ml_collections
 
-from trainer import evaluators, optim
+from trainer import evaluators, losses, optim
 from trainer.models import vit
 
 
@@ -150,6 +150,14 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
     _check_data(cfg, where, upstream.get("prepare"))
     evaluators.check(cfg.evals, f"{where}.evals")
     _check_runtime(cfg.runtime, f"{where}.runtime")
+
+
+def check_loss(cfg, where: str) -> None:
+    """`loss` + `label_smoothing` name a classification loss of trainer/losses.py."""
+    try:
+        losses.get(cfg.loss, cfg.label_smoothing)
+    except ValueError as e:
+        raise _fail(f"{where}.loss", str(e)) from None
 
 
 def _check_data(cfg, where: str, prepare) -> None:
