@@ -155,6 +155,8 @@ STAGES = Registry([
     Stage("prepare", "pipelines.prepare:run", validate="pipelines.prepare:validate"),
     Stage("pretrain", "trainer.pretrain:run", upstream=("prepare",), resumable=True,
           validate="trainer.pretrain:validate"),
+    Stage("finetune", "trainer.finetune:run", upstream=("prepare",), upstream_from=("init_from",),
+          instances=True, resumable=True, validate="trainer.finetune:validate"),
 ])
 
 

@@ -35,7 +35,9 @@ def main(argv):
     outputs = produce.execute(plans, config)
     print("Outputs:")
     for name, output in outputs.items():
-        print(f"  {name}: {output.path}")
+        headline = {k: v for k, v in output.outputs.get("metrics", {}).items() if k.endswith(("top1", "accuracy"))}
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(headline.items()))
+        print(f"  {name}: {output.path}" + (f"  ({shown})" if shown else ""))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def _train(cfg, out: Path, task: Task, env: Env, stage: str) -> dict:
     ctx = evaluators.Context(mesh=mesh, split_dir=env.split_dir, dataset=cfg.data.dataset,
                              image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
                              param_shardings=setup.shardings["params"], frozen_shardings=setup.frozen_shardings,
-                             read_threads=rt.read_threads, worker_count=rt.worker_count)
+                             read_threads=rt.read_threads, worker_count=rt.worker_count,
+                             class_names=tuple(train.manifest.class_names))
     evals = evaluators.build(cfg.evals, task.predict, ctx, where=f"{stage}.evals")
 
     # --- Restore: own checkpoint > resume > init_params / the task's start > scratch.

@@ -32,6 +32,8 @@ Optimizers (`cfg.optimizer`):
   bfloat16, not debiased), optional Adafactor update clipping (`clip_by_block_rms`; off in the
   big_vision ViT-G recipe).
 - "adamw": `optax.scale_by_adam` (optionally bf16 first moment) + the decoupled decay above.
+- "sgd": heavy-ball momentum (`optax.trace`, 0.9 by default; Nesterov optional), big_vision's
+  fine-tuning optimizer.
 
 Schedules (`cfg.schedule`), all with a linear warmup from 0 over `warmup_steps` and an optional
 linear cooldown to 0 over the last `cooldown_steps` (both multiplicative, as in big_vision's
@@ -77,7 +79,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adafactor", "adamw")
+OPTIMIZERS = ("adafactor", "adamw", "sgd")
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
 
 # Rules for ViT parameter names, in both flax spellings: nn.Dense's "head/kernel" and this repo's
@@ -116,6 +118,12 @@ def default_config() -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         mu_dtype=None,  # first-moment storage dtype, e.g. "bfloat16"; None = param dtype
+    ))
+    # SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9).
+    c.sgd = ml_collections.ConfigDict(dict(
+        momentum=0.9,  # None/0 = plain SGD
+        nesterov=False,
+        momentum_dtype=None,  # storage dtype of the momentum, e.g. "bfloat16"; None = param dtype
     ))
     return c
 
@@ -246,6 +254,9 @@ def validate_config(cfg: ml_collections.ConfigDict | Mapping) -> ml_collections.
             raise _fail(f"adamw.{field}", f"must be in [0, 1), got {full.adamw[field]!r}")
     _check_real("adamw.eps", full.adamw.eps, positive=True)
     _check_dtype("adamw.mu_dtype", full.adamw.mu_dtype)
+    if full.sgd.momentum is not None and not 0.0 <= full.sgd.momentum < 1.0:
+        raise _fail("sgd.momentum", f"must be in [0, 1) or None, got {full.sgd.momentum!r}")
+    _check_dtype("sgd.momentum_dtype", full.sgd.momentum_dtype)
     return full
 
 
@@ -351,7 +362,13 @@ def _adamw(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps, mu_dtype=c.mu_dtype)
 
 
-_CORES = {"adafactor": _adafactor, "adamw": _adamw}
+def _sgd(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    if not c.momentum:
+        return optax.identity()
+    return optax.trace(decay=c.momentum, nesterov=c.nesterov, accumulator_dtype=c.momentum_dtype)
+
+
+_CORES = {"adafactor": _adafactor, "adamw": _adamw, "sgd": _sgd}
 
 
 def make_optimizer(

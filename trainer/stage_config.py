@@ -142,10 +142,11 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
         field = re.match(r"optim config field '([^']+)': (.*)", str(e))
         raise (_fail(f"{where}.optim.{field[1]}", field[2]) if field else _fail(f"{where}.optim", str(e))) from None
 
-    try:
-        model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size
-    except (ValueError, TypeError) as e:
-        raise _fail(f"{where}.model", str(e)) from None
+    if cfg.model.variant:  # "" = the upstream export's architecture (fine-tuning checks it itself)
+        try:
+            model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size
+        except (ValueError, TypeError) as e:
+            raise _fail(f"{where}.model", str(e)) from None
 
     _check_data(cfg, where, upstream.get("prepare"))
     evaluators.check(cfg.evals, f"{where}.evals")

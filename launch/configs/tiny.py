@@ -15,7 +15,7 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
-from trainer import pretrain
+from trainer import finetune, pretrain
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -38,7 +38,30 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.mesh.model = 2
     c.runtime.log_every = 1  # MFU, loss, ... for every step
     c.evals.val.every = 100
+    # The pretrained model scored in another label space (digit pairs) through a label map.
+    c.evals.pairs = ml_collections.ConfigDict(dict(type="label_map", split="val", map="digits_pairs",
+                                                   labels="source", reduce="max", every=100))
     c.checkpoint_every = 50
+    return c
+
+
+def finetune_run(image_size: int) -> ml_collections.ConfigDict:
+    """Fine-tune the digits pretrain at `image_size` px (32 = its own resolution; 48 resizes the
+    position embedding from 8x8 to 12x12 patches) with big_vision's SGD recipe, scaled down."""
+    c = finetune.default_config()
+    c.init_from = "pretrain"
+    c.data.dataset = "digits"
+    c.data.image_size = image_size
+    c.data.augment.inception_crop = False  # as in pretraining: crops cut strokes, flips change digits
+    c.data.augment.flip = False
+    c.batch_size = c.eval_batch_size = 64
+    c.steps = 60
+    c.optim.lr = 0.01
+    c.optim.warmup_steps = 5
+    c.mesh.data, c.mesh.model = 4, 2
+    c.checkpoint_every = 30
+    c.evals.val.every = 30
+    c.runtime.log_every = 10
     return c
 
 
@@ -48,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # digits at 32 px, 1 in-process FnApiRunner worker (pipelines/prepare.py defaults)
         "prepare": prepare.default_config(),
         "pretrain": pretrain_config(),
+        "finetune": finetune.group(),
     }
+    groups["finetune"].runs.r48 = finetune_run(48)
+    groups["finetune"].runs.r32 = finetune_run(32)
     xm = common.xm_group({name: common.resources(cpu=2, ram_gib=8) for name in groups})
     return common.build(groups, xm, arg)

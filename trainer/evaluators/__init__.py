@@ -16,11 +16,13 @@ from typing import Any, Mapping
 
 from trainer.evaluators.base import Context, Evaluator, sum_over
 from trainer.evaluators.classification import Classification
+from trainer.evaluators.label_map import LabelMapAccuracy
 
 __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_over"]
 
 TABLE: dict[str, type[Evaluator]] = {
     "classification": Classification,
+    "label_map": LabelMapAccuracy,  # scores in another label space through data/label_maps (label_map.py)
 }
 
 LOOP_KEYS = ("type", "every", "pred")  # read by the loop, not passed to the evaluator
@@ -51,6 +53,7 @@ def check(evals: Mapping[str, Any], where: str, table: Mapping[str, type[Evaluat
                              f"known: {', '.join(sorted(required | optional))}")
         if missing:
             raise ValueError(f"{key}.{sorted(missing)[0]} is required by a {kind!r} evaluator")
+        table[kind].check_values({k: cfg[k] for k in given}, key)
 
 
 def build(evals: Mapping[str, Any], predict: Mapping[str, Any], ctx: Context, where: str,

@@ -32,6 +32,7 @@ class Context:
     frozen_shardings: Any = dataclasses.field(default_factory=dict)
     read_threads: int = 2
     worker_count: int = 0
+    class_names: tuple[str, ...] = ()  # the model's output classes (its training split's manifest)
 
     def loader(self, split: str, dataset: str | None = None, image_size: int | None = None):
         """A re-iterable EvalLoader over one prepared split (padded batches with `mask`)."""
@@ -59,6 +60,11 @@ class Evaluator:
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         raise NotImplementedError(f"{type(self).__name__}.run")
+
+    @classmethod
+    def check_values(cls, cfg: dict, where: str) -> None:
+        """Plan-time checks of config values (keys are checked from the signature); override to add
+        them. Raise ValueError with one line starting with `where.<key>`."""
 
     @classmethod
     def config_keys(cls) -> tuple[set[str], set[str]]:
