@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from trainer.evaluators.base import Context, Evaluator, sum_over
 from trainer.evaluators.classification import Classification
+from trainer.evaluators.fewshot import FewShot
 from trainer.evaluators.label_map import LabelMapAccuracy
 
 __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_over"]
@@ -23,6 +24,7 @@ __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_
 TABLE: dict[str, type[Evaluator]] = {
     "classification": Classification,
     "label_map": LabelMapAccuracy,  # scores in another label space through data/label_maps (label_map.py)
+    "fewshot": FewShot,  # closed-form few-shot on pre-logits, big_vision's fewshot_lsr (fewshot.py)
 }
 
 LOOP_KEYS = ("type", "every", "pred")  # read by the loop, not passed to the evaluator
