@@ -1,0 +1,457 @@
+"""The `probe` stage: a frozen export's pre-logit features, probed with a linear classifier and with
+big_vision's closed-form few-shot regression (the paper's "frozen features + thin layer" results).
+
+    python -m launch.run --config launch/configs/tiny.py --stages probe
+    python -m launch.stage --stage probe --config launch/configs/tiny.py --workdir DIR
+
+Inputs: `inputs[cfg.model_from]`, an export (`params/` + `model.json`: pretrain, a fine-tune or a
+distill run), and `inputs["prepare"]`, the prepared splits of `cfg.dataset`.
+
+1. **Features, once.** The `pre_logits` of every split the probes read, computed sharded on the
+   `mesh` (trainer/features.py) and streamed into `features/<dataset>/<split>.npy` (float32 [N, D],
+   a memory map written one eval batch at a time, so no split is ever whole in RAM) with
+   `<split>.labels.npy` (first class id), `<split>.ids.npy` (record ids) and `<split>.json` (what
+   they are features of: the export's fingerprint, the image size, the split's shard checksums;
+   written last). A split whose `.json` matches is read back instead: a rerun in the same stage dir
+   (the DAG's resumable `.partial-*` dir) extracts nothing and loads no parameters.
+2. **Linear probe.** Softmax cross-entropy + L2 penalty (on the weights, not the bias), Adam with a
+   cosine decay, minibatches read from the memory map, on features standardised with the fitting
+   rows' mean/std. Every (lr, l2) of the grid is trained at once (one vmapped head per point) on
+   the train split minus a random `holdout` slice, the best holdout top-1 wins (first in grid order
+   on ties), and that point is refit on the whole train split. The standardisation is folded into
+   the exported head, so it is a plain dense layer on raw pre-logits: `head/` (Orbax,
+   {"kernel" [D, C], "bias" [C]}) + `head.json`; `logits = pre_logits @ kernel + bias`
+   (`apply_head`), which is how the evaluate stage scores any split with backbone + head.
+3. **Few-shot.** trainer/evaluators/fewshot.py on the cached features (the same implementation the
+   `fewshot` evaluator runs during training): shots 1/5/10/25, 3 seeds, mean and std per shot
+   count; per-seed values in `fewshot.json`. Checked first: a class with fewer train examples than
+   the largest shot count fails before the linear probe trains.
+
+Outputs: artifacts `features`, `head`, `head_spec` (head.json), `fewshot` (fewshot.json); metrics
+`linear/<split>_top1` per `linear.eval_splits`, `linear/holdout_top1`, `linear/lr`, `linear/l2`,
+`fewshot/<k>shot`, `fewshot/<k>shot_std`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from trainer import checkpoint, evaluators, features, sharding
+from trainer.evaluators import fewshot
+from trainer.models import vit
+
+log = logging.getLogger(__name__)
+
+PRED = "pre_logits"
+_CHUNK = 8192  # rows read from a feature memory map at a time when scoring or taking moments
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model_from = "pretrain"  # the upstream export probed (a stage name: the DAG edge follows it)
+    c.dataset = "digits"  # a dataset of the prepare stage
+    c.batch_size = 256  # global, feature extraction
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+    c.linear = ml_collections.ConfigDict(dict(
+        train_split="train",
+        eval_splits=("val", "test"),  # top-1 reported for each
+        holdout=0.1,  # fraction of train_split held out to pick (lr, l2); then refit on all of it
+        lrs=(0.01, 0.1, 1.0),  # Adam peak learning rates, cosine decay to 0
+        l2s=(0.0, 1e-5, 1e-4, 1e-3),  # L2 penalty 0.5 * l2 * |W|^2 on the standardised-feature weights
+        steps=500,
+        batch_size=512,
+        seed=0,  # holdout split and minibatch order
+    ))
+    c.fewshot = ml_collections.ConfigDict(dict(
+        train_split="train", split="test",  # few-shot train sets drawn from train_split; scored on split
+        shots=fewshot.SHOTS, seeds=fewshot.SEEDS, l2=fewshot.L2,
+    ))
+    c.runtime = ml_collections.ConfigDict(dict(read_threads=2, worker_count=0))
+    return c
+
+
+# --- Plan-time checks ------------------------------------------------------------------------------
+
+def _fail(key: str, message: str) -> ValueError:
+    return ValueError(f"{key}: {message}")
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(key: str, values, low: float, *, strict: bool) -> None:
+    values = tuple(values) if isinstance(values, (list, tuple)) else values
+    if not isinstance(values, tuple) or not values or not all(
+            _is_number(v) and (v > low if strict else v >= low) for v in values):
+        raise _fail(key, f"must be a non-empty tuple of numbers {'>' if strict else '>='} {low}, got {values!r}")
+
+
+def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "probe") -> None:
+    """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
+    upstream = upstream or {}
+    if not isinstance(cfg.model_from, str) or not cfg.model_from:
+        raise _fail(f"{where}.model_from", f"must name the upstream export (e.g. 'pretrain'), got {cfg.model_from!r}")
+    if upstream and cfg.model_from not in upstream:
+        raise _fail(f"{where}.model_from", f"{cfg.model_from!r} is not upstream of this stage "
+                                           f"(upstream: {', '.join(sorted(upstream))})")
+    if not _is_int(cfg.batch_size, 1):
+        raise _fail(f"{where}.batch_size", f"must be a positive int, got {cfg.batch_size!r}")
+    for axis in ("data", "model"):
+        if cfg.mesh[axis] != -1 and not _is_int(cfg.mesh[axis], 1):
+            raise _fail(f"{where}.mesh.{axis}", f"must be a positive int or -1, got {cfg.mesh[axis]!r}")
+    if cfg.mesh.data == cfg.mesh.model == -1:
+        raise _fail(f"{where}.mesh", "only one axis may be -1")
+    if cfg.mesh.data != -1 and cfg.batch_size % cfg.mesh.data:
+        raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
+
+    lin = cfg.linear
+    if not isinstance(lin.eval_splits, (list, tuple)) or not all(isinstance(s, str) and s for s in lin.eval_splits):
+        raise _fail(f"{where}.linear.eval_splits", f"must be a tuple of split names, got {lin.eval_splits!r}")
+    if not (_is_number(lin.holdout) and 0 < lin.holdout < 1):
+        raise _fail(f"{where}.linear.holdout", f"must be a fraction in (0, 1), got {lin.holdout!r}")
+    _numbers(f"{where}.linear.lrs", lin.lrs, 0.0, strict=True)
+    _numbers(f"{where}.linear.l2s", lin.l2s, 0.0, strict=False)
+    for key in ("steps", "batch_size"):
+        if not _is_int(lin[key], 1):
+            raise _fail(f"{where}.linear.{key}", f"must be a positive int, got {lin[key]!r}")
+    if not _is_int(lin.seed, 0):
+        raise _fail(f"{where}.linear.seed", f"must be an int >= 0, got {lin.seed!r}")
+    fs = cfg.fewshot
+    fewshot.check_config(f"{where}.fewshot", shots=fs.shots, seeds=fs.seeds, l2=fs.l2)
+    if not _is_int(cfg.runtime.read_threads, 1) or not _is_int(cfg.runtime.worker_count, 0):
+        raise _fail(f"{where}.runtime", f"read_threads must be >= 1 and worker_count >= 0, got "
+                                        f"{cfg.runtime.read_threads!r}, {cfg.runtime.worker_count!r}")
+
+    splits = [(f"{where}.linear.train_split", lin.train_split), (f"{where}.fewshot.train_split", fs.train_split),
+              (f"{where}.fewshot.split", fs.split)]
+    splits += [(f"{where}.linear.eval_splits", s) for s in lin.eval_splits]
+    for key, split in splits:
+        if not isinstance(split, str) or not split:
+            raise _fail(key, f"must be a split name, got {split!r}")
+    prepare = upstream.get("prepare")
+    if prepare is not None:  # the dataset and every split must be ones the prepare stage produces
+        if cfg.dataset not in prepare.datasets:
+            raise _fail(f"{where}.dataset", f"{cfg.dataset!r} is not prepared; prepare.datasets has "
+                                            f"{', '.join(prepare.datasets) or 'nothing'}")
+        known = tuple(prepare.datasets[cfg.dataset].splits)  # empty = the source's natural splits
+        for key, split in splits:
+            if known and split not in known:
+                raise _fail(key, f"{split!r} is not a split of prepared dataset {cfg.dataset!r} ({', '.join(known)})")
+
+
+# --- Features, once --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A split's cached features: x may be a read-only memory map."""
+    x: np.ndarray  # float32 [N, D]
+    y: np.ndarray  # int64 [N], first class id
+    ids: np.ndarray  # str [N]
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+def _record_order(num_records: int, global_batch: int, process_count: int) -> np.ndarray:
+    """The record index of each real row the eval loader yields, in global row order: batch b holds
+    process 0's b-th local batch, then process 1's, ...; process p reads records p, p + pc, ..."""
+    local = global_batch // process_count
+    per_process = [np.arange(p, num_records, process_count) for p in range(process_count)]
+    num_batches = math.ceil(num_records / global_batch)
+    return np.concatenate([rows[b * local:(b + 1) * local] for b in range(num_batches) for rows in per_process])
+
+
+def _record_ids(loader, order: np.ndarray, labels: np.ndarray, where: str) -> np.ndarray:
+    """Ids of the records in `order`; their labels must be the ones that came back with the features."""
+    from data import records  # protobuf only; the loader has already read these files
+    ids, got = [], []
+    for i in range(0, len(order), 1024):
+        for raw in loader.source.__getitems__(order[i:i + 1024].tolist()):
+            rec = records.decode(raw)
+            ids.append(rec.id)
+            got.append(rec.label[0] if rec.label else -1)
+    if not np.array_equal(np.asarray(got), labels):
+        raise RuntimeError(f"{where}: feature rows and records are out of order (loader row order changed?)")
+    return np.asarray(ids, dtype=np.str_)
+
+
+class FeatureCache:
+    """`features/<dataset>/<split>.*` of one export; extracts on a miss, loading the params once."""
+
+    def __init__(self, root: Path, cfg, export, prepared: Path, where: str = "probe"):
+        self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, Path(prepared), where
+        self.model = vit.build_model(**checkpoint.read_model_json(Path(export.path) / "model.json"))
+        self.mesh = sharding.make_mesh(**cfg.mesh)
+        dp = sharding.data_parallel_size(self.mesh)
+        if cfg.batch_size % dp or cfg.batch_size % jax.process_count():
+            raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by the data-parallel size {dp} "
+                                               f"and the process count {jax.process_count()}")
+        self.boxed = vit.abstract_params(self.model.config)
+        self.ctx = evaluators.Context(
+            mesh=self.mesh, split_dir=self.split_dir, dataset=cfg.dataset, image_size=self.model.config.image_size,
+            batch_size=cfg.batch_size, param_shardings=sharding.param_shardings(self.boxed, self.mesh),
+            read_threads=cfg.runtime.read_threads, worker_count=cfg.runtime.worker_count)
+        self._params = None
+        self._extract = None
+        self.extracted, self.reused = [], []  # split names, for the log and the tests
+        self._splits: dict[str, Split] = {}
+
+    def split_dir(self, dataset: str, split: str) -> Path:
+        path = self.prepared / dataset / split
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(f"{self.where}: dataset {dataset!r} split {split!r} not found: "
+                                    f"{path / 'manifest.json'} does not exist")
+        return path
+
+    def _key(self, split: str) -> dict:
+        """What the cached features are features of; a cached split is reused only if this matches."""
+        from data import manifest  # json only
+        m = manifest.read(self.split_dir(self.cfg.dataset, split))
+        return {"model_from": self.cfg.model_from, "model_fingerprint": self.export.fingerprint, "pred": PRED,
+                "image_size": self.model.config.image_size, "dataset": self.cfg.dataset, "split": split,
+                "num_examples": m.num_records, "num_classes": m.num_classes, "class_names": list(m.class_names),
+                "shards": [s.sha256 for s in m.shards]}
+
+    def get(self, split: str) -> Split:
+        if split not in self._splits:
+            self._splits[split] = self._get(split)
+        return self._splits[split]
+
+    def _get(self, split: str) -> Split:
+        directory = self.root / self.cfg.dataset
+        key = self._key(split)
+        try:
+            cached = json.loads((directory / f"{split}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = None
+        if cached is not None and {k: cached.get(k) for k in key} == key:
+            self.reused.append(split)
+        else:
+            self._write(directory, split, key)
+            self.extracted.append(split)
+        return Split(np.load(directory / f"{split}.npy", mmap_mode="r"), np.load(directory / f"{split}.labels.npy"),
+                     np.load(directory / f"{split}.ids.npy"), key["num_classes"], tuple(key["class_names"]))
+
+    def _load(self):
+        if self._params is None:
+            abstract = checkpoint.abstract_with_shardings(nn.unbox(self.boxed), self.ctx.param_shardings)
+            self._params = checkpoint.load_params(Path(self.export.path) / "params", abstract)
+            model = self.model
+            self._extract = features.extractor(
+                self.ctx, lambda p, f, b: model.apply({"params": p}, b["image"], train=False)[1][PRED])
+        return self._params
+
+    def _write(self, directory: Path, split: str, key: dict) -> None:
+        params = self._load()
+        loader = self.ctx.loader(split)
+        writer = jax.process_index() == 0  # every process computes (collectives); process 0 writes
+        if writer:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{split}.json").unlink(missing_ok=True)  # stale until rewritten, last
+        n, rows, fmap, labels = loader.num_examples, 0, None, []
+        for x, y in features.batches(self._extract, params, {}, loader):
+            if writer:
+                if fmap is None:
+                    fmap = np.lib.format.open_memmap(directory / f"{split}.npy.partial", mode="w+",
+                                                     dtype=np.float32, shape=(n, x.shape[1]))
+                fmap[rows:rows + len(x)] = x
+            labels.append(y)
+            rows += len(x)
+        if rows != n:
+            raise RuntimeError(f"{self.where}: {split}: {rows} feature rows for {n} records")
+        if writer:
+            fmap.flush()
+            del fmap
+            os.replace(directory / f"{split}.npy.partial", directory / f"{split}.npy")
+            labels = np.concatenate(labels)
+            order = _record_order(n, self.cfg.batch_size, jax.process_count())
+            np.save(directory / f"{split}.labels.npy", labels)
+            np.save(directory / f"{split}.ids.npy",
+                    _record_ids(loader, order, labels, f"{self.where}: {self.cfg.dataset}/{split}"))
+            (directory / f"{split}.json").write_text(json.dumps(key, indent=1) + "\n")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"probe features {self.cfg.dataset}/{split}")
+
+
+# --- Linear probe ----------------------------------------------------------------------------------
+
+def _moments(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (float64) over `rows` (sorted) of x, read _CHUNK rows at a time."""
+    total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for i in range(0, len(rows), _CHUNK):
+        chunk = np.asarray(x[rows[i:i + _CHUNK]], np.float64)
+        total += chunk.sum(axis=0)
+        squares += np.square(chunk).sum(axis=0)
+    mean = total / len(rows)
+    std = np.sqrt(np.maximum(squares / len(rows) - np.square(mean), 0.0))
+    return mean, np.where(std > 1e-6, std, 1.0)  # a constant feature is left unscaled
+
+
+def _train_step(tx: optax.GradientTransformation, lr: jax.Array, l2: jax.Array):
+    """One Adam step of G independent heads [G, D, C] on one minibatch (lr and l2 per head)."""
+    def loss(params, x, y):
+        logits = jnp.einsum("bd,gdc->gbc", x, params["w"]) + params["b"][:, None, :]
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2]))
+        return jnp.sum(jnp.mean(xent, axis=1) + 0.5 * l2 * jnp.sum(jnp.square(params["w"]), axis=(1, 2)))
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        updates, opt_state = tx.update(jax.grad(loss)(params, x, y), opt_state)
+        scale = lambda u: lr.reshape((-1,) + (1,) * (u.ndim - 1)) * u
+        return jax.tree_util.tree_map(lambda p, u: p - scale(u), params, updates), opt_state
+    return step
+
+
+def train_heads(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int,
+                points: list[tuple[float, float]], *, steps: int, batch_size: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One linear head per (lr, l2) point on x[rows] (x may be a memory map), trained together.
+
+    Returns kernels [G, D, C] and biases [G, C] that apply to the raw features: the fitting rows'
+    standardisation is folded in.
+    """
+    rows = np.sort(rows)
+    mean, std = _moments(x, rows)
+    lr = jnp.asarray([p[0] for p in points], jnp.float32)
+    l2 = jnp.asarray([p[1] for p in points], jnp.float32)
+    params = {"w": jnp.zeros((len(points), x.shape[1], num_classes)), "b": jnp.zeros((len(points), num_classes))}
+    tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, steps)))
+    opt_state = tx.init(params)
+    step = _train_step(tx, lr, l2)
+    rng = np.random.default_rng([seed, 1])
+    batch = min(batch_size, len(rows))
+    order, pos = rng.permutation(rows), 0
+    for _ in range(steps):  # epochs of random minibatches, each read in file order
+        if pos + batch > len(order):
+            order, pos = rng.permutation(rows), 0
+        idx = np.sort(order[pos:pos + batch])
+        pos += batch
+        params, opt_state = step(params, opt_state, ((x[idx] - mean) / std).astype(np.float32), y[idx])
+    w, b = (np.asarray(v, np.float64) for v in jax.device_get((params["w"], params["b"])))
+    kernels = w / std[None, :, None]
+    biases = b - np.einsum("d,gdc->gc", mean / std, w)
+    return kernels.astype(np.float32), biases.astype(np.float32)
+
+
+def apply_head(head: Mapping[str, np.ndarray], pre_logits: np.ndarray) -> np.ndarray:
+    """The exported head on raw pre-logits: logits [N, C]."""
+    return np.asarray(pre_logits, np.float32) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+
+
+def top1s(x: np.ndarray, y: np.ndarray, kernels: np.ndarray, biases: np.ndarray,
+          rows: np.ndarray | None = None) -> list[float]:
+    """Top-1 of each head [G, D, C] + [G, C] on x[rows] (x may be a memory map), _CHUNK rows at a time."""
+    rows = np.arange(len(y)) if rows is None else np.sort(rows)
+    hits = np.zeros(len(kernels), np.int64)
+    for i in range(0, len(rows), _CHUNK):
+        idx = rows[i:i + _CHUNK]
+        chunk, labels = np.asarray(x[idx], np.float32), y[idx]
+        for g, (kernel, bias) in enumerate(zip(kernels, biases)):
+            hits[g] += int(np.sum(np.argmax(apply_head({"kernel": kernel, "bias": bias}, chunk), axis=1) == labels))
+    return (hits / len(rows)).tolist()
+
+
+def top1(x: np.ndarray, y: np.ndarray, head: Mapping[str, np.ndarray]) -> float:
+    return top1s(x, y, head["kernel"][None], head["bias"][None])[0]
+
+
+def linear_probe(train: Split, lin) -> tuple[dict[str, np.ndarray], dict]:
+    """(head, info): (lr, l2) chosen on a held-out slice of train, then refit on all of it."""
+    n = len(train.y)
+    perm = np.random.default_rng([lin.seed, 0]).permutation(n)
+    n_hold = min(max(1, round(lin.holdout * n)), n - 1)
+    hold, fit_rows = perm[:n_hold], perm[n_hold:]
+    points = [(float(lr), float(l2)) for lr in lin.lrs for l2 in lin.l2s]
+    kwargs = dict(steps=lin.steps, batch_size=lin.batch_size, seed=lin.seed)
+    kernels, biases = train_heads(train.x, train.y, fit_rows, train.num_classes, points, **kwargs)
+    accs = top1s(train.x, train.y, kernels, biases, hold)
+    best = int(np.argmax(accs))  # first in grid order on ties
+    kernels, biases = train_heads(train.x, train.y, np.arange(n), train.num_classes, [points[best]], **kwargs)
+    info = {"lr": points[best][0], "l2": points[best][1], "holdout_top1": accs[best],
+            "grid": [{"lr": lr, "l2": l2, "holdout_top1": a} for (lr, l2), a in zip(points, accs)]}
+    return {"kernel": kernels[0], "bias": biases[0]}, info
+
+
+def load_head(stage_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(head, head.json) of a probe stage output: what the evaluate stage puts on the backbone."""
+    stage_dir = Path(stage_dir)
+    try:
+        spec = json.loads((stage_dir / "head.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{stage_dir / 'head.json'}: cannot read the probe head spec ({e})") from None
+    head = checkpoint.load_params(stage_dir / "head")
+    return {k: np.asarray(head[k]) for k in ("kernel", "bias")}, spec
+
+
+# --- The stage -------------------------------------------------------------------------------------
+
+def _input(inputs: Mapping, name: str, key: str):
+    if name not in inputs:
+        raise ValueError(f"{key}: no upstream output {name!r} (inputs: {', '.join(sorted(inputs)) or 'none'})")
+    return inputs[name]
+
+
+def run(cfg, inputs: dict, out: Path) -> dict:
+    validate(cfg, None, "probe")
+    out = Path(out)
+    export = _input(inputs, cfg.model_from, "probe.model_from")
+    prepared = _input(inputs, "prepare", "probe")
+    cache = FeatureCache(out / "features", cfg, export, prepared.path)
+    is_main = jax.process_index() == 0
+
+    # Few-shot first: a class short of examples fails before anything trains.
+    fs, lin = cfg.fewshot, cfg.linear
+    fs_train = cache.get(fs.train_split)
+    fewshot.check_shots(fs_train.y, fs_train.num_classes, fs.shots, fs_train.class_names, "probe.fewshot")
+    fs_test = cache.get(fs.split)
+    results = fewshot.evaluate(fs_train.x, fs_train.y, fs_test.x, fs_test.y, fs_train.num_classes, shots=fs.shots,
+                               seeds=fs.seeds, l2=fs.l2, class_names=fs_train.class_names, where="probe.fewshot")
+    metrics = {f"fewshot/{name}": value for name, value in fewshot.summary(results)}
+
+    train = cache.get(lin.train_split)
+    head, info = linear_probe(train, lin)
+    metrics.update({"linear/holdout_top1": info["holdout_top1"], "linear/lr": info["lr"], "linear/l2": info["l2"]})
+    for split in lin.eval_splits:
+        data = cache.get(split)
+        if data.num_classes != train.num_classes:
+            raise ValueError(f"probe.linear.eval_splits: {split!r} has {data.num_classes} classes, "
+                             f"{lin.train_split!r} {train.num_classes}")
+        metrics[f"linear/{split}_top1"] = top1(data.x, data.y, head)
+
+    # --- Export: the head (a dense layer on raw pre-logits) and the per-seed few-shot results.
+    shutil.rmtree(out / "head", ignore_errors=True)  # a rerun in the same (resumed) dir
+    checkpoint.save_params(out / "head", head)
+    if is_main:
+        spec = {"input": PRED, "model_from": cfg.model_from, "model_fingerprint": export.fingerprint,
+                "dataset": cfg.dataset, "train_split": lin.train_split, "dim": int(head["kernel"].shape[0]),
+                "num_classes": train.num_classes, "class_names": list(train.class_names), **info}
+        (out / "head.json").write_text(json.dumps(spec, indent=2) + "\n")
+        (out / "fewshot.json").write_text(json.dumps(
+            {"dataset": cfg.dataset, "train_split": fs.train_split, "split": fs.split, "l2": fs.l2,
+             "seeds": fs.seeds, "top1": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
+        print(f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, reused {cache.reused or 'none'}")
+        print(f"[probe] linear probe (lr {info['lr']:g}, l2 {info['l2']:g}, holdout top-1 {info['holdout_top1']:.4f}): "
+              + ", ".join(f"{s} top-1 {metrics[f'linear/{s}_top1']:.4f}" for s in lin.eval_splits))
+        print(f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): " + ", ".join(
+            f"{k}-shot {metrics[f'fewshot/{k}shot']:.4f} ± {metrics[f'fewshot/{k}shot_std']:.4f}" for k in fs.shots))
+    return {"artifacts": {"features": "features", "head": "head", "head_spec": "head.json", "fewshot": "fewshot.json"},
+            "metrics": metrics}
