@@ -17,7 +17,7 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
-from trainer import optim, pretrain
+from trainer import finetune, optim, pretrain
 
 # One TPU v4 pod slice of 1024 chips (8x8x16 torus, 256 hosts); our choice of size, override
 # with --config.xm.resources.pretrain.tpu_topology=4x4x8 etc.
@@ -55,6 +55,29 @@ def pretrain_config() -> ml_collections.ConfigDict:
     return c
 
 
+def finetune_run(image_size: int) -> ml_collections.ConfigDict:
+    """Full fine-tuning of the 22B pretrain on ImageNet-1k at `image_size` px (the paper fine-tunes at
+    several resolutions; which ones, and the recipe, are not in the seed: big_vision's ImageNet
+    transfer recipe is assumed — SGD momentum 0.9, lr 0.03, cosine, 500 warmup steps, clip 1.0,
+    no weight decay, batch 512, 20k steps — with label smoothing 0.1 as our choice)."""
+    c = finetune.default_config()
+    c.init_from = "pretrain"
+    c.data.dataset = "imagenet2012"
+    c.data.image_size = image_size
+    c.evals.val.split = "val"
+    c.evals.val.every = 2_000
+    c.model.dtype = "bfloat16"
+    c.model.matmul = "collective"
+    c.model.remat = "dots_no_batch"
+    c.mesh.model = 16
+    c.checkpoint_every = 1_000
+    c.runtime.keep_checkpoints = 3
+    c.runtime.log_every = 50
+    c.runtime.worker_count = 16
+    c.runtime.distributed.auto = True
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
     prep = prepare.default_config()
@@ -73,9 +96,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     groups = {
         "prepare": prep,
         "pretrain": pretrain_config(),
+        "finetune": finetune.group(),
     }
+    groups["finetune"].runs.i224 = finetune_run(224)
+    groups["finetune"].runs.i518 = finetune_run(518)  # assumed: 37x37 patches of 14 px (ViT-g/14 fine-tunes at 518)
     xm = common.xm_group({
         "prepare": common.resources(cpu=32, ram_gib=128),
         "pretrain": PRETRAIN_TPU,
+        "finetune": PRETRAIN_TPU,  # the same slice: 22B needs the pretrain's model parallelism
     })
     return common.build(groups, xm, arg)
