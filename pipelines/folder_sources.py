@@ -1,5 +1,14 @@
 """Directory-tree sources for `pipelines.prepare`: an image folder (+ optional CSV) and the
 model-vs-human cue-conflict layout. Both select splits by sub-dir of `root` ("" = root itself).
+
+Documented layouts (anything else is a one-line SourceError naming the path, never a silently
+wrong label):
+    <root>/<class>/**/<image>              one split, "train" (files nested in a class dir keep it)
+    <root>/<split>/<class>/**/<image>      split dirs train / val / validation / test, detected
+                                           when no `splits` are given (`detect_splits`)
+    <root>[/<split>]/<image> + a CSV       labels from the CSV; without a CSV: unlabeled, allowed
+                                           only when no split of the dataset has class dirs
+    <root>[/<split>]/<shape>/<shape>N-<texture>M.png   cue conflict
 """
 from __future__ import annotations
 
@@ -13,6 +22,51 @@ from pipelines.source_types import RawExample, SourceError, SourceInfo, image_fi
 
 
 # --- directory trees ------------------------------------------------------------------------------
+
+# Sub-dirs of a folder root that are splits, not classes (lower-cased), and our name for each.
+SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# Class dirs looked into for a <class>/<split>/ inversion: a systematic mistake shows in a few.
+_SAMPLED_CLASS_DIRS = 8
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_split_name(name: str) -> bool:
+    return name.lower() in SPLIT_DIRS
+
+
+def detect_splits(root: str) -> dict[str, str]:
+    """A folder root given without `splits`: {our split name: sub-dir} for `<root>/<split>/<class>/`
+    (train / val / validation -> "val" / test, any case), else {"train": ""} (`<root>/<class>/`).
+
+    Split dirs next to other dirs or loose images are ambiguous: a one-line SourceError naming
+    the root (a class really named `train` is selected explicitly with `--splits train=`)."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise SourceError(f"folder: root {str(root_path)!r} is not a directory")
+    dirs = _subdirs(root_path)
+    splits = [d.name for d in dirs if _is_split_name(d.name)]
+    if not splits:
+        return {"train": ""}
+    others = [d.name for d in dirs if not _is_split_name(d.name)]
+    loose = image_files(root_path, recursive=False)
+    if others or loose:
+        what = f"dirs {others[:3]}" if others else f"{len(loose)} image(s) such as {loose[0].name!r}"
+        raise SourceError(
+            f"folder: root {str(root_path)!r} mixes split dirs {splits} with {what}: arrange it as "
+            f"<root>/<split>/<class>/ or <root>/<class>/, or name the splits (e.g. --splits "
+            f"train=train,val=val; --splits train= reads the root itself as one split)")
+    names: dict[str, str] = {}
+    for name in splits:
+        ours = SPLIT_DIRS[name.lower()]
+        if ours in names:  # e.g. val/ and validation/, or Train/ and train/
+            raise SourceError(f"folder: root {str(root_path)!r} has two dirs for split {ours!r} "
+                              f"({names[ours]!r}, {name!r}): name the splits with --splits")
+        names[ours] = name
+    return names
+
 
 class _DirectorySource:
     """A root dir whose split selectors are sub-dirs ("" = the root) holding one dir per class."""
@@ -31,9 +85,25 @@ class _DirectorySource:
         return d
 
     def _class_dirs(self) -> set[str]:
-        """Names of the (non-hidden) sub-dirs of every split dir."""
-        return {p.name for sel in self.selectors for p in self._split_dir(sel).iterdir()
-                if p.is_dir() and not p.name.startswith(".")}
+        """Names of the (non-hidden) sub-dirs of every split dir, after checking that each split
+        dir holds class dirs rather than more split dirs (`train/train/`, `--splits all=` on a
+        split layout) and that the class dirs are not `<class>/<split>/` inverted."""
+        names = set()
+        for sel in self.selectors:
+            split_dir = self._split_dir(sel)
+            classes = _subdirs(split_dir)
+            if classes and all(_is_split_name(c.name) for c in classes):
+                raise SourceError(
+                    f"{self.kind}: {str(split_dir)!r} holds split dirs {[c.name for c in classes]}, "
+                    f"not class dirs: select them as splits (e.g. --splits "
+                    f"{','.join(f'{c.name}={(Path(sel) / c.name).as_posix()}' for c in classes)})")
+            for c in classes[:_SAMPLED_CLASS_DIRS]:
+                inner = [d.name for d in _subdirs(c)]
+                if inner and all(_is_split_name(n) for n in inner):
+                    raise SourceError(f"{self.kind}: {str(c)!r} holds split dirs {inner}: the layout "
+                                      f"must be <split>/<class>/, not <class>/<split>/")
+            names.update(c.name for c in classes)
+        return names
 
     def _set_classes(self, ordered: Iterable[str]) -> None:
         self.class_names = tuple(ordered)
@@ -43,8 +113,10 @@ class _DirectorySource:
 # --- image folder -------------------------------------------------------------------------------
 
 class FolderSource(_DirectorySource):
-    """`<root>/<selector>/<class>/*.{jpg,png,...}` (selector "" = root itself); images directly
-    in the split dir are unlabeled. Class ids are the sorted class-dir names across all splits.
+    """`<root>/<selector>/<class>/*.{jpg,png,...}` (selector "" = root itself). Without a CSV,
+    images directly in a split dir are unlabeled, which is allowed only when no split has class
+    dirs (else a SourceError: they would silently get no label). Class ids are the sorted
+    class-dir names across all splits.
 
     Optional CSV (`csv`: absolute, or relative to each split dir) with a header naming `id`
     (path relative to the split dir) and any of `label`/`labels` (whitespace-separated class
@@ -58,6 +130,8 @@ class FolderSource(_DirectorySource):
         super().__init__(root, selectors)
         self.csv_path = csv_path
         names = self._class_dirs()
+        if not csv_path:
+            self._check_unlabeled(names)
         self._columns: set[str] = set()
         max_id = -1
         for sel in self.selectors:
@@ -70,6 +144,20 @@ class FolderSource(_DirectorySource):
             self._set_classes(str(i) for i in range(max_id + 1))
         else:
             self._set_classes(sorted(names))
+
+    def _check_unlabeled(self, class_names: set[str]) -> None:
+        """Without a CSV: no image may sit outside a class dir when the dataset has class dirs,
+        and a split dir with neither images nor class dirs is an error, not an empty split."""
+        for sel in self.selectors:
+            split_dir = self._split_dir(sel)
+            loose = image_files(split_dir, recursive=False)
+            if loose and class_names:
+                raise SourceError(
+                    f"folder: {str(split_dir)!r} holds {len(loose)} image(s) outside class dirs (e.g. "
+                    f"{loose[0].name!r}) while the dataset has class dirs {sorted(class_names)[:3]}: they "
+                    f"would get no label; move them into <class>/ dirs or label them with --csv")
+            if not loose and not _subdirs(split_dir):
+                raise SourceError(f"folder: {str(split_dir)!r} holds no images and no class dirs")
 
     def _csv_file(self, selector: str) -> Path | None:
         if not self.csv_path:
@@ -185,6 +273,12 @@ class CueConflictSource(_DirectorySource):
         names = self._class_dirs()
         if not names:
             raise SourceError(f"cue_conflict: no <shape>/ dirs under {str(self.root)!r}")
+        for sel in self.selectors:  # e.g. root one level too high: <root>/cue-conflict/<shape>/
+            for shape_dir in _subdirs(self._split_dir(sel)):
+                if not image_files(shape_dir, recursive=False) and _subdirs(shape_dir):
+                    raise SourceError(f"cue_conflict: {str(shape_dir)!r} holds dirs, not "
+                                      f"<shape>N-<texture>M.png images: point root at the dir "
+                                      f"that holds the <shape>/ dirs")
         self._set_classes(sorted(names))
 
     def info(self) -> SourceInfo:

@@ -49,7 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data import images
 from data import manifest as manifest_lib
-from pipelines import sources
+from pipelines import folder_sources, sources
 from pipelines.transforms import NAMESPACE, SplitPlan, build
 
 # Beam 2.77's DirectRunner first tries to download Prism (no internet here); FnApiRunner is the
@@ -66,8 +66,8 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg.source = "digits"            # digits | tfds | folder | cue_conflict
     # our split name -> source selector: digits train/val/test/all; a TFDS split spec
     # ("train[:99%]", "validation"); a sub-dir of `root` for folder/cue_conflict ("" = root).
-    # Empty = the source's natural splits (digits: train/val/test; tfds: all; folder: train;
-    # cue_conflict: test).
+    # Empty = the source's natural splits (digits: train/val/test; tfds: all; folder: its
+    # train/val/validation(-> val)/test sub-dirs if it has them, else train = root; cue_conflict: test).
     cfg.splits = ml_collections.ConfigDict()
     cfg.image_size = 32              # shorter side after resize (downscale only); 0 keeps size.
     #                                   digits: the size they are rendered at.
@@ -152,10 +152,11 @@ def validate(cfg: ml_collections.ConfigDict, upstream=None, where: str = "prepar
 # --- planning (driver side) ---------------------------------------------------------------------
 
 def _natural_splits(d: ml_collections.ConfigDict) -> dict[str, str]:
-    """Non-tfds only: a tfds source's natural splits come from the source itself (see _plan)."""
+    """Non-tfds only: a tfds source's natural splits come from the source itself (see _plan).
+    A folder root with train/val/validation/test sub-dirs has those splits, else one: train."""
     if d.source == "digits":
         return {"train": "train", "val": "val", "test": "test"}
-    return {"train": ""} if d.source == "folder" else {"test": ""}
+    return folder_sources.detect_splits(d.root) if d.source == "folder" else {"test": ""}
 
 
 def _plan(cfg: ml_collections.ConfigDict, out: Path):
@@ -283,7 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ml_collections.Config
     ap.add_argument("--out", required=True, help="output root: <out>/<dataset>/<split>/")
     ap.add_argument("--dataset", default="", help="dataset dir name (default: tfds name or source)")
     ap.add_argument("--splits", default="", help="comma list of split[=selector] (default: the "
-                    "source's natural splits; digits: train,val,test)")
+                    "source's natural splits; digits: train,val,test; folder: its train/val/"
+                    "validation/test sub-dirs, else the root as train)")
     ap.add_argument("--image_size", type=int, default=d.image_size,
                     help="shorter side to downscale to; 0 keeps the size (digits: render size)")
     ap.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")

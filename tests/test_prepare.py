@@ -377,3 +377,76 @@ def test_flat_folder_with_integer_csv_labels(tmp_path):
     refs = [r for t in src.tasks("") for r in src.expand(t)]
     got = sorted((ex.id, ex.label) for ref in refs for ex in src.read(ref))
     assert got == [("x.png", (2,)), ("y.png", (0,))]
+
+
+# --- real dataset layouts (the folder-layout trap) -------------------------------------------------
+
+def _png(seed):
+    return _save(_noise(32, 32, seed=seed), "PNG")
+
+
+def test_folder_split_dirs_are_detected_without_splits(tmp_path, capsys):
+    """`--source folder --root DIR` on DIR/train/<class>/, DIR/validation/<class>/ (no --splits):
+    two splits with the class dirs' labels, not one split whose classes are `train`, `validation`."""
+    _write_tree(tmp_path / "pets", {"train/cat/a.png": _png(0), "train/cat/nested/b.png": _png(1),
+                                    "train/dog/c.png": _png(2), "validation/cat/d.png": _png(3),
+                                    "validation/dog/e.png": _png(4), "validation/dog/f.png": _png(5)})
+    rc = prepare.main(["--source", "folder", "--root", str(tmp_path / "pets"), "--out", str(tmp_path / "out"),
+                       "--image_size", "0", "--lossless"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out" / "folder").iterdir()) == ["train", "val"]
+    labels = {}
+    for split in ("train", "val"):
+        m, recs = _read_all(tmp_path / "out" / "folder" / split)
+        assert m.class_names == ["cat", "dog"] and m.num_dead_letters == 0
+        labels[split] = sorted((r.id, r.label) for r in recs)
+    # files nested deeper in a class dir keep that class; ids are relative to the split dir
+    assert labels == {"train": [("cat/a.png", (0,)), ("cat/nested/b.png", (0,)), ("dog/c.png", (1,))],
+                      "val": [("cat/d.png", (0,)), ("dog/e.png", (1,)), ("dog/f.png", (1,))]}
+    assert folder_sources.detect_splits(str(tmp_path / "pets")) == {"train": "train", "val": "validation"}
+
+
+@pytest.mark.parametrize("files,splits,bad_path,message", [
+    # split dirs next to a class dir / next to loose images: ambiguous
+    ({"train/cat/a.png", "dog/b.png"}, "", "", "mixes split dirs ['train'] with dirs ['dog']"),
+    ({"train/cat/a.png", "b.png"}, "", "", "mixes split dirs ['train'] with 1 image(s)"),
+    ({"val/cat/a.png", "validation/cat/b.png"}, "", "", "two dirs for split 'val'"),
+    # a split dir that holds split dirs (tarball double nesting) / an inverted <class>/<split>/
+    ({"train/train/cat/a.png"}, "train", "train", "holds split dirs ['train'], not class dirs"),
+    ({"cat/train/a.png", "cat/val/b.png"}, "", "cat", "must be <split>/<class>/, not <class>/<split>/"),
+    # images that would silently get no label
+    ({"cat/a.png", "b.png"}, "", "", "holds 1 image(s) outside class dirs (e.g. 'b.png')"),
+    ({"train/cat/a.png", "val/b.png"}, "", "val", "outside class dirs"),
+    ({"train/cat/a.png", "val/.keep"}, "", "val", "holds no images and no class dirs"),
+])
+def test_folder_layouts_that_match_no_documented_one_fail_naming_the_path(
+        tmp_path, capsys, files, splits, bad_path, message):
+    root = tmp_path / "data"
+    _write_tree(root, {name: _png(i) for i, name in enumerate(sorted(files))})
+    rc = prepare.main(["--source", "folder", "--root", str(root), "--out", str(tmp_path / "out")]
+                      + (["--splits", splits] if splits else []))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and repr(str(root / bad_path) if bad_path else str(root)) in err, err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out" / "folder").exists()
+
+
+def test_folder_explicit_splits_allow_a_class_named_like_a_split(tmp_path):
+    """A class really called `train` (vehicles): `--splits train=` reads the root as one split."""
+    _write_tree(tmp_path / "v", {"bus/a.png": _png(0), "train/b.png": _png(1)})
+    with pytest.raises(sources.SourceError, match="mixes split dirs"):
+        folder_sources.detect_splits(str(tmp_path / "v"))
+    src = folder_sources.FolderSource(str(tmp_path / "v"), [""])
+    assert src.class_names == ("bus", "train")
+    # a folder with no class dirs at all is an unlabeled dataset (documented), not an error
+    _write_tree(tmp_path / "flat", {"x.png": _png(2)})
+    assert folder_sources.detect_splits(str(tmp_path / "flat")) == {"train": ""}
+    assert folder_sources.FolderSource(str(tmp_path / "flat"), [""]).class_names == ()
+
+
+def test_cue_conflict_root_one_level_too_high_fails_naming_the_dir(tmp_path):
+    _write_tree(tmp_path / "mvh", {"cue-conflict/cat/cat1-dog1.png": _png(0),
+                                   "cue-conflict/dog/dog1-cat1.png": _png(1)})
+    with pytest.raises(sources.SourceError, match=r"'.*mvh/cue-conflict' holds dirs, not <shape>N-<texture>M.png"):
+        folder_sources.CueConflictSource(str(tmp_path / "mvh"), [""])
+    assert folder_sources.CueConflictSource(str(tmp_path / "mvh" / "cue-conflict"), [""]).class_names == ("cat", "dog")
