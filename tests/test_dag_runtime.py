@@ -1,9 +1,11 @@
 """The cache key holds results only: every `runtime` knob of a training stage is a cache hit, and a
 rerun with all of them changed produces bit-identical artifacts (DESIGN §2)."""
 import json
+import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from launch import dag
@@ -65,6 +67,11 @@ def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(tmp_path):
     second = dag.run_pipeline(_config(**local), tmp_path, only=["pretrain"], force=["pretrain"],
                               log=_silent)["pretrain"]
     assert second.path == first.path
+    # worker_count=1 started Grain worker processes; the loop closed the loader, so none outlives it.
+    deadline = time.time() + 30
+    while psutil.Process().children(recursive=True) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.Process().children(recursive=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.device_get(checkpoint.load_params(second.path / "params")), params)
     again = json.loads((second.path / "outputs.json").read_text())["metrics"]
