@@ -237,3 +237,10 @@ def test_the_in_training_evaluator_agrees_with_the_stage(probed, pretrain_export
     assert every == 50 and set(got) == {f"{k}shot{s}" for k in fewshot.SHOTS for s in ("", "_std")}
     for name, value in got.items():
         assert value == pytest.approx(result["metrics"][f"fewshot/{name}"], abs=1e-12)
+
+
+def test_fewshot_benchmark_smoke(capsys):
+    from benchmarks import fewshot as bench
+    bench.main(["--cases", "3x5", "--width", "8", "--test_per_class", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| classes x shots |" in out and "3 x 5" in out

@@ -97,13 +97,14 @@ def check_shots(labels: np.ndarray, num_classes: int, shots: Sequence[int], clas
 
 def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
              num_classes: int, *, shots: Sequence[int] = SHOTS, seeds: int = SEEDS, l2: float = L2,
-             class_names: Sequence[str] = (), where: str = "fewshot") -> dict[int, list[float]]:
-    """{k: [top-1 on the test set for seed 0, 1, ...]}. The train/test features may be memory maps."""
+             class_names: Sequence[str] = (), where: str = "fewshot", dtype=np.float64) -> dict[int, list[float]]:
+    """{k: [top-1 on the test set for seed 0, 1, ...]}. The train/test features may be memory maps;
+    `dtype` is the solve's (float32: benchmarks/fewshot.py's comparison)."""
     test_y = np.asarray(test_y)
     results: dict[int, list[float]] = {k: [] for k in shots}
     for seed in range(seeds):
         for k, idx in subsets(np.asarray(train_y), num_classes, shots, seed, class_names, where).items():
-            ridge = fit(train_x[idx], train_y[idx], num_classes, l2)
+            ridge = fit(train_x[idx], train_y[idx], num_classes, l2, dtype)
             results[k].append(float(np.mean(ridge.predict(test_x) == test_y)))
     return results
 
