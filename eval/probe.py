@@ -29,7 +29,7 @@ distill run), and `inputs["prepare"]`, the prepared splits of `cfg.dataset`.
 
 Outputs: artifacts `features`, `head`, `head_spec` (head.json), `fewshot` (fewshot.json); metrics
 `linear/<split>_top1` per `linear.eval_splits`, `linear/holdout_top1`, `linear/lr`, `linear/l2`,
-`fewshot/<k>shot`, `fewshot/<k>shot_std`.
+`fewshot/<k>shot_top1`, `fewshot/<k>shot_top1_std`.
 """
 from __future__ import annotations
 
@@ -452,6 +452,6 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         print(f"[probe] linear probe (lr {info['lr']:g}, l2 {info['l2']:g}, holdout top-1 {info['holdout_top1']:.4f}): "
               + ", ".join(f"{s} top-1 {metrics[f'linear/{s}_top1']:.4f}" for s in lin.eval_splits))
         print(f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): " + ", ".join(
-            f"{k}-shot {metrics[f'fewshot/{k}shot']:.4f} ± {metrics[f'fewshot/{k}shot_std']:.4f}" for k in fs.shots))
+            f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± {metrics[f'fewshot/{k}shot_top1_std']:.4f}" for k in fs.shots))
     return {"artifacts": {"features": "features", "head": "head", "head_spec": "head.json", "fewshot": "fewshot.json"},
             "metrics": metrics}

@@ -140,12 +140,12 @@ def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
     for split in ("val", "test"):  # chance is 0.1
         assert metrics[f"linear/{split}_top1"] > 0.5
     for k in fewshot.SHOTS:
-        assert 0.15 < metrics[f"fewshot/{k}shot"] <= 1 and metrics[f"fewshot/{k}shot_std"] >= 0
-    assert metrics["fewshot/25shot"] > metrics["fewshot/1shot"]
+        assert 0.15 < metrics[f"fewshot/{k}shot_top1"] <= 1 and metrics[f"fewshot/{k}shot_top1_std"] >= 0
+    assert metrics["fewshot/25shot_top1"] > metrics["fewshot/1shot_top1"]
     assert metrics["linear/lr"] in probe.default_config().linear.lrs
     assert all((out / path).exists() for path in result["artifacts"].values())
     per_seed = json.loads((out / "fewshot.json").read_text())["top1"]
-    assert np.mean(per_seed["10"]) == pytest.approx(metrics["fewshot/10shot"]) and len(per_seed["10"]) == 3
+    assert np.mean(per_seed["10"]) == pytest.approx(metrics["fewshot/10shot_top1"]) and len(per_seed["10"]) == 3
 
     from data import manifest, records
     for split in ("train", "val", "test"):
@@ -234,7 +234,7 @@ def test_the_in_training_evaluator_agrees_with_the_stage(probed, pretrain_export
     evals = ml_collections.ConfigDict({"fewshot": dict(type="fewshot", train_split="train", split="test", every=50)})
     every, ev = evaluators.build(evals, predict, ctx, "pretrain.evals")["fewshot"]
     got = dict(ev.run(params, {}))
-    assert every == 50 and set(got) == {f"{k}shot{s}" for k in fewshot.SHOTS for s in ("", "_std")}
+    assert every == 50 and set(got) == {f"{k}shot_top1{s}" for k in fewshot.SHOTS for s in ("", "_std")}
     for name, value in got.items():
         assert value == pytest.approx(result["metrics"][f"fewshot/{name}"], abs=1e-12)
 

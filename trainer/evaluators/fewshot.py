@@ -15,7 +15,7 @@ W = Aᵀ Q diag(1/(λ+l2)) Qᵀ Y. Both equal (AᵀA + l2 I)⁻¹ AᵀY. It runs
 rel. 1e-8 and benchmarks/fewshot.py measures the time and the float32 difference.
 
 A class with fewer train examples than the largest shot count is an error naming the class (big_vision
-silently takes fewer). The evaluator yields `<k>shot` (mean top-1 over seeds) and `<k>shot_std`.
+silently takes fewer). The evaluator yields `<k>shot_top1` (mean top-1 over seeds) and `<k>shot_top1_std`.
 The probe stage (eval/probe.py) calls `evaluate` on its cached features.
 """
 from __future__ import annotations
@@ -110,10 +110,10 @@ def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
 
 
 def summary(results: Mapping[int, Sequence[float]]) -> Iterator[tuple[str, float]]:
-    """`<k>shot` (mean over seeds) and `<k>shot_std` (population std over seeds)."""
+    """`<k>shot_top1` (mean over seeds) and `<k>shot_top1_std` (population std over seeds)."""
     for k, accs in results.items():
-        yield f"{k}shot", float(np.mean(accs))
-        yield f"{k}shot_std", float(np.std(accs))
+        yield f"{k}shot_top1", float(np.mean(accs))
+        yield f"{k}shot_top1_std", float(np.std(accs))
 
 
 def _int(value) -> bool:
