@@ -58,15 +58,19 @@ class _Fields:
     real_labels: bool = False
     num_attributes: int = 0
     cue_conflict: bool = False
+    tokenizer: Any = None  # data.tokenizer.ByteTokenizer: yield `tokens` + `text_mask` of a caption
 
     @classmethod
     def from_manifest(cls, m: manifest_lib.Manifest, first_record: records.Record | None,
-                      image_size: int) -> "_Fields":
+                      image_size: int, tokenizer: Any = None, where: str = "") -> "_Fields":
         num_attributes = 0
         if "attributes" in m.features and first_record is not None:
             num_attributes = len(first_record.attributes or ())
+        if tokenizer is not None and "text" not in m.features:
+            raise ValueError(f"{where}: split {m.dataset}/{m.split} has no `text` field, so it has no captions to "
+                             "tokenize (prepare it from a source with captions)")
         return cls(image_size, m.num_classes, "real_labels" in m.features, num_attributes,
-                   "shape_label" in m.features)
+                   "shape_label" in m.features, tokenizer)
 
     def fill(self, out: dict[str, np.ndarray], i: int, rec: records.Record) -> None:
         """Writes rec's labels/metadata into row i of a batch made by `zeros`."""
@@ -86,6 +90,10 @@ class _Fields:
             out["shape_label"][i] = -1 if rec.shape_label is None else rec.shape_label
             out["texture_label"][i] = -1 if rec.texture_label is None else rec.texture_label
 
+    def fill_text(self, out: dict[str, np.ndarray], i: int, caption: str) -> None:
+        tokens, mask = self.tokenizer.encode([caption])
+        out["tokens"][i], out["text_mask"][i] = tokens[0], mask[0]
+
     def zeros(self, n: int) -> dict[str, np.ndarray]:
         """A batch of n padding examples: what `fill` writes into, and eval's padding."""
         s = self.image_size
@@ -99,6 +107,9 @@ class _Fields:
         if self.cue_conflict:
             out["shape_label"] = np.full((n,), -1, np.int32)
             out["texture_label"] = np.full((n,), -1, np.int32)
+        if self.tokenizer is not None:
+            out["tokens"] = np.zeros((n, self.tokenizer.max_len), np.int32)  # all padding
+            out["text_mask"] = np.zeros((n, self.tokenizer.max_len), bool)
         return out
 
 
@@ -120,6 +131,12 @@ class _DecodeBatch(grain.transforms.Map):
     def image(self, data: bytes, position: int, out: np.ndarray) -> None:
         """Decodes (and augments) one record's image into `out`, a row of the batch."""
 
+    def caption(self, rec: records.Record, position: int) -> str:
+        """Which of the record's captions this row gets: the first (eval); training draws one."""
+        if not rec.text:
+            raise records.RecordError(f"record {rec.id!r}: no caption in a split with text")
+        return rec.text[0]
+
     def map(self, step: int) -> dict[str, np.ndarray]:
         indices, positions = self.rows(step)
         out = self.fields.zeros(len(indices))
@@ -127,6 +144,8 @@ class _DecodeBatch(grain.transforms.Map):
             rec = records.decode(self.source[index])
             self.image(rec.image, position, out["image"][i])
             self.fields.fill(out, i, rec)
+            if self.fields.tokenizer is not None:
+                self.fields.fill_text(out, i, self.caption(rec, position))
         return out
 
 
@@ -140,7 +159,7 @@ class TrainDecodeBatch(_DecodeBatch):
     def __init__(self, source, fields: _Fields, cfg: augment_lib.AugmentConfig, seed: int, *,
                  global_batch_size: int, process_index: int, process_count: int):
         super().__init__(source, fields)
-        self.cfg, self.seed = cfg, _seed(seed, 1)
+        self.cfg, self.seed, self.caption_seed = cfg, _seed(seed, 1), _seed(seed, 3)
         self.shuffle = shuffle_lib.EpochShuffle(len(source), _seed(seed, 0))
         self.offsets = process_index + process_count * np.arange(global_batch_size // process_count)
         self.global_batch_size = global_batch_size
@@ -152,6 +171,14 @@ class TrainDecodeBatch(_DecodeBatch):
     def image(self, data: bytes, position: int, out: np.ndarray) -> None:
         rng = np.random.Generator(np.random.Philox(key=self.seed, counter=[0, 0, 0, position]))
         augment_lib.train_image(data, rng, self.fields.image_size, self.cfg, out=out)
+
+    def caption(self, rec: records.Record, position: int) -> str:
+        """One of the record's captions, drawn like the crop: Philox at counter `position` (its own
+        key), so the draw depends neither on the batch, the process count nor the thread count."""
+        if len(rec.text or ()) <= 1:
+            return super().caption(rec, position)
+        rng = np.random.Generator(np.random.Philox(key=self.caption_seed, counter=[0, 0, 0, position]))
+        return rec.text[int(rng.integers(len(rec.text)))]
 
 
 class EvalDecodeBatch(_DecodeBatch):
@@ -226,7 +253,7 @@ class _SplitLoader:
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
                  data_axes: Sequence[str], process_index: int | None, process_count: int | None,
-                 worker_count: int, read_threads: int):
+                 worker_count: int, read_threads: int, tokenizer: Any = None):
         if worker_count < 0 or read_threads < 1:
             raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, "
                              f"{read_threads}")
@@ -240,7 +267,8 @@ class _SplitLoader:
             raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
         self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
         self.source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
-        self._fields = _Fields.from_manifest(m, records.decode(self.source[0]), image_size)
+        self._fields = _Fields.from_manifest(m, records.decode(self.source[0]), image_size, tokenizer,
+                                             where=str(split_dir))
         # Strided: each process reads a disjoint 1/pc of the records; union = the split.
         self.records = grain.MapDataset.source(self.source)[pi::pc]  # serialized, for inspection
         self.manifest = m
@@ -341,27 +369,30 @@ def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: in
                  augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
                  worker_count: int = 0, read_threads: int = READ_THREADS,
                  data_axes: Sequence[str] = ("data",), process_index: int | None = None,
-                 process_count: int | None = None) -> TrainLoader:
+                 process_count: int | None = None, tokenizer: Any = None) -> TrainLoader:
     """Training batches of `split_dir` (a prepared split). `augment`: None = Inception crop +
     flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
     `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
     many Grain worker processes, each with `read_threads` threads. Batches: image f32 [B,H,W,3]
     in [-1,1], labels f32 [B,C] multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
-    / attributes / shape_label, texture_label when the split has them."""
+    / attributes / shape_label, texture_label when the split has them. With a `tokenizer`
+    (data/tokenizer.py; the split must have text): tokens int32 [B,L] + text_mask bool [B,L] of one
+    caption per example, drawn per stream position like the crop."""
     return TrainLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                        seed=seed, mesh=mesh, augment_cfg=augment_lib.AugmentConfig.from_any(augment),
                        worker_count=worker_count, read_threads=read_threads,
                        data_axes=tuple(data_axes), process_index=process_index,
-                       process_count=process_count)
+                       process_count=process_count, tokenizer=tokenizer)
 
 
 def eval_loader(split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
                 worker_count: int = 0, read_threads: int = READ_THREADS,
                 data_axes: Sequence[str] = ("data",), process_index: int | None = None,
-                process_count: int | None = None) -> EvalLoader:
+                process_count: int | None = None, tokenizer: Any = None) -> EvalLoader:
     """Evaluation batches of `split_dir`: resize shorter side + central crop to image_size,
-    deterministic order, last batch padded; same keys as training plus `mask` bool [B]."""
+    deterministic order, last batch padded; same keys as training plus `mask` bool [B] (with a
+    `tokenizer`: the first caption's tokens)."""
     return EvalLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
                       mesh=mesh, worker_count=worker_count, read_threads=read_threads,
-                      data_axes=tuple(data_axes),
-                      process_index=process_index, process_count=process_count)
+                      data_axes=tuple(data_axes), process_index=process_index,
+                      process_count=process_count, tokenizer=tokenizer)

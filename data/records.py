@@ -7,7 +7,7 @@
 | id | bytes | stable unique id (TFDS id or relative source path), UTF-8 |
 | real_labels | int64 list, optional | ImageNet-ReaL label set (present-but-empty = unlabeled) |
 | attributes | int64 list, optional | e.g. CelebA binary attributes |
-| text | bytes, optional | caption (LiT), UTF-8 |
+| text | bytes list, optional | one or more captions (LiT), UTF-8 |
 | shape_label, texture_label | int64, optional | cue-conflict images (model-vs-human) |
 
 TensorFlow is deliberately NOT imported (DESIGN §6: 2.7-5 s and ~0.6 GB per worker process).
@@ -134,9 +134,13 @@ class Record:
     id: str
     real_labels: tuple[int, ...] | None = None
     attributes: tuple[int, ...] | None = None
-    text: str | None = None
+    text: tuple[str, ...] | None = None  # one or more captions (a single str is taken as one)
     shape_label: int | None = None
     texture_label: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.text, str):
+            object.__setattr__(self, "text", (self.text,))
 
     def features(self) -> tuple[str, ...]:
         """The schema keys this record carries."""
@@ -167,9 +171,10 @@ def encode(record: Record) -> bytes:
         if value is not None:
             feats[key] = ("int64", _int_list(key, value, rid))
     if record.text is not None:
-        if not isinstance(record.text, str):
-            raise RecordError(f"record {rid!r}: field 'text' must be str, got {type(record.text).__name__}")
-        feats["text"] = ("bytes", [record.text.encode("utf-8")])
+        if not isinstance(record.text, tuple) or not record.text or not all(isinstance(t, str) for t in record.text):
+            raise RecordError(f"record {rid!r}: field 'text' must be a caption (str) or a non-empty tuple of "
+                              f"them, got {record.text!r:.80}")
+        feats["text"] = ("bytes", [t.encode("utf-8") for t in record.text])
     for key in _SCALAR_KEYS:
         value = getattr(record, key)
         if value is not None:
@@ -196,7 +201,9 @@ def decode(data: bytes) -> Record:
 
     image, text = get("image"), get("text")
     ident = get("id")
-    for key, value in (("image", image), ("id", ident), ("text", text)):
+    if text is not None and not text:
+        raise RecordError(f"record {rid!r}: feature 'text' holds no caption")
+    for key, value in (("image", image), ("id", ident)):
         if value is not None and len(value) != 1:
             raise RecordError(f"record {rid!r}: feature {key!r} must hold exactly one value, got {len(value)}")
     scalars = {}
@@ -208,4 +215,4 @@ def decode(data: bytes) -> Record:
     return Record(
         image=image[0], label=get("label"), id=ident[0].decode("utf-8"),
         real_labels=get("real_labels"), attributes=get("attributes"),
-        text=None if text is None else text[0].decode("utf-8"), **scalars)
+        text=None if text is None else tuple(t.decode("utf-8") for t in text), **scalars)

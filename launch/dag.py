@@ -157,6 +157,8 @@ STAGES = Registry([
           validate="trainer.pretrain:validate"),
     Stage("finetune", "trainer.finetune:run", upstream=("prepare",), upstream_from=("init_from",),
           instances=True, resumable=True, validate="trainer.finetune:validate"),
+    Stage("lit", "trainer.lit:run", upstream=("prepare",), upstream_from=("image_from",), resumable=True,
+          validate="trainer.lit:validate"),
 ])
 
 

@@ -24,7 +24,7 @@ class RawExample:
     label: tuple[int, ...] = ()
     real_labels: tuple[int, ...] | None = None
     attributes: tuple[int, ...] | None = None
-    text: str | None = None
+    text: str | tuple[str, ...] | None = None  # one caption or several
     shape_label: int | None = None
     texture_label: int | None = None
     error: tuple[str, str] | None = None

@@ -35,10 +35,36 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return d.images, d.target
 
 
+@functools.lru_cache(maxsize=1)
+def _heavy_ink() -> np.ndarray:
+    """bool [1797]: the digit's mean ink (its native 8x8 intensities, 0-16) is above the median
+    over all 1,797 digits. A real property of the pixels, independent of the rendered size and of
+    the split, that correlates with the class (a 1 has little ink, an 8 or a 0 much), so subgroup
+    accuracies and positive-prediction rates differ between the two groups: the fairness metrics'
+    "sensitive attribute" for the dry-run."""
+    ink = _digits()[0].mean(axis=(1, 2))
+    return ink > np.median(ink)
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Caption templates for the digits (LiT's text on the offline data): {w} = the digit in words,
+# {d} = as a numeral. Each image gets three of them, chosen by its index.
+CAPTION_TEMPLATES = ("a handwritten {w}", "the digit {d}", "a photo of the number {w}", "a {w} written by hand",
+                     "the number {d}, handwritten", "an image of a {w}", "a blurry {w}", "a small {d}")
+
+
+def digit_captions(label: int, index: int) -> tuple[str, ...]:
+    """Three varied captions of a digit image (deterministic in its sklearn index)."""
+    picks = [(index + k * 3) % len(CAPTION_TEMPLATES) for k in range(3)]
+    return tuple(CAPTION_TEMPLATES[i].format(w=DIGIT_WORDS[label], d=label) for i in picks)
+
+
 class DigitsSource:
     """sklearn's 1,797 8x8 digits, upscaled to `image_size`, as PNG bytes (so they take the same
     decode/validate path as real files). Splits are a fixed permutation (seed 0): 80% train,
-    10% val, 10% test; "all" is everything."""
+    10% val, 10% test; "all" is everything. One binary attribute per record, `heavy_ink`
+    (`_heavy_ink`), for the fairness metrics, and three captions (`digit_captions`) for LiT."""
+    ATTRIBUTES = ("heavy_ink",)
     kind = "digits"
     FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0), "all": (0.0, 1.0)}
     CHUNK = 256
@@ -49,9 +75,10 @@ class DigitsSource:
         self.image_size = image_size
 
     def info(self) -> SourceInfo:
-        return SourceInfo(tuple(str(i) for i in range(10)), (),
+        return SourceInfo(tuple(str(i) for i in range(10)), ("attributes", "text"),
                           {"type": "digits", "library": "sklearn.datasets.load_digits",
-                           "image_size": self.image_size, "split_seed": 0})
+                           "image_size": self.image_size, "split_seed": 0,
+                           "attribute_names": list(self.ATTRIBUTES)})
 
     def _indices(self, selector: str) -> np.ndarray:
         if selector not in self.FRACTIONS:
@@ -74,7 +101,8 @@ class DigitsSource:
         gray = cv2.resize(gray, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
         yield RawExample(id=f"digits/{index:04d}", source=f"sklearn.digits[{index}]",
                          image=images.encode_png(np.repeat(gray[..., None], 3, axis=-1)),
-                         label=(int(target[index]),))
+                         label=(int(target[index]),), attributes=(int(_heavy_ink()[index]),),
+                         text=digit_captions(int(target[index]), index))
 
 
 

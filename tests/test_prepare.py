@@ -197,7 +197,7 @@ def test_csv_labels_attributes_text_and_duplicate_ids(tmp_path):
     assert m.num_records == 3 and m.num_dead_letters == 3 and result.counters["read"] == 6
     assert m.features == ["image", "label", "id", "attributes", "text"]
     by_id = {r.id: r for r in recs}
-    assert by_id["a/1.jpg"].label == (0, 1) and by_id["a/1.jpg"].text == "first caption"
+    assert by_id["a/1.jpg"].label == (0, 1) and by_id["a/1.jpg"].text == ("first caption",)
     assert by_id["a/1.jpg"].attributes == (1, 0)
     assert by_id["a/2.jpg"].label == (0,) and by_id["b/3.png"].label == (1,)
     reasons = sorted((d["id"], d["reason"]) for d in _letters(split))

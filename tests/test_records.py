@@ -25,6 +25,14 @@ def test_round_trip_minimal_record_keeps_absent_fields_absent():
     assert FULL.features() == tuple(records.FEATURE_KINDS)
 
 
+def test_several_captions_round_trip_and_a_single_str_is_one_caption():
+    rec = records.Record(image=b"x", label=(1,), id="a", text=("a seven", "the digit 7"))
+    assert records.decode(records.encode(rec)).text == ("a seven", "the digit 7")
+    assert records.Record(image=b"x", label=(1,), id="a", text="one").text == ("one",)
+    with pytest.raises(records.RecordError, match="field 'text'"):
+        records.encode(records.Record(image=b"x", label=(1,), id="a", text=()))
+
+
 def test_present_but_empty_real_labels_differs_from_absent():
     with_empty = records.decode(records.encode(records.Record(image=b"x", label=(1,), id="a", real_labels=())))
     assert with_empty.real_labels == ()
@@ -48,7 +56,7 @@ def test_byte_identical_to_tensorflow():
         "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[FULL.id.encode()])),
         "real_labels": tf.train.Feature(int64_list=tf.train.Int64List(value=[])),
         "attributes": tf.train.Feature(int64_list=tf.train.Int64List(value=list(FULL.attributes))),
-        "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[FULL.text.encode()])),
+        "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode() for t in FULL.text])),
         "shape_label": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
         "texture_label": tf.train.Feature(int64_list=tf.train.Int64List(value=[5])),
     }))

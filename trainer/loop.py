@@ -52,6 +52,7 @@ class Env:
     train: Any  # data.loader.TrainLoader of the training split
     num_classes: int
     split_dir: Callable[[str, str], Path]  # (dataset, split) -> a prepared split dir
+    loader_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 def split_dir(cfg, inputs: dict, dataset: str, split: str, *, stage: str) -> Path:
@@ -80,7 +81,10 @@ def check_mesh(cfg, mesh, stage: str) -> None:
             raise ValueError(f"{stage}.{field}={value} is not divisible by {jax.process_count()} processes")
 
 
-def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stage: str) -> dict:
+def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stage: str,
+        loader_kwargs: dict | None = None) -> dict:
+    """Trains `build_task(env)`; `loader_kwargs` go to every data loader of the stage, its
+    evaluators' included (e.g. LiT's `tokenizer`, which makes batches carry caption tokens)."""
     from data import loader  # here, so that trainer/models + flops + step stay importable without Grain
 
     out = Path(out)
@@ -99,9 +103,9 @@ def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stag
     train = loader.train_loader(train_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,
                                 seed=cfg.seed, mesh=mesh, augment=cfg.data.augment.to_dict(),
                                 worker_count=rt.worker_count, read_threads=rt.read_threads,
-                                data_axes=sharding.data_axes(mesh))
+                                data_axes=sharding.data_axes(mesh), **(loader_kwargs or {}))
     try:
-        env = Env(cfg, inputs, mesh, train, train.num_classes, locate)
+        env = Env(cfg, inputs, mesh, train, train.num_classes, locate, dict(loader_kwargs or {}))
         return _train(cfg, out, build_task(env), env, stage)
     finally:
         train.close()  # Grain worker processes (worker_count > 0) must not outlive the stage
@@ -124,7 +128,7 @@ def _train(cfg, out: Path, task: Task, env: Env, stage: str) -> dict:
                              image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
                              param_shardings=setup.shardings["params"], frozen_shardings=setup.frozen_shardings,
                              read_threads=rt.read_threads, worker_count=rt.worker_count,
-                             class_names=tuple(train.manifest.class_names))
+                             class_names=tuple(train.manifest.class_names), loader_kwargs=env.loader_kwargs)
     evals = evaluators.build(cfg.evals, task.predict, ctx, where=f"{stage}.evals")
 
     # --- Restore: own checkpoint > resume > init_params / the task's start > scratch.

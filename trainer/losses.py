@@ -14,7 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "top1_correct", "topk_correct", "masked_sum",
+__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "contrastive_softmax", "contrastive_sigmoid",
+           "top1_correct", "topk_correct", "masked_sum",
            "masked_mean"]
 
 
@@ -115,3 +116,24 @@ def get(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, jax.Arr
     if label_smoothing:
         raise ValueError(f"label_smoothing={label_smoothing!r} applies to softmax_xent only, not loss={name!r}")
     return LOSSES[name]
+
+
+def contrastive_softmax(zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.Array) -> jax.Array:
+    """CLIP/LiT's symmetric contrastive loss over a batch of matching (image, text) pairs, scalar.
+
+    logits = zimg @ ztxtᵀ * exp(t) (embeddings L2-normalised by the caller); the positives are on
+    the diagonal; the loss is the mean of the image->text (row-wise) and text->image
+    (column-wise) softmax cross-entropies. Swapping the towers gives the same value.
+    """
+    logits = (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T) * jnp.exp(log_temperature)
+    i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+    t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+    return 0.5 * (i2t + t2i)
+
+
+def contrastive_sigmoid(zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.Array, bias: jax.Array) -> jax.Array:
+    """SigLIP's pairwise sigmoid loss, scalar: every (image, text) pair is a binary problem,
+    +1 on the diagonal and -1 elsewhere; -sum log_sigmoid(label * (logit * exp(t) + b)) / batch."""
+    logits = (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T) * jnp.exp(log_temperature) + bias
+    labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]

@@ -110,8 +110,10 @@ def _positive_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
-def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | None = None) -> None:
-    """Plan-time checks of the shared keys of a training stage group `where` (e.g. "pretrain")."""
+def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, *,
+          model: bool = True) -> None:
+    """Plan-time checks of the shared keys of a training stage group `where` (e.g. "pretrain");
+    `model=False`: the stage checks its `model.*` itself (e.g. LiT's text tower)."""
     upstream = upstream or {}
     given = [k for k in ("steps", "epochs", "examples") if cfg[k] is not None]
     if len(given) != 1:
@@ -142,7 +144,7 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
         field = re.match(r"optim config field '([^']+)': (.*)", str(e))
         raise (_fail(f"{where}.optim.{field[1]}", field[2]) if field else _fail(f"{where}.optim", str(e))) from None
 
-    if cfg.model.variant:  # "" = the upstream export's architecture (fine-tuning checks it itself)
+    if model and cfg.model.variant:  # "" = the upstream export's architecture (fine-tuning checks it)
         try:
             model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size
         except (ValueError, TypeError) as e:

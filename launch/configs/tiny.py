@@ -15,7 +15,7 @@ import ml_collections
 
 from launch.configs import common
 from pipelines import prepare
-from trainer import finetune, pretrain
+from trainer import finetune, lit, pretrain
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -65,6 +65,29 @@ def finetune_run(image_size: int) -> ml_collections.ConfigDict:
     return c
 
 
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def lit_config() -> ml_collections.ConfigDict:
+    """LiT on the digits captions: the pretrained mu/4 locked, a 1-layer mu text tower trained."""
+    c = lit.default_config()
+    c.image_from = "pretrain"
+    c.model.variant = "mu"
+    c.model.depth = 1
+    c.data.dataset = "digits"
+    c.data.image_size = 32
+    c.batch_size = c.eval_batch_size = 64
+    c.steps = 150
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 10
+    c.mesh.data, c.mesh.model = 4, 2
+    c.checkpoint_every = 50
+    c.evals.zeroshot.every = c.evals.retrieval.every = 75
+    c.evals.zeroshot.class_names = DIGIT_WORDS  # the prompts name the classes in words
+    c.runtime.log_every = 10
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.run --config launch/configs/tiny.py[:STAGE,...]` (ARG keeps only those stages)."""
     groups = {
@@ -72,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "prepare": prepare.default_config(),
         "pretrain": pretrain_config(),
         "finetune": finetune.group(),
+        "lit": lit_config(),
     }
     groups["finetune"].runs.r48 = finetune_run(48)
     groups["finetune"].runs.r32 = finetune_run(32)

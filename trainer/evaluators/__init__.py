@@ -18,12 +18,15 @@ from trainer.evaluators.base import Context, Evaluator, sum_over
 from trainer.evaluators.classification import Classification
 from trainer.evaluators.fewshot import FewShot
 from trainer.evaluators.label_map import LabelMapAccuracy
+from trainer.evaluators.zeroshot import Retrieval, ZeroShot
 
 __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_over"]
 
 TABLE: dict[str, type[Evaluator]] = {
     "classification": Classification,
     "label_map": LabelMapAccuracy,  # scores in another label space through data/label_maps (label_map.py)
+    "zeroshot": ZeroShot,  # two-tower (LiT) zero-shot classification (zeroshot.py)
+    "retrieval": Retrieval,  # two-tower image<->text recall@k (zeroshot.py)
     "fewshot": FewShot,  # closed-form few-shot on pre-logits, big_vision's fewshot_lsr (fewshot.py)
 }
 

@@ -33,14 +33,17 @@ class Context:
     read_threads: int = 2
     worker_count: int = 0
     class_names: tuple[str, ...] = ()  # the model's output classes (its training split's manifest)
+    loader_kwargs: dict = dataclasses.field(default_factory=dict)  # the stage's, e.g. LiT's tokenizer
 
-    def loader(self, split: str, dataset: str | None = None, image_size: int | None = None):
-        """A re-iterable EvalLoader over one prepared split (padded batches with `mask`)."""
+    def loader(self, split: str, dataset: str | None = None, image_size: int | None = None, **loader_kwargs):
+        """A re-iterable EvalLoader over one prepared split (padded batches with `mask`); keyword
+        args override the stage's `loader_kwargs` (e.g. `tokenizer=None` for a split without text)."""
         from data import loader  # Grain: only where data is read
         return loader.eval_loader(self.split_dir(dataset or self.dataset, split),
                                   global_batch_size=self.batch_size, image_size=image_size or self.image_size,
                                   mesh=self.mesh, read_threads=self.read_threads,
-                                  worker_count=self.worker_count, data_axes=sharding.data_axes(self.mesh))
+                                  worker_count=self.worker_count, data_axes=sharding.data_axes(self.mesh),
+                                  **{**self.loader_kwargs, **loader_kwargs})
 
     def jit(self, fn: Callable) -> Callable:
         """Jits `fn(params, frozen, batch) -> sums` with these shardings (trainer/step.py)."""
