@@ -20,7 +20,10 @@ from pipelines.source_types import RawExample, SourceError, SourceInfo
 TFDS_FIELD_MAP: dict[str, dict[str, str | None]] = {
     "imagenet2012_real": {"label": "original_label", "real_labels": "real_label"},
     "celeb_a": {"label": None, "attributes": "attributes"},
+    "coco_captions": {"label": None, "text": "captions/text"},
 }
+# Caption features looked for when a dataset has no entry above (flattened Example keys).
+CAPTION_FEATURES = ("caption", "captions/text", "text")
 _ARRAY_RECORD_CHUNK = 1024
 
 
@@ -92,8 +95,14 @@ class TfdsSource:
         self._info = builder.info
         self.file_format = str(getattr(self._info.file_format, "value", self._info.file_format) or "tfrecord")
         features = self._info.features
-        mapping = {"image": "image", "label": "label", "real_labels": None, "attributes": None}
-        mapping.update(TFDS_FIELD_MAP.get(name.split("/")[0].split(":")[0], {}))
+        mapping = {"image": "image", "label": "label", "real_labels": None, "attributes": None, "text": None}
+        known = TFDS_FIELD_MAP.get(name.split("/")[0].split(":")[0], {})
+        if "text" not in known:  # e.g. "caption" (Text), "captions" (Sequence({"text": Text}))
+            flat = set(features.keys()) | {f"{k}/text" for k in features.keys()
+                                           if hasattr(features[k], "feature") and "text" in getattr(
+                                               features[k].feature, "keys", lambda: ())()}
+            mapping["text"] = next((f for f in CAPTION_FEATURES if f in flat), None)
+        mapping.update(known)
         if mapping["label"] is not None and mapping["label"] not in features:
             mapping["label"] = None
         if mapping["image"] not in features:
@@ -113,7 +122,7 @@ class TfdsSource:
         return sorted(self._info.splits.keys())
 
     def info(self) -> SourceInfo:
-        feats = tuple(k for k in ("real_labels", "attributes") if self.mapping.get(k))
+        feats = tuple(k for k in ("real_labels", "attributes", "text") if self.mapping.get(k))
         desc = {"type": "tfds", "name": self.name, "version_dir": str(self.version_dir),
                 "file_format": self.file_format, "label_feature": self.mapping["label"],
                 "id_feature": self.id_key or "tfds_id"}
@@ -171,4 +180,9 @@ class TfdsSource:
             fields["real_labels"] = tuple(int(v) for v in ex.get(m["real_labels"], ()))
         if self.attribute_names:
             fields["attributes"] = tuple(int(ex[f"{m['attributes']}/{a}"][0]) for a in self.attribute_names)
+        if m.get("text"):  # every caption of the example (LiT draws one per step)
+            captions = tuple(v.decode("utf-8") for v in ex.get(m["text"], ()) if v)
+            if not captions:
+                return RawExample(id=rid, source=tfds_id, error=("bad_metadata", f"no caption in {m['text']!r}"))
+            fields["text"] = captions
         return RawExample(id=rid, source=tfds_id, image=images_[0], **fields)

@@ -155,3 +155,14 @@ def test_bad_lit_configs_are_one_line(prepared_digits, pretrain_export, tmp_path
         with pytest.raises(ValueError) as e:
             lit.run(_lit_cfg(prepared_digits, **overrides), {"pretrain": pretrain_export}, tmp_path)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_tfds_captions_become_record_text():
+    from pipelines import tfds_source
+    src = object.__new__(tfds_source.TfdsSource)  # the conversion alone: no TFDS data dir needed
+    src.mapping = {"image": "image", "label": None, "real_labels": None, "attributes": None, "text": "captions/text"}
+    src.id_key, src.attribute_names = "id", ()
+    ex = {"id": (b"img1",), "image": (b"jpeg",), "captions/text": (b"a dog", b"a dog on grass")}
+    assert src._convert(ex, "x__0").text == ("a dog", "a dog on grass")
+    missing = src._convert({"id": (b"img2",), "image": (b"jpeg",)}, "x__1")
+    assert missing.error == ("bad_metadata", "no caption in 'captions/text'")
