@@ -8,16 +8,25 @@ Layout inside a stage output dir:
 
 Resume order (big_vision / MaxText): own checkpoint > explicit `resume` > params-only `init_params`
 > scratch; `initial_state` below implements it.
+
+Elastic restore: `state` restores into whatever shardings the caller's abstract state carries (a
+checkpoint written on a 4x2 mesh restores on 2x4, 8x1 or 4 devices); the Grain iterator state
+(`data/process_<i>-of-<n>.json`, one per process) is a position in the loader's one global stream,
+the same in every process, so a checkpoint written by n processes resumes on any other number
+(`data_state`); processes that disagree are reported, never guessed. `load_params(dir)` without
+shapes reads plain NumPy on one host, whatever mesh wrote the params.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -41,13 +50,51 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
     def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> tuple[Any, int]:
-        """Restores `state` into the shardings of `abstract_state` and moves the iterator in place."""
+        """Restores `state` into the shardings of `abstract_state` (any mesh) and moves the iterator
+        in place (any process count, see `data_state`)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        # The iterator first: its prefetch then overlaps the state's read (Grain's advice).
+        data_iterator.set_state(self.data_state(step))
+        data_iterator.start_prefetch()
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            state=ocp.args.StandardRestore(abstract_state)))
         return restored.state, step
+
+    def data_state(self, step: int, process_index: int | None = None,
+                   process_count: int | None = None) -> Any:
+        """This process's Grain iterator state at `step`. Written by another number of processes:
+        their common state (all processes of a run stand at the same global batch); a ValueError
+        naming the files when they disagree or some are missing."""
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        directory = self.directory / str(step) / "data"
+        own = directory / f"process_{pi}-of-{pc}.json"
+        if own.is_file():
+            return json.loads(own.read_text())
+        found = {}
+        for path in sorted(directory.glob("process_*-of-*.json")):
+            match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+            if match:
+                found[int(match[1]), int(match[2])] = json.loads(path.read_text())
+        counts = sorted({n for _, n in found})
+        if len(counts) != 1:
+            raise ValueError(f"{directory}: no iterator state for process {pi} of {pc}; files for process "
+                             f"counts {counts or 'none'}")
+        written = counts[0]
+        missing = sorted(set(range(written)) - {i for i, _ in found})
+        if missing:
+            raise ValueError(f"{directory}: written by {written} processes but process_{missing[0]}-of-"
+                             f"{written}.json is missing")
+        states = [found[i, written] for i in range(written)]
+        if any(state != states[0] for state in states):
+            differ = next(i for i, state in enumerate(states) if state != states[0])
+            raise ValueError(f"{directory}: the {written} processes' iterator states differ (process 0: "
+                             f"{states[0]}, process {differ}: {states[differ]}); cannot map them to {pc} processes")
+        log.warning("%s: iterator state written by %d processes, resumed on %d: the same global batches "
+                    "follow (mixup pairs rows within a process, so its pairs change)", directory, written, pc)
+        return states[0]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -70,12 +117,20 @@ def save_params(directory: Path, params: Any) -> None:
 
 
 def load_params(directory: Path, abstract_params: Any | None = None) -> Any:
-    """Reads exported parameters, optionally straight into the given shapes/shardings."""
+    """Reads exported parameters straight into the given shapes/shardings, or, without them, as
+    plain NumPy arrays on this host (no mesh, any device count; the saved shardings are ignored)."""
     directory = Path(directory).absolute()
     if not directory.exists():
         raise FileNotFoundError(f"params directory {directory} does not exist")
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(directory, abstract_params) if abstract_params is not None else ckpt.restore(directory)
+    if abstract_params is not None:
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore(directory, abstract_params)
+    # Orbax 0.12 restores into the saved shardings unless told otherwise, and those name the
+    # writer's devices ("Topology mismatch"): ask for NumPy per leaf of the saved tree instead.
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.metadata(directory).item_metadata.tree
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckpt.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def write_model_json(path: Path, spec: dict) -> None:
