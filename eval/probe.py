@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import numbers
 import os
@@ -53,8 +52,6 @@ import optax
 from trainer import checkpoint, evaluators, features, sharding
 from trainer.evaluators import fewshot
 from trainer.models import vit
-
-log = logging.getLogger(__name__)
 
 PRED = "pre_logits"
 _CHUNK = 8192  # rows read from a feature memory map at a time when scoring or taking moments
@@ -376,8 +373,9 @@ def top1(x: np.ndarray, y: np.ndarray, head: Mapping[str, np.ndarray]) -> float:
 
 def linear_probe(train: Split, lin) -> tuple[dict[str, np.ndarray], dict]:
     """(head, info): (lr, l2) chosen on a held-out slice of train, then refit on all of it."""
-    n = len(train.y)
-    perm = np.random.default_rng([lin.seed, 0]).permutation(n)
+    labelled = np.flatnonzero(train.y >= 0)  # records without a label (-1) train nothing
+    n = len(labelled)
+    perm = labelled[np.random.default_rng([lin.seed, 0]).permutation(n)]
     n_hold = min(max(1, round(lin.holdout * n)), n - 1)
     hold, fit_rows = perm[:n_hold], perm[n_hold:]
     points = [(float(lr), float(l2)) for lr in lin.lrs for l2 in lin.l2s]
@@ -385,7 +383,7 @@ def linear_probe(train: Split, lin) -> tuple[dict[str, np.ndarray], dict]:
     kernels, biases = train_heads(train.x, train.y, fit_rows, train.num_classes, points, **kwargs)
     accs = top1s(train.x, train.y, kernels, biases, hold)
     best = int(np.argmax(accs))  # first in grid order on ties
-    kernels, biases = train_heads(train.x, train.y, np.arange(n), train.num_classes, [points[best]], **kwargs)
+    kernels, biases = train_heads(train.x, train.y, labelled, train.num_classes, [points[best]], **kwargs)
     info = {"lr": points[best][0], "l2": points[best][1], "holdout_top1": accs[best],
             "grid": [{"lr": lr, "l2": l2, "holdout_top1": a} for (lr, l2), a in zip(points, accs)]}
     return {"kernel": kernels[0], "bias": biases[0]}, info
