@@ -159,6 +159,8 @@ STAGES = Registry([
           instances=True, resumable=True, validate="trainer.finetune:validate"),
     Stage("lit", "trainer.lit:run", upstream=("prepare",), upstream_from=("image_from",), resumable=True,
           validate="trainer.lit:validate"),
+    Stage("probe", "eval.probe:run", upstream=("prepare",), upstream_from=("model_from",), resumable=True,
+          validate="eval.probe:validate"),
 ])
 
 

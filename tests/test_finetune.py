@@ -1,12 +1,6 @@
 """The finetune stage and label maps: params transfer (head, position embedding), plan-time errors,
 instances in the real config, resume after SIGKILL, label-map scoring."""
 import dataclasses
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,10 +12,11 @@ import pytest
 from data import label_maps, loader
 from launch import dag
 from launch.configs import tiny
-from trainer import checkpoint, evaluators, finetune, sharding, transfer
+from trainer import checkpoint, evaluators, sharding, transfer
 from trainer.models import vit
 
-REPO = Path(__file__).resolve().parents[1]
+import stage_resume
+
 
 
 def _export(pretrain_export):
@@ -179,31 +174,8 @@ print("RESULT", json.dumps(finetune.run(cfg, inputs, Path(out))["metrics"]))
 """
 
 
-def _spawn(prepared_digits, export, out):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(prepared_digits), str(export.path), str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.mark.slow
 def test_sigkill_mid_finetune_then_rerun_resumes_bit_identically(prepared_digits, pretrain_export, tmp_path):
-    ref = _spawn(prepared_digits, pretrain_export, tmp_path / "ref")
-    killed = _spawn(prepared_digits, pretrain_export, tmp_path / "killed")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        steps = [int(p.name) for p in (tmp_path / "killed" / "checkpoints").glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= 8:
-            break
-        assert killed.poll() is None, killed.stdout.read()[-3000:]
-        time.sleep(0.1)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "params").exists()
-    rerun = _spawn(prepared_digits, pretrain_export, tmp_path / "killed")
-    for proc in (ref, rerun):
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
-    metrics = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    metrics = stage_resume.kill_resume_and_compare(WORKER, (prepared_digits, pretrain_export.path), tmp_path,
+                                                   kill_after_step=8)
     assert metrics["start_step"] >= 8 and metrics["steps"] == 16
-    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoint.load_params(tmp_path / "killed" / "params"),
-                           checkpoint.load_params(tmp_path / "ref" / "params"))

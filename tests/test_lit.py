@@ -2,7 +2,6 @@
 (locked tower bit-identical and absent from optimizer state/checkpoints, zero-shot above chance)."""
 import json
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +15,9 @@ from trainer import checkpoint, lit, losses, sharding
 from trainer.evaluators import zeroshot
 from trainer.models import vit
 
+import stage_resume
 from test_loop import _state_leaves
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tokenizer_round_trips_and_rejects_an_empty_caption_set(tmp_path):
@@ -166,3 +165,25 @@ def test_tfds_captions_become_record_text():
     assert src._convert(ex, "x__0").text == ("a dog", "a dog on grass")
     missing = src._convert({"id": (b"img2",), "image": (b"jpeg",)}, "x__1")
     assert missing.error == ("bad_metadata", "no caption in 'captions/text'")
+
+
+RESUME_WORKER = """
+import json, sys
+from launch.configs import tiny
+from launch.stage_types import StageOutput
+from trainer import lit
+data_dir, export_dir, out = sys.argv[1:4]
+cfg = tiny.lit_config()
+cfg.data.prepared_dir = data_dir
+cfg.steps, cfg.checkpoint_every, cfg.evals.zeroshot.every, cfg.evals.retrieval.every = 16, 4, 0, 0
+cfg.runtime.log_every, cfg.runtime.async_checkpoint = 4, False
+inputs = {"pretrain": StageOutput("pretrain", "0" * 64, Path(export_dir), {})}
+print("RESULT", json.dumps(lit.run(cfg, inputs, Path(out))["metrics"]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_lit_then_rerun_resumes_bit_identically(prepared_digits, pretrain_export, tmp_path):
+    metrics = stage_resume.kill_resume_and_compare(RESUME_WORKER, (prepared_digits, pretrain_export.path),
+                                                   tmp_path, kill_after_step=8)
+    assert metrics["start_step"] >= 8 and metrics["steps"] == 16

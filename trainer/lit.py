@@ -157,6 +157,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     train_dir = loop.split_dir(cfg, inputs, cfg.data.dataset, cfg.data.train_split, stage="lit")
     tok = fit_tokenizer(cfg, train_dir)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # the DAG made it; a direct call may not have
     tok.save(out / "tokenizer.json")
     export = inputs[cfg.image_from].path
     result = loop.run(cfg, inputs, out, lambda env: make_task(cfg, export, tok), stage="lit",

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding
+from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding, stage_config
 from trainer import step as step_lib
 from trainer.metrics_log import MetricsLog
 from trainer.preemption import Preempted, PreemptionGuard
@@ -96,8 +96,9 @@ def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stag
     locate = lambda dataset, split: split_dir(cfg, inputs, dataset, split, stage=stage)
     train_dir = locate(cfg.data.dataset, cfg.data.train_split)
     for ev in cfg.evals.values():  # missing eval splits fail now, not after hours of training
-        if "split" in ev:
-            locate(ev.get("dataset") or cfg.data.dataset, ev.split)
+        for key in stage_config.SPLIT_KEYS:
+            if key in ev:
+                locate(ev.get("dataset") or cfg.data.dataset, ev[key])
 
     # --- Data.
     train = loader.train_loader(train_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,

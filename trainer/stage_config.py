@@ -163,6 +163,9 @@ def check_loss(cfg, where: str) -> None:
         raise _fail(f"{where}.loss", str(e)) from None
 
 
+SPLIT_KEYS = ("split", "train_split")  # evaluator config keys that name a split of its dataset
+
+
 def _check_data(cfg, where: str, prepare) -> None:
     """The dataset and every split the stage reads must be ones the prepare stage produces."""
     if prepare is None:
@@ -173,8 +176,9 @@ def _check_data(cfg, where: str, prepare) -> None:
                                              f"{', '.join(datasets) or 'nothing'}")
     wanted = [(f"{where}.data.train_split", cfg.data.dataset, cfg.data.train_split)]
     for name, ev in cfg.evals.items():
-        if "split" in ev:
-            wanted.append((f"{where}.evals.{name}.split", ev.get("dataset") or cfg.data.dataset, ev.split))
+        for key in SPLIT_KEYS:
+            if key in ev:
+                wanted.append((f"{where}.evals.{name}.{key}", ev.get("dataset") or cfg.data.dataset, ev[key]))
         if ev.get("dataset") and ev.dataset not in datasets:
             raise _fail(f"{where}.evals.{name}.dataset", f"{ev.dataset!r} is not prepared; prepare.datasets has "
                                                          f"{', '.join(datasets)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from eval import probe
 from launch.configs import common
 from pipelines import prepare
 from trainer import finetune, lit, pretrain
@@ -41,6 +42,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
     # The pretrained model scored in another label space (digit pairs) through a label map.
     c.evals.pairs = ml_collections.ConfigDict(dict(type="label_map", split="val", map="digits_pairs",
                                                    labels="source", reduce="max", every=100))
+    # big_vision-style few-shot on the pre-logits during pretraining (trainer/evaluators/fewshot.py).
+    c.evals.fewshot = ml_collections.ConfigDict(dict(type="fewshot", train_split="train", split="val", every=100))
     c.checkpoint_every = 50
     return c
 
@@ -88,6 +91,14 @@ def lit_config() -> ml_collections.ConfigDict:
     return c
 
 
+def probe_config() -> ml_collections.ConfigDict:
+    """Linear probe + few-shot on the digits pretrain's frozen pre-logits."""
+    c = probe.default_config()
+    c.batch_size = 128
+    c.mesh.data, c.mesh.model = 4, 2
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.run --config launch/configs/tiny.py[:STAGE,...]` (ARG keeps only those stages)."""
     groups = {
@@ -96,6 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "pretrain": pretrain_config(),
         "finetune": finetune.group(),
         "lit": lit_config(),
+        "probe": probe_config(),
     }
     groups["finetune"].runs.r48 = finetune_run(48)
     groups["finetune"].runs.r32 = finetune_run(32)

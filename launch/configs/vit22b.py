@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from eval import probe
 from launch.configs import common
 from pipelines import prepare
 from trainer import finetune, optim, pretrain
@@ -35,6 +36,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.model.head_bias_init = -6.9  # log(1/1000): sigmoid outputs start at the class prior
     c.data.dataset = "imagenet2012"
     c.evals.val.split = "minival"
+    # big_vision's in-training few-shot on the pre-logits (REFERENCE: fewshot_lsr).
+    c.evals.fewshot = ml_collections.ConfigDict(dict(type="fewshot", train_split="fewshot_train", split="minival",
+                                                     every=5_000))
     c.data.image_size = 224
     c.runtime.worker_count = 16
     c.loss = "sigmoid_xent"
@@ -78,6 +82,23 @@ def finetune_run(image_size: int) -> ml_collections.ConfigDict:
     return c
 
 
+def probe_config() -> ml_collections.ConfigDict:
+    """Linear probe (the paper's 89.5% ImageNet headline is this kind of number) + few-shot on the
+    frozen 22B pre-logits; grid and steps are our choices."""
+    c = probe.default_config()
+    c.dataset = "imagenet2012"
+    c.batch_size = 4096
+    c.mesh.data, c.mesh.model = -1, 16
+    c.linear.eval_splits = ("val",)
+    c.linear.steps = 2_500
+    c.linear.batch_size = 16_384
+    c.linear.lrs = (1e-3, 1e-2, 1e-1)
+    c.linear.l2s = (0.0, 1e-6, 1e-5, 1e-4)
+    c.fewshot.train_split, c.fewshot.split = "train", "val"
+    c.runtime.worker_count = 16
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
     prep = prepare.default_config()
@@ -85,7 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "imagenet2012": prepare.dataset_config(
             source="tfds", tfds_name="imagenet2012",
             tfds_data_dir="/gcs/YOUR_BUCKET/tensorflow_datasets",
-            splits={"train": "train[:99%]", "minival": "train[99%:]", "val": "validation"},
+            splits={"train": "train[:99%]", "minival": "train[99%:]", "val": "validation",
+                    # ~128 images per class: enough for 25-shot (minival has ~13 per class)
+                    "fewshot_train": "train[:10%]"},
             # Shorter side stored at 384 px (downscale only): room for 224 px inception crops
             # in pretraining and higher-resolution fine-tuning without re-preparing.
             image_size=384,
@@ -97,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "prepare": prep,
         "pretrain": pretrain_config(),
         "finetune": finetune.group(),
+        "probe": probe_config(),
     }
     groups["finetune"].runs.i224 = finetune_run(224)
     groups["finetune"].runs.i518 = finetune_run(518)  # assumed: 37x37 patches of 14 px (ViT-g/14 fine-tunes at 518)
@@ -104,5 +128,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "prepare": common.resources(cpu=32, ram_gib=128),
         "pretrain": PRETRAIN_TPU,
         "finetune": PRETRAIN_TPU,  # the same slice: 22B needs the pretrain's model parallelism
+        "probe": PRETRAIN_TPU,
     })
     return common.build(groups, xm, arg)
