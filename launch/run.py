@@ -1,7 +1,7 @@
 """Local runner for the stage DAG.
 
     python -m launch.run --config launch/configs/tiny.py[:ARG] [--workdir ./workdir]
-        [--stages a,b] [--force a] [--dry_run] [--config.<stage>.<key>=VALUE ...]
+        [--stages a,b] [--force a] [--dry_run] [--preflight] [--config.<stage>.<key>=VALUE ...]
 
 Stages run in this process in dependency order; cached stages (same fingerprint, `_SUCCESS`
 present) are reused. The library entry is `launch.dag.run_pipeline`.
@@ -13,12 +13,17 @@ from absl import flags
 
 from launch import cli
 from launch import dag
+from launch import preflight
 from launch import produce
 
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
+flags.adopt_module_key_flags(preflight)
 
 DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the plan (every stage, cache hit/miss and why) and exit.")
+PREFLIGHT = flags.DEFINE_bool(
+    "preflight", False, "Run the stages before the first training stage, then launch.preflight's "
+    "go/no-go checks of the training stages about to run; stop (exit 1) on no-go.")
 
 
 def main(argv):
@@ -32,6 +37,9 @@ def main(argv):
     if DRY_RUN.value:
         print(dag.format_plan(plans))
         return
+    if PREFLIGHT.value:
+        plans = preflight.gate(config, plans, cli.workdir(), cli.registry(), only=cli.STAGES.value or None,
+                               force=cli.FORCE.value, options=preflight.Options.from_flags())
     outputs = produce.execute(plans, config)
     print("Outputs:")
     for name, output in outputs.items():
