@@ -20,6 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks import digits_run
 from benchmarks.model import table
 
 COLUMNS = ["seed", "from pretrained", "from random init"]
@@ -53,19 +54,10 @@ def main(argv=None) -> list[dict]:
 
     from launch.configs import tiny
     from launch.stage_types import StageOutput
-    from pipelines import prepare
-    from trainer import finetune, pretrain
+    from trainer import finetune
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-finetune-"))
-    data = root / "prepared"
-    if not (data / "digits" / "val" / "manifest.json").exists():
-        prepare.prepare(prepare.default_config(), data)
-    pre_out = root / "pretrain"
-    if not (pre_out / "model.json").exists():
-        cfg = tiny.pretrain_config()
-        cfg.data.prepared_dir, cfg.steps, cfg.runtime.progress = str(data), args.pretrain_steps, "off"
-        pre_out.mkdir(parents=True, exist_ok=True)
-        pretrain.run(cfg, {}, pre_out)
+    data, pre_out = digits_run.prepared_and_pretrained(root, args.pretrain_steps)
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
