@@ -450,3 +450,22 @@ def test_cue_conflict_root_one_level_too_high_fails_naming_the_dir(tmp_path):
     with pytest.raises(sources.SourceError, match=r"'.*mvh/cue-conflict' holds dirs, not <shape>N-<texture>M.png"):
         folder_sources.CueConflictSource(str(tmp_path / "mvh"), [""])
     assert folder_sources.CueConflictSource(str(tmp_path / "mvh" / "cue-conflict"), [""]).class_names == ("cat", "dog")
+
+
+def test_two_multi_processing_workers_write_the_same_records_as_one(tmp_path):
+    """FnApiRunner multi_processing x2 (SDK worker processes, as Dataflow pickles the DoFns) vs
+    in_memory x1: the same records (ids, image bytes, labels), whatever the shard boundaries."""
+    rng = np.random.default_rng(7)
+    _write_tree(tmp_path / "src", {f"{c}/{i:02d}.jpg": _save(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "JPEG")
+                                   for c in ("ant", "bee", "cow") for i in range(12)})
+    _write_tree(tmp_path / "src", {"bee/broken.jpg": b"\xff\xd8\xff not a jpeg"})
+    got = {}
+    for workers, mode in ((1, "in_memory"), (2, "multi_processing")):
+        cfg = _cfg("zoo", source="folder", root=str(tmp_path / "src"), records_per_shard=8)
+        cfg.direct_num_workers, cfg.direct_running_mode = workers, mode
+        prepare.prepare(cfg, tmp_path / mode)
+        m, recs = _read_all(tmp_path / mode / "zoo" / "train")
+        got[mode] = ({r.id: (r.image, r.label) for r in recs}, [(d["id"], d["reason"]) for d in _letters(
+            tmp_path / mode / "zoo" / "train")], m.class_names, m.num_records)
+    assert len(got["in_memory"][0]) == 36 and got["in_memory"][1] == [("bee/broken.jpg", "undecodable")]
+    assert got["multi_processing"] == got["in_memory"]
