@@ -23,12 +23,7 @@ PRETRAIN_ONLY = dag.Registry([dag.Stage("pretrain", "trainer.pretrain:run", resu
 def _config(prepared, **overrides):
     c = tiny.pretrain_config()
     c.data.prepared_dir = str(prepared)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     config = ml_collections.ConfigDict({"pretrain": c})
     config.lock()
     return config
