@@ -43,7 +43,8 @@ def main(argv):
     outputs = produce.execute(plans, config)
     print("Outputs:")
     for name, output in outputs.items():
-        headline = {k: v for k, v in output.outputs.get("metrics", {}).items() if k.endswith(("top1", "accuracy"))}
+        headline = {k: v for k, v in output.outputs.get("metrics", {}).items()
+                    if k.endswith(("top1", "accuracy", "recall@1"))}
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(headline.items()))
         print(f"  {name}: {output.path}" + (f"  ({shown})" if shown else ""))
 

@@ -169,6 +169,7 @@ def test_tfds_captions_become_record_text():
 
 RESUME_WORKER = """
 import json, sys
+from pathlib import Path
 from launch.configs import tiny
 from launch.stage_types import StageOutput
 from trainer import lit
