@@ -5,11 +5,13 @@
     python -m launch.stage --stage evaluate --config launch/configs/tiny.py --workdir DIR
 
 Inputs: `inputs["prepare"]` (the prepared splits) and any number of upstream stages. Every one that
-exports a model (`params/` + `model.json`: pretrain, `finetune/<run>`, `distill/<run>`) is scored
-under its stage name; a probe stage (`head/` + `head.json`) is scored as its backbone's export
+exports a ViT classifier (`params/` + `model.json`: pretrain, `finetune/<run>`, `distill/<run>`) is
+scored under its stage name (a LiT two-tower is not: the report shows its own zero-shot metrics); a probe stage (`head/` + `head.json`) is scored as its backbone's export
 with the probe's linear head on the pre-logits. `models` restricts the set (default: all).
 
-Evals are the evaluator contract (trainer/evaluators): `evals.<name> = {type, split, [dataset], ...}`,
+Evals are the evaluator contract (trainer/evaluators): `evals.<name> = {type, split, [dataset],
+[models], ...}` (`models`: the upstream stages this eval scores, e.g. only a CelebA fine-tune for a
+fairness eval; default all),
 `type` from `TABLE` = the training stages' table (classification, label_map, fewshot, ...) + this
 package's (eval/evaluators.py: accuracy, ood, model_vs_human, calibration, fairness). Each runs once
 per model at the model's own resolution (its model.json), with the model's class names (the
@@ -84,13 +86,7 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     for key in ("dataset", "train_split"):
         if not isinstance(cfg[key], str) or not cfg[key]:
             raise _fail(f"{where}.{key}", f"must be a non-empty name, got {cfg[key]!r}")
-    models = cfg.models
-    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) and m for m in models):
-        raise _fail(f"{where}.models", f"must be a tuple of upstream stage names, got {models!r}")
-    for name in models:
-        if upstream and name not in upstream:
-            raise _fail(f"{where}.models", f"{name!r} is not upstream of this stage "
-                                           f"(upstream: {', '.join(sorted(upstream))})")
+    _check_models(cfg.models, upstream, f"{where}.models")
     if not _positive_int(cfg.batch_size):
         raise _fail(f"{where}.batch_size", f"must be a positive int, got {cfg.batch_size!r}")
     for axis in ("data", "model"):
@@ -102,7 +98,9 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
         raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
     if not len(cfg.evals):
         raise _fail(f"{where}.evals", "is empty: nothing to evaluate")
-    evaluators.check(cfg.evals, f"{where}.evals", TABLE)
+    for name, ev in cfg.evals.items():
+        _check_models(ev.get("models", ()), upstream, f"{where}.evals.{name}.models")
+    evaluators.check(eval_configs(cfg), f"{where}.evals", TABLE)
     if not isinstance(cfg.report.title, str):
         raise _fail(f"{where}.report.title", f"must be a string, got {cfg.report.title!r}")
     for run, base in cfg.report.distill_baselines.items():
@@ -116,6 +114,27 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     prepare = upstream.get("prepare")
     if prepare is not None:
         _check_splits(cfg, prepare, where)
+
+
+def _check_models(models, upstream: Mapping, key: str) -> None:
+    """A tuple of stage names, each upstream of this stage (when the upstream is known)."""
+    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) and m for m in models):
+        raise _fail(key, f"must be a tuple of upstream stage names, got {models!r}")
+    for name in models:
+        if upstream and name not in upstream:
+            raise _fail(key, f"{name!r} is not upstream of this stage (upstream: {', '.join(sorted(upstream))})")
+
+
+def eval_configs(cfg, model: str | None = None) -> dict[str, dict]:
+    """The evals as the evaluator table reads them: each without this stage's `models` key (the
+    models it scores; empty = all); given a model, only the evals that score it."""
+    configs = {}
+    for name, ev in cfg.evals.items():
+        ev = ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
+        scope = ev.pop("models", ())
+        if model is None or not scope or model in scope:
+            configs[name] = ev
+    return configs
 
 
 def _check_splits(cfg, prepare, where: str) -> None:
@@ -191,7 +210,10 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
         if name == "prepare" or (wanted and name not in wanted):
             continue
         path = Path(stage.path)
-        if (path / "params").is_dir() and (path / "model.json").exists():
+        spec = _read_json(path / "model.json")
+        if spec is not None and "variant" not in spec:
+            continue  # not a ViT classifier export (a LiT two-tower: its zero-shot evals are its own)
+        if (path / "params").is_dir() and spec is not None:
             spec = checkpoint.read_model_json(path / "model.json")
             num_classes = vit.make_config(spec["variant"], **spec.get("overrides", {})).num_classes
             models.append(Model(name, stage, path, _class_names(stage, num_classes, cfg, prepared)))
@@ -249,7 +271,7 @@ def score(cfg, model: Model, mesh, split_dir, out: Path) -> dict[str, dict[str, 
                               batch_size=cfg.batch_size, param_shardings=shardings,
                               read_threads=cfg.runtime.read_threads, worker_count=cfg.runtime.worker_count,
                               class_names=model.class_names)
-    built = evaluators.build(cfg.evals, predict, ctx, where="evaluate.evals", table=TABLE)
+    built = evaluators.build(eval_configs(cfg, model.name), predict, ctx, where="evaluate.evals", table=TABLE)
     results: dict[str, dict[str, float]] = {}
     mvh_summaries = {}
     for name, (_, ev) in built.items():

@@ -249,10 +249,11 @@ def probe_section(page: Page, run: Run) -> None:
 
 def zeroshot_section(page: Page, run: Run) -> None:
     rows = [[name, key, value] for name, stage in run.stages.items() if name.startswith("lit")
-            for key, value in sorted(stage["metrics"].items()) if "zeroshot" in key or "zero_shot" in key]
+            for key, value in sorted(stage["metrics"].items()) if key.startswith(("zeroshot", "retrieval"))]
     if not rows:
         return page.note("Zero-shot", "no LiT stage (zero-shot metrics) in this run")
     page.section("Zero-shot")
+    page.text("The LiT stage's own zero-shot classification and retrieval evaluators (its outputs.json).")
     page.table(["stage", "metric", "value"], rows)
 
 

@@ -54,7 +54,7 @@ def make_config(human_data: str) -> ml_collections.ConfigDict:
         "val_cls": dict(type="classification", split="val"),  # the training table's evaluator, reused
         "pairs": dict(type="ood", split="val", map="digits_pairs", labels="source"),
         "pairs_mean": dict(type="ood", split="val", map="digits_pairs", labels="source", reduce="mean",
-                           softmax=True),
+                           softmax=True, models=("pretrain",)),  # scores only the pretrain
         "calib": dict(type="calibration", split="test"),
         "fair": dict(type="fairness", split="test", fit_split="val", attribute="heavy_ink", positive=EVEN),
         "mvh": dict(type="model_vs_human", split="val", map="digits_pairs", labels="source",
@@ -104,6 +104,7 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     assert pre["digits/val"]["mvh/ood_accuracy"] == pytest.approx(pre["digits/val"]["pairs_mean/top1"])
     for key in ("val/top1", "val/top5"):  # a head equal to the model's own scores like the model
         assert metrics["probe"]["digits/val"][key] == pytest.approx(pre["digits/val"][key], abs=1e-6)
+    assert "pairs_mean/top1" not in metrics["probe"]["digits/val"]  # that eval names only the pretrain
     assert result["artifacts"]["report"] == "report.html"
     assert result["metrics"]["pretrain/digits/test/test/top1"] == pre["digits/test"]["test/top1"]
 
@@ -187,6 +188,7 @@ def _upstream_groups():
     (lambda c: c.evals.pairs.update(map="/no/such.json"), r"evaluate\.evals\.pairs\.map: label map /no/such\.json"),
     (lambda c: c.evals.mvh.update(human_data="/no/such/dir"), r"evaluate\.evals\.mvh\.human_data: '/no/such/dir'"),
     (lambda c: c.update(models=("distill/s",)), r"evaluate\.models: 'distill/s' is not upstream"),
+    (lambda c: c.evals.test.update(models=("lit",)), r"evaluate\.evals\.test\.models: 'lit' is not upstream"),
     (lambda c: c.update(batch_size=30), r"evaluate\.batch_size: 30 is not divisible by mesh\.data=4"),
 ])
 def test_plan_time_errors_name_the_key(edit, message, tmp_path):
