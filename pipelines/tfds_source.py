@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import os
 import struct
 from collections.abc import Iterator
@@ -27,24 +29,47 @@ CAPTION_FEATURES = ("caption", "captions/text", "text")
 _ARRAY_RECORD_CHUNK = 1024
 
 
+def _version_dirs(directory: Path) -> list[Path]:
+    """Complete version dirs (`<version>/dataset_info.json`) one or two levels (config) below."""
+    found = list(directory.glob("*/dataset_info.json")) + list(directory.glob("*/*/dataset_info.json"))
+    return sorted(p.parent for p in found if not p.parent.name.startswith(("incomplete.", ".")))  # interrupted builds
+
+
 def find_tfds_dir(name: str, data_dir: str) -> Path:
-    """`name[/config][:version]` -> the prepared version dir under data_dir (never downloads)."""
+    """`name[/config][:version]` -> the prepared version dir under data_dir (never downloads).
+    `version` may use TFDS wildcards (`5.*.*`); the newest match wins. Errors name what is there:
+    the datasets (closest first), configs and versions, or that data_dir points into a dataset."""
     base_name, _, version = name.partition(":")
     root = Path(data_dir).expanduser()
     base = root / base_name
-    hint = (f"this job never downloads: prepare it first (e.g. `tfds build {base_name} "
+    hint = (f"this job never downloads: prepare it first (e.g. `tfds build {base_name.split('/')[0]} "
             f"--data_dir {root}`, or place the TFDS files there)")
     if not base.is_dir():
+        dataset = root / base_name.split("/")[0]
+        if dataset.is_dir():  # the config is what is missing
+            configs = sorted({p.parent.relative_to(root).as_posix() for p in _version_dirs(dataset)})
+            raise SourceError(f"tfds: {base_name!r} is not prepared under {str(root)!r}; prepared: {configs}")
+        version_dir, dataset_dir = (root / "dataset_info.json").is_file(), any(root.glob("*/dataset_info.json"))
+        if version_dir or dataset_dir:  # data_dir names a dataset's own dir or one of its versions
+            raise SourceError(f"tfds: tfds_data_dir {str(root)!r} is itself inside a prepared dataset (it holds "
+                              f"dataset_info.json): give the data dir that holds <dataset>/<version>/, "
+                              f"e.g. {str(root.parent if dataset_dir else root.parent.parent)!r}")
+        present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        close = difflib.get_close_matches(base_name.lower(), [d.lower() for d in present], n=3, cutoff=0.6)
+        guess = f"; did you mean {[d for d in present if d.lower() in close]}?" if close else ""
         raise SourceError(f"tfds: dataset {base_name!r} is not prepared under {str(root)!r} "
-                          f"(no {str(base)!r}); {hint}")
-    infos = sorted(p.parent for p in list(base.glob("*/dataset_info.json")) + list(base.glob("*/*/dataset_info.json"))
-                   if not p.parent.name.startswith(("incomplete.", ".")))  # interrupted tfds builds
-    if version:
-        infos = [p for p in infos if p.name == version]
+                          f"(no {str(base)!r}){guess}; {hint}")
+    infos = _version_dirs(base)
     configs = sorted({p.parent.relative_to(base).as_posix() for p in infos} - {"."})
     if len(configs) > 1:
         raise SourceError(f"tfds: {base_name!r} has several configs under {str(base)!r} "
                           f"({configs}); name one as {base_name}/<config>")
+    if version:
+        matching = [p for p in infos if fnmatch.fnmatchcase(p.name, version)]
+        if not matching and infos:
+            raise SourceError(f"tfds: {base_name!r} has no version {version!r} under {str(base)!r}; "
+                              f"prepared versions: {[p.name for p in infos]}")
+        infos = matching
     if not infos:
         raise SourceError(f"tfds: no dataset_info.json for {name!r} under {str(base)!r}; {hint}")
 

@@ -359,6 +359,20 @@ def test_tfds_errors_are_clear(tfds_dir):
         tfds_source.TfdsSource("imagenet_a", str(tfds_dir))
 
 
+def test_tfds_names_versions_and_data_dirs_a_new_user_gets_wrong(tfds_dir):
+    find = tfds_source.find_tfds_dir
+    assert find("cifar10:3.*.*", str(tfds_dir)) == find("cifar10", str(tfds_dir)) == tfds_dir / "cifar10" / "3.0.2"
+    for name, data_dir, message in [
+        ("cifar10:4.0.0", tfds_dir, "has no version '4.0.0' under .*; prepared versions: \\['3.0.2'\\]"),
+        ("Cifar-10", tfds_dir, "dataset 'Cifar-10' is not prepared .*did you mean \\['cifar10'\\]\\?"),
+        ("cifar10/plain", tfds_dir, "'cifar10/plain' is not prepared under .*; prepared: \\['cifar10'\\]"),
+        ("cifar10", tfds_dir / "cifar10", "is itself inside a prepared dataset .*e.g. '" + str(tfds_dir) + "'"),
+        ("cifar10", tfds_dir / "cifar10" / "3.0.2", "is itself inside a prepared dataset"),
+    ]:
+        with pytest.raises(sources.SourceError, match=message):
+            find(name, str(data_dir))
+
+
 def test_cli_in_separate_beam_worker_processes(tmp_path):
     """multi_processing pickles every DoFn into SDK worker processes (as Dataflow would)."""
     out = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--source", "digits", "--splits", "val",
