@@ -30,7 +30,7 @@ from eval.metrics import accuracy as acc_lib
 from eval.metrics import calibration, fairness, ood
 from eval.metrics import model_vs_human as mvh
 from trainer.evaluators import base
-from trainer.evaluators.label_map import LABEL_SPACES, LabelMapAccuracy
+from trainer.evaluators.label_map import LabelMapAccuracy
 
 ACTIVATIONS = ("softmax", "sigmoid")
 EPSILONS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.0)  # DP tolerances swept by `fairness` (our choice)
@@ -42,6 +42,19 @@ def _fail(key: str, message: str) -> ValueError:
 
 def _int(value, low: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def _check_map(cfg: dict, where: str, default: str = "") -> None:
+    """`map` (a shipped map's name or a JSON path), `labels` and `reduce`. A path that does not exist
+    where the plan runs (a bucket only the workers mount) is read when the stage starts instead."""
+    value = cfg.get("map", default)
+    if Path(str(value)).suffix == ".json" and not Path(value).exists():
+        value = None
+    LabelMapAccuracy.check_values({"labels": "target", **cfg, "map": value or "imagenet_16"}, where)
+
+
+def _human_dir(human_data: str, experiment: str) -> Path:
+    return Path(human_data) / experiment
 
 
 def _numbers(value, low: float) -> bool:
@@ -135,7 +148,7 @@ class LabelMapOOD(HostEvaluator):
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        LabelMapAccuracy.check_values({"labels": "target", **cfg}, where)  # map, labels, reduce
+        _check_map(cfg, where)
         if not _int(cfg.get("border", 0), 0):
             raise _fail(f"{where}.border", f"must be an int >= 0 (pixels), got {cfg['border']!r}")
         for key in ("restrict", "softmax"):
@@ -176,16 +189,19 @@ class ModelVsHuman(HostEvaluator):
         self.labels, self.human_data = labels, human_data
         self.experiment = experiment or self.dataset
         self.exclude = None if exclude_conditions is None else tuple(exclude_conditions)
+        if human_data and not _human_dir(human_data, self.experiment).is_dir():
+            raise ValueError(f"model_vs_human: human_data {human_data!r} has no dir {self.experiment!r} (the "
+                             "toolbox's raw-data/<experiment>/*.csv)")
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        LabelMapAccuracy.check_values({"map": "imagenet_16", **cfg}, where)
-        if cfg.get("labels", "target") not in LABEL_SPACES:
-            raise _fail(f"{where}.labels", f"{cfg['labels']!r} is not one of {LABEL_SPACES}")
-        human = cfg.get("human_data", "")
-        if human and not Path(human, cfg.get("experiment") or cfg.get("dataset") or "").is_dir():
+        _check_map(cfg, where, default="imagenet_16")
+        human, experiment = cfg.get("human_data", ""), cfg.get("experiment") or cfg.get("dataset") or ""
+        if not isinstance(human, str):
+            raise _fail(f"{where}.human_data", f"must be a path or '', got {human!r}")
+        if human and Path(human).is_dir() and not _human_dir(human, experiment).is_dir():  # else: at start
             raise _fail(f"{where}.human_data", f"{human!r} has no dir for the experiment "
-                                               f"{cfg.get('experiment') or cfg.get('dataset') or '(the dataset)'!r}")
+                                               f"{experiment or '(the dataset)'!r}")
         exclude = cfg.get("exclude_conditions")
         if exclude is not None and not (isinstance(exclude, (list, tuple)) and all(isinstance(c, str) for c in exclude)):
             raise _fail(f"{where}.exclude_conditions", f"must be None or a tuple of condition names, got {exclude!r}")

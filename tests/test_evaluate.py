@@ -185,8 +185,9 @@ def _upstream_groups():
     (lambda c: c.evals.val.update(split="dev"), r"evaluate\.evals\.val\.split: 'dev' is not a split of prepared"),
     (lambda c: c.evals.fair.update(fit_split="test"), r"evaluate\.evals\.fair\.fit_split: must differ from split"),
     (lambda c: c.evals.calib.update(scheme="quantile"), r"evaluate\.evals\.calib\.scheme: 'quantile' is not one of"),
-    (lambda c: c.evals.pairs.update(map="/no/such.json"), r"evaluate\.evals\.pairs\.map: label map /no/such\.json"),
-    (lambda c: c.evals.mvh.update(human_data="/no/such/dir"), r"evaluate\.evals\.mvh\.human_data: '/no/such/dir'"),
+    (lambda c: c.evals.pairs.update(map="no_such_map"), r"evaluate\.evals\.pairs\.map: label map .*no_such_map\.json"),
+    (lambda c: c.evals.mvh.update(experiment="sketch"), r"evaluate\.evals\.mvh\.human_data: '.*' has no dir for the "
+                                                       r"experiment 'sketch'"),
     (lambda c: c.update(models=("distill/s",)), r"evaluate\.models: 'distill/s' is not upstream"),
     (lambda c: c.evals.test.update(models=("lit",)), r"evaluate\.evals\.test\.models: 'lit' is not upstream"),
     (lambda c: c.update(batch_size=30), r"evaluate\.batch_size: 30 is not divisible by mesh\.data=4"),
@@ -198,3 +199,21 @@ def test_plan_time_errors_name_the_key(edit, message, tmp_path):
         edit(cfg)
     with pytest.raises(ValueError, match=message):
         evaluate.validate(cfg, _upstream_groups())
+
+
+def test_files_the_planning_machine_cannot_see_are_read_when_the_stage_starts(tmp_path):
+    """A map or human-data path on storage only the workers mount passes the plan and fails, naming
+    the file, when the evaluator is built (before any forward pass)."""
+    from types import SimpleNamespace
+
+    from eval import evaluators
+    cfg = make_config("/bucket/raw-data")
+    with cfg.unlocked():
+        cfg.evals.pairs.map = "/bucket/maps/objectnet.json"
+    evaluate.validate(cfg, _upstream_groups())
+    ctx = SimpleNamespace(dataset="digits", class_names=tuple(str(i) for i in range(10)))
+    with pytest.raises(ValueError, match=r"label map /bucket/maps/objectnet\.json: cannot read"):
+        evaluators.LabelMapOOD(None, ctx=ctx, split="test", map="/bucket/maps/objectnet.json")
+    with pytest.raises(ValueError, match=r"human_data '/bucket/raw-data' has no dir 'digits-pairs'"):
+        evaluators.ModelVsHuman(None, ctx=ctx, split="test", map="digits_pairs", labels="source",
+                                experiment="digits-pairs", human_data="/bucket/raw-data")
