@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
 import random
 import statistics
@@ -343,7 +342,6 @@ def compile_step(task, group, target: Target, num_classes: int, total_steps: int
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
-    from unittest import mock
 
     from trainer import checkpoint, sharding
     from trainer import step as step_lib
@@ -363,16 +361,12 @@ def compile_step(task, group, target: Target, num_classes: int, total_steps: int
     mesh = sharding.make_mesh(group.mesh.data, group.mesh.model, group.mesh.replica, devices=devices)
     setup = step_lib.setup(task, group.optim, total_steps, mesh, group.seed)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-    # trainer/step.py wraps its jitted step so every call traces under the mesh; lowering needs
-    # the jit object itself, so build it unwrapped and trace it under the same mesh here.
-    with mock.patch.object(step_lib, "under_mesh", lambda fn, _: fn):
-        jitted = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
+    train_step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
                                           setup.frozen_shardings)
     state = checkpoint.abstract_with_shardings(setup.abstract, setup.shardings)
     frozen = {}  # Tasks preflight builds have no frozen params (see make_task)
     batch = _abstract_batch(group, num_classes, batch_sharding)
-    with sharding.activate(mesh):
-        compiled = jitted.lower(state, frozen, batch).compile()
+    compiled = train_step.lower(state, frozen, batch).compile()  # traced under the mesh (step.under_mesh)
     stats = compiled.memory_analysis()
     memory = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
               + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)

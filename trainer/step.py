@@ -68,10 +68,16 @@ def setup(task: Task, optim_cfg, total_steps: int, mesh, seed: int) -> Setup:
 
 
 def under_mesh(fn: Callable, mesh) -> Callable:
-    """Calls (and so traces) `fn` with the mesh and logical-axis rules active."""
+    """Calls (and so traces) `fn` with the mesh and logical-axis rules active; `.lower(*args)`
+    lowers a jitted `fn` the same way (AOT compiles: launch/preflight.py)."""
     def call(*args):
         with sharding.activate(mesh):
             return fn(*args)
+
+    def lower(*args):
+        with sharding.activate(mesh):
+            return fn.lower(*args)
+    call.lower = lower
     return call
 
 
