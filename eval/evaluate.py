@@ -22,8 +22,8 @@ Outputs: `metrics.json` = {model: {"<dataset>/<split>": {"<eval>/<metric>": valu
 "model-vs-human" = the toolbox's mean over datasets when a model has model_vs_human evals);
 `details/<model>/<eval>.json` (reliability bins, fairness frontier, model-vs-human tables) and the
 model-vs-human trials as the toolbox's CSVs; `upstream.json` (what was scored: stage, fingerprint,
-path, config); `report.html` + `report.md`. Metrics in outputs.json are flattened
-`<model>/<dataset>/<split>/<eval>/<metric>`.
+path, config); `report.html` + `report.md`. outputs.json's metrics are the headline ones (`HEADLINE`:
+top-1s, ECE, gaps, shape bias, consistencies) flattened as `<model>/<dataset>/<split>/<eval>/<metric>`.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 TABLE: dict[str, type[evaluators.Evaluator]] = {**evaluators.TABLE, **eval_evaluators.TABLE}
 SPLIT_KEYS = ("split", "fit_split", "train_split")  # eval keys that name a split of the eval's dataset
 MVH_MEAN = "model-vs-human"  # metrics.json key of the toolbox's mean over datasets
+# The metrics also returned in outputs.json (the run's headline, TensorBoard); metrics.json has all.
+HEADLINE = ("top1", "real_top1", "ood_accuracy", "ece", "top1_gap", "dp_gap", "shape_bias", "accuracy_difference",
+            "observed_consistency", "error_consistency")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -341,7 +344,8 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     from eval import report
     notes = report.render(out)
     _print_summary(metrics, notes)
-    flat = {f"{m}/{d}/{k}": v for m, per in metrics.items() for d, values in per.items() for k, v in values.items()}
+    flat = {f"{m}/{d}/{k}".replace(" ", "_"): v for m, per in metrics.items() for d, values in per.items()
+            for k, v in values.items() if k.rsplit("/", 1)[-1].lower().replace(" ", "_") in HEADLINE}
     return {"artifacts": {"metrics": "metrics.json", "report": "report.html", "report_md": "report.md",
                           "details": "details", "upstream": "upstream.json"},
             "metrics": flat}

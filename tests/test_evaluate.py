@@ -64,6 +64,31 @@ def make_config(human_data: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _cue_conflict(root, prepared_digits):
+    """A tiny cue-conflict set in prepare's layout (<shape>/<shape>N-<texture>M.png; the image is a
+    digit: 0-4 drawn for "low", 5-9 for "high"), prepared next to the digits (a symlink), and a
+    label map digits -> {low, high}."""
+    from data import images
+    from pipelines import prepare
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for n in range(12):
+        shape, texture = ("low", "high")[n % 2], ("low", "high")[(n // 2) % 2]  # 3 of each (shape, texture)
+        index = int(rng.choice(np.flatnonzero((digits.target >= 5) == (shape == "high"))))
+        gray = np.kron(np.round(digits.images[index] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))
+        path = root / "stimuli" / shape / f"{shape}{n}-{texture}{n}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(images.encode_png(np.repeat(gray[..., None], 3, axis=-1)))
+    cfg = prepare.default_config()
+    cfg.datasets = ml_collections.ConfigDict({"cue": prepare.dataset_config(
+        source="cue_conflict", root=str(root / "stimuli"), splits={"test": ""}, image_size=32, lossless=True)})
+    prepare.prepare(cfg, root / "prepared")
+    (root / "prepared" / "digits").symlink_to(prepared_digits / "digits")
+    (root / "low_high.json").write_text(json.dumps({"high": ["5", "6", "7", "8", "9"], "low": ["0", "1", "2", "3", "4"]}))
+    return root / "prepared"
+
+
 @pytest.fixture(scope="module")
 def evaluated(prepared_digits, prepare_output, pretrain_export, tmp_path_factory):
     """One evaluate run of two models: pretrain and "probe" = a linear head equal to the export's
@@ -80,11 +105,16 @@ def evaluated(prepared_digits, prepare_output, pretrain_export, tmp_path_factory
     checkpoint.save_params(probe_dir / "head", {"kernel": np.asarray(params["head_kernel"]),
                                                 "bias": np.asarray(params["head_bias"])})
     (probe_dir / "head.json").write_text(json.dumps({"model_from": "pretrain", "class_names": [str(i) for i in range(10)]}))
-    inputs = {"prepare": prepare_output, "pretrain": pretrain_export,
+    prepared = _cue_conflict(root, prepared_digits)
+    inputs = {"prepare": StageOutput("prepare", prepare_output.fingerprint, prepared, {}), "pretrain": pretrain_export,
               "probe": StageOutput("probe", "3" * 64, probe_dir, {"metrics": {"linear/test_top1": 0.5}})}
     out = root / "out"
     out.mkdir()
-    result = evaluate.run(make_config(str(root / "raw-data")), inputs, out)
+    cfg = make_config(str(root / "raw-data"))
+    with cfg.unlocked():
+        cfg.evals.cue = dict(type="model_vs_human", dataset="cue", split="test", map=str(root / "low_high.json"),
+                             experiment="cue-conflict", models=("pretrain",))
+    result = evaluate.run(cfg, inputs, out)
     return out, result, recs, pairs
 
 
@@ -93,7 +123,7 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["pretrain", "probe"]  # sorted keys
     pre = metrics["pretrain"]
-    assert set(pre) == {"digits/val", "digits/test", "model-vs-human"}
+    assert set(pre) == {"digits/val", "digits/test", "cue/test", "model-vs-human"}
     trained = pretrain_export.outputs["metrics"]
     # host-side accuracy == the loop's in-training classification / label-map evaluators
     assert pre["digits/val"]["val/top1"] == pytest.approx(trained["val/top1"], abs=1e-6)
@@ -107,6 +137,8 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     assert "pairs_mean/top1" not in metrics["probe"]["digits/val"]  # that eval names only the pretrain
     assert result["artifacts"]["report"] == "report.html"
     assert result["metrics"]["pretrain/digits/test/test/top1"] == pre["digits/test"]["test/top1"]
+    assert result["metrics"]["pretrain/model-vs-human/error_consistency"] == pre["model-vs-human"]["error consistency"]
+    assert "pretrain/digits/test/test/count" not in result["metrics"]  # headline metrics only
 
 
 def test_model_vs_human_against_hand_formulas(evaluated):
@@ -140,6 +172,26 @@ def test_model_vs_human_against_hand_formulas(evaluated):
     assert mean["error consistency"] == pytest.approx(np.mean(kappa))
 
 
+def test_shape_bias_of_cue_conflict_records(evaluated):
+    """Shape/texture labels come from prepare's cue_conflict records; the shape bias equals the hand
+    count over the model's trials (category = shape, texture from the file name)."""
+    out, _, _, _ = evaluated
+    with open(out / "details" / "pretrain" / "cue-conflict_pretrain_session_1.csv") as f:
+        trials = list(csv.DictReader(f))
+    assert len(trials) == 12 and all(t["category"] == t["imagename"].split("-")[0].rstrip("0123456789")
+                                     for t in trials)
+    texture = [t["imagename"].split("-")[1].rstrip(".png").rstrip("0123456789") for t in trials]
+    conflict = [t for t, x in zip(trials, texture) if t["category"] != x]
+    shape_hits = sum(t["object_response"] == t["category"] for t in conflict)
+    texture_hits = sum(t["object_response"] != t["category"] for t in conflict)  # two categories: the other one
+    cue = json.loads((out / "metrics.json").read_text())["pretrain"]["cue/test"]
+    assert len(conflict) == 6 and shape_hits + texture_hits == 6
+    assert cue["cue/shape_bias"] == pytest.approx(shape_hits / 6)
+    assert cue["cue/fraction_correct_shape"] == pytest.approx(shape_hits / 12)
+    details = json.loads((out / "details" / "pretrain" / "cue.json").read_text())
+    assert set(details["shape_bias"]["per_category"]) == {"low", "high"}
+
+
 def test_calibration_and_fairness_details(evaluated, prepared_digits):
     out, _, _, _ = evaluated
     calib = json.loads((out / "details" / "pretrain" / "calib.json").read_text())
@@ -164,7 +216,7 @@ def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
     assert "_no distill stage in this run_" in md and "_no LiT stage (zero-shot metrics) in this run_" in md
     assert "| humans | digits-pairs |" in md
     figures = len(list((out / "figures").iterdir()))
-    assert figures == 4  # the pretrain's training curves, reliability, subgroups, frontier
+    assert figures == 5  # training curves, shape bias (cue), reliability, subgroups, frontier
     try:
         browser.ensure_chromium()
     except FileNotFoundError as e:
