@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PYTHONHASHSEED := 0
 
-.PHONY: test dryrun venv clean
+.PHONY: test dryrun venv clean chromium
 venv: $(STAMP)
 
 # setup.py + the C source: the editable install compiles data/_jpeg_crop.c in place.
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml constraints.txt setup.py data/_jpeg_crop.c
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The run report is checked in a real browser (tests/test_report.py): Debian's chromium, installed
+# when absent (CI runs as root; the test fails rather than skips without it).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+test: $(STAMP) chromium
 	$(PYTHON) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 dryrun: $(STAMP)

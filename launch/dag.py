@@ -49,7 +49,7 @@ class Registry:
                 raise ValueError(f"stage {stage.name!r}: upstream_from keys must be identifiers")
             self._stages[stage.name] = stage
         for stage in self._stages.values():
-            for up in stage.upstream:
+            for up in stage.upstream + stage.optional_upstream:
                 if up not in self._stages:
                     raise ValueError(f"stage {stage.name!r}: unknown upstream {up!r}")
         self._order = [stage.name for stage in _toposort(self._stages)]
@@ -102,6 +102,8 @@ class Registry:
                     raise PlanError(f"stage {name!r} needs upstream {up}, which has no config group; "
                                     f"add config.{up}")
                 upstream += by_type[up]
+            for up in stage.optional_upstream:
+                upstream += by_type.get(up, [])
             group = stage.group(config)
             for key in stage.upstream_from:
                 target = group.get(key) if key in group else None
@@ -161,6 +163,8 @@ STAGES = Registry([
           validate="trainer.lit:validate"),
     Stage("probe", "eval.probe:run", upstream=("prepare",), upstream_from=("model_from",), resumable=True,
           validate="eval.probe:validate"),
+    Stage("evaluate", "eval.evaluate:run", upstream=("prepare",),
+          optional_upstream=("pretrain", "finetune", "lit", "probe"), validate="eval.evaluate:validate"),
 ])
 
 

@@ -47,6 +47,9 @@ def main(argv):
                     if k.endswith(("top1", "accuracy", "recall@1"))}
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(headline.items()))
         print(f"  {name}: {output.path}" + (f"  ({shown})" if shown else ""))
+    report = outputs.get("evaluate")
+    if report is not None and "report" in report.outputs.get("artifacts", {}):
+        print(f"Report: {report.path / report.outputs['artifacts']['report']}")
 
 
 if __name__ == "__main__":

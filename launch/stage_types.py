@@ -46,6 +46,8 @@ class Stage:
       `<workdir>/<name>/<run>/`; `--stages <name>/<run>` selects one, `--stages <name>` all.
     upstream_from: keys of the stage's group whose value names one more upstream stage (a distill
       teacher, a fine-tune's init): the DAG edge follows the config.
+    optional_upstream: stage types this stage reads when the config has them (every instance of
+      each; none when absent), e.g. `evaluate` scores whatever models the run made.
     run: set on an expanded instance (Registry.expand); "" for a plain stage and for a type.
     """
     name: str
@@ -56,6 +58,7 @@ class Stage:
     validate: str = ""
     instances: bool = False
     upstream_from: tuple[str, ...] = ()
+    optional_upstream: tuple[str, ...] = ()
     run: str = ""
 
     @property

@@ -100,6 +100,7 @@ REGISTRY = dag.Registry([
     dag.Stage("c", "fakepipe.stages:run_c", upstream=("b",)),
     dag.Stage("slow", "fakepipe.stages:run_slow"),
     dag.Stage("d", "fakepipe.stages:run_d", upstream=("a",), instances=True, upstream_from=("extra",)),
+    dag.Stage("e", "fakepipe.stages:run_a", optional_upstream=("b", "d")),
 ], root=Path(__file__).resolve().parents[1])
 '''
 
@@ -467,3 +468,15 @@ def test_instance_type_group_must_hold_runs(fake):
         dag.plan(config, fake.workdir, fake.registry)
     with pytest.raises(dag.PlanError, match="--stages: unknown stage 'zz/one'"):
         dag.plan(_with_runs(fake, one=(1, "a")), fake.workdir, fake.registry, only=["zz/one"])
+
+
+def test_optional_upstream_follows_what_the_config_has(fake):
+    config = _with_runs(fake, one=(1, "a"), two=(2, "a"))
+    config.unlock()
+    config.e = fake.config()["a"]
+    plans = {p.name: p for p in dag.plan(config, fake.workdir, fake.registry)}
+    assert plans["e"].stage.upstream == ("b", "d/one", "d/two") and list(plans)[-1] == "e"
+    alone = fake.config("a")
+    alone.unlock()
+    alone.e = fake.config()["a"]
+    assert {p.name: p.stage.upstream for p in dag.plan(alone, fake.workdir, fake.registry)}["e"] == ()

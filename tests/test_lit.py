@@ -188,3 +188,14 @@ def test_sigkill_mid_lit_then_rerun_resumes_bit_identically(prepared_digits, pre
     metrics = stage_resume.kill_resume_and_compare(RESUME_WORKER, (prepared_digits, pretrain_export.path),
                                                    tmp_path, kill_after_step=8)
     assert metrics["start_step"] >= 8 and metrics["steps"] == 16
+
+
+def test_text_tower_flops_count_a_sequence_not_a_grid():
+    from trainer import flops
+    from trainer.models import text
+    cfg = text.make_config("mu", max_len=16, embed_dim=64, depth=1)
+    d, m = cfg.width, cfg.mlp_dim
+    matmuls = 4 * d * d + 2 * d * m  # q, k, v, out + the MLP
+    expected = 3 * (2 * matmuls * 16 + 4 * 16 * 16 * d + 2 * d * 64)
+    assert flops.text_flops_per_example(cfg) == expected
+    assert flops.text_flops_per_example(cfg, train=False) == expected / 3

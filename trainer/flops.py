@@ -148,3 +148,13 @@ def peak_flops_per_device(devices=None) -> tuple[float, str]:
 
 def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak_per_device: float) -> float:
     return flops_per_step / step_time_s / (num_devices * peak_per_device)
+
+
+def text_flops_per_example(cfg: ViTConfig, train: bool = True) -> float:
+    """The same count for a text tower (trainer/models/text.py): `cfg.image_size` tokens of a 1-D
+    sequence (not a square grid), a token-embedding lookup (no matmul), and a mean-pool + linear head."""
+    t = cfg.image_size
+    dense = 2 * encoder_matmul_params(cfg) * t
+    attn = 4 * cfg.depth * t * t * cfg.width
+    head = 2 * cfg.width * cfg.num_classes
+    return (dense + attn + head) * (3 if train else 1)

@@ -142,7 +142,7 @@ def make_task(cfg, export_dir: Path, tok: tokenizer_lib.ByteTokenizer) -> Task:
     model_spec = {"kind": "lit", "image": image_cfg.to_json(), "text": text_cfg.to_json(),
                   "vocab_size": tok.vocab_size, "tokenizer": "tokenizer.json"}
     # Text tower trained (fwd + bwd) + image tower forward only.
-    per_example = flops.model_flops_per_example(text_cfg) + flops.model_flops_per_example(image_cfg, train=False)
+    per_example = flops.text_flops_per_example(text_cfg) + flops.model_flops_per_example(image_cfg, train=False)
     return Task(name="lit", init=init, loss=loss, predict={"embed": embed},
                 frozen=Frozen(vit.abstract_params(image_cfg),
                               lambda abstract: checkpoint.load_params(Path(export_dir) / "params", abstract)),

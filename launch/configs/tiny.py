@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from eval import probe
+from eval import evaluate, probe
 from launch.configs import common
 from pipelines import prepare
 from trainer import finetune, lit, pretrain
@@ -99,6 +99,21 @@ def probe_config() -> ml_collections.ConfigDict:
     return c
 
 
+def evaluate_config() -> ml_collections.ConfigDict:
+    """Scores every model of the run: val/test accuracy, calibration, OOD and model-vs-human through
+    the digit-pairs label map, and fairness over the pixel-derived `heavy_ink` attribute."""
+    c = evaluate.default_config()  # evals: val/test accuracy + calibration on test; models=() = all
+    c.dataset = "digits"
+    c.batch_size = 64
+    c.mesh.data, c.mesh.model = 4, 2
+    c.evals.pairs = ml_collections.ConfigDict(dict(type="ood", split="test", map="digits_pairs", labels="source"))
+    c.evals.fairness = ml_collections.ConfigDict(dict(type="fairness", split="test", fit_split="val",
+                                                      attribute="heavy_ink", positive=("0", "2", "4", "6", "8")))
+    c.evals.mvh = ml_collections.ConfigDict(dict(type="model_vs_human", split="test", map="digits_pairs",
+                                                 labels="source", experiment="digits-pairs"))
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.run --config launch/configs/tiny.py[:STAGE,...]` (ARG keeps only those stages)."""
     groups = {
@@ -108,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "finetune": finetune.group(),
         "lit": lit_config(),
         "probe": probe_config(),
+        "evaluate": evaluate_config(),
     }
     groups["finetune"].runs.r48 = finetune_run(48)
     groups["finetune"].runs.r32 = finetune_run(32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from eval import probe
+from eval import evaluate, probe
 from launch.configs import common
 from pipelines import prepare
 from trainer import finetune, optim, pretrain
@@ -99,6 +99,32 @@ def probe_config() -> ml_collections.ConfigDict:
     return c
 
 
+def evaluate_config() -> ml_collections.ConfigDict:
+    """The paper's evaluation suite on every model of the run: ImageNet val / ReaL / v2, OOD on -R,
+    -A and ObjectNet through label maps (ObjectNet's map is the user's file), model-vs-human on the
+    cue-conflict stimuli, calibration. CelebA fairness needs a CelebA-trained model: add
+    evals.celeba = dict(type="fairness", dataset="celeb_a", ..., models=("finetune/celeba",))."""
+    c = evaluate.default_config()
+    c.dataset = "imagenet2012"
+    c.batch_size = 4096
+    c.mesh.data, c.mesh.model = -1, 16
+    c.runtime.worker_count = 16
+    c.evals = ml_collections.ConfigDict({
+        "val": dict(type="accuracy", split="val"),
+        "real": dict(type="accuracy", dataset="imagenet2012_real", split="test"),
+        "v2": dict(type="accuracy", dataset="imagenet_v2", split="test"),
+        "r": dict(type="ood", dataset="imagenet_r", split="test", map="imagenet_r"),
+        "a": dict(type="ood", dataset="imagenet_a", split="test", map="imagenet_a"),
+        "objectnet": dict(type="ood", dataset="objectnet", split="test",
+                          map="/gcs/YOUR_BUCKET/label_maps/objectnet.json", border=2),
+        "cue_conflict": dict(type="model_vs_human", dataset="cue_conflict", split="test", experiment="cue-conflict",
+                             human_data="/gcs/YOUR_BUCKET/model-vs-human/raw-data"),
+        "calibration": dict(type="calibration", split="val"),
+    })
+    c.report.title = "ViT-22B run report"
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
     prep = prepare.default_config()
@@ -114,6 +140,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             image_size=384,
             records_per_shard=4096),
     })
+    # The evaluation suite's datasets (local TFDS builds / folders on the bucket; never downloaded).
+    tfds_dir = prep.datasets.imagenet2012.tfds_data_dir
+
+    def tfds_test(name: str, split: str) -> ml_collections.ConfigDict:
+        return prepare.dataset_config(source="tfds", tfds_name=name, tfds_data_dir=tfds_dir, splits={"test": split},
+                                      image_size=384, records_per_shard=4096)
+    prep.datasets.update({
+        "imagenet2012_real": tfds_test("imagenet2012_real", "validation"),
+        "imagenet_v2": tfds_test("imagenet_v2", "test"),
+        "imagenet_r": tfds_test("imagenet_r", "test"),
+        "imagenet_a": tfds_test("imagenet_a", "test"),
+        "objectnet": prepare.dataset_config(source="folder", root="/gcs/YOUR_BUCKET/objectnet/images",
+                                            splits={"test": ""}, image_size=384),
+        "cue_conflict": prepare.dataset_config(source="cue_conflict", root="/gcs/YOUR_BUCKET/model-vs-human/cue-conflict",
+                                               splits={"test": ""}, image_size=224, lossless=True),
+    })
     prep.direct_num_workers = 16
     prep.direct_running_mode = "multi_processing"
     groups = {
@@ -121,6 +163,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "pretrain": pretrain_config(),
         "finetune": finetune.group(),
         "probe": probe_config(),
+        "evaluate": evaluate_config(),
     }
     groups["finetune"].runs.i224 = finetune_run(224)
     groups["finetune"].runs.i518 = finetune_run(518)  # assumed: 37x37 patches of 14 px (ViT-g/14 fine-tunes at 518)
@@ -129,5 +172,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "pretrain": PRETRAIN_TPU,
         "finetune": PRETRAIN_TPU,  # the same slice: 22B needs the pretrain's model parallelism
         "probe": PRETRAIN_TPU,
+        "evaluate": PRETRAIN_TPU,
     })
     return common.build(groups, xm, arg)
