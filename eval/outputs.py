@@ -54,8 +54,8 @@ class SplitOutputs:
     def ids(self) -> np.ndarray:
         """str [N]: the record ids of the rows (read from the split's records, in loader order)."""
         from eval import probe  # the eval loader's row order and the id reader live there
-        order = probe._record_order(len(self), self._loader.global_batch_size, jax.process_count())
-        return probe._record_ids(self._loader, order, self.label, f"{self.dataset}/{self.split}")
+        order = probe.record_order(len(self), self._loader.global_batch_size, jax.process_count())
+        return probe.record_ids(self._loader, order, self.label, f"{self.dataset}/{self.split}")
 
 
 _OPTIONAL = ("real_labels", "attributes", "shape_label", "texture_label")

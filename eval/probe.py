@@ -167,7 +167,7 @@ class Split:
     class_names: tuple[str, ...]
 
 
-def _record_order(num_records: int, global_batch: int, process_count: int) -> np.ndarray:
+def record_order(num_records: int, global_batch: int, process_count: int) -> np.ndarray:
     """The record index of each real row the eval loader yields, in global row order: batch b holds
     process 0's b-th local batch, then process 1's, ...; process p reads records p, p + pc, ..."""
     local = global_batch // process_count
@@ -176,7 +176,7 @@ def _record_order(num_records: int, global_batch: int, process_count: int) -> np
     return np.concatenate([rows[b * local:(b + 1) * local] for b in range(num_batches) for rows in per_process])
 
 
-def _record_ids(loader, order: np.ndarray, labels: np.ndarray, where: str) -> np.ndarray:
+def record_ids(loader, order: np.ndarray, labels: np.ndarray, where: str) -> np.ndarray:
     """Ids of the records in `order`; their labels must be the ones that came back with the features."""
     from data import records  # protobuf only; the loader has already read these files
     ids, got = [], []
@@ -279,10 +279,10 @@ class FeatureCache:
             del fmap
             os.replace(directory / f"{split}.npy.partial", directory / f"{split}.npy")
             labels = np.concatenate(labels)
-            order = _record_order(n, self.cfg.batch_size, jax.process_count())
+            order = record_order(n, self.cfg.batch_size, jax.process_count())
             np.save(directory / f"{split}.labels.npy", labels)
             np.save(directory / f"{split}.ids.npy",
-                    _record_ids(loader, order, labels, f"{self.where}: {self.cfg.dataset}/{split}"))
+                    record_ids(loader, order, labels, f"{self.where}: {self.cfg.dataset}/{split}"))
             (directory / f"{split}.json").write_text(json.dumps(key, indent=1) + "\n")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
