@@ -19,6 +19,7 @@ from trainer.evaluators.classification import Classification
 from trainer.evaluators.fewshot import FewShot
 from trainer.evaluators.label_map import LabelMapAccuracy
 from trainer.evaluators.zeroshot import Retrieval, ZeroShot
+from trainer.evaluators.distillation import Distillation
 
 __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_over"]
 
@@ -28,6 +29,7 @@ TABLE: dict[str, type[Evaluator]] = {
     "zeroshot": ZeroShot,  # two-tower (LiT) zero-shot classification (zeroshot.py)
     "retrieval": Retrieval,  # two-tower image<->text recall@k (zeroshot.py)
     "fewshot": FewShot,  # closed-form few-shot on pre-logits, big_vision's fewshot_lsr (fewshot.py)
+    "distillation": Distillation,  # student vs teacher: top-1 agreement, KL (trainer/distill.py)
 }
 
 LOOP_KEYS = ("type", "every", "pred")  # read by the loop, not passed to the evaluator
