@@ -159,12 +159,14 @@ STAGES = Registry([
           validate="trainer.pretrain:validate"),
     Stage("finetune", "trainer.finetune:run", upstream=("prepare",), upstream_from=("init_from",),
           instances=True, resumable=True, validate="trainer.finetune:validate"),
+    Stage("distill", "trainer.distill:run", upstream=("prepare",), upstream_from=("teacher",),
+          instances=True, resumable=True, validate="trainer.distill:validate"),
     Stage("lit", "trainer.lit:run", upstream=("prepare",), upstream_from=("image_from",), resumable=True,
           validate="trainer.lit:validate"),
     Stage("probe", "eval.probe:run", upstream=("prepare",), upstream_from=("model_from",), resumable=True,
           validate="eval.probe:validate"),
     Stage("evaluate", "eval.evaluate:run", upstream=("prepare",),
-          optional_upstream=("pretrain", "finetune", "lit", "probe"), validate="eval.evaluate:validate"),
+          optional_upstream=("pretrain", "finetune", "distill", "lit", "probe"), validate="eval.evaluate:validate"),
 ])
 
 

@@ -30,7 +30,7 @@ KNOBS = {
 
 
 def _config(**runtime):
-    config = tiny.get_config()
+    config = tiny.get_config("prepare,pretrain")
     p = config.pretrain
     p.steps, p.checkpoint_every, p.evals.val.every = 6, 3, 3
     p.optim.warmup_steps, p.optim.cooldown_steps = 2, 0
@@ -64,14 +64,15 @@ def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(tmp_path):
 
     # Every runtime knob changed at once (distributed ones aside: one process here), rerun for real.
     local = {k: v for k, v in KNOBS.items() if not k.startswith("distributed.")}
+    before = set(psutil.Process().children(recursive=True))  # other tests' processes in this worker
     second = dag.run_pipeline(_config(**local), tmp_path, only=["pretrain"], force=["pretrain"],
                               log=_silent)["pretrain"]
     assert second.path == first.path
     # worker_count=1 started Grain worker processes; the loop closed the loader, so none outlives it.
     deadline = time.time() + 30
-    while psutil.Process().children(recursive=True) and time.time() < deadline:
+    while set(psutil.Process().children(recursive=True)) - before and time.time() < deadline:
         time.sleep(0.2)
-    assert not psutil.Process().children(recursive=True)
+    assert not set(psutil.Process().children(recursive=True)) - before
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.device_get(checkpoint.load_params(second.path / "params")), params)
     again = json.loads((second.path / "outputs.json").read_text())["metrics"]

@@ -19,7 +19,7 @@ from data import loader
 from launch.configs import tiny
 from pipelines import prepare
 from trainer import checkpoint, distill, sharding
-from trainer.evaluators.distillation import kl_divergence
+from trainer.losses import kl_divergence
 from trainer.models import vit
 
 import stage_resume

@@ -287,11 +287,12 @@ def test_vit22b_recipe():
 def test_default_config_key_set():
     assert set(optim.default_config().keys()) == {
         "optimizer", "lr", "schedule", "warmup_steps", "cooldown_steps", "timescale",
-        "grad_clip_norm", "wd", "wd_rules", "adafactor", "adamw"}
+        "grad_clip_norm", "wd", "wd_rules", "adafactor", "adamw", "sgd"}
 
 
 @pytest.mark.parametrize("kw, field", [
-    (dict(optimizer="sgd"), "optimizer"),
+    (dict(optimizer="lamb"), "optimizer"),
+    (dict(sgd=dict(momentum=1.5)), "sgd.momentum"),
     (dict(schedule="step"), "schedule"),
     (dict(wd_rules=[("head(", 1.0)]), r"wd_rules\[0\]"),
     (dict(wd_rules=[(".*", 1.0), ("[", None)]), r"wd_rules\[1\]"),

@@ -203,18 +203,21 @@ def test_multi_host_protocol_commits_once_from_process_zero(fake, monkeypatch):
 
 @pytest.mark.slow
 def test_local_launch_of_the_tiny_pipeline(tmp_path):
-    """The real tiny config (every stage that exists) as XManager work units."""
+    """The real tiny config's prepare + pretrain (shortened) as XManager work units; the whole DAG
+    runs through launch.run in tests/test_launch_cli.py."""
     db_config = tmp_path / "xm_db.yaml"
     db_config.write_text("sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
                          f"  db_name: {tmp_path / 'xm.sqlite3'}\n")
     out = subprocess.run(
-        [sys.executable, "-m", "launch.xm_launch", f"--config={REPO / 'launch/configs/tiny.py'}",
-         f"--workdir={tmp_path / 'workdir'}", f"--xm_db_yaml_config_path={db_config}"],
+        [sys.executable, "-m", "launch.xm_launch", f"--config={REPO / 'launch/configs/tiny.py'}:prepare,pretrain",
+         f"--workdir={tmp_path / 'workdir'}", f"--xm_db_yaml_config_path={db_config}",
+         "--config.pretrain.steps=10", "--config.pretrain.checkpoint_every=5"],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     with sqlite3.connect(tmp_path / "xm.sqlite3") as db:
         [(experiment_id,)] = db.execute("SELECT experiment_id FROM experiment").fetchall()
         work_units = db.execute("SELECT work_unit_id FROM work_unit").fetchall()
-    config = runpy.run_path(str(REPO / "launch/configs/tiny.py"))["get_config"]()
+    config = runpy.run_path(str(REPO / "launch/configs/tiny.py"))["get_config"]("prepare,pretrain")
+    config.pretrain.steps, config.pretrain.checkpoint_every = 10, 5
     plans = dag.plan(config, tmp_path / "workdir")
     assert len(work_units) == len(plans) and all(p.action == "reuse" for p in plans)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from trainer import flops, losses, stage_config
-from trainer.evaluators.distillation import agreement, kl_divergence
+from trainer.evaluators.distillation import agreement
 from trainer.models import vit
 from trainer.task import Frozen, Task, vit_init
 
@@ -164,7 +164,7 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
     def objective(params, frozen, batch, rng):
         logits, _ = student_out(params, batch, train=True, rngs={"dropout": rng})
         target = teacher_logits(None, frozen, batch)
-        distill = jnp.mean(kl_divergence(logits, target, temperature))
+        distill = jnp.mean(losses.kl_divergence(logits, target, temperature))
         labelled = jnp.mean(label_loss(logits, batch["labels"]))
         aux = {"distill_loss": distill, "label_loss": labelled,
                "train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"])),

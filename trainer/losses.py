@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "contrastive_softmax", "contrastive_sigmoid",
+__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "contrastive_softmax", "contrastive_sigmoid", "kl_divergence",
            "top1_correct", "topk_correct", "masked_sum",
            "masked_mean"]
 
@@ -137,3 +137,19 @@ def contrastive_sigmoid(zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.A
     logits = (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T) * jnp.exp(log_temperature) + bias
     labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+
+
+def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Per-example `t² · KL(softmax(teacher/t) ‖ softmax(student/t))`, [B], in float32.
+
+    The t² factor keeps the gradient's scale independent of t (Hinton et al. 2015). Written as
+    `sum p_t (log p_t - log p_s)` with log-softmaxes, exact for confident logits; zero (and with a
+    zero gradient) when the two logit vectors are equal.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
+                         "must have the same shape")
+    t = jnp.float32(temperature)
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    return t * t * jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)

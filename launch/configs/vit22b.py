@@ -18,7 +18,7 @@ import ml_collections
 from eval import evaluate, probe
 from launch.configs import common
 from pipelines import prepare
-from trainer import finetune, optim, pretrain
+from trainer import distill, finetune, optim, pretrain
 
 # One TPU v4 pod slice of 1024 chips (8x8x16 torus, 256 hosts); our choice of size, override
 # with --config.xm.resources.pretrain.tpu_topology=4x4x8 etc.
@@ -125,6 +125,31 @@ def evaluate_config() -> ml_collections.ConfigDict:
     return c
 
 
+def distill_run(variant: str) -> ml_collections.ConfigDict:
+    """A B/16 or L/16 student (classic sequential blocks, the paper's) distilled from the 22B
+    fine-tune. Schedule values are not in the seed: ASSUMED ones marked."""
+    c = distill.default_config()
+    c.teacher = "finetune/i224"  # ASSUMED: the 224 px fine-tune teaches; same resolution, no resize
+    c.model.variant = variant
+    c.model.dtype = "bfloat16"
+    c.data.dataset, c.data.image_size = "imagenet2012", 224
+    c.data.augment.mixup_alpha = 1.0  # big_vision distill (p=1); Inception crop + flip = defaults
+    c.temperature = 1.0  # big_vision distill configs
+    c.evals.val.split = c.evals.agree.split = "minival"
+    c.evals.val.every = c.evals.agree.every = 5_000
+    c.batch_size = c.eval_batch_size = 4096  # big_vision's bit_i1k distill; ASSUMED for ViT students
+    c.steps = None
+    c.epochs = 1200.0  # big_vision's "patient" middle ground; ASSUMED
+    c.optim.optimizer, c.optim.lr, c.optim.wd = "adamw", 1e-3, 0.05  # ASSUMED
+    c.optim.schedule, c.optim.warmup_steps, c.optim.grad_clip_norm = "cosine", 5_000, 1.0
+    c.optim.adamw.mu_dtype = "bfloat16"  # big_vision distill
+    c.mesh.data, c.mesh.model = -1, 4  # ASSUMED: 4 divides B's 12, L's 16 and 22B's 48 heads
+    c.checkpoint_every = 1_000
+    c.runtime.log_every, c.runtime.worker_count, c.runtime.keep_checkpoints = 50, 16, 3
+    c.runtime.distributed.auto = True
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
     prep = prepare.default_config()
@@ -162,15 +187,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "prepare": prep,
         "pretrain": pretrain_config(),
         "finetune": finetune.group(),
+        "distill": distill.group(),
         "probe": probe_config(),
         "evaluate": evaluate_config(),
     }
+    groups["distill"].runs.b16 = distill_run("B/16")
+    groups["distill"].runs.l16 = distill_run("L/16")
     groups["finetune"].runs.i224 = finetune_run(224)
     groups["finetune"].runs.i518 = finetune_run(518)  # assumed: 37x37 patches of 14 px (ViT-g/14 fine-tunes at 518)
     xm = common.xm_group({
         "prepare": common.resources(cpu=32, ram_gib=128),
         "pretrain": PRETRAIN_TPU,
         "finetune": PRETRAIN_TPU,  # the same slice: 22B needs the pretrain's model parallelism
+        "distill": PRETRAIN_TPU,  # the teacher is 22B; a smaller slice may do (not measured)
         "probe": PRETRAIN_TPU,
         "evaluate": PRETRAIN_TPU,
     })

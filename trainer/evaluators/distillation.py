@@ -11,7 +11,7 @@ its own resolution by the Task). Metrics, mask-aware (padded rows count nowhere)
 - `kl`: mean `t²·KL(softmax(teacher/t) ‖ softmax(student/t))`, the distillation objective at the
   evaluator's `temperature` (default 1: the plain KL divergence, in nats).
 
-`kl_divergence` is also the training loss of trainer/distill.py (one definition for both).
+`losses.kl_divergence` is also the training loss of trainer/distill.py (one definition for both).
 """
 from __future__ import annotations
 
@@ -22,22 +22,6 @@ import jax.numpy as jnp
 
 from trainer import losses
 from trainer.evaluators import base
-
-
-def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """Per-example `t² · KL(softmax(teacher/t) ‖ softmax(student/t))`, [B], in float32.
-
-    The t² factor keeps the gradient's scale independent of t (Hinton et al. 2015). Written as
-    `sum p_t (log p_t - log p_s)` with log-softmaxes, exact for confident logits; zero (and with a
-    zero gradient) when the two logit vectors are equal.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
-                         "must have the same shape")
-    t = jnp.float32(temperature)
-    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    return t * t * jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 
 def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
@@ -60,7 +44,7 @@ class Distillation(base.Evaluator):
             mask = batch["mask"]
             return {"count": jnp.sum(mask.astype(jnp.float32)),
                     "agreement": losses.masked_sum(agreement(student, teacher), mask),
-                    "kl": losses.masked_sum(kl_divergence(student, teacher, temperature), mask)}
+                    "kl": losses.masked_sum(losses.kl_divergence(student, teacher, temperature), mask)}
         self._step = ctx.jit(sums)
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
