@@ -349,14 +349,20 @@ class EvalLoader(_SplitLoader):
     def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This process's numpy batches (with `mask`), exactly `num_batches` of them."""
         n, count = self.local_batch_size, 0
-        for batch in self.dataset:
-            real = len(batch["label"])
-            if real < n:
-                pad = self._fields.zeros(n - real)
-                batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
-            batch["mask"] = np.arange(n) < real
-            count += 1
-            yield batch
+        iterator = iter(self.dataset)
+        try:
+            for batch in iterator:
+                real = len(batch["label"])
+                if real < n:
+                    pad = self._fields.zeros(n - real)
+                    batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+                batch["mask"] = np.arange(n) < real
+                count += 1
+                yield batch
+        finally:  # each pass's Grain worker processes (worker_count > 0) end with the pass
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
         for _ in range(self.num_batches - count):  # this process ran out before the others
             yield {**self._fields.zeros(n), "mask": np.zeros(n, bool)}
 

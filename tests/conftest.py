@@ -46,7 +46,7 @@ def pretrain_export(prepared_digits, tmp_path_factory):
     cfg = tiny.pretrain_config()
     cfg.data.prepared_dir = str(prepared_digits)
     cfg.steps, cfg.checkpoint_every, cfg.evals.val.every = 60, 0, 0
-    cfg.evals = {"val": cfg.evals.val}  # the tiny config's other evals (few-shot, label map) have their own tests
+    cfg.evals = {"val": cfg.evals.val, "pairs": cfg.evals.pairs}  # few-shot has its own tests (and costs)
     cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 10
     cfg.runtime.log_every, cfg.runtime.progress = 10, "off"
     out = tmp_path_factory.mktemp("pretrain_export")

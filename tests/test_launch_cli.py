@@ -101,8 +101,11 @@ def test_vit22b_vertex_dry_run(tmp_path):
 
 
 # Every training stage of the tiny config, shortened: the whole DAG still runs, each stage compiles.
-SHORT = {"pretrain.steps": 8, "pretrain.checkpoint_every": 4, "finetune.runs.r32.steps": 4,
-         "finetune.runs.r48.steps": 4, "distill.runs.mu_seq.steps": 4, "lit.steps": 4}
+SHORT = {"pretrain.steps": 8, "pretrain.checkpoint_every": 4, "pretrain.optim.warmup_steps": 2,
+         "pretrain.optim.cooldown_steps": 2, "finetune.runs.r32.steps": 4, "finetune.runs.r48.steps": 4,
+         "finetune.runs.r32.optim.warmup_steps": 1, "finetune.runs.r48.optim.warmup_steps": 1,
+         "distill.runs.mu_seq.steps": 4, "distill.runs.mu_seq.optim.warmup_steps": 1, "lit.steps": 4,
+         "lit.optim.warmup_steps": 1}
 
 
 @pytest.mark.slow

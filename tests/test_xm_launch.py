@@ -211,7 +211,8 @@ def test_local_launch_of_the_tiny_pipeline(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "launch.xm_launch", f"--config={REPO / 'launch/configs/tiny.py'}:prepare,pretrain",
          f"--workdir={tmp_path / 'workdir'}", f"--xm_db_yaml_config_path={db_config}",
-         "--config.pretrain.steps=10", "--config.pretrain.checkpoint_every=5"],
+         "--config.pretrain.steps=10", "--config.pretrain.checkpoint_every=5",
+         "--config.pretrain.optim.warmup_steps=2", "--config.pretrain.optim.cooldown_steps=2"],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     with sqlite3.connect(tmp_path / "xm.sqlite3") as db:
@@ -219,5 +220,6 @@ def test_local_launch_of_the_tiny_pipeline(tmp_path):
         work_units = db.execute("SELECT work_unit_id FROM work_unit").fetchall()
     config = runpy.run_path(str(REPO / "launch/configs/tiny.py"))["get_config"]("prepare,pretrain")
     config.pretrain.steps, config.pretrain.checkpoint_every = 10, 5
+    config.pretrain.optim.warmup_steps, config.pretrain.optim.cooldown_steps = 2, 2
     plans = dag.plan(config, tmp_path / "workdir")
     assert len(work_units) == len(plans) and all(p.action == "reuse" for p in plans)

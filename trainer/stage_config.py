@@ -140,6 +140,8 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
 
     try:
         optim.validate_config(cfg.optim)
+        if cfg.steps is not None:  # warmup/cooldown vs the run length: known now when given in steps
+            optim.make_schedule(cfg.optim, cfg.steps)
     except ValueError as e:  # "optim config field 'schedule': ..." -> "<where>.optim.schedule: ..."
         field = re.match(r"optim config field '([^']+)': (.*)", str(e))
         raise (_fail(f"{where}.optim.{field[1]}", field[2]) if field else _fail(f"{where}.optim", str(e))) from None
