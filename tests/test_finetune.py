@@ -76,12 +76,7 @@ def test_a_resized_model_matches_the_original_on_upsampled_images(pretrain_expor
 
 def _plan_error(**overrides):
     config = tiny.get_config()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     with pytest.raises(dag.PlanError) as e:
         dag.plan(config, Path("/nonexistent-workdir"))
     assert "\n" not in str(e.value)

@@ -129,10 +129,5 @@ def test_tiny_dryrun_then_all_hits_then_single_stage_rerun(tmp_path):
     assert [line for line in third.splitlines() if ": running" in line] == [
         line for line in third.splitlines() if "] prepare: running" in line]
     config = runpy.run_path(str(TINY))["get_config"]()
-    for key, value in SHORT.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(SHORT)
     assert all(p.action == "reuse" for p in dag.plan(config, tmp_path))

@@ -104,12 +104,7 @@ def test_loader_yields_caption_tokens_and_rejects_a_split_without_text(prepared_
 def _lit_cfg(prepared_digits, **overrides):
     cfg = tiny.lit_config()
     cfg.data.prepared_dir = str(prepared_digits)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

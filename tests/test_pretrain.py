@@ -28,12 +28,7 @@ def _cfg(digits, **overrides):
     cfg = tiny.pretrain_config()
     cfg.data.prepared_dir = str(digits)
     cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 0  # runs here are shorter than the tiny config's
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 
