@@ -209,7 +209,7 @@ def test_model_fields_are_overridable_from_the_command_line(tmp_path):
             "--workdir", str(tmp_path)]
     plain = subprocess.run(base, cwd=REPO, env=_env(), capture_output=True, text=True)
     ok = subprocess.run(base + ["--config.pretrain.model.matmul=collective", "--config.pretrain.model.depth=1",
-                                "--config.pretrain.steps=5"], cwd=REPO, env=_env(), capture_output=True, text=True)
+                                "--config.pretrain.steps=100"], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert plain.returncode == 0 and ok.returncode == 0, ok.stderr[-2000:]
     before, after = _planned(plain.stdout), _planned(ok.stdout)
     # The overrides reached the pretrain group (its fingerprint moved) and nothing else.
