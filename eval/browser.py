@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,12 +110,15 @@ def check_page(html_path: Path, screenshot: Path | None = None, *, timeout: floa
                                 "`chromium` package")
     url = Path(html_path).resolve().as_uri()
     deadline = time.monotonic() + timeout
-    with tempfile.TemporaryDirectory() as profile:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        # Own session: Chromium's helpers (zygote, renderers, crashpad) join its process group, so
+        # shutdown can end all of them, not only the browser process.
         proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
                                  "--window-size=1280,900", "--remote-debugging-address=127.0.0.1",
                                  "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             while not port_file.exists() or not port_file.read_text().strip():
@@ -144,12 +148,37 @@ def check_page(html_path: Path, screenshot: Path | None = None, *, timeout: floa
             finally:
                 client.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
+    finally:
+        _remove_profile(Path(profile))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (Chromium shuts down cleanly), then SIGKILL to whatever of its process group is left."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove_profile(profile: Path, attempts: int = 50) -> None:
+    """Removes the private profile. A helper that outlived the browser by a moment may still write a
+    file into it while rmtree walks it (`Directory not empty`), so removal is retried for ~5 s."""
+    for _ in range(attempts - 1):
+        try:
+            shutil.rmtree(profile)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 def main(argv=None) -> int:

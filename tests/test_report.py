@@ -3,6 +3,7 @@ out with a note when their inputs are missing, and the page rendered in headless
 figure decoded, no console error; a screenshot kept as a test artifact)."""
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,24 @@ def test_report_renders_in_headless_chromium(tmp_path, chromium):
     assert (artifacts / "report_sections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_broken_image_is_caught(tmp_path, chromium):
+def test_a_broken_image_is_caught_and_the_browser_leaves_nothing_behind(tmp_path, chromium, monkeypatch):
+    profiles = []
+    mkdtemp = browser.tempfile.mkdtemp
+    monkeypatch.setattr(browser.tempfile, "mkdtemp", lambda **kw: profiles.append(mkdtemp(**kw)) or profiles[-1])
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><body><img alt="x" src="data:image/png;base64,AAAA"></body></html>')
     result = browser.check_page(page)
     assert len(result.broken_images) == 1
+    # The private profile is gone and no Chromium helper (zygote, renderer, crashpad) still runs on it:
+    # a helper writing into the profile during removal once failed CI with `Directory not empty`.
+    (profile,) = profiles
+    assert not Path(profile).exists()
+    time.sleep(0.5)  # SIGKILL is delivered asynchronously
+    alive = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if profile.encode() in cmdline.read_bytes():
+                alive.append(cmdline.parent.name)
+        except OSError:
+            pass
+    assert alive == []
