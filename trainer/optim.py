@@ -61,7 +61,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax.core import meta
 
@@ -92,43 +91,52 @@ ANY_KERNEL = r"(^|[/_])kernel$"
 Schedule = Callable[[Any], jax.Array]
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The optimizer config group: its complete key set with small-scale defaults."""
-    c = ml_collections.ConfigDict()
-    c.optimizer = "adafactor"  # one of OPTIMIZERS
-    c.lr = 1e-3  # peak learning rate
-    c.schedule = "rsqrt"  # one of SCHEDULES
-    c.warmup_steps = 0  # linear warmup from 0 (all schedules)
-    c.cooldown_steps = 0  # linear cooldown to 0 at the end (all schedules)
-    c.timescale = 10_000  # rsqrt only: lr halves after 3 * timescale steps past warmup
-    c.grad_clip_norm = 1.0  # clip gradients to this global norm; None = off
-    c.wd = 0.0  # decoupled weight decay (lr-scaled) for params matching no rule
-    c.wd_rules = []  # [(regex, wd or None=frozen), ...]; first re.search match wins
-    c.adafactor = ml_collections.ConfigDict(dict(
-        decay_rate=0.8,  # second-moment decay 1 - (t+1)^-decay_rate ...
-        beta2_cap=0.999,  # ... capped here (Zhai et al. 2021); None = uncapped
-        momentum=0.9,  # first momentum (EMA, not debiased); None/0 = off
-        momentum_dtype="bfloat16",  # storage dtype of the momentum; None = param dtype
-        min_dim_size_to_factor=32,  # factor v only if two dims are at least this big
-        clipping_threshold=None,  # Adafactor update clipping (block RMS); None = off
-        eps=1e-30,  # added to squared gradients
-    ))
-    c.adamw = ml_collections.ConfigDict(dict(
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        mu_dtype=None,  # first-moment storage dtype, e.g. "bfloat16"; None = param dtype
-    ))
-    # SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9).
-    c.sgd = ml_collections.ConfigDict(dict(
-        momentum=0.9,  # None/0 = plain SGD
-        nesterov=False,
-        momentum_dtype=None,  # storage dtype of the momentum, e.g. "bfloat16"; None = param dtype
-    ))
-    return c
+def _defaults() -> dict:
+    """The optimizer config group's complete key set with small-scale defaults, as plain dicts."""
+    return dict(
+        optimizer="adafactor",  # one of OPTIMIZERS
+        lr=1e-3,  # peak learning rate
+        schedule="rsqrt",  # one of SCHEDULES
+        warmup_steps=0,  # linear warmup from 0 (all schedules)
+        cooldown_steps=0,  # linear cooldown to 0 at the end (all schedules)
+        timescale=10_000,  # rsqrt only: lr halves after 3 * timescale steps past warmup
+        grad_clip_norm=1.0,  # clip gradients to this global norm; None = off
+        wd=0.0,  # decoupled weight decay (lr-scaled) for params matching no rule
+        wd_rules=[],  # [(regex, wd or None=frozen), ...]; first re.search match wins
+        adafactor=dict(
+            decay_rate=0.8,  # second-moment decay 1 - (t+1)^-decay_rate ...
+            beta2_cap=0.999,  # ... capped here (Zhai et al. 2021); None = uncapped
+            momentum=0.9,  # first momentum (EMA, not debiased); None/0 = off
+            momentum_dtype="bfloat16",  # storage dtype of the momentum; None = param dtype
+            min_dim_size_to_factor=32,  # factor v only if two dims are at least this big
+            clipping_threshold=None,  # Adafactor update clipping (block RMS); None = off
+            eps=1e-30,  # added to squared gradients
+        ),
+        adamw=dict(
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            mu_dtype=None,  # first-moment storage dtype, e.g. "bfloat16"; None = param dtype
+        ),
+        # SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9).
+        sgd=dict(
+            momentum=0.9,  # None/0 = plain SGD
+            nesterov=False,
+            momentum_dtype=None,  # storage dtype of the momentum, e.g. "bfloat16"; None = param dtype
+        ),
+    )
 
 
-def vit22b_config() -> ml_collections.ConfigDict:
+def default_config():
+    """The optimizer config group (an ml_collections.ConfigDict): its complete key set with
+    small-scale defaults. ml_collections is imported here, not at module level, so that building an
+    optimizer from a plain dict (`make_optimizer({}, ...)`, the benchmarks on the GPU host) needs
+    only jax/optax."""
+    import ml_collections
+    return ml_collections.ConfigDict(_defaults())
+
+
+def vit22b_config():
     """The ViT-22B pre-training optimizer recipe (Dehghani et al. 2023, following ViT-G).
 
     Checked against big_vision's ViT-G/14 config and the Scaling-ViT paper: Adafactor variant
@@ -201,28 +209,64 @@ def _compile_rules(rules) -> list[tuple[re.Pattern, float | None]]:
     return compiled
 
 
-def _check_known_keys(cfg, defaults: ml_collections.ConfigDict, prefix: str = "") -> None:
-    if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
+class _Fields(dict):
+    """A validated config: plain nested dicts read by attribute (`cfg.lr`), no ml_collections."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _plain(cfg):
+    """A ConfigDict (anything with `to_dict`) or nested Mapping as nested plain dicts."""
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return {k: _plain(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _override(field: str, default, value):
+    """`value` in place of `default`, typed as an ml_collections.ConfigDict field would be: None
+    anywhere, an int where a float was, a tuple where a list was; else the default's type."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        ok = False
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"optim config: Could not override field '{field}': {value!r} is a "
+                         f"{type(value).__name__}, the field holds a {type(default).__name__}")
+    return value
+
+
+def _merge(cfg, defaults: dict, prefix: str = "") -> _Fields:
+    """`cfg` (partial) over `defaults`: unknown keys, non-mapping groups and mistyped values raise."""
+    if not isinstance(cfg, Mapping):
         raise ValueError(f"optim config{' field ' + repr(prefix[:-1]) if prefix else ''}: "
                          f"expected a mapping, got {type(cfg).__name__}")
-    for key in cfg.keys():
+    for key in cfg:
         if key not in defaults:
-            raise _fail(prefix + str(key), f"unknown key; known: {', '.join(defaults.keys())}")
-        if isinstance(defaults[key], ml_collections.ConfigDict):
-            _check_known_keys(cfg[key], defaults[key], f"{prefix}{key}.")
+            raise _fail(prefix + str(key), f"unknown key; known: {', '.join(defaults)}")
+    out = _Fields()
+    for key, default in defaults.items():
+        if isinstance(default, dict):
+            out[key] = _merge(cfg.get(key, {}), default, f"{prefix}{key}.")
+        else:
+            out[key] = _override(prefix + key, default, cfg[key]) if key in cfg else default
+    return out
 
 
-def validate_config(cfg: ml_collections.ConfigDict | Mapping) -> ml_collections.ConfigDict:
-    """Returns `cfg` merged over `default_config()`, checked; raises a one-line ValueError.
-
-    Accepts a partial config (missing keys take their defaults) but no unknown keys.
-    """
-    full = default_config()
-    _check_known_keys(cfg, full)
-    try:
-        full.update(cfg)
-    except TypeError as e:
-        raise ValueError(f"optim config: {str(e).splitlines()[0]}") from None
+def _validated(cfg) -> _Fields:
+    """`cfg` (a ConfigDict or a Mapping, possibly partial) merged over the defaults and checked."""
+    full = _merge(_plain(cfg), _defaults())
 
     if full.optimizer not in OPTIMIZERS:
         raise _fail("optimizer", f"unknown optimizer {full.optimizer!r}; expected one of {OPTIMIZERS}")
@@ -260,11 +304,20 @@ def validate_config(cfg: ml_collections.ConfigDict | Mapping) -> ml_collections.
     return full
 
 
+def validate_config(cfg):
+    """Returns `cfg` merged over `default_config()`, checked, as an ml_collections.ConfigDict;
+    raises a one-line ValueError. Accepts a partial config (missing keys take their defaults) but
+    no unknown keys. (make_optimizer / make_schedule run the same checks without ml_collections.)
+    """
+    import ml_collections
+    return ml_collections.ConfigDict(_validated(cfg))
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedule.
 
 
-def _check_durations(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
+def _check_durations(cfg, total_steps: int) -> None:
     if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 0:
         raise ValueError(f"total_steps must be an integer >= 0, got {total_steps!r}")
     # Runs of 0/1 steps (evaluation only, debugging) may keep the config's warmup.
@@ -275,9 +328,9 @@ def _check_durations(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
                     f"{cfg.cooldown_steps}) must be <= total_steps ({total_steps})")
 
 
-def make_schedule(cfg: ml_collections.ConfigDict | Mapping, total_steps: int) -> Schedule:
+def make_schedule(cfg, total_steps: int) -> Schedule:
     """Returns `schedule(step) -> float32 learning rate` (absolute, peak `cfg.lr`)."""
-    cfg = validate_config(cfg)
+    cfg = _validated(cfg)
     _check_durations(cfg, total_steps)
     lr, kind = float(cfg.lr), cfg.schedule
     warmup, cooldown, timescale = int(cfg.warmup_steps), int(cfg.cooldown_steps), float(cfg.timescale)
@@ -326,9 +379,9 @@ def _map_rule(fn: Callable[[float | None], Any], tree, *, rules, default: float)
         lambda path, _: fn(_rule_value(param_path(path), rules, default)), tree)
 
 
-def wd_assignments(cfg: ml_collections.ConfigDict | Mapping, params) -> dict[str, float | None]:
+def wd_assignments(cfg, params) -> dict[str, float | None]:
     """`{param path: weight decay}` (None = frozen) for every parameter, e.g. to log at start."""
-    cfg = validate_config(cfg)
+    cfg = _validated(cfg)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
     names = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(meta.unbox(params))]
     return {name: _rule_value(name, rules, default) for name in names}
@@ -338,7 +391,7 @@ def wd_assignments(cfg: ml_collections.ConfigDict | Mapping, params) -> dict[str
 # The optimizer.
 
 
-def _adafactor(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def _adafactor(c) -> optax.GradientTransformation:
     cap = c.beta2_cap
 
     def decay_rate_fn(step, exponent):
@@ -358,11 +411,11 @@ def _adafactor(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     return optax.chain(*txs)
 
 
-def _adamw(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def _adamw(c) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps, mu_dtype=c.mu_dtype)
 
 
-def _sgd(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def _sgd(c) -> optax.GradientTransformation:
     if not c.momentum:
         return optax.identity()
     return optax.trace(decay=c.momentum, nesterov=c.nesterov, accumulator_dtype=c.momentum_dtype)
@@ -372,7 +425,7 @@ _CORES = {"adafactor": _adafactor, "adamw": _adamw, "sgd": _sgd}
 
 
 def make_optimizer(
-    cfg: ml_collections.ConfigDict | Mapping, params, total_steps: int,
+    cfg, params, total_steps: int,
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """Builds the optimizer for `params` (a plain pytree, or a flax-boxed one) and its schedule.
 
@@ -382,7 +435,7 @@ def make_optimizer(
     `schedule(step)` is the absolute learning rate used at update count `step`. `tx.update` needs
     the current params (`tx.update(grads, opt_state, params)`): Adafactor and the decay read them.
     """
-    cfg = validate_config(cfg)
+    cfg = _validated(cfg)
     schedule = make_schedule(cfg, total_steps)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
 
