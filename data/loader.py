@@ -258,6 +258,8 @@ class _SplitLoader:
             raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, "
                              f"{read_threads}")
         self.worker_count, self.read_threads = worker_count, read_threads
+        # A bucket URI reads through a verified local copy ($VIT22B_DATA_CACHE); a mount as is.
+        split_dir = manifest_lib.local_split(split_dir)
         m = manifest_lib.validate(split_dir)  # counts + sha256 before anything is read
         if m.num_records == 0:
             raise ValueError(f"{split_dir}: split has no records (see {m.dead_letters})")

@@ -5,7 +5,8 @@
   shards: [{path, num_records, sha256}], dead_letters, num_dead_letters, source}`
 Shard and dead-letter paths are relative to the split directory, so a split dir can be moved or
 copied as a unit. Readers call `validate()` before training: every error is one line naming the
-file and the field that disagrees.
+file and the field that disagrees. A split dir may be a remote URI (data/paths.py); `local_split`
+gives the local copy that ArrayRecord readers need.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from data import paths
 from data import records
 
 MANIFEST_NAME = "manifest.json"
 DEAD_LETTERS_NAME = "dead_letters.jsonl"
+CACHE_ENV = "VIT22B_DATA_CACHE"  # where remote splits are copied (default ~/.cache/vit22b/splits)
 ARRAY_RECORD_OPTIONS = "group_size:1"  # random access for Grain (DESIGN §3)
 
 
@@ -102,17 +105,16 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _manifest_path(split_dir: str | os.PathLike) -> Path:
-    p = Path(split_dir)
+def _manifest_path(split_dir: str | os.PathLike):
+    p = paths.as_path(split_dir)
     return p if p.name == MANIFEST_NAME else p / MANIFEST_NAME
 
 
-def write(split_dir: str | os.PathLike, manifest: Manifest) -> Path:
-    """Writes manifest.json atomically (temp file + rename) and returns its path."""
+def write(split_dir: str | os.PathLike, manifest: Manifest):
+    """Writes manifest.json atomically (temp file + rename; one object write remotely) and
+    returns its path."""
     path = _manifest_path(split_dir)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -126,6 +128,30 @@ def read(split_dir: str | os.PathLike) -> Manifest:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON: {e}") from e
     return Manifest.from_json(obj, where=str(path))
+
+
+def local_split(split_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`split_dir` itself when local (a mounted bucket included), else a local copy under
+    `cache_dir/<sha256(uri)[:16]>/`: Grain's ArrayRecord reader opens local files only.
+
+    Each shard is downloaded to a temp name, checked against the manifest's sha256 and renamed
+    (data/paths.fetch), so a partial or corrupt file is never read; a cached shard whose sha256
+    matches is reused. The manifest is written last: the copy has one only when complete."""
+    if not paths.is_remote(split_dir):
+        return Path(split_dir)
+    m = read(split_dir)
+    remote = paths.as_path(split_dir)
+    cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache/vit22b/splits")
+    local = cache / hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:16]
+    for shard in m.shards:
+        path = paths.fetch(remote / shard.path, local / shard.path, sha256=shard.sha256)
+        st = path.stat()  # just verified: validate() need not hash it again in this process
+        with _VERIFIED_LOCK:
+            _VERIFIED.add((os.fspath(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256))
+    if (remote / m.dead_letters).exists():
+        paths.fetch(remote / m.dead_letters, local / m.dead_letters)
+    write(local, m)
+    return local
 
 
 def count_records(path: str | os.PathLike) -> tuple[int, str]:
@@ -182,6 +208,8 @@ def validate(split_dir: str | os.PathLike, *, check_checksums: bool = True,
     Shards are checked by `threads` threads (default: one per CPU, at most 16; hashlib releases
     the GIL), so a host hashes an ImageNet-size split at disk speed rather than one core's;
     the error reported is the first failing shard's, in manifest order."""
+    if paths.is_remote(split_dir):  # the checks run on the verified local copy readers use
+        split_dir = local_split(split_dir)
     split_dir = Path(split_dir)
     if split_dir.name == MANIFEST_NAME:
         split_dir = split_dir.parent

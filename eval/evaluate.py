@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from data import paths
 from eval import evaluators as eval_evaluators
 from eval import outputs
 from trainer import evaluators
@@ -170,14 +171,14 @@ class Model:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(paths.as_path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
 def _manifest_classes(prepared: Path, dataset: str, split: str) -> tuple[str, ...] | None:
     from data import manifest  # json only
-    path = Path(prepared) / dataset / split
+    path = paths.as_path(prepared) / dataset / split
     if not (path / "manifest.json").exists():
         return None
     return tuple(manifest.read(path).class_names)
@@ -187,7 +188,7 @@ def _class_names(stage, num_classes: int, cfg, prepared: Path) -> tuple[str, ...
     """The model's classes: the manifest of the split its stage trained on (its config.json), else
     `cfg.dataset`/`cfg.train_split`'s when the class count matches, else none (label maps by class
     name then fail naming the model)."""
-    config = _read_json(Path(stage.path) / "config.json") or {}
+    config = _read_json(paths.as_path(stage.path) / "config.json") or {}
     data = config.get("data") or {}
     candidates = [(data.get("dataset"), data.get("train_split"))] if data.get("dataset") else []
     candidates.append((cfg.dataset, cfg.train_split))
@@ -203,7 +204,7 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     from eval import probe
     from trainer import checkpoint
     from trainer.models import vit
-    prepared = Path(inputs["prepare"].path)
+    prepared = paths.as_path(inputs["prepare"].path)
     wanted = set(cfg.models)
     missing = wanted - set(inputs)
     if missing:
@@ -212,7 +213,7 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     for name, stage in inputs.items():
         if name == "prepare" or (wanted and name not in wanted):
             continue
-        path = Path(stage.path)
+        path = paths.as_path(stage.path)
         spec = _read_json(path / "model.json")
         if spec is not None and "variant" not in spec:
             continue  # not a ViT classifier export (a LiT two-tower: its zero-shot evals are its own)
@@ -226,7 +227,7 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
             if backbone not in inputs:
                 raise ValueError(f"evaluate: probe {name!r} probes {backbone!r}, which is not an input of this "
                                  f"stage (inputs: {', '.join(inputs)})")
-            models.append(Model(name, stage, Path(inputs[backbone].path), tuple(spec.get("class_names", ())), head))
+            models.append(Model(name, stage, paths.as_path(inputs[backbone].path), tuple(spec.get("class_names", ())), head))
     return models
 
 
@@ -308,7 +309,7 @@ def _plain(value):
 
 
 def _upstream_record(name: str, stage) -> dict:
-    path = Path(stage.path)
+    path = paths.as_path(stage.path)
     return {"name": name, "fingerprint": stage.fingerprint, "path": str(path),
             "metrics": (stage.outputs or {}).get("metrics", {}),
             "config": _read_json(path / "config.json"), "model": _read_json(path / "model.json"),

@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from data import paths
 from trainer import checkpoint, evaluators, features, sharding
 from trainer.evaluators import fewshot
 from trainer.models import vit
@@ -194,8 +195,8 @@ class FeatureCache:
     """`features/<dataset>/<split>.*` of one export; extracts on a miss, loading the params once."""
 
     def __init__(self, root: Path, cfg, export, prepared: Path, where: str = "probe"):
-        self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, Path(prepared), where
-        self.model = vit.build_model(**checkpoint.read_model_json(Path(export.path) / "model.json"))
+        self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, paths.as_path(prepared), where
+        self.model = vit.build_model(**checkpoint.read_model_json(paths.as_path(export.path) / "model.json"))
         self.mesh = sharding.make_mesh(**cfg.mesh)
         dp = sharding.data_parallel_size(self.mesh)
         if cfg.batch_size % dp or cfg.batch_size % jax.process_count():
@@ -250,7 +251,7 @@ class FeatureCache:
     def _load(self):
         if self._params is None:
             abstract = checkpoint.abstract_with_shardings(nn.unbox(self.boxed), self.ctx.param_shardings)
-            self._params = checkpoint.load_params(Path(self.export.path) / "params", abstract)
+            self._params = checkpoint.load_params(paths.as_path(self.export.path) / "params", abstract)
             model = self.model
             self._extract = features.extractor(
                 self.ctx, lambda p, f, b: model.apply({"params": p}, b["image"], train=False)[1][PRED])
@@ -391,7 +392,7 @@ def linear_probe(train: Split, lin) -> tuple[dict[str, np.ndarray], dict]:
 
 def load_head(stage_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
     """(head, head.json) of a probe stage output: what the evaluate stage puts on the backbone."""
-    stage_dir = Path(stage_dir)
+    stage_dir = paths.as_path(stage_dir)
     try:
         spec = json.loads((stage_dir / "head.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

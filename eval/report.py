@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from data import paths
+
 FIGURE_DPI = 100
 
 
@@ -167,7 +169,7 @@ def accuracy_section(page: Page, run: Run) -> None:
 def _curves(run: Run) -> dict[str, list[dict]]:
     curves = {}
     for name, stage in run.stages.items():
-        path = Path(stage["metrics_jsonl"])
+        path = paths.as_path(stage["metrics_jsonl"])
         if not path.exists():
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -10,12 +10,16 @@ Per stage:
     <workdir>/<stage>/.locks/<fp16>.lock     flock() held while a process produces <fp16>
 
 A directory without `_SUCCESS` is never reused (launch/produce.py writes them).
+`workdir` may be a bucket URI (data/paths.py): completed outputs then live there as `epath.Path`s,
+while the temp/partial dirs and locks live in a local staging dir (launch/produce.py).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from data import paths
 from launch.stage_types import StageOutput
 
 SUCCESS = "_SUCCESS"
@@ -23,7 +27,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def stage_dir(workdir: Path, name: str, fp: str) -> Path:
-    return Path(workdir) / name / fp[:16]
+    return paths.as_path(workdir, "--workdir") / name / fp[:16]
 
 
 def is_complete(path: Path) -> bool:
@@ -42,9 +46,9 @@ def latest_completed_components(stage_root: Path) -> dict | None:
     for child in stage_root.glob("*/" + SUCCESS):
         record = child.parent / FINGERPRINT_FILE
         if record.is_file():
-            candidates.append((child.stat().st_mtime, record))
+            candidates.append((paths.mtime(child), os.fspath(record), record))
     if not candidates:
         return None
-    _, record = max(candidates, key=lambda item: item[0])
+    _, _, record = max(candidates, key=lambda item: item[:2])
     return json.loads(record.read_text())["components"]
 

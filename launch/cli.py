@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from data import paths
 from launch import dag
 
 FLAGS = flags.FLAGS
@@ -110,7 +111,11 @@ def registry() -> dag.Registry:
 
 
 def workdir() -> Path:
-    return Path(WORKDIR.value).resolve()
+    """The --workdir: an absolute local Path, or an epath.Path for a bucket URI (data/paths.py)."""
+    try:
+        return paths.resolve(WORKDIR.value, "--workdir")
+    except paths.UnsupportedPath as e:
+        fail(e)
 
 
 def no_positional(argv: Sequence[str]) -> None:

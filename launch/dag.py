@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import ml_collections
 
+from data import paths
 from launch import cache
 from launch import fingerprint
 from launch import produce
@@ -208,7 +209,10 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
     force: rerun these even on a cache hit (`--force`); downstream stages keep their fingerprint,
       so they stay cache hits.
     """
-    workdir = Path(workdir)
+    try:
+        workdir = paths.as_path(workdir, "--workdir")  # a local dir or a bucket URI
+    except paths.UnsupportedPath as e:
+        raise PlanError(str(e)) from None
     stages = registry.expand(config)
     if not stages:
         raise PlanError(f"the config has no group for any registered stage "

@@ -2,6 +2,13 @@
 
 Concurrent runs of one stage serialise on the lock (launch/cache.py has the layout); the loser of
 the race finds `_SUCCESS` after the lock is released and reuses the winner's output.
+
+A bucket workdir (`--workdir gs://...`): the stage runs into a local staging dir
+(`$VIT22B_STAGING_DIR`, default under the system temp dir), which is then copied into
+`<workdir>/<stage>/<fp16>/` with `_SUCCESS` copied last (data/paths.install_dir: object stores
+have no directory rename). The lock and a resumable stage's `.partial-<fp16>/` live in the staging
+dir, so they serialise runs and resume only on this machine; multi-host runs need a workdir every
+host mounts (e.g. a gcsfuse `/gcs/BUCKET/...`), since the hosts write one checkpoint together.
 """
 from __future__ import annotations
 
@@ -11,12 +18,15 @@ import fcntl
 import json
 import os
 import shutil
+import hashlib
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from data import paths
 from launch.cache import FINGERPRINT_FILE, SUCCESS, is_complete, load_output
 from launch.stage_types import Log, StageOutput, StagePlan
 
@@ -100,15 +110,16 @@ def _mark_success(out: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Renames the finished temp dir into place; an existing (forced or incomplete) dir is swapped out."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+STAGING_ENV = "VIT22B_STAGING_DIR"
+
+
+def _local_stage_root(p: StagePlan) -> Path:
+    """Where the temp/partial dirs and the lock of `p` live: beside its output dir when that is
+    local (so the rename is atomic), else in a local staging dir keyed by the output's URI."""
+    if not paths.is_remote(p.path):
+        return p.path.parent
+    base = Path(os.environ.get(STAGING_ENV) or Path(tempfile.gettempdir()) / "vit22b-staging")
+    return base / hashlib.sha256(str(p.path.parent).encode()).hexdigest()[:16]
 
 
 def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -> dict:
@@ -119,7 +130,8 @@ def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -
 def _commit(p: StagePlan, result: dict, tmp: Path, cfg) -> StageOutput:
     _write_framework_files(p, result, tmp, cfg)
     _mark_success(tmp)
-    _install(tmp, p.path)
+    # Local: rename (an existing forced/incomplete dir is swapped out). Bucket: copy, _SUCCESS last.
+    paths.install_dir(tmp, p.path, last=(SUCCESS,))
     # Equal to load_output's, key order included: outputs.json is written with sorted keys.
     return StageOutput(p.name, p.fingerprint, p.path, json.loads(json.dumps(result, sort_keys=True)))
 
@@ -146,10 +158,14 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
     only JAX process 0 writes the framework files and `_SUCCESS` and renames it into place. No
     lock: the hosts must run together, and flock() does not span machines anyway.
     """
-    stage_root = p.path.parent
+    stage_root = _local_stage_root(p)
     fp16 = p.path.name
     stage_root.mkdir(parents=True, exist_ok=True)
     partial = stage_root / f".partial-{fp16}"
+    if run_id is not None and paths.is_remote(p.path):
+        raise ValueError(f"[{p.name}] multi-host runs need a workdir every host mounts (e.g. a "
+                         f"gcsfuse /gcs/BUCKET/... path), not the URI {p.path.parent}: the hosts "
+                         "write one checkpoint into one shared directory")
     if run_id is not None:
         if is_complete(p.path) and not p.forced:
             return load_output(p.name, p.fingerprint, p.path)

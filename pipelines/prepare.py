@@ -4,11 +4,14 @@
     python -m pipelines.prepare --source tfds --dataset imagenet2012 --tfds_data_dir ~/tensorflow_datasets \
         --splits train,val=validation --image_size 384 --out /data/prepared
     python -m pipelines.prepare --source folder --root /data/pets --csv labels.csv --out /tmp/x
-    # any other Beam option passes through, e.g. --runner=DataflowRunner --project=... (shared FS)
+    python -m pipelines.prepare --source digits --out gs://BUCKET/prepared --runner=DataflowRunner ...
+    # any other Beam option passes through (--project, --region, --temp_location, ...)
 
 Layout (DESIGN §3): `<out>/<dataset>/<split>/{manifest.json, dead_letters.jsonl,
 <dataset>-<split>.array_record-NNNNN-of-NNNNN}`. Each split dir is assembled in a sibling temp
-dir and renamed into place when complete. Every input ends up either in a shard or as one line of
+dir and renamed into place when complete; with a bucket `--out` (gs://, data/paths.py) shards are
+written to worker-local temp files, uploaded to a temp prefix, and copied into the split dir with
+manifest.json last (readers need it, so a half-copied split is never read). Every input ends up either in a shard or as one line of
 dead_letters.jsonl ({id, source, reason, detail}); accepted + rejected = read, always.
 
 The Beam graph (one pipeline for all datasets and splits):
@@ -36,7 +39,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 import uuid
 from collections.abc import Sequence
@@ -49,6 +51,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data import images
 from data import manifest as manifest_lib
+from data import paths
 from pipelines import folder_sources, sources
 from pipelines.transforms import NAMESPACE, SplitPlan, build
 
@@ -159,7 +162,7 @@ def _natural_splits(d: ml_collections.ConfigDict) -> dict[str, str]:
     return folder_sources.detect_splits(d.root) if d.source == "folder" else {"test": ""}
 
 
-def _plan(cfg: ml_collections.ConfigDict, out: Path):
+def _plan(cfg: ml_collections.ConfigDict, out):
     """(plans, {key: source}, {key: tasks}); each split gets a temp dir next to its final dir."""
     plans, srcs, tasks = [], {}, {}
     for name, d in cfg.datasets.items():
@@ -217,12 +220,12 @@ def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
             beam_args: Sequence[str] = ()) -> PrepareResult:
     """Runs the prepare job for every dataset/split in `cfg` into `out`."""
     validate_config(cfg)
-    out = Path(out)
+    out = paths.as_path(out, "--out")  # local dir or bucket URI (data/paths.py)
     out.mkdir(parents=True, exist_ok=True)
     plans, srcs, tasks = _plan(cfg, out)
     try:
         for plan in plans:
-            Path(plan.tmp_dir).mkdir(parents=True)
+            paths.makedirs(plan.tmp_dir)
         p = beam.Pipeline(options=pipeline_options(cfg, beam_args))
         build(p, plans, srcs, tasks)
         result = p.run()
@@ -230,7 +233,7 @@ def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
         counters = _counters(result)
     finally:
         for plan in plans:  # a failed run leaves no half-written split behind
-            shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+            paths.rmtree(plan.tmp_dir)
     manifests = {plan.key: manifest_lib.read(plan.final_dir) for plan in plans}
     accepted = sum(m.num_records for m in manifests.values())
     rejected = sum(m.num_dead_letters for m in manifests.values())

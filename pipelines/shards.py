@@ -1,19 +1,20 @@
 """Shard files of the `prepare` job (pipelines/transforms.py drives them): rolling ArrayRecord
-writers, rewriting a shard without its duplicate records, and installing a finished split dir.
+writers and rewriting a shard without its duplicate records.
 
 A shard is written as `part-<uuid>.array_record` in the split's temp dir; `_FinalizeFn` renames
-the surviving ones to `<dataset>-<split>.array_record-NNNNN-of-NNNNN` once all are known.
+the surviving ones to `<dataset>-<split>.array_record-NNNNN-of-NNNNN` once all are known. When
+that temp dir is in a bucket, ArrayRecord's writer (local files only) writes to a worker-local
+temp file that is uploaded when the shard closes (data/paths.LocalFile: what works on Dataflow).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 from data import manifest as manifest_lib
+from data import paths
 from data import records
 
 
@@ -32,8 +33,9 @@ class OpenShard:
         from array_record.python import array_record_module
 
         self.key = key
-        self.path = os.path.join(directory, f"part-{uuid.uuid4().hex}.array_record")
-        self._writer = array_record_module.ArrayRecordWriter(self.path, manifest_lib.ARRAY_RECORD_OPTIONS)
+        self.path = paths.join(directory, f"part-{uuid.uuid4().hex}.array_record")  # final place
+        self._file = paths.LocalFile(self.path)
+        self._writer = array_record_module.ArrayRecordWriter(self._file.path, manifest_lib.ARRAY_RECORD_OPTIONS)
         self.count = 0
         self.min_id = None
         self.features: set[str] = set()
@@ -46,8 +48,9 @@ class OpenShard:
 
     def close(self) -> ShardInfo:
         self._writer.close()
-        return ShardInfo(self.key, self.path, self.count, manifest_lib.sha256_file(self.path),
-                          self.min_id, tuple(sorted(self.features)))
+        digest = manifest_lib.sha256_file(self._file.path)
+        self._file.commit()
+        return ShardInfo(self.key, self.path, self.count, digest, self.min_id, tuple(sorted(self.features)))
 
 
 def write_shard(key: str, directory: str, raws: Sequence[bytes]) -> ShardInfo:
@@ -69,20 +72,10 @@ def apply_drops(element):
         return
     from array_record.python import array_record_module
 
-    reader = array_record_module.ArrayRecordReader(path)
-    keep = [raw for i, raw in enumerate(reader.read_all()) if i not in drops]
-    reader.close()
-    os.remove(path)
+    with paths.local_file(path) as local:
+        reader = array_record_module.ArrayRecordReader(local)
+        keep = [raw for i, raw in enumerate(reader.read_all()) if i not in drops]
+        reader.close()
+    paths.remove(path)
     if keep:  # memory: one shard (records_per_shard records), and only when it has duplicates
         yield info.key, write_shard(info.key, os.path.dirname(path), keep)
-
-
-def install(tmp: Path, final: Path) -> None:
-    """Renames a completed split dir into place, replacing an older one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

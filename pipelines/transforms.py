@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -21,6 +19,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from data import images, records
 from data import manifest as manifest_lib
+from data import paths
 from pipelines import shards as shards_lib
 from pipelines import sources
 
@@ -180,16 +179,16 @@ class _FinalizeFn(_PlanFn):
     def process(self, element):
         key, grouped = element
         plan = self._plans[key]
-        tmp = Path(plan.tmp_dir)
+        tmp = paths.as_path(plan.tmp_dir)
         shard_infos = sorted(grouped["shards"], key=lambda s: (s.min_id, s.path))
         letters = sorted(grouped["dead"], key=lambda d: (d["id"], d["source"], d["reason"]))
         n = len(shard_infos)
         shards = []
         for i, info in enumerate(shard_infos):
             name = f"{plan.dataset}-{plan.split}.array_record-{i:05d}-of-{n:05d}"
-            os.replace(info.path, tmp / name)
+            paths.move_file(info.path, tmp / name)
             shards.append(manifest_lib.Shard(name, info.num_records, info.sha256))
-        with open(tmp / manifest_lib.DEAD_LETTERS_NAME, "w") as f:
+        with (tmp / manifest_lib.DEAD_LETTERS_NAME).open("w") as f:
             for letter in letters:
                 f.write(json.dumps(letter, sort_keys=True) + "\n")
         present = set().union(*(s.features for s in shard_infos)) if shard_infos else set()
@@ -201,7 +200,8 @@ class _FinalizeFn(_PlanFn):
             image_size=plan.image_size or None, features=features, shards=shards,
             dead_letters=manifest_lib.DEAD_LETTERS_NAME, num_dead_letters=len(letters),
             source=plan.source_desc))
-        shards_lib.install(tmp, Path(plan.final_dir))
+        # Local: rename into place. Bucket: copy, manifest.json last (readers need it).
+        paths.install_dir(tmp, plan.final_dir, last=(manifest_lib.MANIFEST_NAME,))
         Metrics.counter(NAMESPACE, "accepted").inc(num_records)
         yield key, (num_records, len(letters))
 

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data import paths
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ class Checkpoints:
     """A CheckpointManager with the two items every training stage saves: `state` and `data`."""
 
     def __init__(self, directory: Path, *, max_to_keep: int = 2, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = paths.absolute(directory)  # gs:// goes to Orbax as an epath.Path
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -112,14 +114,14 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def save_params(directory: Path, params: Any) -> None:
     """Writes the final parameters alone (no optimizer state) for downstream stages."""
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(Path(directory).absolute(), params)
+        ckpt.save(paths.absolute(directory), params)
         ckpt.wait_until_finished()
 
 
 def load_params(directory: Path, abstract_params: Any | None = None) -> Any:
     """Reads exported parameters straight into the given shapes/shardings, or, without them, as
     plain NumPy arrays on this host (no mesh, any device count; the saved shardings are ignored)."""
-    directory = Path(directory).absolute()
+    directory = paths.absolute(directory)
     if not directory.exists():
         raise FileNotFoundError(f"params directory {directory} does not exist")
     if abstract_params is not None:
@@ -134,11 +136,11 @@ def load_params(directory: Path, abstract_params: Any | None = None) -> Any:
 
 
 def write_model_json(path: Path, spec: dict) -> None:
-    Path(path).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    paths.as_path(path).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
 def read_model_json(path: Path) -> dict:
-    path = Path(path)
+    path = paths.as_path(path)
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -155,7 +157,7 @@ def initial_state(*, own: Checkpoints, resume: str, init_params: str, abstract_s
         state, step = own.restore(abstract_state, data_iterator)
         return state, f"own checkpoint at step {step}"
     if resume:
-        other = Checkpoints(Path(resume), async_save=False)
+        other = Checkpoints(resume, async_save=False)
         try:
             state, step = other.restore(abstract_state, data_iterator)
         finally:
@@ -163,7 +165,7 @@ def initial_state(*, own: Checkpoints, resume: str, init_params: str, abstract_s
         return state, f"resumed from {resume} at step {step}"
     state = init_fn()
     if init_params:
-        params = load_params(Path(init_params), abstract_state["params"])
+        params = load_params(init_params, abstract_state["params"])
         state = dict(state, params=params)
         return state, f"params initialized from {init_params}"
     return state, "scratch"

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from data import paths
 from trainer import flops, losses, stage_config
 from trainer.evaluators.distillation import agreement
 from trainer.models import vit
@@ -122,7 +123,7 @@ def _at(images: jax.Array, size: int) -> jax.Array:
 def teacher_config(teacher_dir: Path, where: str = "distill") -> vit.ViTConfig:
     """The teacher's model, rebuilt from its export's model.json (one line naming the file if bad)."""
     from trainer import checkpoint  # Orbax + Grain: not needed by distill_task (benchmarks on bare hosts)
-    path = Path(teacher_dir) / "model.json"
+    path = paths.as_path(teacher_dir) / "model.json"
     spec = checkpoint.read_model_json(path)
     try:
         return vit.build_model(**spec).config
@@ -133,7 +134,7 @@ def teacher_config(teacher_dir: Path, where: str = "distill") -> vit.ViTConfig:
 def make_task(cfg, num_classes: int, teacher_dir: Path, where: str = "distill") -> Task:
     """The stage's Task: the student of `cfg.model` taught by the export in `teacher_dir`."""
     from trainer import checkpoint
-    teacher_dir = Path(teacher_dir)
+    teacher_dir = paths.as_path(teacher_dir)
     if not (teacher_dir / "params").is_dir():
         raise FileNotFoundError(f"{where}.teacher: {teacher_dir / 'params'} does not exist (no exported params)")
     return distill_task(cfg, num_classes, teacher_config(teacher_dir, where),
@@ -197,5 +198,5 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     if cfg.teacher not in inputs:
         raise ValueError(f"distill.teacher: stage {cfg.teacher!r} is not among this stage's inputs "
                          f"({', '.join(sorted(inputs)) or 'none'})")
-    teacher_dir = Path(inputs[cfg.teacher].path)
+    teacher_dir = paths.as_path(inputs[cfg.teacher].path)
     return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, teacher_dir), stage="distill")

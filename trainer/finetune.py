@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ml_collections
 
+from data import paths
 from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer
 from trainer.models import vit
 from trainer.task import Task, classifier
@@ -103,7 +104,7 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
 
 
 def make_task(cfg, export_dir: Path, env: loop.Env) -> Task:
-    spec = checkpoint.read_model_json(Path(export_dir) / "model.json")
+    spec = checkpoint.read_model_json(paths.as_path(export_dir) / "model.json")
     source = vit.make_config(spec["variant"], **spec.get("overrides", {}))
     _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
     target = model_config(cfg, source, env.num_classes)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from data import paths
 from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding, stage_config
 from trainer import step as step_lib
 from trainer.metrics_log import MetricsLog
@@ -58,9 +59,9 @@ class Env:
 def split_dir(cfg, inputs: dict, dataset: str, split: str, *, stage: str) -> Path:
     """Where the prepare stage put `<dataset>/<split>`; a one-line error when it is not there."""
     if "prepare" in inputs:
-        root = Path(inputs["prepare"].path)
+        root = paths.as_path(inputs["prepare"].path)  # a local dir or a bucket URI (data/paths.py)
     elif cfg.data.prepared_dir:
-        root = Path(cfg.data.prepared_dir)
+        root = paths.as_path(cfg.data.prepared_dir, f"{stage}.data.prepared_dir")
     else:
         raise ValueError(f"{stage}: no prepared data (run the prepare stage or set data.prepared_dir)")
     path = root / dataset / split
