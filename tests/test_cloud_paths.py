@@ -199,6 +199,9 @@ def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
     assert [p.action for p in plans] == ["reuse", "reuse"]
     forced = dag.run_pipeline(config, workdir, registry=registry, force=["export"], log=lambda _: None)
     assert forced["export"].path == export.path and cache.is_complete(export.path)
+    # Multi-host hosts must share one checkpoint dir: a bucket URI workdir is refused, one line.
+    with pytest.raises(ValueError, match=r"^\[export\] multi-host runs need a workdir every host mounts"):
+        dag.run_stage("export", config, workdir, registry=registry, force=True, run_id="job-1")
 
 
 def remote_fs_params():
