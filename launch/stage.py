@@ -69,6 +69,20 @@ def tee_output(path: Path) -> Iterator[None]:
         os.close(saved_err)
 
 
+def apply_xla_flags(config, registry, name: str) -> None:
+    """The stage's `xla_flags` set (trainer/xla_flags.py) into this process's environment, for
+    every platform, before JAX starts a backend: a stage is its own process, so its set holds."""
+    from trainer import xla_flags
+
+    try:
+        stage = next((s for s in registry.expand(config) if s.name == name), None)
+    except dag.PlanError:
+        return  # dag.run_stage reports it
+    group = stage.group(config) if stage is not None else None
+    if group is not None and "xla_flags" in group:
+        xla_flags.apply_all(group.xla_flags)
+
+
 def main(argv):
     cli.no_positional(argv)
     name = STAGE.value
@@ -76,6 +90,7 @@ def main(argv):
         cli.fail(f"--force {','.join(cli.FORCE.value)}: launch.stage can only force its own --stage {name}")
     config = cli.config()
     registry = cli.registry()
+    apply_xla_flags(config, registry, name)
     log_context = tee_output(Path(LOG_FILE.value)) if LOG_FILE.value else contextlib.nullcontext()
     # sys.exit inside the tee is safe: SystemExit runs tee_output's finally (flush, close log).
     with log_context:

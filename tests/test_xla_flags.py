@@ -72,3 +72,25 @@ def test_tpu_flags_are_known_to_libtpu():
         lowered.compile(compiler_options=xla_flags.compiler_options("tpu", name))  # raises on unknown names
     with pytest.raises(Exception, match="No such compile option"):
         lowered.compile(compiler_options={"xla_tpu_no_such_flag": "true"})
+
+
+def test_stage_process_applies_its_configs_set(monkeypatch):
+    """launch.stage sets the stage's `xla_flags` before JAX starts; a bad name fails at plan time."""
+    from launch import dag, stage
+    from launch.configs import tiny
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    config = tiny.get_config()
+    with config.unlocked():
+        config.pretrain.xla_flags = "collective_matmul"
+    stage.apply_xla_flags(config, dag.STAGES, "pretrain")
+    assert os.environ["XLA_FLAGS"].split()[0] == "--xla_force_host_platform_device_count=8"
+    assert "--xla_gpu_multi_streamed_windowed_einsum=true" in os.environ["XLA_FLAGS"]
+    assert "--xla_tpu_enable_windowed_einsum_for_all_gather=true" in os.environ["LIBTPU_INIT_ARGS"]
+
+    from trainer import stage_config
+    with config.unlocked():
+        config.pretrain.xla_flags = "fastest"
+    with pytest.raises(ValueError, match=r"^pretrain.xla_flags: unknown flag set 'fastest' for tpu; known: default"):
+        stage_config.check(config.pretrain, "pretrain")

@@ -14,7 +14,15 @@ dimension XLA would otherwise gather or reduce in one blocking collective:
 
 Each step's ppermute depends only on the previous step, never on that step's matmul, so XLA can
 issue it asynchronously and hide it behind the dot. The backward passes are the transposed rings
-(jax.grad through ppermute), so they overlap the same way. With FSDP the weights also have their
+(jax.grad through ppermute), so they overlap the same way.
+
+Memory under remat: a ring's n partial products are n dots, and a dots policy
+(`checkpoint_dots_with_no_batch_dims`) would save every one of them, f32 and output-sized: n times
+what XLA's one matmul saves (measured 10-20x XLA's temp bytes for the 22B step on TPU v4). So each
+ring runs under `jax.checkpoint(nothing_saveable)`: its backward recomputes only the permuted
+operand chunks (a dot's gradient needs its operands, never its product, so the recomputed dots are
+dead code), and the ring's output is tagged `SAVE_NAME`, which trainer/models/vit.py's dots
+policies also save: the same one output a policy keeps of XLA's matmul. With FSDP the weights also have their
 embed dim on "data"; it is all-gathered (`jax.lax.all_gather`) inside the shard_map first, and its
 transpose is the usual gradient reduce-scatter.
 
@@ -27,9 +35,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from trainer import sharding
+
+SAVE_NAME = "collective_matmul"  # checkpoint_name of every ring's output (see the module docstring)
 
 
 def context_mesh():
@@ -68,6 +79,12 @@ def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _saving_only_output(ring_fn):
+    """The ring with nothing inside saved for the backward pass, its output named `SAVE_NAME`."""
+    inner = jax.checkpoint(ring_fn, policy=jax.checkpoint_policies.nothing_saveable)
+    return lambda *args: checkpoint_name(inner(*args), SAVE_NAME)
+
+
 def _ring(mesh, ring: str) -> tuple[int, list[tuple[int, int]]]:
     """Ring size and the send-to-next permutation (`jax.lax.ppermute`'s (source, destination) pairs)."""
     n = mesh.shape[ring]
@@ -104,8 +121,8 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
             x = nxt
         return acc.astype(y_dtype)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring), P(fsdp, ring, *rest)),
-                         out_specs=P(batch, *middle, ring, *rest))(x, w)
+    return _saving_only_output(jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring), P(fsdp, ring, *rest)),
+                                             out_specs=P(batch, *middle, ring, *rest)))(x, w)
 
 
 def matmul_reduce_scatter(z: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
@@ -139,5 +156,5 @@ def matmul_reduce_scatter(z: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
             acc = part if acc is None else jax.lax.ppermute(acc, ring, perm) + part
         return acc
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring, *rest), P(ring, *rest, fsdp)),
-                         out_specs=P(batch, *middle, ring))(z, w)
+    return _saving_only_output(jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring, *rest), P(ring, *rest, fsdp)),
+                                             out_specs=P(batch, *middle, ring)))(z, w)

@@ -7,7 +7,7 @@ Keys (a stage's `default_config()` starts from these; trainer/loop.py reads them
     image_size, prepared_dir, augment.*}, batch_size, eval_batch_size, exactly one of
     steps/epochs/examples, optim.* (trainer/optim.py), mesh.{data, model, replica},
     checkpoint_every, resume, init_params, evals.<name>.{type, every, ...} (trainer/evaluators),
-    runtime.* (below).
+    microbatches (gradient accumulation), xla_flags (trainer/xla_flags.py), runtime.* (below).
 
 `runtime` holds what cannot change a stage's results, so launch/fingerprint.py leaves it out of
 the cache key: progress bar, log cadence, decode threads / Grain workers, checkpoint retention and
@@ -28,7 +28,7 @@ from typing import Mapping
 
 import ml_collections
 
-from trainer import evaluators, losses, optim
+from trainer import evaluators, losses, optim, xla_flags
 from trainer.models import vit
 
 
@@ -79,6 +79,13 @@ def training_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
         augment=augment_group(),
     ))
     c.batch_size = 128  # global, across all processes
+    # Gradient accumulation: the step averages the gradients of this many equal slices of the
+    # batch, one slice's activations live at a time (trainer/step.py; e.g. the 22B pod config).
+    c.microbatches = 1
+    # XLA's own async-collective schedule (trainer/xla_flags.py FLAG_SETS: default, async_collectives,
+    # collective_matmul, latency_hiding), set by the stage's process before JAX starts. Not in
+    # `runtime`: reordered / windowed collectives change float summation order.
+    c.xla_flags = "default"
     c.eval_batch_size = 256
     # Training length: exactly one of these (cadence.total_steps).
     c.steps = ml_collections.config_dict.placeholder(int)
@@ -135,6 +142,16 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
         if data_parallel and value % data_parallel:
             raise _fail(f"{where}.{key}", f"{value} is not divisible by the data-parallel size {data_parallel} "
                                           f"(mesh.replica x mesh.data)")
+    microbatches = cfg.get("microbatches", 1)
+    if not _positive_int(microbatches):
+        raise _fail(f"{where}.microbatches", f"must be a positive int, got {microbatches!r}")
+    if cfg.batch_size % (microbatches * (data_parallel or 1)):
+        raise _fail(f"{where}.microbatches", f"batch_size {cfg.batch_size} is not divisible by {microbatches} "
+                                             f"microbatches x the data-parallel size {data_parallel or 1}")
+    try:
+        xla_flags.check_name(cfg.get("xla_flags", "default"))
+    except ValueError as e:
+        raise _fail(f"{where}.xla_flags", str(e).removeprefix("xla_flags: ")) from None
     if not isinstance(cfg.checkpoint_every, int) or cfg.checkpoint_every < 0:
         raise _fail(f"{where}.checkpoint_every", f"must be an int >= 0, got {cfg.checkpoint_every!r}")
 

@@ -92,17 +92,52 @@ def make_init(task: Task, tx: optax.GradientTransformation, seed: int, shardings
     return under_mesh(jax.jit(init, out_shardings=shardings), shardings["step"].mesh)
 
 
+def _split_microbatches(batch, microbatches: int):
+    """[B, ...] -> [microbatches, B / microbatches, ...]; microbatch i = rows i, i + m, i + 2m, ...
+    so that every data shard keeps its own rows (a reshape of the sharded dim, no communication)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def value_and_grad(task: Task, params, frozen, batch, rng, microbatches: int = 1, batch_sharding=None):
+    """((loss, aux), grads) of the Task's batch-mean loss; with `microbatches` > 1 the batch is
+    split and the per-microbatch losses, aux metrics and gradients are averaged in a scan
+    (gradient accumulation: activations of one microbatch live at a time; equal to the full batch up
+    to float summation order when the loss is a mean over examples, as every Task's is)."""
+    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(p, frozen, b, r), has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, batch, rng)
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if size % microbatches:
+        raise ValueError(f"microbatches: batch of {size} is not divisible by {microbatches} microbatches")
+    parts = _split_microbatches(batch, microbatches)
+
+    def one(carry, xs):
+        i, part = xs
+        if batch_sharding is not None:  # each microbatch spread over the data shards like a batch
+            part = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), part)
+        (value, aux), grads = grad_fn(params, part, jax.random.fold_in(rng, i))
+        return jax.tree_util.tree_map(jnp.add, carry, ((value, aux), grads)), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], parts), rng)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(one, zeros, (jnp.arange(microbatches), parts))
+    return jax.tree_util.tree_map(lambda t: t / microbatches, total)
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: Callable, shardings,
-                    batch_sharding, frozen_shardings=None):
+                    batch_sharding, frozen_shardings=None, microbatches: int = 1):
     """`(state, frozen, batch) -> (state, metrics)`: one optimizer step on `task.loss`, state donated.
 
     metrics: loss, grad/param norm, lr and the Task's aux metrics, replicated scalars.
+    microbatches: gradient accumulation over that many equal slices of the batch (`value_and_grad`).
     """
     def step_fn(state, frozen, batch):
         step = state["step"] + 1
         rng = jax.random.fold_in(state["rng"], step)
-        (value, aux), grads = jax.value_and_grad(
-            lambda p: task.loss(p, frozen, batch, rng), has_aux=True)(state["params"])
+        (value, aux), grads = value_and_grad(task, state["params"], frozen, batch, rng, microbatches, batch_sharding)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

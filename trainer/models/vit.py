@@ -23,10 +23,14 @@ from trainer.models.layers import (MAPHead, Norm, attention, concat_init, constr
 ACT = ("act_batch", "act_len", "act_embed")
 ACT_HEADS = ("act_batch", "act_len", "act_heads", "act_kv")
 
+# The dots policies also save the collective matmuls' outputs (trainer/collective.py hides each
+# ring's per-step dots from them and names the result), as they save XLA's matmul outputs.
+_RING_OUTPUT = jax.checkpoint_policies.save_only_these_names(collective.SAVE_NAME)
 REMAT_POLICIES = {
     "full": None,  # save nothing but the block inputs
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _RING_OUTPUT),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _RING_OUTPUT),
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -57,7 +61,12 @@ class _Block(_Dtypes, nn.Module):
             q = self.norm("q_norm", "kv")(q)
             k = self.norm("k_norm", "kv")(k)
         q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
-        return constrain(attention(q, k, v), ACT_HEADS)
+        if not self.config.attn_stats:
+            return constrain(attention(q, k, v), ACT_HEADS)
+        out, stats = attention(q, k, v, stats=True)
+        for name, value in stats.items():
+            self.sow("intermediates", name, value)  # a no-op unless the caller makes it mutable
+        return constrain(out, ACT_HEADS)
 
     def qkv(self, h):
         """Separate q, k, v projections [b, t, H, hd] (the unfused path)."""
@@ -141,7 +150,8 @@ class Encoder(nn.Module):
             # static_argnums counts self as 0: `train` (arg 2) selects dropout, so it must be static.
             block = nn.remat(block, prevent_cse=not c.scan, static_argnums=(2,), policy=REMAT_POLICIES[c.remat])
         if c.scan:
-            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            # "intermediates": 0 stacks sown attention stats per layer (attn_stats; else empty).
+            x, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                            in_axes=nn.broadcast, length=c.depth,
                            metadata_params={nn.PARTITION_NAME: "layers"})(c, name="encoderblock")(x, train)
         else:
