@@ -14,7 +14,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt setup.py data/_jpeg_crop.c
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
+# [timm]: torch + timm for tests/test_export.py's parity checks (CUDA torch build, ~5.4 GB, ~2 min;
+# docs/INTERFACES.md).
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev,timm]'
 	touch $(STAMP)
 
 # The run report is checked in a real browser (tests/test_report.py): Debian's chromium, installed

@@ -1,0 +1,87 @@
+"""Export a stage's trained ViT for other libraries: timm (safetensors + config), or flat .npz.
+
+    python -m trainer.export --stage_dir WORKDIR/pretrain/<fp16> --format timm --out exported/vit
+    python -m trainer.export --stage_dir WORKDIR/pretrain/<fp16> --format npz --out exported/vit.npz
+
+Reads `<stage_dir>/model.json` + `<stage_dir>/params/` (any training stage's export: pretrain,
+finetune/<run>, distill/<run>) on one host, whatever mesh wrote them.
+
+timm: OUT is a directory with model.safetensors and config.json (timm's Hugging Face Hub layout):
+
+    model = timm.create_model("local-dir:OUT", pretrained=True)   # timm >= 1.0 (the [timm] extra)
+
+The mapping onto timm's VisionTransformer (ParallelScalingBlock / Block, attention-pool head) is in
+trainer/timm_format.py; a head timm cannot hold (a MAP head with QK-norm, a pre-logits layer) is
+left out, the export is the encoder (config.json: "head_exported": false, with the reason).
+npz: OUT is one file with our documented flat names + the model.json text (trainer/npz_format.py).
+big_vision: OUT is one .npz with big_vision's ViT names (classic block only).
+
+The reverse direction is `init_params` (trainer/weights_import.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+FORMATS = ("timm", "npz", "big_vision")
+
+
+def load_stage(stage_dir: Path):
+    """(ViTConfig, NumPy params) of a stage output dir."""
+    from trainer import checkpoint
+    from trainer.models import vit
+    stage_dir = Path(stage_dir)
+    spec = checkpoint.read_model_json(stage_dir / "model.json")
+    try:
+        cfg = vit.make_config(spec["variant"], **spec.get("overrides", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{stage_dir / 'model.json'}: {e}") from None
+    if not (stage_dir / "params").is_dir():
+        raise FileNotFoundError(f"{stage_dir / 'params'} does not exist (no exported params)")
+    return cfg, checkpoint.load_params(stage_dir / "params")
+
+
+def export(stage_dir: Path, fmt: str, out: Path) -> str:
+    """Writes the export; returns a one-line summary."""
+    from trainer import npz_format, timm_format
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {FORMATS}")
+    cfg, params = load_stage(stage_dir)
+    out = Path(out)
+    if fmt == "timm":
+        config = timm_format.save(out, params, cfg)
+        what = f"{config['architecture']} {'with head' if config['head_exported'] else config['note']}"
+        return f"timm: {out / timm_format.WEIGHTS} + {out / timm_format.CONFIG} ({what})"
+    if fmt == "npz":
+        npz_format.save(out, params, cfg)
+    else:
+        npz_format.save_big_vision(out, params, cfg)
+    return f"{fmt}: {out} ({cfg.variant}, {cfg.block} block)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
+        epilog="Import: set a training stage's init_params to the .safetensors / .npz file "
+               "(e.g. --config.pretrain.init_params=OUT/model.safetensors).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage_dir", required=True, type=Path,
+                        help="a training stage's output dir (holds model.json and params/)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="timm: DIR with model.safetensors + config.json for timm.create_model('local-dir:DIR'); "
+                             "npz: one file, our flat documented names + model.json; "
+                             "big_vision: one .npz with big_vision's ViT names (sequential LayerNorm blocks only)")
+    parser.add_argument("--out", required=True, type=Path, help="output dir (timm) or .npz file (npz, big_vision)")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.stage_dir, args.format, args.out))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

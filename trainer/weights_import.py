@@ -1,0 +1,99 @@
+"""Start a ViT from another library's checkpoint: a timm .safetensors or a big_vision .npz.
+
+    init_params = "/ckpt/vit.safetensors"   # or a dir holding model.safetensors (+ config.json),
+    init_params = "/ckpt/vit_b16.npz"       # a big_vision ViT, or our own `trainer.export --format npz`
+
+Any training stage's `init_params` takes these (trainer/checkpoint.initial_state). The file is
+mapped into the model's layout (trainer/timm_format.py, trainer/npz_format.py) at the checkpoint's
+own image size and classes, then adapted like a fine-tune's upstream export (trainer/transfer.py):
+the position embedding is resized to the model's grid, and a head for another number of classes
+is replaced by a zero-initialised one. Anything else that differs is a ValueError naming the first
+mismatched parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import npz_format, param_layout, timm_format
+from trainer.models.config import ViTConfig
+
+log = logging.getLogger(__name__)
+
+
+def is_foreign(path: str | Path) -> bool:
+    """A checkpoint file `init_params` maps (not an Orbax params/ dir of ours)."""
+    p = Path(path)
+    return p.suffix in (".safetensors", ".npz") or (p.is_dir() and (p / timm_format.WEIGHTS).is_file())
+
+
+def read(path: str | Path, cfg: ViTConfig) -> tuple[dict, ViTConfig, str]:
+    """(params for `cfg` at the checkpoint's size/classes, that config, the format's name)."""
+    path = Path(path)
+    source = str(path)
+    if path.suffix == ".npz":
+        flat = npz_format.load(path)
+        src = npz_format.source_shape(flat, cfg)
+        if npz_format.is_ours(flat):
+            return npz_format.from_ours(flat, src, source), src, "npz"
+        if npz_format.is_big_vision(flat):
+            return npz_format.from_big_vision(flat, src, source), src, "big_vision"
+        raise ValueError(f"{path}: neither a big_vision ViT npz (embedding/kernel) nor ours (embedding_kernel)")
+    sd = timm_format.load_state_dict(path)
+    src = timm_format.source_shape(sd, cfg)
+    return timm_format.from_timm(sd, src, source), src, "timm"
+
+
+def load(path: str | Path, cfg: ViTConfig) -> tuple[dict, str]:
+    """The checkpoint as `cfg`'s params (NumPy) and a line saying what was adapted."""
+    params, src, kind = read(path, cfg)
+    what = [f"{kind} checkpoint {path}"]
+    if (src.image_size, src.num_classes) != (cfg.image_size, cfg.num_classes):
+        from trainer import transfer  # jax: resizes the position embedding
+        head = "keep" if src.num_classes == cfg.num_classes else "new"
+        params = transfer.transform_params(params, src, cfg, head=head)
+        if src.image_size != cfg.image_size:
+            what.append(f"position embedding resized {src.image_size}px -> {cfg.image_size}px")
+        if head == "new":
+            what.append(f"new zero head: {src.num_classes} -> {cfg.num_classes} classes")
+        params = _np(params)
+    return params, "; ".join(what)
+
+
+def _np(tree):
+    if isinstance(tree, dict):
+        return {k: _np(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def place(params: dict, abstract: Any, source: str) -> Any:
+    """NumPy params -> arrays in the shardings of `abstract` (ShapeDtypeStructs with shardings):
+    every process reads only the slices its devices hold."""
+    import jax
+    param_layout.check_tree(params, _shapes(abstract), source)
+
+    def put(x, a):
+        return jax.make_array_from_callback(a.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype))
+    return jax.tree_util.tree_map(put, params, abstract)
+
+
+def _shapes(abstract):
+    if isinstance(abstract, dict):
+        return {k: _shapes(v) for k, v in abstract.items()}
+    return abstract
+
+
+def load_into(path: str | Path, model_spec: dict | None, abstract_params: Any) -> tuple[Any, str]:
+    """`init_params` for a foreign file: the model from its model.json spec, params placed into
+    `abstract_params`' shardings."""
+    from trainer.models import vit
+    if not model_spec:
+        raise ValueError(f"init_params={path}: this stage's model has no model spec to map the checkpoint onto")
+    cfg = vit.make_config(model_spec["variant"], **model_spec.get("overrides", {}))
+    params, what = load(path, dataclasses.replace(cfg))
+    log.info("init_params: %s", what)
+    return place(params, abstract_params, str(path)), what
