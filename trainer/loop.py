@@ -33,6 +33,7 @@ import jax
 from data import paths
 from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding, stage_config
 from trainer import step as step_lib
+from trainer import weights_import
 from trainer.metrics_log import MetricsLog
 from trainer.preemption import Preempted, PreemptionGuard
 from trainer.task import Task
@@ -137,11 +138,19 @@ def _train(cfg, out: Path, task: Task, env: Env, stage: str) -> dict:
     ckpts = checkpoint.Checkpoints(out / "checkpoints", max_to_keep=rt.keep_checkpoints,
                                    async_save=rt.async_checkpoint)
     abstract = checkpoint.abstract_with_shardings(setup.abstract, setup.shardings)
-    init_fn = setup.init
+    init_fn, init_params, foreign = setup.init, cfg.init_params, ""
     if task.start is not None:
         init_fn = lambda: dict(setup.init(), params=task.start(abstract["params"]))
-    st, origin = checkpoint.initial_state(own=ckpts, resume=cfg.resume, init_params=cfg.init_params,
+    if init_params and weights_import.is_foreign(init_params):
+        # A timm .safetensors / big_vision .npz: mapped into this model's layout and adapted like an
+        # upstream export (new head, resized position embedding); own checkpoint and resume still win.
+        foreign, init_params = init_params, ""
+        init_fn = lambda: dict(setup.init(), params=weights_import.load_into(foreign, task.model_spec,
+                                                                             abstract["params"])[0])
+    st, origin = checkpoint.initial_state(own=ckpts, resume=cfg.resume, init_params=init_params,
                                           abstract_state=abstract, data_iterator=train.iterator, init_fn=init_fn)
+    if foreign and origin == "scratch":
+        origin = f"params imported from {foreign}"
     start = int(st["step"])
     log.info("%s: %d params, %d steps, start at step %d (%s)", stage,
              sum(x.size for x in jax.tree_util.tree_leaves(st["params"])), total, start, origin)
