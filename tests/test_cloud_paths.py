@@ -42,6 +42,13 @@ def _records(split_dir) -> dict[str, bytes]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _local_dirs(tmp_path, monkeypatch):
+    """Caches and staging under the test's tmp dir, never the user's ~/.cache."""
+    monkeypatch.setenv(manifest_lib.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("VIT22B_STAGING_DIR", str(tmp_path / "staging"))
+
+
 @pytest.fixture(scope="module")
 def remote_prepared(tmp_path_factory):
     """One prepare run into the stand-in bucket: digits val (3 shards) and a folder dataset with a
@@ -90,7 +97,6 @@ def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_dig
 
 def test_loader_reads_a_bucket_split_through_the_cache(remote_prepared, tmp_path, monkeypatch):
     out, _ = remote_prepared
-    monkeypatch.setenv(manifest_lib.CACHE_ENV, str(tmp_path / "cache"))
     mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     args = dict(global_batch_size=64, image_size=32, mesh=mesh)
     remote = list(loader.eval_loader(f"{out}/digits/val", **args))
@@ -164,7 +170,6 @@ def _registry():
 
 def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
     from trainer import checkpoint
-    monkeypatch.setenv("VIT22B_STAGING_DIR", str(tmp_path / "staging"))
     workdir = remote_fs.bucket() + "/work"
     config = ml_collections.ConfigDict({"export": {"scale": 2.0}, "consume": {"unused": 0}})
     registry = _registry()
