@@ -312,6 +312,7 @@ def _upstream_record(name: str, stage) -> dict:
     path = paths.as_path(stage.path)
     return {"name": name, "fingerprint": stage.fingerprint, "path": str(path),
             "metrics": (stage.outputs or {}).get("metrics", {}),
+            "recipe": (stage.outputs or {}).get("recipe") or {},  # launch/recipe.py: shown by the report
             "config": _read_json(path / "config.json"), "model": _read_json(path / "model.json"),
             "head": _read_json(path / "head.json"), "metrics_jsonl": str(path / "metrics.jsonl")}
 

@@ -365,6 +365,33 @@ def fairness_section(page: Page, run: Run) -> None:
     page.table(["model", "eval", "ε", "rule fitted at ε", "fit DP gap", "accuracy", "DP gap", "ECE"], rows)
 
 
+def recipe_section(page: Page, run: Run) -> None:
+    """Each stage's recipe card (launch/recipe.py): the paper / reference / assumed values in a
+    table, next to the numbers above; the whole card (defaults included) folded away."""
+    cards = {name: s["recipe"] for name, s in run.stages.items() if s.get("recipe")}
+    if not cards:
+        page.note("Recipe", "no upstream stage's outputs.json carries a recipe card (stages from before the card)")
+        return
+    page.section("Recipe: where each hyperparameter comes from")
+    page.text("Source: paper, reference (a public implementation's value), default (the stage's own), user "
+              "(this run's config or command line). Confirmed: checked at the source; unconfirmed values are "
+              "recollections or assumptions.")
+    rows = []
+    for name, card in cards.items():
+        for key, e in card.items():
+            if e["source"] in ("paper", "reference") or e.get("note"):
+                rows.append([name, key, json.dumps(e["value"]), e["source"], "yes" if e["confirmed"] else "no",
+                             e.get("note", "")])
+    if rows:
+        page.table(["stage", "hyperparameter", "value", "source", "confirmed", "note"], rows)
+    for name, card in cards.items():
+        tally = ", ".join(f"{s} {sum(1 for e in card.values() if e['source'] == s)}"
+                          for s in ("paper", "reference", "default", "user"))
+        page.details(f"{name} recipe card ({tally})", "\n".join(
+            f"{key} = {json.dumps(e['value'])}  [{e['source']}{'' if e['confirmed'] else ', unconfirmed'}]"
+            f"{'  ' + e['note'] if e.get('note') else ''}" for key, e in card.items()))
+
+
 def config_section(page: Page, run: Run) -> None:
     page.section("Config and fingerprints")
     page.table(["stage", "fingerprint", "output"],
@@ -383,6 +410,7 @@ def render(out: Path) -> list[str]:
     page = Page(out, config.get("report", {}).get("title") or "Run report")
     page.text(f"Models scored: {', '.join(run.models)}.")
     accuracy_section(page, run)
+    recipe_section(page, run)
     curves_section(page, run)
     distill_section(page, run, config.get("report", {}).get("distill_baselines") or {})
     probe_section(page, run)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from data import paths
+from launch import recipe
 from launch.cache import FINGERPRINT_FILE, SUCCESS, is_complete, load_output
 from launch.stage_types import Log, StageOutput, StagePlan
 
@@ -122,9 +123,11 @@ def _local_stage_root(p: StagePlan) -> Path:
     return base / hashlib.sha256(str(p.path.parent).encode()).hexdigest()[:16]
 
 
-def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path) -> dict:
+def _run_into(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], out: Path, card: dict) -> dict:
     # A copy, so a stage that mutates its config cannot change what was fingerprinted.
-    return _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
+    result = _validate_result(p.name, p.stage.load()(copy.deepcopy(cfg), dict(inputs), out), out)
+    result["recipe"] = card  # every hyperparameter with its source (launch/recipe.py)
+    return result
 
 
 def _commit(p: StagePlan, result: dict, tmp: Path, cfg) -> StageOutput:
@@ -149,7 +152,7 @@ def jax_process() -> tuple[int, int]:
 
 
 def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = print,
-            run_id: str | None = None) -> StageOutput:
+            run_id: str | None = None, card: dict | None = None) -> StageOutput:
     """Runs one stage into a sibling temp dir and renames it into place.
 
     Single process (run_id None): under the stage lock, in a private temp dir.
@@ -158,6 +161,8 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
     only JAX process 0 writes the framework files and `_SUCCESS` and renames it into place. No
     lock: the hosts must run together, and flock() does not span machines anyway.
     """
+    if card is None:  # called without the pipeline config: the card knows no marks
+        card = recipe.card(cfg, {}, recipe.stage_defaults(p.stage))
     stage_root = _local_stage_root(p)
     fp16 = p.path.name
     stage_root.mkdir(parents=True, exist_ok=True)
@@ -171,7 +176,7 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
             return load_output(p.name, p.fingerprint, p.path)
         tmp = partial if p.stage.resumable else stage_root / f".tmp-{fp16}-{run_id}"
         tmp.mkdir(exist_ok=True)
-        result = _run_into(p, cfg, inputs, tmp)
+        result = _run_into(p, cfg, inputs, tmp, card)
         index, count = jax_process()
         if index == 0:
             return _commit(p, result, tmp, cfg)
@@ -190,11 +195,11 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
                 log(f"[{p.name}] resuming the unfinished run in {partial}")
             partial.mkdir(exist_ok=True)
             # Kept on failure: a preempted or killed run continues from its own checkpoints.
-            return _commit(p, _run_into(p, cfg, inputs, partial), partial, cfg)
+            return _commit(p, _run_into(p, cfg, inputs, partial, card), partial, cfg)
         tmp = stage_root / f".tmp-{fp16}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            return _commit(p, _run_into(p, cfg, inputs, tmp), tmp, cfg)
+            return _commit(p, _run_into(p, cfg, inputs, tmp, card), tmp, cfg)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -215,7 +220,8 @@ def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
         start = time.monotonic()
         inputs = {up: outputs[up] for up in p.stage.upstream}
         try:
-            outputs[p.name] = produce(p, p.stage.group(config), inputs, log=log, run_id=run_id)
+            outputs[p.name] = produce(p, p.stage.group(config), inputs, log=log, run_id=run_id,
+                                      card=recipe.for_stage(config, p.stage))
         except BaseException:
             log(f"{prefix}: FAILED after {time.monotonic() - start:.1f}s")
             raise

@@ -225,7 +225,9 @@ def test_run_writes_stage_dirs(fake):
     assert b.path == fake.workdir / "b" / b.fingerprint[:16]
     assert sorted(p.name for p in b.path.iterdir()) == [
         "_SUCCESS", "b.txt", "config.json", "fingerprint.json", "metrics.jsonl", "outputs.json", "tb"]
-    assert b.outputs == {"artifacts": {"b": "b.txt"}, "metrics": {"total": 3}}
+    assert {k: v for k, v in b.outputs.items() if k != "recipe"} == {"artifacts": {"b": "b.txt"}, "metrics": {"total": 3}}
+    # The recipe card (launch/recipe.py); stage_b.py has no default_config(): every value is the config's.
+    assert b.outputs["recipe"]["value"] == {"value": 1, "source": "user", "confirmed": True}
     assert json.loads((b.path / "config.json").read_text())["value"] == 1
     assert json.loads((b.path / "metrics.jsonl").read_text()) == {"step": 0, "total": 3.0}
     assert list((b.path / "tb").glob("events.out.tfevents.*"))

@@ -12,18 +12,24 @@ import pytest
 from eval import browser, report
 from eval.metrics import calibration, fairness
 
-SECTIONS = ("Accuracy", "Training curves", "Distillation", "Linear probe and few-shot", "Zero-shot",
+SECTIONS = ("Accuracy", "Recipe: where each hyperparameter comes from", "Training curves", "Distillation", "Linear probe and few-shot", "Zero-shot",
             "Model-vs-human", "Calibration", "Fairness", "Config and fingerprints")
 
 
-def _stage(tmp_path, name, *, config=None, model=None, head=None, metrics=None, curve=False):
+def _stage(tmp_path, name, *, config=None, model=None, head=None, metrics=None, curve=False, recipe=None):
     path = tmp_path / "stages" / name
     path.mkdir(parents=True)
     if curve:
         rows = [{"step": s, "loss": 2.0 / s, "lr": 1e-3 * min(1, s / 5), "mfu": 0.3 + 0.01 * s} for s in range(1, 11)]
         (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"name": name, "fingerprint": f"{abs(hash(name)):064x}"[:64], "path": str(path), "metrics": metrics or {},
-            "config": config, "model": model, "head": head, "metrics_jsonl": str(path / "metrics.jsonl")}
+            "config": config, "model": model, "head": head, "metrics_jsonl": str(path / "metrics.jsonl"),
+            "recipe": recipe or {}}
+
+
+RECIPE = {"optim.lr": {"value": 1e-3, "source": "paper", "confirmed": False, "note": "peak lr as recalled"},
+          "batch_size": {"value": 64, "source": "user", "confirmed": True},
+          "seed": {"value": 0, "source": "default", "confirmed": False}}
 
 
 def _fairness_details():
@@ -41,7 +47,8 @@ def build_run(tmp_path, full=True):
     out.mkdir()
     mu4 = {"variant": "mu/4", "overrides": {"num_classes": 10}}
     stages = [_stage(tmp_path, "prepare"),
-              _stage(tmp_path, "pretrain", config={"data": {"dataset": "digits"}}, model=mu4, curve=full)]
+              _stage(tmp_path, "pretrain", config={"data": {"dataset": "digits"}}, model=mu4, curve=full,
+                     recipe=RECIPE)]
     models = ["pretrain"]
     evals = {"test": {"type": "accuracy", "split": "test"}}
     metrics = {"pretrain": {"digits/test": {"test/top1": 0.9, "test/top5": 1.0}}}
@@ -101,6 +108,9 @@ def test_every_section_with_its_figures(tmp_path):
     assert "| humans | cue-conflict | 0.7000 | 0.0500 | 0.7000 | 0.3000 | 0.9600 |" in md
     assert "| lit | zeroshot/imagenet_top1 | 0.5000 |" in md
     assert "fewshot/5shot_std" not in md
+    # the recipe card: marked values in the table (with their notes), the whole card folded away
+    assert "| pretrain | optim.lr | 0.001 | paper | no | peak lr as recalled |" in md
+    assert "pretrain recipe card (paper 1, reference 0, default 1, user 1)" in md
 
 
 def test_missing_inputs_leave_sections_out_with_a_note(tmp_path, capsys):

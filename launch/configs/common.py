@@ -36,11 +36,14 @@ def select(groups: dict[str, ml_collections.ConfigDict], arg: str | None) -> dic
 
 
 def build(groups: dict[str, ml_collections.ConfigDict], xm: ml_collections.ConfigDict,
-          arg: str | None) -> ml_collections.ConfigDict:
-    """The locked pipeline config: one group per stage + `xm`; overrides cannot invent keys."""
+          arg: str | None, recipe_marks: dict[str, dict] | None = None) -> ml_collections.ConfigDict:
+    """The locked pipeline config: one group per stage + `xm` (+ `recipe`: the config file's marks,
+    launch/recipe.py); overrides cannot invent keys."""
+    from launch import recipe
     config = ml_collections.ConfigDict()
     for name, group in select(groups, arg).items():
         config[name] = group
     config.xm = xm
+    recipe.attach(config, recipe_marks or {})
     config.lock()
     return config

@@ -14,9 +14,18 @@ from __future__ import annotations
 import ml_collections
 
 from eval import evaluate, probe
+from launch import recipe
 from launch.configs import common
 from pipelines import prepare
 from trainer import distill, finetune, lit, pretrain
+
+# The recipe card's marks (launch/recipe.py); unmarked values set here are this config's ("user").
+RECIPE = {
+    "pretrain.loss": recipe.mark("paper", True, "sigmoid cross-entropy, as ViT-22B pretrains"),
+    "pretrain.model.variant": recipe.mark("user", False, "mu: the ViT-22B block at width 64, for CPU runs"),
+    "distill.runs.*.temperature": recipe.mark("reference", True, "big_vision distill configs"),
+}
+
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -153,4 +162,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     groups["finetune"].runs.r32 = finetune_run(32)
     groups["distill"].runs.mu_seq = distill_run()
     xm = common.xm_group({name: common.resources(cpu=2, ram_gib=8) for name in groups})
-    return common.build(groups, xm, arg)
+    return common.build(groups, xm, arg, RECIPE)

@@ -16,9 +16,48 @@ from __future__ import annotations
 import ml_collections
 
 from eval import evaluate, probe
+from launch import recipe
 from launch.configs import common
 from pipelines import prepare
 from trainer import distill, finetune, optim, pretrain
+
+# The recipe card's marks (launch/recipe.py): where each value comes from, and whether that is
+# confirmed at the source (REFERENCE.md). Values set below without a mark are the config's choice
+# ("user"); unset ones the stage's defaults. Keep every "ASSUMED" value here.
+_BV_TRANSFER = "big_vision's ImageNet transfer recipe, assumed for the 22B fine-tune"
+RECIPE = {
+    "pretrain.model.variant": recipe.mark("paper", True, "ViT-22B/14: width 6144, depth 48, MLP 24576, 48 heads"),
+    "pretrain.model.matmul": recipe.mark("paper", True, "asynchronous parallel linear operations"),
+    "pretrain.loss": recipe.mark("paper", True, "sigmoid cross-entropy on flattened multi-label targets"),
+    "pretrain.batch_size": recipe.mark("paper", False, "65,536 as we recall it; not found in the text"),
+    "pretrain.steps": recipe.mark("paper", False, "177k steps (~3 epochs of JFT-4B) as we recall it"),
+    "pretrain.data.image_size": recipe.mark("paper", False, "224 px pretraining as we recall it"),
+    "pretrain.optim.optimizer": recipe.mark("reference", True, "big_vision ViT-G/14: Adafactor variant"),
+    "pretrain.optim.schedule": recipe.mark("paper", True, "reciprocal square-root schedule"),
+    "pretrain.optim.timescale": recipe.mark("reference", True, "big_vision ViT-G/14 rsqrt timescale"),
+    "pretrain.optim.lr": recipe.mark("paper", False, "peak 1e-3 as we recall it (ViT-G used 8e-4)"),
+    "pretrain.optim.warmup_steps": recipe.mark("paper", False, "10k warmup steps as we recall it"),
+    "pretrain.optim.cooldown_steps": recipe.mark("reference", False, "ViT-G's 50k-step linear cooldown, assumed"),
+    "pretrain.optim.grad_clip_norm": recipe.mark("reference", True, "big_vision ViT-G/14: global norm 1.0"),
+    "pretrain.optim.wd_rules": recipe.mark("paper", False, "higher head weight decay (paper); 3.0 / 0.03 unconfirmed"),
+    "finetune.runs.*.batch_size": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.steps": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.optim.optimizer": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.optim.lr": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.optim.schedule": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.optim.warmup_steps": recipe.mark("reference", False, _BV_TRANSFER),
+    "finetune.runs.*.optim.grad_clip_norm": recipe.mark("reference", False, _BV_TRANSFER),
+    "distill.runs.*.model.variant": recipe.mark("paper", True, "the paper's students: ViT-B/16 and ViT-L/16"),
+    "distill.runs.*.teacher": recipe.mark("user", False, "ASSUMED: the 224 px fine-tune teaches"),
+    "distill.runs.*.data.augment.mixup_alpha": recipe.mark("reference", True, "big_vision distill configs (p=1)"),
+    "distill.runs.*.temperature": recipe.mark("reference", True, "big_vision distill configs"),
+    "distill.runs.*.batch_size": recipe.mark("reference", False, "big_vision bit_i1k distill; ASSUMED for ViT students"),
+    "distill.runs.*.epochs": recipe.mark("reference", False, "big_vision's 'patient' middle ground; ASSUMED"),
+    "distill.runs.*.optim.optimizer": recipe.mark("user", False, "ASSUMED"),
+    "distill.runs.*.optim.lr": recipe.mark("user", False, "ASSUMED"),
+    "distill.runs.*.optim.wd": recipe.mark("user", False, "ASSUMED"),
+    "distill.runs.*.mesh.model": recipe.mark("user", False, "ASSUMED: 4 divides B's 12, L's 16 and 22B's 48 heads"),
+}
 
 # One TPU v4 pod slice of 1024 chips (8x8x16 torus, 256 hosts); our choice of size, override
 # with --config.xm.resources.pretrain.tpu_topology=4x4x8 etc.
@@ -203,4 +242,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "probe": PRETRAIN_TPU,
         "evaluate": PRETRAIN_TPU,
     })
-    return common.build(groups, xm, arg)
+    return common.build(groups, xm, arg, RECIPE)
