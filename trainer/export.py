@@ -63,7 +63,7 @@ def export(stage_dir: Path, fmt: str, out: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
+        prog="python -m trainer.export", description=__doc__,
         epilog="Import: set a training stage's init_params to the .safetensors / .npz file "
                "(e.g. --config.pretrain.init_params=OUT/model.safetensors).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
