@@ -60,6 +60,7 @@ def _timm(out_dir, images):
 
 def _close(got, want, what):
     err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    print(f"{what}: relative error {err:.2e}")  # shown with -s
     assert err < RTOL, f"{what}: max |diff| / max |ours| = {err:.2e}"
 
 
