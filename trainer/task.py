@@ -81,16 +81,27 @@ def classifier(name: str, model: nn.Module, loss: Callable[[jax.Array, jax.Array
     """The supervised image-classification Task (pretrain, fine-tune, the benchmarks).
 
     loss: per-example `(logits, labels [B, C]) -> [B]` (trainer/losses.py); the Task's loss is
-    its batch mean. aux: `train_top1`. predict: `logits` (for the `classification` evaluator) and
-    `pre_logits` (features for few-shot / probes).
+    its batch mean. aux: `train_top1`, and with the model's `attn_stats` on the encoder's
+    attention stats of this step's batch (`attn_logit_max`, `attn_entropy_min`,
+    `attn_entropy_mean`; trainer/models/layers.py). predict: `logits` (for the `classification`
+    evaluator) and `pre_logits` (features for few-shot / probes).
     """
     from trainer import losses  # jax-only
+    from trainer.models.layers import attention_summary
+
+    stats = getattr(model.config, "attn_stats", False)
 
     def objective(params, frozen, batch, rng):
         del frozen
-        logits, _ = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-        return jnp.mean(loss(logits, batch["labels"])), {
-            "train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"]))}
+        kwargs = dict(train=True, rngs={"dropout": rng})
+        if stats:  # only then is "intermediates" mutable, so the model sows anything at all
+            (logits, _), sown = model.apply({"params": params}, batch["image"], mutable=["intermediates"], **kwargs)
+        else:
+            logits, _ = model.apply({"params": params}, batch["image"], **kwargs)
+        aux = {"train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"]))}
+        if stats:
+            aux.update(attention_summary(sown))
+        return jnp.mean(loss(logits, batch["labels"])), aux
 
     def logits(params, frozen, batch):
         del frozen

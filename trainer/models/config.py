@@ -73,6 +73,9 @@ class ViTConfig:
     param_dtype: str = "float32"
     scan: bool = True  # nn.scan over layers: depth-48 models compile as fast as depth-1.
     remat: str = "none"
+    # Sow each encoder layer's max attention logit and per-head attention entropy into the
+    # "intermediates" collection; tasks then log them (trainer/task.py). Off: no extra ops at all.
+    attn_stats: bool = False
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():

@@ -87,15 +87,40 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, stats: bool = False):
     """Softmax dot-product attention. q: [b, t, h, d]; k, v: [b, s, h, d] -> [b, t, h, d].
 
     Logits and softmax in float32 (bf16 logits lose the small differences that matter).
+    stats=True also returns `{"attn_logit_max": max logit [], "attn_entropy": [h] mean entropy
+    (nats) of each head's attention rows}`, without gradient: the QK-norm instability shows as
+    logits growing by orders of magnitude and entropy collapsing (Dehghani et al. 2023, §2).
     """
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
+    out = jnp.einsum("bhts,bshd->bthd", weights, v)
+    if not stats:
+        return out
+    logits = jax.lax.stop_gradient(logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [b, h, t]
+    return out, {"attn_logit_max": jnp.max(logits), "attn_entropy": jnp.mean(entropy, axis=(0, 2))}
+
+
+def attention_summary(intermediates) -> dict[str, jax.Array]:
+    """Scalars to log from the sown attention stats of every layer (any nesting, scanned or not):
+    the max logit over layers, the min and mean over layers x heads of the mean row entropy."""
+    found = {"attn_logit_max": [], "attn_entropy": []}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates):
+        names = [getattr(p, "key", None) for p in path]
+        for name, values in found.items():
+            if name in names:
+                values.append(jnp.ravel(leaf))
+    if not found["attn_logit_max"]:
+        raise ValueError("attention_summary: no sown attention stats (is the model's attn_stats on?)")
+    entropy = jnp.concatenate(found["attn_entropy"])
+    return {"attn_logit_max": jnp.max(jnp.concatenate(found["attn_logit_max"])),
+            "attn_entropy_min": jnp.min(entropy), "attn_entropy_mean": jnp.mean(entropy)}
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -61,7 +61,12 @@ class _Block(_Dtypes, nn.Module):
             q = self.norm("q_norm", "kv")(q)
             k = self.norm("k_norm", "kv")(k)
         q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
-        return constrain(attention(q, k, v), ACT_HEADS)
+        if not self.config.attn_stats:
+            return constrain(attention(q, k, v), ACT_HEADS)
+        out, stats = attention(q, k, v, stats=True)
+        for name, value in stats.items():
+            self.sow("intermediates", name, value)  # a no-op unless the caller makes it mutable
+        return constrain(out, ACT_HEADS)
 
     def qkv(self, h):
         """Separate q, k, v projections [b, t, H, hd] (the unfused path)."""
@@ -145,7 +150,8 @@ class Encoder(nn.Module):
             # static_argnums counts self as 0: `train` (arg 2) selects dropout, so it must be static.
             block = nn.remat(block, prevent_cse=not c.scan, static_argnums=(2,), policy=REMAT_POLICIES[c.remat])
         if c.scan:
-            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            # "intermediates": 0 stacks sown attention stats per layer (attn_stats; else empty).
+            x, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                            in_axes=nn.broadcast, length=c.depth,
                            metadata_params={nn.PARTITION_NAME: "layers"})(c, name="encoderblock")(x, train)
         else:
