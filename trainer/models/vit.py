@@ -151,7 +151,8 @@ class Encoder(nn.Module):
             block = nn.remat(block, prevent_cse=not c.scan, static_argnums=(2,), policy=REMAT_POLICIES[c.remat])
         if c.scan:
             # "intermediates": 0 stacks sown attention stats per layer (attn_stats; else empty).
-            x, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
+            x, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                           split_rngs={"params": True, "dropout": True},
                            in_axes=nn.broadcast, length=c.depth,
                            metadata_params={nn.PARTITION_NAME: "layers"})(c, name="encoderblock")(x, train)
         else:
