@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from trainer import flops, losses, optim, sharding
+from trainer import flops, losses, sharding
 from trainer import step as step_lib
 from trainer.models import vit
 from trainer.task import classifier
@@ -127,6 +127,7 @@ class Runner:
     batch: dict
     num_devices: int
     compile_s: float = 0.0
+    memory: object = None  # the compiled step's memory_analysis() (explicitly compiled runners only)
 
     def run(self, steps: int) -> float:
         """Mean seconds per step over `steps` steps, waiting for the last one to finish."""
@@ -137,11 +138,17 @@ class Runner:
         return (time.perf_counter() - start) / steps
 
 
-def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, seed: int = 0) -> Runner:
-    """trainer/step.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up."""
+def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, seed: int = 0,
+                 compiler_options: dict | None = None) -> Runner:
+    """trainer/step.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up.
+
+    compiler_options: not None = compile explicitly (lower + compile with these XLA options), which
+    also records the step's memory_analysis() in `runner.memory`; compile_s then includes it.
+    """
     task = classifier("benchmark", vit.ViT(cfg), losses.sigmoid_xent)
     image_shape = (cfg.image_size, cfg.image_size, 3)
-    setup = step_lib.setup(task, optim.default_config(), 10_000, mesh, seed)
+    # {} = trainer/optim.py's defaults (Adafactor) without ml_collections, absent on the GPU host.
+    setup = step_lib.setup(task, {}, 10_000, mesh, seed)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"batch {batch_size} is not divisible by the data-parallel size "
@@ -154,7 +161,13 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     state = setup.init()
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding)
     runner = Runner(cfg, step, state, batch, mesh.devices.size)
-    runner.compile_s = runner.run(1)  # the first call compiles
+    if compiler_options is not None:
+        start = time.perf_counter()
+        runner.step = step.lower(state, {}, batch).compile(compiler_options=compiler_options or None)
+        runner.memory = runner.step.memory_analysis()
+        runner.compile_s = time.perf_counter() - start + runner.run(1)
+    else:
+        runner.compile_s = runner.run(1)  # the first call compiles
     if warmup:
         runner.run(warmup)
     return runner
