@@ -57,11 +57,9 @@ PRESETS: dict[str, dict] = {
                        ("batch 64, remat dots_no_batch", dict(batch=64, remat="dots_no_batch")),
                        ("batch 128, remat dots_no_batch", dict(batch=128, remat="dots_no_batch")),
                        ("no scan", dict(scan=False)),
-                       ("batch 16", dict(batch=16)),
-                       ("batch 128, remat full", dict(batch=128, remat="full")),
                        ("batch 256, remat full", dict(batch=256, remat="full"))],
-                  flag_sets=("async_collectives", "collective_matmul", "latency_hiding"),
-                  blocks=("vit22b", "sequential", "bias", "no_qk_norm", "parallel_unfused"),
+                  flag_sets=("latency_hiding", "async_collectives", "collective_matmul"),
+                  blocks=("vit22b", "sequential", "bias", "no_qk_norm"),
                   matmul_sizes=(8192, 16384), matmul_dtype="bfloat16", repeats=5, steps=2, warmup=1),
 }
 
