@@ -5,15 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def prepared_and_pretrained(root: Path, pretrain_steps: int) -> tuple[Path, Path]:
-    """(prepare output root, pretrain export dir) under `root`, created when missing."""
-    from launch.configs import tiny
+def prepared(root: Path) -> Path:
+    """The prepare output root (digits train/val/test at 32 px) under `root`, created when missing."""
     from pipelines import prepare
-    from trainer import pretrain
 
     data = root / "prepared"
     if not (data / "digits" / "val" / "manifest.json").exists():
         prepare.prepare(prepare.default_config(), data)
+    return data
+
+
+def prepared_and_pretrained(root: Path, pretrain_steps: int) -> tuple[Path, Path]:
+    """(prepare output root, pretrain export dir) under `root`, created when missing."""
+    from launch.configs import tiny
+    from trainer import pretrain
+
+    data = prepared(root)
     export = root / f"pretrain-{pretrain_steps}"
     if not (export / "model.json").exists():
         cfg = tiny.pretrain_config()
