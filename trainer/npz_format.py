@@ -67,7 +67,13 @@ def save(path: Path, params: dict, cfg: ViTConfig) -> None:
     _write(path, flat)
 
 
+def storable(x: np.ndarray) -> np.ndarray:
+    """bfloat16 (ml_dtypes, unknown to .npz readers and safetensors.numpy) as float32: lossless."""
+    return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+
+
 def _write(path: Path, flat: dict) -> None:
+    flat = {k: storable(v) for k, v in flat.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")

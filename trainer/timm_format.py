@@ -371,7 +371,9 @@ def save(path: Path, params: dict, cfg: ViTConfig) -> dict:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = config_json(cfg)
-    save_file(to_timm(params, cfg), str(path / WEIGHTS), metadata={"format": "pt"})
+    from trainer.npz_format import storable
+    save_file({k: storable(v) for k, v in to_timm(params, cfg).items()}, str(path / WEIGHTS),
+              metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 
