@@ -184,6 +184,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--lrs", help="comma-separated peak learning rates (default: the preset's)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     ap.add_argument("--prepared", default="", help="a prepare output dir with digits (default: made under --workdir)")
     ap.add_argument("--workdir", default="", help="runs (and prepared digits) go here (default: a temp dir)")
     ap.add_argument("--plot", default="", help="write the curves to this PNG")
@@ -196,15 +197,19 @@ def main(argv=None) -> list[dict]:
         p["seeds"] = tuple(int(x) for x in args.seeds.split(","))
     if args.steps is not None:
         p["steps"] = args.steps
-    if p["steps"] < 2 or not p["lrs"] or not p["seeds"]:
-        raise ValueError("--steps must be >= 2 and --lrs / --seeds non-empty")
+    variants = [v for v in args.variants.split(",") if v]
+    if p["steps"] < 2 or not p["lrs"] or not p["seeds"] or not variants:
+        raise ValueError("--steps must be >= 2 and --lrs / --seeds / --variants non-empty")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="qk_norm_"))
     root.mkdir(parents=True, exist_ok=True)
     prepared = Path(args.prepared) if args.prepared else digits_run.prepared(root)
     start, runs = time.perf_counter(), []
     for lr in p["lrs"]:
         for seed in p["seeds"]:
-            for variant in VARIANTS:
+            for variant in variants:
                 runs.append(train(prepared, root, variant, lr, seed, p))
                 s = summarize(runs[-1])
                 print(f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, max logit {s['logit']:.3g}, "

@@ -45,7 +45,7 @@ def test_device_entry_imports_and_runs_without_the_blocked_packages(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep, blocks = _tables(proc.stdout)
     assert sweep[0] == device.MFU_COLUMNS and blocks[0] == device.bench.COLUMNS + ["status"]
-    assert [r[0] for r in sweep[1:]] == ["base", "flags latency_hiding"]
+    assert [r[0] for r in sweep[1:]] == ["base"]
     assert [r[0] for r in blocks[1:]] == ["vit22b", "sequential"]
     for header, rows in ((sweep[0], sweep[1:]), (blocks[0], blocks[1:])):
         for row in rows:
@@ -70,3 +70,15 @@ def test_a_failing_config_is_a_row_and_the_worker_goes_on(capsys):
     late = [json.loads(line[len(device.TAG):]) for line in capsys.readouterr().out.splitlines()
             if line.startswith(device.TAG) and '"row"' in line]
     assert late[0]["status"].startswith("skipped: time budget")
+
+
+def test_a_flag_set_worker_gets_the_set_in_xla_flags_and_keeps_the_rest():
+    from trainer import xla_flags
+    env = device._flag_env("latency_hiding", "gpu")
+    flags = env["XLA_FLAGS"].split()
+    assert set(xla_flags.get("gpu", "latency_hiding")) <= set(flags)
+    assert "--xla_force_host_platform_device_count=8" in flags  # tests/conftest.py's, kept
+    assert device._flag_env("default", "gpu").get("XLA_FLAGS") == os.environ.get("XLA_FLAGS")
+    jobs = [j for g in device.plan(device.PRESETS["gpu"]) for j in g]
+    assert [j.flags for j in jobs if j.id.startswith("flags:")] == list(device.PRESETS["gpu"]["flag_sets"])
+
