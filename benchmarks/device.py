@@ -259,8 +259,9 @@ def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: d
              bench.model_line(base_cfg, p["base"]["batch"]).replace("remat none", "remat/scan/batch: per row"),
              f"peak per device {info['peak'] / 1e12:.4g} TFLOP/s ({info['peak_source']})" if "peak" in info
              else "peak: no worker started",
-             (f"measured {mm['dtype']} matmul (flops.measure_matmul_peak, sizes {', '.join(map(str, p['matmul_sizes']))}): "
-              f"{matmul / 1e12:.4g} TFLOP/s" if matmul else f"measured matmul: {mm.get('status', 'not run')}"),
+             (f"measured {mm['dtype']} matmul (flops.measure_matmul_peak, sizes "
+              f"{', '.join(map(str, p['matmul_sizes']))}): {matmul / 1e12:.4g} TFLOP/s" if matmul
+              else f"measured matmul: {mm.get('status', 'not run')}"),
              f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
              "step(s); temp GiB = XLA's temporaries of the compiled step (memory_analysis)", ""]
 
