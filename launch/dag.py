@@ -4,7 +4,8 @@ A stage is `run(cfg, inputs, out) -> dict`, named here lazily as "module:functio
 importing `launch` never imports JAX, Beam or TensorFlow. The DAG runs exactly the registered
 stages whose config group appears in the config (`config.<stage name>`); a stage type registered
 with `instances=True` runs once per entry of `config.<type>.runs` as `<type>/<run>`, and keys
-named in `upstream_from` add the upstream stage their value names (a distill teacher).
+named in `upstream_from` add the upstream stage their value names (a distill teacher), unless the
+value is a checkpoint file from elsewhere (timm / big_vision; its identity is in the fingerprint).
 
 Planning fingerprints every active stage (launch/fingerprint.py) and looks its output up in the
 cache (launch/cache.py has the layout); launch/produce.py runs the misses.
@@ -23,6 +24,7 @@ from launch import cache
 from launch import fingerprint
 from launch import produce
 from launch.stage_types import Log, PlanError, Stage, StageOutput, StagePlan
+from trainer import weights_import
 
 __all__ = ["REPO_ROOT", "STAGES", "Log", "PlanError", "Registry", "Stage", "StageOutput",
            "StagePlan", "format_plan", "load_registry", "plan", "run_pipeline", "run_stage"]
@@ -108,6 +110,8 @@ class Registry:
             group = stage.group(config)
             for key in stage.upstream_from:
                 target = group.get(key) if key in group else None
+                if isinstance(target, str) and target not in found and weights_import.is_foreign(target):
+                    continue  # a checkpoint file from elsewhere (timm / big_vision): no DAG edge
                 if target not in found or target == name:
                     raise PlanError(f"{stage.config_path}.{key}: {target!r} is not another stage of this "
                                     f"config (stages: {', '.join(found)})")

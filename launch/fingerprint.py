@@ -63,7 +63,26 @@ def fingerprint_components(stage: Stage, cfg, upstream: Mapping[str, str], root:
         "upstream": dict(sorted(upstream.items())),
         "sources": source_files,
         "versions": dict(versions),
+        **({"files": files} if (files := file_inputs(stage, cfg)) else {}),
     }
+
+
+def file_inputs(stage: Stage, cfg) -> dict:
+    """Checkpoint files the stage reads from outside the DAG (a fine-tune's `init_from`, a distill
+    `teacher`, an `init_params` naming a timm / big_vision file), each as (path, bytes, mtime_ns):
+    replacing the file reruns the stage. Size + mtime, not a hash: hashing a multi-GB checkpoint at
+    every plan would cost more than the plan."""
+    from trainer import weights_import  # NumPy only
+    found = {}
+    for key in (*stage.upstream_from, "init_params"):
+        value = cfg.get(key) if key in cfg else None
+        if isinstance(value, str) and value and weights_import.is_foreign(value):
+            path = Path(value)
+            path = path / weights_import.timm_format.WEIGHTS if path.is_dir() else path
+            st = path.stat() if path.is_file() else None
+            found[key] = {"path": str(path.resolve()), "bytes": st.st_size if st else None,
+                          "mtime_ns": st.st_mtime_ns if st else None}
+    return found
 
 
 def fingerprint(components: Mapping[str, Any]) -> str:

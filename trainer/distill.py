@@ -18,7 +18,9 @@ The teacher is the export of any params-exporting stage named by `teacher` ("pre
 upstream. Its `model.json` rebuilds the model, its `params/` are the Task's `Frozen` params:
 read straight into the shardings the rules table gives `vit.abstract_params(teacher config)`,
 a jit argument of the same step as the student (forward only, under `stop_gradient`, no dropout),
-never in the optimizer state, never checkpointed, re-read on every (re)start.
+never in the optimizer state, never checkpointed, re-read on every (re)start. `teacher` may
+instead be a checkpoint file from elsewhere (a timm `.safetensors`, a big_vision `.npz`), read as
+the architecture `teacher_model` names (trainer/weights_import.py); no DAG edge then.
 
 Consistent teaching. The loader makes ONE augmentation draw per example (one crop, one flip,
 data/augment.py) at `data.image_size` and ONE mixup draw per batch (a ~ Beta(p, p),
@@ -55,7 +57,9 @@ from trainer.task import Frozen, Task, vit_init
 
 def default_config() -> ml_collections.ConfigDict:
     c = stage_config.training_group()
-    c.teacher = "pretrain"  # the stage whose params/ + model.json teach: pretrain | finetune/<run> | ...
+    c.teacher = "pretrain"  # the stage whose params/ + model.json teach: pretrain | finetune/<run> | ...,
+    # or a timm .safetensors / big_vision .npz file, whose architecture `teacher_model` then names
+    c.teacher_model = stage_config.model_group(variant="")  # only for a teacher file (e.g. variant "L/16")
     c.temperature = 1.0  # t in t²·KL(softmax(teacher/t) ‖ softmax(student/t))
     c.label_loss = "softmax_xent"  # trainer/losses.py LOSSES, for the optional label term
     c.label_weight = 0.0  # weight of the label term; 0 = pure distillation (big_vision)
@@ -94,6 +98,11 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
         losses.get(cfg.label_loss)
     except ValueError as e:
         raise ValueError(f"{where}.label_loss: {e}") from None
+    if _teacher_file(cfg):
+        from trainer import weights_import
+        weights_import.check_file(cfg.teacher, f"{where}.teacher")
+        weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model")
+        return  # its classes are known when the file is read (distill_task checks them)
     if upstream is None:
         return
     if cfg.teacher not in upstream:
@@ -110,6 +119,11 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
             t_num is None and s_num is None and teacher.data.dataset != cfg.data.dataset):
         raise ValueError(f"{where}.teacher: {cfg.teacher!r} predicts {t_what} but the student {s_what}; the "
                          f"student's head must match the teacher's (set {where}.model.num_classes)")
+
+
+def _teacher_file(cfg) -> bool:
+    from trainer import weights_import  # NumPy-only
+    return weights_import.is_foreign(cfg.teacher)
 
 
 def _at(images: jax.Array, size: int) -> jax.Array:
@@ -131,9 +145,14 @@ def teacher_config(teacher_dir: Path, where: str = "distill") -> vit.ViTConfig:
         raise ValueError(f"{where}.teacher: {path}: {e}") from None
 
 
-def make_task(cfg, num_classes: int, teacher_dir: Path, where: str = "distill") -> Task:
-    """The stage's Task: the student of `cfg.model` taught by the export in `teacher_dir`."""
-    from trainer import checkpoint
+def make_task(cfg, num_classes: int, teacher_dir: Path | None, where: str = "distill") -> Task:
+    """The stage's Task: the student of `cfg.model` taught by the export in `teacher_dir`, or by the
+    checkpoint file `cfg.teacher` when `teacher_dir` is None."""
+    from trainer import checkpoint, weights_import
+    if teacher_dir is None:
+        tcfg, load = weights_import.source_params(
+            cfg.teacher, weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model"))
+        return distill_task(cfg, num_classes, tcfg, load, where=where, source=cfg.teacher)
     teacher_dir = paths.as_path(teacher_dir)
     if not (teacher_dir / "params").is_dir():
         raise FileNotFoundError(f"{where}.teacher: {teacher_dir / 'params'} does not exist (no exported params)")
@@ -195,6 +214,8 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
 def run(cfg, inputs: dict, out: Path) -> dict:
     from trainer import loop
     validate(cfg, None, "distill")
+    if _teacher_file(cfg):
+        return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, None), stage="distill")
     if cfg.teacher not in inputs:
         raise ValueError(f"distill.teacher: stage {cfg.teacher!r} is not among this stage's inputs "
                          f"({', '.join(sorted(inputs)) or 'none'})")

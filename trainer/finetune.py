@@ -6,7 +6,10 @@
 A stage type with instances: `config.finetune.runs.<name>` holds one fine-tune each (dataset,
 resolution, recipe, upstream), run as the DAG node `finetune/<name>` with its own cache entry.
 `init_from` names the export to start from ("pretrain" or another `finetune/<name>`); the DAG
-edge follows it. The params start as trainer/transfer.py turns the export into the fine-tuned
+edge follows it. It may instead be a checkpoint file from elsewhere — a timm `.safetensors` (or
+a dir holding `model.safetensors`), a big_vision `.npz` ViT, or a `trainer.export` `.npz` — with
+`model.variant` (+ any differing `model.*` field) naming its architecture; then the run has no
+upstream training stage and the file's identity (size, mtime) is in the fingerprint. The params start as trainer/transfer.py turns the export into the fine-tuned
 model: a zero-initialised head for the target classes, the position embedding resized to the new
 patch grid, everything else bit-identical. The architecture is the export's (`model.json`);
 `model.*` may change what does not change parameter shapes (dropout, dtype, remat, matmul, ...).
@@ -24,7 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from data import paths
-from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer
+from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer, weights_import
 from trainer.models import vit
 from trainer.task import Task, classifier
 
@@ -36,7 +39,8 @@ ARCHITECTURE = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "block",
 def default_config() -> ml_collections.ConfigDict:
     """One fine-tune run's group (`config.finetune.runs.<name>`)."""
     c = stage_config.training_group(variant="")  # "" = the export's architecture
-    c.init_from = "pretrain"  # the params-exporting stage to start from ("pretrain", "finetune/<name>")
+    c.init_from = "pretrain"  # the params-exporting stage to start from ("pretrain", "finetune/<name>"),
+    # or a timm .safetensors / big_vision .npz file (then model.variant names its architecture)
     c.head = "new"  # "new": zero-initialised head for the target classes | "keep": the export's (same classes)
     c.posemb_resize = "bilinear"  # | "bicubic": the position embedding over the new patch grid
     c.loss = "softmax_xent"
@@ -87,7 +91,10 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
     upstream is a from-scratch training stage whose architecture the config fixes — the model."""
     stage_config.check(cfg, where, upstream)
     stage_config.check_loss(cfg, where)
-    if cfg.model.variant:
+    if weights_import.is_foreign(cfg.init_from):
+        weights_import.check_file(cfg.init_from, f"{where}.init_from")
+        weights_import.architecture(cfg.model, f"{where}.model")
+    elif cfg.model.variant:
         raise ValueError(f"{where}.model.variant: must be empty: fine-tuning keeps the architecture of "
                          f"init_from={cfg.init_from!r}")
     if cfg.head not in transfer.HEADS:
@@ -103,13 +110,20 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
                                 where)
 
 
-def make_task(cfg, export_dir: Path, env: loop.Env) -> Task:
-    spec = checkpoint.read_model_json(paths.as_path(export_dir) / "model.json")
-    source = vit.make_config(spec["variant"], **spec.get("overrides", {}))
-    _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
+def make_task(cfg, export_dir: Path | None, env: loop.Env) -> Task:
+    """`export_dir`: the upstream stage's export; None when `init_from` is a checkpoint file."""
+    if export_dir is None:
+        source, load = weights_import.source_params(cfg.init_from, weights_import.architecture(cfg.model,
+                                                                                               "finetune.model"))
+        name = cfg.init_from
+    else:
+        spec = checkpoint.read_model_json(paths.as_path(export_dir) / "model.json")
+        source = vit.make_config(spec["variant"], **spec.get("overrides", {}))
+        _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
+        load, name = (lambda abstract: checkpoint.load_params(paths.as_path(export_dir) / "params", abstract),
+                      str(export_dir))
     target = model_config(cfg, source, env.num_classes)
-    start = transfer.start_from_export(export_dir, source, target, env.mesh, head=cfg.head,
-                                       resize=cfg.posemb_resize)
+    start = transfer.start_from(load, name, source, target, env.mesh, head=cfg.head, resize=cfg.posemb_resize)
     if cfg.head == "keep" and source.num_classes != target.num_classes:
         raise ValueError(f"finetune.head='keep': the exported head has {source.num_classes} classes, the data "
                          f"{target.num_classes}; use head='new'")
@@ -120,6 +134,8 @@ def make_task(cfg, export_dir: Path, env: loop.Env) -> Task:
 
 def run(cfg, inputs: dict, out: Path) -> dict:
     validate(cfg, None, "finetune")
+    if weights_import.is_foreign(cfg.init_from):
+        return loop.run(cfg, inputs, out, lambda env: make_task(cfg, None, env), stage="finetune")
     if cfg.init_from not in inputs:
         raise ValueError(f"finetune.init_from={cfg.init_from!r}: no such upstream output "
                          f"(inputs: {', '.join(inputs) or 'none'})")

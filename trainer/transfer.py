@@ -80,16 +80,24 @@ def transform_params(params: dict, source: vit.ViTConfig, target: vit.ViTConfig,
 def start_from_export(export_dir: Path, source: vit.ViTConfig, target: vit.ViTConfig, mesh, *,
                       head: str = "new", resize: str = "bilinear") -> Callable[[Any], Any]:
     """A Task `start`: `(target abstract params with shardings) -> params` from an export."""
+    return start_from(lambda abstract: checkpoint.load_params(Path(export_dir) / "params", abstract), str(export_dir),
+                      source, target, mesh, head=head, resize=resize)
+
+
+def start_from(load_source: Callable[[Any], Any], name: str, source: vit.ViTConfig, target: vit.ViTConfig, mesh, *,
+               head: str = "new", resize: str = "bilinear") -> Callable[[Any], Any]:
+    """A Task `start` from any params of `source`: `load_source(source abstract params with shardings)`
+    reads them (an Orbax export, or a timm / big_vision file placed by trainer/weights_import.py)."""
     def start(abstract):
         boxed = vit.abstract_params(source)
         src_abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
-        params = checkpoint.load_params(Path(export_dir) / "params", src_abstract)
+        params = load_source(src_abstract)
         fn = lambda p: transform_params(p, source, target, head=head, resize=resize)
         got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), jax.eval_shape(fn, src_abstract))
         want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), abstract)
         if got != want:
-            raise ValueError(f"{export_dir}: the transformed export does not match the fine-tuned model's "
-                             "parameters (architecture fields differ from the export's model.json?)")
+            raise ValueError(f"{name}: the transformed source params do not match the fine-tuned model's "
+                             "parameters (architecture fields differ from the source's?)")
         with sharding.activate(mesh):
             return jax.jit(fn, out_shardings=jax.tree_util.tree_map(lambda a: a.sharding, abstract))(params)
     return start

@@ -31,6 +31,38 @@ def is_foreign(path: str | Path) -> bool:
     return p.suffix in (".safetensors", ".npz") or (p.is_dir() and (p / timm_format.WEIGHTS).is_file())
 
 
+def check_file(value: str, where: str) -> None:
+    """Plan-time: a checkpoint-file reference (a stage's `init_from` / `teacher`) exists."""
+    p = Path(value)
+    if not (p.is_file() or (p.is_dir() and (p / timm_format.WEIGHTS).is_file())):
+        raise ValueError(f"{where}: {value}: no such checkpoint file (a timm .safetensors or a dir holding "
+                         f"{timm_format.WEIGHTS}, a big_vision or trainer.export .npz)")
+
+
+def architecture(model_group, where: str) -> ViTConfig:
+    """The architecture a checkpoint file is read as: `model_group` (a config `model` group) names
+    the variant (e.g. "B/16") and any field that differs from it; image size and classes come from
+    the file itself (`read`)."""
+    from trainer.models import vit
+    if not model_group.variant:
+        raise ValueError(f"{where}.variant: name the checkpoint file's architecture (e.g. 'B/16'); a file "
+                         "carries no model.json")
+    overrides = {k: v for k, v in model_group.items() if k != "variant" and v is not None}
+    try:
+        return vit.make_config(model_group.variant, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def source_params(path: str | Path, arch: ViTConfig) -> tuple[ViTConfig, Any]:
+    """(the file's model: `arch` at its own image size and classes, a loader placing its params into
+    abstract params with shardings) — a fine-tune's source or a distill teacher."""
+    params, src, kind = read(path, arch)
+    log.info("%s checkpoint %s read as %s (%dpx, %d classes)", kind, path, arch.variant, src.image_size,
+             src.num_classes)
+    return src, lambda abstract: place(params, abstract, str(path))
+
+
 def read(path: str | Path, cfg: ViTConfig) -> tuple[dict, ViTConfig, str]:
     """(params for `cfg` at the checkpoint's size/classes, that config, the format's name)."""
     path = Path(path)
