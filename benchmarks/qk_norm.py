@@ -17,9 +17,11 @@ and the min/mean over layers x heads of the mean attention-row entropy (`attn_lo
 `attn_entropy_min`, `attn_entropy_mean` in metrics.jsonl).
 
 Per LR x variant (mean ± sd over seeds): final train loss (mean of the last 10% of steps), val top-1,
-the run's max attention logit and min attention entropy, loss spikes (steps whose loss exceeds 2x the
-best loss so far, after the first 10% of steps) and divergences (the loop's NaN guard stopped the run,
-or the final loss is no better than the loss at step 1). Learning curves as a PNG (--plot).
+the run's max attention logit and min attention entropy, loss spikes (steps whose loss exceeds the
+median of the 20 steps before by more than 1 nat: batch noise at low loss is not a spike) and
+divergences (the loop's NaN guard stopped the run, or the final loss is no better than the loss at
+step 1). Learning curves as a PNG (--plot). Every run's curves go to <workdir>/qk_norm_runs.json;
+`--report_from` prints the table (and --plot) again from such a file without training.
 """
 from __future__ import annotations
 
@@ -95,11 +97,7 @@ def summarize(run: dict) -> dict:
     finite = [v for v in loss if math.isfinite(v)]
     tail = max(1, len(loss) // 10)
     final = statistics.mean(loss[-tail:]) if len(finite) == len(loss) and loss else float("nan")
-    spikes, best = 0, float("inf")
-    for i, v in enumerate(finite):
-        if i >= tail and v > 2 * best:
-            spikes += 1
-        best = min(best, v)
+    spikes = sum(v > statistics.median(finite[i - 20:i]) + 1.0 for i, v in enumerate(finite) if i >= 20)
     logits = [v for _, v in run["curve"]["attn_logit_max"] if math.isfinite(v)]
     entropy = [v for _, v in run["curve"]["attn_entropy_min"] if math.isfinite(v)]
     diverged = run["stopped"] is not None or not (final < loss[0])
@@ -151,7 +149,7 @@ def plot(runs: list[dict], path: Path) -> str:
     lrs = sorted({r["lr"] for r in runs})
     keys = (("loss", "train loss", "linear"), ("attn_logit_max", "max attention logit", "log"),
             ("attn_entropy_min", "min attention entropy (nats)", "linear"))
-    fig, axes = plt.subplots(len(keys), len(lrs), figsize=(3.6 * len(lrs), 2.8 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(lrs), figsize=(max(6.0, 3.6 * len(lrs)), 2.8 * len(keys)), squeeze=False)
     colors = {"qk_norm": "tab:blue", "no_qk_norm": "tab:red"}
     for j, lr in enumerate(lrs):
         for i, (key, label, scale) in enumerate(keys):
@@ -172,7 +170,7 @@ def plot(runs: list[dict], path: Path) -> str:
     axes[0][0].legend()
     fig.suptitle("Parallel-block ViT on digits with and without QK-norm (each line one seed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return f"plot: {path}"
 
@@ -187,9 +185,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prepared", default="", help="a prepare output dir with digits (default: made under --workdir)")
     ap.add_argument("--workdir", default="", help="runs (and prepared digits) go here (default: a temp dir)")
     ap.add_argument("--plot", default="", help="write the curves to this PNG")
+    ap.add_argument("--report_from", default="", help="a qk_norm_runs.json: print its table (and --plot), no training")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     p = dict(PRESETS[args.preset])
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        p.update(saved["p"])
+        print(report(saved["runs"], p, saved["seconds"]), flush=True)
+        if args.plot:
+            print(plot(saved["runs"], Path(args.plot)))
+        return saved["runs"]
     if args.lrs:
         p["lrs"] = tuple(float(x) for x in args.lrs.split(","))
     if args.seeds:
@@ -214,10 +220,11 @@ def main(argv=None) -> list[dict]:
                 print(f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, max logit {s['logit']:.3g}, "
                       f"min entropy {s['entropy']:.3g}, {runs[-1]['seconds']:.0f} s"
                       + (" (stopped: non-finite)" if runs[-1]["stopped"] else ""), flush=True)
-    print("\n" + report(runs, p, time.perf_counter() - start), flush=True)
+    seconds = time.perf_counter() - start
+    print("\n" + report(runs, p, seconds), flush=True)
     if args.plot:
         print(plot(runs, Path(args.plot)))
-    (root / "qk_norm_runs.json").write_text(json.dumps(runs))
+    (root / "qk_norm_runs.json").write_text(json.dumps({"p": p, "runs": runs, "seconds": seconds}))
     return runs
 
 
