@@ -60,12 +60,11 @@ def test_tpu_flags_are_known_to_libtpu():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="v4:2x2x1", chip_config_name="megacore")
-    mesh = Mesh(np.array(topo.devices).reshape(-1), ("x",))
+    from trainer import aot
+
+    mesh = Mesh(np.array(aot.tpu_devices("v4", "2x2x1")).reshape(-1), ("x",))
     s = NamedSharding(mesh, P("x"))
     lowered = jax.jit(lambda a, b: a @ b.T).lower(*[jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=s)] * 2)
     for name in xla_flags.FLAG_SETS["tpu"]:
