@@ -17,7 +17,7 @@ from trainer.models import vit
 MESHES = [(4, 2), (2, 4), (1, 8)]
 # Error allowed on top of 3x XLA's own error (both relative to the largest element of the f32
 # result). f32: XLA and the rings add the same products in another order. bf16: the rings add their
-# n partial products in bf16 (the forward reduce-scatter ring carries bf16 sums, as XLA's own
+# n partial products in bf16 (both forward rings sum in the output dtype, as XLA's own
 # reduce-scatter does, and the backward rings accumulate bf16 cotangents), where XLA's single dot
 # rounds once; measured here: up to ~2x XLA's error on a ring of 8.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2 ** -8}
