@@ -35,8 +35,6 @@ cheap (no JAX): launch.run imports it for `--preflight`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import random
 import statistics
 import sys
@@ -50,6 +48,9 @@ from absl import flags
 from launch import cli
 from launch import dag
 from launch import produce
+from trainer import aot  # standard library only at import; JAX loads inside its functions
+# The per-chip tables and the AOT pieces live in trainer/aot.py (benchmarks/aot.py uses them too).
+from trainer.aot import TPU_CHIP_CONFIG, TPU_HBM_BYTES_PER_S, TPU_HBM_GIB, TPU_PEAK_KEY  # noqa: F401
 
 flags.adopt_module_key_flags(cli)
 
@@ -72,12 +73,6 @@ NUM_CLASSES = flags.DEFINE_integer(
 
 GO, NO_GO, WARN, SKIP = "go", "NO-GO", "warn", "skip"
 
-# Per TPU chip (one JAX device: v4 and v5p run as megacores): HBM bytes and bandwidth (vendor
-# figures), the peak-table key of trainer/flops.py, and the chip config libtpu's AOT topology takes.
-TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95}
-TPU_HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12}
-TPU_PEAK_KEY = {"v4": "tpu v4", "v5e": "tpu v5e", "v5p": "tpu v5p"}
-TPU_CHIP_CONFIG = {"v4": "megacore", "v5e": "default", "v5p": "megacore"}
 PAPER_MFU = 0.549  # ViT-22B on TPU v4 (DESIGN §4): the step time to plan for without a compile
 LOADER_MAX_BATCH = 256  # measure at most this many images a batch (the rate is per image)
 
@@ -303,17 +298,7 @@ def make_task(stage: dag.Stage, group, num_classes: int):
     return None
 
 
-def _tpu_devices(tpu) -> list:
-    """Compile-only devices of a TPU slice (needs libtpu; this host needs no TPU)."""
-    from jax.experimental import topologies
-    # libtpu looks its (absent) worker hosts up at load time; on a CPU host say there is one.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=f"{tpu.version}:{tpu.topology}",
-                                             chip_config_name=TPU_CHIP_CONFIG[tpu.version]).devices)
-
-
-def libtpu_installed() -> bool:
-    return bool(importlib.util.find_spec("libtpu") or os.environ.get("TPU_LIBRARY_PATH"))
+libtpu_installed = aot.libtpu_installed  # a module attribute: tests patch it
 
 
 @dataclasses.dataclass
@@ -324,55 +309,31 @@ class Compiled:
     step_time_source: str = ""
 
 
-def _abstract_batch(group, num_classes: int, batch_sharding) -> dict:
-    """The loader's training batch contract (docs/INTERFACES.md) as sharded shapes."""
-    import jax
-    import jax.numpy as jnp
-
-    b, s = group.batch_size, group.data.image_size
-    spec = {"image": ((b, s, s, 3), jnp.float32), "labels": ((b, num_classes), jnp.float32),
-            "label": ((b,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in spec.items()}
-
-
 def compile_step(task, group, target: Target, num_classes: int, total_steps: int,
                  options: Options) -> Compiled:
     """Lowers and compiles the stage's train step for the target; on a local target also runs it
     a few steps (unless --step_time is given) to measure the step time."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
 
-    from trainer import checkpoint, sharding
-    from trainer import step as step_lib
+    from trainer import sharding
 
+    args = (group.optim, total_steps)
+    shapes = dict(seed=group.seed, batch_size=group.batch_size, image_size=group.data.image_size,
+                  num_classes=num_classes)
     if target.tpu is not None and not libtpu_installed():
         # eval_shape only: params + optimizer state + batch per device; activations not counted
         r, d, m = sharding.mesh_shape(target.devices, group.mesh.data, group.mesh.model, group.mesh.replica)
-        mesh = sharding.abstract_mesh(d, m, r)
-        setup = step_lib.setup(task, group.optim, total_steps, mesh, group.seed)
-        batch = _abstract_batch(group, num_classes, NamedSharding(mesh, sharding.batch_spec(mesh)))
-        memory = (sharding.per_device_bytes(setup.abstract, setup.shardings)
-                  + sharding.per_device_bytes(batch, {k: v.sharding for k, v in batch.items()}))
+        memory = aot.estimate_bytes(task, *args, data=d, model=m, replica=r, **shapes)
         return Compiled(memory, "AOT skipped: libtpu is not installed (pip install -c constraints.txt "
                                 "'.[tpu]'); jax.eval_shape estimate of params + optimizer state + batch, "
                                 "activations not counted")
-    devices = _tpu_devices(target.tpu) if target.tpu is not None else jax.devices()
+    devices = aot.tpu_devices(target.tpu.version, target.tpu.topology) if target.tpu is not None else jax.devices()
     mesh = sharding.make_mesh(group.mesh.data, group.mesh.model, group.mesh.replica, devices=devices)
-    setup = step_lib.setup(task, group.optim, total_steps, mesh, group.seed)
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-    train_step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
-                                          setup.frozen_shardings)
-    state = checkpoint.abstract_with_shardings(setup.abstract, setup.shardings)
-    frozen = {}  # Tasks preflight builds have no frozen params (see make_task)
-    batch = _abstract_batch(group, num_classes, batch_sharding)
-    compiled = train_step.lower(state, frozen, batch).compile()  # traced under the mesh (step.under_mesh)
-    stats = compiled.memory_analysis()
-    memory = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-              + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops_, bytes_ = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    result = aot.compile_train_step(task, *args, mesh, microbatches=group.get("microbatches", 1), **shapes)
+    compiled, frozen = result.compiled, {}  # Tasks preflight builds have no frozen params (see make_task)
+    memory = result.memory
+    flops_, bytes_ = aot.cost(compiled)
     where = "AOT for " + target.name if target.tpu is not None else "compiled for " + target.name
     out = Compiled(memory, f"{where}: XLA memory analysis; {flops_:.3g} FLOP and {bytes_:.3g} bytes "
                            f"accessed per device and step")
@@ -380,8 +341,8 @@ def compile_step(task, group, target: Target, num_classes: int, total_steps: int
         out.step_time = max(flops_ / target.peak, bytes_ / TPU_HBM_BYTES_PER_S[target.tpu.version])
         out.step_time_source = "roofline of the compiled cost (no communication)"
     elif not options.step_time:
-        st = setup.init()
-        arrays = {k: jax.device_put(np.zeros(v.shape, v.dtype), batch_sharding) for k, v in batch.items()}
+        st = result.setup.init()
+        arrays = {k: jax.device_put(np.zeros(v.shape, v.dtype), result.batch_sharding) for k, v in result.batch.items()}
         times = []
         for _ in range(4):  # the first call pays for transfers: not counted
             start = time.perf_counter()
