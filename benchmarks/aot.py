@@ -29,6 +29,7 @@ imports: jax/numpy only; the config (ml_collections) and trainer modules load in
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import os
 import platform
@@ -177,6 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--mesh_model", type=int, default=None, help="override mesh.model")
     parser.add_argument("--unrolled", action="store_true",
                         help="model.scan=False: XLA's cost analysis then counts every layer (it counts a loop body once)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any pretrain-group key, e.g. model.width=512 (repeatable)")
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of HBM kept free")
     args = parser.parse_args(argv)
@@ -186,6 +189,11 @@ def main(argv=None) -> None:
     variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
     overrides = {"model.variant": args.model_variant, "data.image_size": args.image_size, "model.depth": args.depth, "batch_size": args.batch, "microbatches": args.microbatches,
                  "model.remat": args.remat, "mesh.model": args.mesh_model, "model.scan": False if args.unrolled else None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = ast.literal_eval(value) if value[:1].isdigit() or value[:1] in "-[(" else value
     group = pretrain_group(args.config, overrides)
     print(f"# AOT compile of {args.config} pretrain ({group.model.variant}), "
           f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
