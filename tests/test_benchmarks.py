@@ -2,30 +2,10 @@
 
 No timing assertions: numbers only have to be finite and positive where they are rates.
 """
-import math
-
 import pytest
 
 from benchmarks import mfu, model
-
-
-def _tables(text: str) -> list[list[list[str]]]:
-    """Markdown tables in `text`: [table][row][cell], header first, separator dropped."""
-    tables, current = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                current.append([c.strip() for c in line.strip("|").split("|")])
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
-
-
-def _number(cell: str) -> float:
-    value = float(cell)
-    assert math.isfinite(value), cell
-    return value
+from md_tables import number as _number, tables as _tables
 
 
 def test_model_smoke(capsys):

@@ -14,23 +14,12 @@ import time
 from pathlib import Path
 
 from benchmarks import device
+from md_tables import tables as _tables
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ml_collections", "grain", "clu", "tensorflow", "apache_beam", "sklearn")
 MODULES = ("benchmarks.model", "benchmarks.mfu", "benchmarks.device", "benchmarks.collective", "trainer.flops",
            "trainer.models.config", "trainer.models.layers", "trainer.models.text", "trainer.models.vit")
-
-
-def _tables(text: str) -> list[list[list[str]]]:
-    tables, current = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                current.append([c.strip() for c in line.strip("|").split("|")])
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
 
 
 def test_device_entry_imports_and_runs_without_the_blocked_packages(tmp_path):
