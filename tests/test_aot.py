@@ -1,12 +1,12 @@
 """AOT tier: the ViT-22B train step at its true width/heads/MLP (2 layers) compiled by libtpu for a
-small TPU v4 slice on this CPU host (trainer/aot.py, benchmarks/aot.py). Needs the [tpu] extra,
-which `make` installs; skipped with a reason without it."""
+small TPU v4 slice on this CPU host (trainer/aot.py, benchmarks/aot.py). The compile needs the
+[tpu] extra, which `make` installs; skipped with a reason without it."""
 import pytest
 
 from trainer import aot
 
-pytestmark = pytest.mark.skipif(not aot.libtpu_installed(),
-                                reason="AOT for a TPU topology needs libtpu (pip install -c constraints.txt '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(not aot.libtpu_installed(),
+                                  reason="AOT for a TPU topology needs libtpu (pip install -c constraints.txt '.[tpu]')")
 
 HLO = """HloModule m, is_scheduled=true
 
@@ -36,6 +36,19 @@ def test_permute_overlap_reads_the_schedule():
     assert aot.permute_overlap(ours) == aot.Overlap(2, 1, 0, 1, 1)
 
 
+def test_benchmark_without_libtpu_says_so_and_estimates(monkeypatch, capsys):
+    from benchmarks import aot as bench
+
+    monkeypatch.setattr(aot, "libtpu_installed", lambda: False)
+    bench.main(["--topologies", "v4:8x8x16"])
+    out = capsys.readouterr().out
+    assert "libtpu is not installed (pip install -c constraints.txt '.[tpu]')" in out
+    assert "v4:8x8x16: 1024 chips, mesh data x model = 64x16: eval_shape estimate" in out
+    with pytest.raises(ValueError, match="unknown flag set 'fast' for tpu"):
+        bench.parse_variant("xla+fast")
+
+
+@needs_libtpu
 def test_22b_width_fits_v4_and_the_rings_overlap():
     """2 layers of the true 22B block (width 6144, 48 heads, MLP 24576, bf16, remat dots_no_batch,
     Adafactor; launch/configs/vit22b.py's pretrain step) on v4:2x2x1 (4 chips, data 1 x model 4):
