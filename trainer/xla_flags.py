@@ -50,6 +50,9 @@ FLAG_SETS: dict[str, dict[str, tuple[str, ...]]] = {
             # collective.py writes by hand; MaxText lists both switches).
             "--xla_tpu_enable_windowed_einsum_for_all_gather=true",
             "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=true",
+            # ... for einsums of every size: the operand-size threshold in MiB (MaxText's flag
+            # library disables collective matmul with 1000000; 0 = always windowed).
+            "--xla_jf_spmd_threshold_for_windowed_einsum_mib=0",
             # ... with the async fusion above, so each permute hides behind its window's einsum.
             "--xla_tpu_enable_async_collective_fusion=true",
             "--xla_tpu_overlap_compute_collective_tc=true",
