@@ -11,8 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainer import collective, losses, optim, sharding
 from trainer import step as step_lib
-from trainer.task import classifier
 from trainer.models import vit
+from trainer.task import classifier
+
+from batches import random_batch
 
 MESHES = [(4, 2), (2, 4), (1, 8)]
 # Error allowed on top of 3x XLA's own error (both relative to the largest element of the f32
@@ -165,10 +167,7 @@ def test_vit_forward_and_grad_collective_equals_xla():
 
 def test_train_step_collective_equals_xla():
     mesh = sharding.make_mesh(data=4, model=2)
-    bsh = NamedSharding(mesh, sharding.batch_spec(mesh))
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
-                            "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]}, bsh)
+    batch, bsh = random_batch(mesh, 8)
     models = {m: vit.ViT(_tiny(head_zeroinit=False, matmul=m)) for m in ("xla", "collective")}
     tasks = {m: classifier(m, model, losses.sigmoid_xent) for m, model in models.items()}
     setup = step_lib.setup(tasks["xla"], optim.default_config(), 10, mesh, seed=0)

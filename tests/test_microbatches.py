@@ -3,20 +3,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from trainer import losses, optim, sharding
 from trainer import step as step_lib
 from trainer.models import vit
 from trainer.task import classifier
 
+from batches import random_batch
+
 
 def test_microbatched_step_equals_the_full_batch():
     mesh = sharding.make_mesh(data=4, model=2)
-    bsh = NamedSharding(mesh, sharding.batch_spec(mesh))
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-                            "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, 16)]}, bsh)
+    batch, bsh = random_batch(mesh, 16)
     cfg = vit.make_config("mu/4", image_size=16, num_classes=5, head_zeroinit=False)
     task = classifier("pretrain", vit.ViT(cfg), losses.sigmoid_xent)
     setup = step_lib.setup(task, optim.default_config(), 10, mesh, seed=0)
