@@ -77,8 +77,7 @@ def file_inputs(stage: Stage, cfg) -> dict:
     for key in (*stage.upstream_from, "init_params"):
         value = cfg.get(key) if key in cfg else None
         if isinstance(value, str) and value and weights_import.is_foreign(value):
-            path = Path(value)
-            path = path / weights_import.timm_format.WEIGHTS if path.is_dir() else path
+            path = weights_import.checkpoint_file(value)
             st = path.stat() if path.is_file() else None
             found[key] = {"path": str(path.resolve()), "bytes": st.st_size if st else None,
                           "mtime_ns": st.st_mtime_ns if st else None}

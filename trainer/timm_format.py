@@ -378,11 +378,16 @@ def save(path: Path, params: dict, cfg: ViTConfig) -> dict:
     return config
 
 
+def weights_file(path) -> Path:
+    """The file a reference names: itself, or an export dir's model.safetensors."""
+    path = Path(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
 def load_state_dict(path: Path) -> dict[str, np.ndarray]:
     """A timm .safetensors file (or a dir holding model.safetensors) as NumPy arrays."""
     from safetensors.numpy import load_file
-    path = Path(path)
-    file = path / WEIGHTS if path.is_dir() else path
+    file = weights_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such timm safetensors file")
     return load_file(str(file))

@@ -12,7 +12,6 @@ mismatched parameter.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,17 @@ from trainer.models.config import ViTConfig
 log = logging.getLogger(__name__)
 
 
+checkpoint_file = timm_format.weights_file  # a file reference: itself, or a timm export dir's weights
+
+
 def is_foreign(path: str | Path) -> bool:
     """A checkpoint file `init_params` maps (not an Orbax params/ dir of ours)."""
-    p = Path(path)
-    return p.suffix in (".safetensors", ".npz") or (p.is_dir() and (p / timm_format.WEIGHTS).is_file())
+    return checkpoint_file(path).suffix in (".safetensors", ".npz")
 
 
 def check_file(value: str, where: str) -> None:
     """Plan-time: a checkpoint-file reference (a stage's `init_from` / `teacher`) exists."""
-    p = Path(value)
-    if not (p.is_file() or (p.is_dir() and (p / timm_format.WEIGHTS).is_file())):
+    if not checkpoint_file(value).is_file():
         raise ValueError(f"{where}: {value}: no such checkpoint file (a timm .safetensors or a dir holding "
                          f"{timm_format.WEIGHTS}, a big_vision or trainer.export .npz)")
 
@@ -106,17 +106,11 @@ def place(params: dict, abstract: Any, source: str) -> Any:
     """NumPy params -> arrays in the shardings of `abstract` (ShapeDtypeStructs with shardings):
     every process reads only the slices its devices hold."""
     import jax
-    param_layout.check_tree(params, _shapes(abstract), source)
+    param_layout.check_tree(params, abstract, source)
 
     def put(x, a):
         return jax.make_array_from_callback(a.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype))
     return jax.tree_util.tree_map(put, params, abstract)
-
-
-def _shapes(abstract):
-    if isinstance(abstract, dict):
-        return {k: _shapes(v) for k, v in abstract.items()}
-    return abstract
 
 
 def load_into(path: str | Path, model_spec: dict | None, abstract_params: Any) -> tuple[Any, str]:
@@ -126,6 +120,6 @@ def load_into(path: str | Path, model_spec: dict | None, abstract_params: Any) -
     if not model_spec:
         raise ValueError(f"init_params={path}: this stage's model has no model spec to map the checkpoint onto")
     cfg = vit.make_config(model_spec["variant"], **model_spec.get("overrides", {}))
-    params, what = load(path, dataclasses.replace(cfg))
+    params, what = load(path, cfg)
     log.info("init_params: %s", what)
     return place(params, abstract_params, str(path)), what
