@@ -1,7 +1,8 @@
 """Stage fingerprints: everything a stage's output depends on, hashed; and why a fingerprint changed.
 
-A fingerprint covers the stage's name and target, its resolved config minus `runtime`, its upstream fingerprints,
-the hashes of its sources (static import closure, launch/sources.py) and VERSIONED_DISTRIBUTIONS.
+A fingerprint covers the stage's name and target, its resolved config minus `runtime`, its upstream
+fingerprints, the hashes of its sources (static import closure, launch/code_hashes.py) and
+VERSIONED_DISTRIBUTIONS.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from launch import sources
+from launch import code_hashes
 from launch.stage_types import PlanError, Stage
 
 # Distributions whose version is part of every fingerprint (a new jax may change numerics).
@@ -53,7 +54,7 @@ def fingerprint_components(stage: Stage, cfg, upstream: Mapping[str, str], root:
                            versions: Mapping[str, str]) -> dict:
     """Everything a stage's output depends on; stored as fingerprint.json to explain misses."""
     try:
-        source_files = sources.source_hashes(root, stage.module, stage.extra_sources)
+        source_files = code_hashes.source_hashes(root, stage.module, stage.extra_sources)
     except (FileNotFoundError, SyntaxError) as e:
         raise PlanError(f"stage {stage.name!r}: cannot hash its sources: {e}") from e
     return {

@@ -33,7 +33,7 @@ class Stage:
     target: "package.module:function", imported only when the stage runs.
     upstream: names of the stages whose outputs this one reads (`inputs[name]`).
     extra_sources: globs (relative to the registry root) of non-Python files the stage reads;
-      they join the stage's source hash next to its static import closure (launch/sources.py).
+      they join the stage's source hash next to its static import closure (launch/code_hashes.py).
     resumable: the stage checkpoints into its output dir and resumes from what it finds there; its
       unfinished dir (`.partial-<fp16>`) survives a crash or preemption (`--force` starts afresh).
     validate: "package.module:function" `(cfg, upstream, where) -> None` that `dag.plan` calls for

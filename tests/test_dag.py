@@ -20,9 +20,9 @@ import ml_collections
 import pytest
 
 from launch import cache
+from launch import code_hashes
 from launch import dag
 from launch import fingerprint
-from launch import sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -284,7 +284,8 @@ def test_import_closure_follows_relative_and_lazy_imports(tmp_path):
     (pkg / "other.py").write_text("import json\n")
     (pkg / "unused.py").write_text("")
     (pkg / "main.py").write_text("from .sub import leaf\n\ndef f():\n    from pkg import other\n")
-    files = [p.relative_to(tmp_path).as_posix() for p in sources.import_closure(tmp_path, "pkg.main")]
+    files = [p.relative_to(tmp_path).as_posix()
+             for p in code_hashes.import_closure(tmp_path, "pkg.main")]
     assert files == ["pkg/__init__.py", "pkg/main.py", "pkg/other.py", "pkg/sub/__init__.py",
                      "pkg/sub/leaf.py"]
 

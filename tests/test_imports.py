@@ -2,7 +2,7 @@
 checkpoint code (the cache hashes closures). `launch` without JAX/Beam/TF: tests/test_dag.py."""
 from pathlib import Path
 
-from launch import sources
+from launch import code_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "pipelines", "trainer", "eval", "launch", "benchmarks")
@@ -18,7 +18,7 @@ def _modules() -> list[str]:
 
 
 def test_the_static_import_graph_has_no_cycle():
-    graph = {m: sources.local_imports(REPO, m) for m in _modules()}
+    graph = {m: code_hashes.local_imports(REPO, m) for m in _modules()}
     state, cycles = {}, []
 
     def visit(node, path):
@@ -38,7 +38,8 @@ def test_the_static_import_graph_has_no_cycle():
 
 
 def test_the_model_closure_has_no_optimizer_checkpoint_or_stage_code():
-    closure = {p.relative_to(REPO).as_posix() for p in sources.import_closure(REPO, "trainer.models.vit")}
+    closure = {p.relative_to(REPO).as_posix()
+               for p in code_hashes.import_closure(REPO, "trainer.models.vit")}
     assert "trainer/models/vit.py" in closure and "trainer/sharding.py" in closure
     for banned in ("trainer/optim.py", "trainer/checkpoint.py", "trainer/loop.py", "trainer/pretrain.py",
                    "trainer/memory.py", "trainer/step.py"):
