@@ -24,7 +24,7 @@ from launch import cache
 from launch import fingerprint
 from launch import produce
 from launch.stage_types import Log, PlanError, Stage, StageOutput, StagePlan
-from trainer import weights_import
+from trainer.interop import weights_import
 
 __all__ = ["REPO_ROOT", "STAGES", "Log", "PlanError", "Registry", "Stage", "StageOutput",
            "StagePlan", "format_plan", "load_registry", "plan", "run_pipeline", "run_stage"]

@@ -73,7 +73,7 @@ def file_inputs(stage: Stage, cfg) -> dict:
     `teacher`, an `init_params` naming a timm / big_vision file), each as (path, bytes, mtime_ns):
     replacing the file reruns the stage. Size + mtime, not a hash: hashing a multi-GB checkpoint at
     every plan would cost more than the plan."""
-    from trainer import weights_import  # NumPy only
+    from trainer.interop import weights_import  # NumPy only
     found = {}
     for key in (*stage.upstream_from, "init_params"):
         value = cfg.get(key) if key in cfg else None

@@ -1,4 +1,5 @@
-"""Export to timm / npz and import from timm / big_vision (trainer/export.py, trainer/weights_import.py).
+"""Export to timm / npz and import from timm / big_vision (trainer/interop/export.py,
+trainer/interop/weights_import.py).
 
 Parity is checked against timm itself (the `[timm]` extra: CPU inference with the CUDA torch
 build, DESIGN §6) on real digits images: the ViT-22B parallel block with RMSNorm (the shared
@@ -15,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from trainer import export, npz_format, param_layout, sharding, timm_format, weights_import
+from trainer import sharding
+from trainer.interop import export, npz_format, param_layout, timm_format, weights_import
 from trainer.models import vit
 
 torch = pytest.importorskip("torch", reason="the [timm] extra (make installs it)")

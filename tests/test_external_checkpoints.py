@@ -11,7 +11,8 @@ import pytest
 
 from launch import dag
 from launch.configs import tiny
-from trainer import checkpoint, distill, export, finetune, sharding
+from trainer import checkpoint, distill, finetune, sharding
+from trainer.interop import export
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ read straight into the shardings the rules table gives `vit.abstract_params(teac
 a jit argument of the same step as the student (forward only, under `stop_gradient`, no dropout),
 never in the optimizer state, never checkpointed, re-read on every (re)start. `teacher` may
 instead be a checkpoint file from elsewhere (a timm `.safetensors`, a big_vision `.npz`), read as
-the architecture `teacher_model` names (trainer/weights_import.py); no DAG edge then.
+the architecture `teacher_model` names (trainer/interop/weights_import.py); no DAG
+edge then.
 
 Consistent teaching. The loader makes ONE augmentation draw per example (one crop, one flip,
 data/augment.py) at `data.image_size` and ONE mixup draw per batch (a ~ Beta(p, p),
@@ -99,7 +100,7 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
     except ValueError as e:
         raise ValueError(f"{where}.label_loss: {e}") from None
     if _teacher_file(cfg):
-        from trainer import weights_import
+        from trainer.interop import weights_import
         weights_import.check_file(cfg.teacher, f"{where}.teacher")
         weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model")
         return  # its classes are known when the file is read (distill_task checks them)
@@ -122,7 +123,7 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
 
 
 def _teacher_file(cfg) -> bool:
-    from trainer import weights_import  # NumPy-only
+    from trainer.interop import weights_import  # NumPy-only
     return weights_import.is_foreign(cfg.teacher)
 
 
@@ -148,7 +149,8 @@ def teacher_config(teacher_dir: Path, where: str = "distill") -> vit.ViTConfig:
 def make_task(cfg, num_classes: int, teacher_dir: Path | None, where: str = "distill") -> Task:
     """The stage's Task: the student of `cfg.model` taught by the export in `teacher_dir`, or by the
     checkpoint file `cfg.teacher` when `teacher_dir` is None."""
-    from trainer import checkpoint, weights_import
+    from trainer import checkpoint
+    from trainer.interop import weights_import
     if teacher_dir is None:
         tcfg, load = weights_import.source_params(
             cfg.teacher, weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model"))

@@ -7,9 +7,10 @@ A stage type with instances: `config.finetune.runs.<name>` holds one fine-tune e
 resolution, recipe, upstream), run as the DAG node `finetune/<name>` with its own cache entry.
 `init_from` names the export to start from ("pretrain" or another `finetune/<name>`); the DAG
 edge follows it. It may instead be a checkpoint file from elsewhere — a timm `.safetensors` (or
-a dir holding `model.safetensors`), a big_vision `.npz` ViT, or a `trainer.export` `.npz` — with
-`model.variant` (+ any differing `model.*` field) naming its architecture; then the run has no
-upstream training stage and the file's identity (size, mtime) is in the fingerprint. The params start as trainer/transfer.py turns the export into the fine-tuned
+a dir holding `model.safetensors`), a big_vision `.npz` ViT, or a `trainer.interop.export`
+`.npz` — with `model.variant` (+ any differing `model.*` field) naming its architecture; then the
+run has no upstream training stage and the file's identity (size, mtime) is in the fingerprint.
+The params start as trainer/transfer.py turns the export into the fine-tuned
 model: a zero-initialised head for the target classes, the position embedding resized to the new
 patch grid, everything else bit-identical. The architecture is the export's (`model.json`);
 `model.*` may change what does not change parameter shapes (dropout, dtype, remat, matmul, ...).
@@ -27,7 +28,8 @@ from pathlib import Path
 import ml_collections
 
 from data import paths
-from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer, weights_import
+from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer
+from trainer.interop import weights_import
 from trainer.models import vit
 from trainer.task import Task, classifier
 

@@ -33,7 +33,7 @@ import jax
 from data import paths
 from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding, stage_config
 from trainer import step as step_lib
-from trainer import weights_import
+from trainer.interop import weights_import
 from trainer.metrics_log import MetricsLog
 from trainer.preemption import Preempted, PreemptionGuard
 from trainer.task import Task

@@ -87,7 +87,8 @@ def start_from_export(export_dir: Path, source: vit.ViTConfig, target: vit.ViTCo
 def start_from(load_source: Callable[[Any], Any], name: str, source: vit.ViTConfig, target: vit.ViTConfig, mesh, *,
                head: str = "new", resize: str = "bilinear") -> Callable[[Any], Any]:
     """A Task `start` from any params of `source`: `load_source(source abstract params with shardings)`
-    reads them (an Orbax export, or a timm / big_vision file placed by trainer/weights_import.py)."""
+    reads them (an Orbax export, or a timm / big_vision file placed by
+    trainer/interop/weights_import.py)."""
     def start(abstract):
         boxed = vit.abstract_params(source)
         src_abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))

@@ -12,8 +12,8 @@ block's fused kernels, laid out per head:
 The canonical layout is what `fused=False, scan=False` builds: `query/key/value_kernel [D, H, hd]`,
 `attn_out_kernel [H, hd, D]`, `mlp_in_kernel [D, M]`, `mlp_out_kernel [M, D]`, ...: MLP feature
 `h*m + j` is slot j of head h. Both directions are pure slicing/concatenation, so a round trip is
-bit-exact; the exporters (trainer/timm_format.py, trainer/npz_format.py) read and write only this
-layout.
+bit-exact; the exporters (trainer/interop/timm_format.py, trainer/interop/npz_format.py) read and
+write only this layout.
 """
 from __future__ import annotations
 

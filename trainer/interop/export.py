@@ -1,7 +1,9 @@
 """Export a stage's trained ViT for other libraries: timm (safetensors + config), or flat .npz.
 
-    python -m trainer.export --stage_dir WORKDIR/pretrain/<fp16> --format timm --out exported/vit
-    python -m trainer.export --stage_dir WORKDIR/pretrain/<fp16> --format npz --out exported/vit.npz
+    python -m trainer.interop.export --stage_dir WORKDIR/pretrain/<fp16> --format timm \
+        --out exported/vit
+    python -m trainer.interop.export --stage_dir WORKDIR/pretrain/<fp16> --format npz \
+        --out exported/vit.npz
 
 Reads `<stage_dir>/model.json` + `<stage_dir>/params/` (any training stage's export: pretrain,
 finetune/<run>, distill/<run>) on one host, whatever mesh wrote them.
@@ -10,13 +12,14 @@ timm: OUT is a directory with model.safetensors and config.json (timm's Hugging 
 
     model = timm.create_model("local-dir:OUT", pretrained=True)   # timm >= 1.0 (the [timm] extra)
 
-The mapping onto timm's VisionTransformer (ParallelScalingBlock / Block, attention-pool head) is in
-trainer/timm_format.py; a head timm cannot hold (a MAP head with QK-norm, a pre-logits layer) is
-left out, the export is the encoder (config.json: "head_exported": false, with the reason).
-npz: OUT is one file with our documented flat names + the model.json text (trainer/npz_format.py).
+The mapping onto timm's VisionTransformer (ParallelScalingBlock / Block, attention-pool head) is
+in trainer/interop/timm_format.py; a head timm cannot hold (a MAP head with QK-norm, a pre-logits
+layer) is left out, the export is the encoder (config.json: "head_exported": false, with the reason).
+npz: OUT is one file with our documented flat names + the model.json text
+(trainer/interop/npz_format.py).
 big_vision: OUT is one .npz with big_vision's ViT names (classic block only).
 
-The reverse direction is `init_params` (trainer/weights_import.py).
+The reverse direction is `init_params` (trainer/interop/weights_import.py).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def load_stage(stage_dir: Path):
 
 def export(stage_dir: Path, fmt: str, out: Path) -> str:
     """Writes the export; returns a one-line summary."""
-    from trainer import npz_format, timm_format
+    from trainer.interop import npz_format, timm_format
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {FORMATS}")
     cfg, params = load_stage(stage_dir)
@@ -63,7 +66,7 @@ def export(stage_dir: Path, fmt: str, out: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.export", description=__doc__,
+        prog="python -m trainer.interop.export", description=__doc__,
         epilog="Import: set a training stage's init_params to the .safetensors / .npz file "
                "(e.g. --config.pretrain.init_params=OUT/model.safetensors).",
         formatter_class=argparse.RawDescriptionHelpFormatter)

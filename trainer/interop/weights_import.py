@@ -1,14 +1,15 @@
 """Start a ViT from another library's checkpoint: a timm .safetensors or a big_vision .npz.
 
     init_params = "/ckpt/vit.safetensors"   # or a dir holding model.safetensors (+ config.json),
-    init_params = "/ckpt/vit_b16.npz"       # a big_vision ViT, or our own `trainer.export --format npz`
+    init_params = "/ckpt/vit_b16.npz"       # a big_vision ViT, or our own
+                                            # `trainer.interop.export --format npz`
 
 Any training stage's `init_params` takes these (trainer/checkpoint.initial_state). The file is
-mapped into the model's layout (trainer/timm_format.py, trainer/npz_format.py) at the checkpoint's
-own image size and classes, then adapted like a fine-tune's upstream export (trainer/transfer.py):
-the position embedding is resized to the model's grid, and a head for another number of classes
-is replaced by a zero-initialised one. Anything else that differs is a ValueError naming the first
-mismatched parameter.
+mapped into the model's layout (trainer/interop/timm_format.py, trainer/interop/npz_format.py)
+at the checkpoint's own image size and classes, then adapted like a fine-tune's upstream export
+(trainer/transfer.py): the position embedding is resized to the model's grid, and a head for
+another number of classes is replaced by a zero-initialised one. Anything else that differs is a
+ValueError naming the first mismatched parameter.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer import npz_format, param_layout, timm_format
+from trainer.interop import npz_format, param_layout, timm_format
 from trainer.models.config import ViTConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def check_file(value: str, where: str) -> None:
     """Plan-time: a checkpoint-file reference (a stage's `init_from` / `teacher`) exists."""
     if not checkpoint_file(value).is_file():
         raise ValueError(f"{where}: {value}: no such checkpoint file (a timm .safetensors or a dir holding "
-                         f"{timm_format.WEIGHTS}, a big_vision or trainer.export .npz)")
+                         f"{timm_format.WEIGHTS}, a big_vision or trainer.interop.export .npz)")
 
 
 def architecture(model_group, where: str) -> ViTConfig:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import param_layout
+from trainer.interop import param_layout
 from trainer.models.config import ViTConfig
 
 WEIGHTS = "model.safetensors"
@@ -371,7 +371,7 @@ def save(path: Path, params: dict, cfg: ViTConfig) -> dict:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = config_json(cfg)
-    from trainer.npz_format import storable
+    from trainer.interop.npz_format import storable
     save_file({k: storable(v) for k, v in to_timm(params, cfg).items()}, str(path / WEIGHTS),
               metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,8 @@
 """Flat .npz checkpoints: our own documented names, and big_vision's ViT names (NumPy only).
 
-Ours (`python -m trainer.export --format npz`): one array per parameter of the canonical layout
-(trainer/param_layout.py: unrolled layers, unfused projections), named by its path joined with "/":
+Ours (`python -m trainer.interop.export --format npz`): one array per parameter of the canonical
+layout (trainer/interop/param_layout.py: unrolled layers, unfused projections), named by its path
+joined with "/":
 
     embedding_kernel [p, p, 3, D]   embedding_bias [D]   pos_embedding [1, N, D]   cls [1, 1, D]
     Transformer/encoderblock_<i>/{query,key,value}_kernel [D, H, hd]   ..._bias [H, hd]  (use_bias)
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import param_layout
+from trainer.interop import param_layout
 from trainer.models.config import ViTConfig
 
 MODEL_KEY = "model_json"
