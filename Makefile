@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 STAMP   := $(VENV)/.installed
 PYTHON  := $(VENV)/bin/python
-# 8 simulated CPU devices so sharding is exercised without an accelerator (DESIGN §6).
+# 8 simulated CPU devices: sharding is exercised without an accelerator (docs/DESIGN.md §6).
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PYTHONHASHSEED := 0
 # The [tpu] extra (libtpu, for AOT compiles: tests/test_aot.py) makes JAX probe for a TPU at backend

@@ -2,7 +2,7 @@
 
 `train_image` / `eval_image` are what the loaders run per record: they pick the crop box from the
 image header first and then decode only that box, at the smallest JPEG scale that still covers
-it at the output size (DESIGN §6 loader anchor: a cropped, reduced-scale decode beats a full one).
+it at the output size (docs/DESIGN.md §6, loader anchor: a cropped, reduced-scale decode wins).
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def resize_shorter(img: np.ndarray, size: int, *, upscale: bool = False) -> np.n
 
 def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     # 4:2:0 chroma subsampling: what cameras and ImageNet use, and it decodes fastest in the
-    # loader (DESIGN §6 loader anchor).
+    # loader (docs/DESIGN.md §6, loader anchor).
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB",
                                   colorsubsampling="420")
 

@@ -35,11 +35,11 @@ from data import manifest as manifest_lib
 # batches they may run ahead. The JPEG decoder and OpenCV release the GIL, so threads scale.
 READ_THREADS = 2
 READ_BUFFER_BATCHES = 2     # per thread
-WORKER_BUFFER_BATCHES = 2   # per mp_prefetch worker; a big buffer of whole batches is a trap (§6)
+WORKER_BUFFER_BATCHES = 2   # per mp_prefetch worker; big buffers are a trap (docs/DESIGN.md §6)
 
 
 def _mark_absl_flags_parsed() -> None:
-    """Grain's mp_prefetch reads absl flags; outside absl.app.run they are unparsed (DESIGN §6)."""
+    """Grain's mp_prefetch reads absl flags, unparsed outside absl.app.run (docs/DESIGN.md §6)."""
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -1,4 +1,4 @@
-"""manifest.json of one prepared split (DESIGN §3): read, write atomically, validate.
+"""manifest.json of one prepared split (docs/DESIGN.md §3): read, write atomically, validate.
 
 `<prepare out>/<dataset>/<split>/manifest.json`:
 `{dataset, split, num_records, num_classes, class_names, image_size, features,
@@ -25,7 +25,7 @@ from data import records
 MANIFEST_NAME = "manifest.json"
 DEAD_LETTERS_NAME = "dead_letters.jsonl"
 CACHE_ENV = "VIT22B_DATA_CACHE"  # where remote splits are copied (default ~/.cache/vit22b/splits)
-ARRAY_RECORD_OPTIONS = "group_size:1"  # random access for Grain (DESIGN §3)
+ARRAY_RECORD_OPTIONS = "group_size:1"  # random access for Grain (docs/DESIGN.md §3)
 
 
 class ManifestError(ValueError):

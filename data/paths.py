@@ -6,7 +6,7 @@ which Orbax also takes as is (its arrays then go through tensorstore's gcs drive
 neither handles is a one-line error, never a local directory named `xx:` (`pathlib.Path("gs://b")`
 is the relative path `gs:/b`, so nothing here calls `Path()` on user input).
 
-Committing a directory (a stage output, a prepared split), DESIGN §2:
+Committing a directory (a stage output, a prepared split), docs/DESIGN.md §2.4:
 - local: it is built in a sibling temp dir and renamed into place (atomic on one filesystem);
 - remote: object stores have no directory rename. The dir is built elsewhere (a local staging
   dir, or a temp prefix in the bucket), every file is copied into the final prefix, and the

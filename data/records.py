@@ -1,4 +1,4 @@
-"""THE record schema (DESIGN §3): one ArrayRecord record = one serialized `tf.train.Example`.
+"""THE record schema (docs/DESIGN.md §3): one ArrayRecord record = one `tf.train.Example`.
 
 | key | kind | meaning |
 |---|---|---|
@@ -10,7 +10,7 @@
 | text | bytes list, optional | one or more captions (LiT), UTF-8 |
 | shape_label, texture_label | int64, optional | cue-conflict images (model-vs-human) |
 
-TensorFlow is deliberately NOT imported (DESIGN §6: 2.7-5 s and ~0.6 GB per worker process).
+TensorFlow is deliberately NOT imported (docs/DESIGN.md §6: 2.7-5 s and ~0.6 GB per process).
 The Example/Feature messages are rebuilt here from their descriptors in a private descriptor pool
 (so they never clash with TF's own registration when TF is imported in the same process) and
 serialized by the same protobuf runtime TF uses; with `deterministic=True` (map keys sorted) the

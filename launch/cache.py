@@ -1,4 +1,4 @@
-"""The content-addressed cache's on-disk layout (DESIGN §2).
+"""The content-addressed cache's on-disk layout (docs/DESIGN.md §2.4).
 
 Per stage:
 

@@ -21,9 +21,9 @@ from launch import dag
 
 FLAGS = flags.FLAGS
 
-# Local CPU runs simulate 8 devices so that the configs' 2-D meshes work as on a pod (DESIGN §6:
-# set before JAX initializes, hence here in the entry module). It only affects JAX's CPU backend;
-# an explicit setting in XLA_FLAGS wins.
+# Local CPU runs simulate 8 devices so that the configs' 2-D meshes work as on a pod
+# (docs/DESIGN.md §6: set before JAX initializes, hence here in the entry module). It only affects
+# JAX's CPU backend; an explicit setting in XLA_FLAGS wins.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

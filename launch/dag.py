@@ -1,4 +1,4 @@
-"""Stage registry, dependency graph and planning against the content-addressed cache (DESIGN §2).
+"""Stage registry, DAG and planning against the content-addressed cache (docs/DESIGN.md §2).
 
 A stage is `run(cfg, inputs, out) -> dict`, named here lazily as "module:function" so that
 importing `launch` never imports JAX, Beam or TensorFlow. The DAG runs exactly the registered

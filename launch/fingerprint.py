@@ -21,7 +21,7 @@ VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "grain", "apache-beam")
 
 # A stage group's subgroup of settings that cannot change its results (progress bars, log cadence,
 # decode threads, checkpoint retention, distributed addresses): left out of the fingerprint, so
-# changing one is a cache hit (DESIGN §2; tests/test_dag_runtime.py proves the outputs identical).
+# changing one is a cache hit (docs/DESIGN.md §2.5; tests/test_dag_runtime.py: outputs identical).
 RUNTIME = "runtime"
 
 

@@ -76,7 +76,7 @@ GO, NO_GO, WARN, SKIP = "go", "NO-GO", "warn", "skip"
 
 # A compiled cost below this share of the model's FLOPs has loop bodies counted once (see compile_step).
 ROOFLINE_MIN_COUNTED = 0.9
-PAPER_MFU = 0.549  # ViT-22B on TPU v4 (DESIGN §4): the step time to plan for without a compile
+PAPER_MFU = 0.549  # ViT-22B on TPU v4 (docs/DESIGN.md §4): step time to plan for, no compile
 LOADER_MAX_BATCH = 256  # measure at most this many images a batch (the rate is per image)
 
 

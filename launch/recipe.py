@@ -19,9 +19,10 @@ a key naming no config value is an error when the config is built. Sources:
     user       anything else: set by the config file (a mark can note an assumption, confirmed
                False), or a command-line override (a marked value overridden becomes "user")
 
-`confirmed`: for paper / reference, whether the value was checked at the source (REFERENCE.md's
-"unconfirmed" values are marked False); a user value is what was asked for (True); a default is
-our code's choice (False). The `runtime` subgroup (cannot change results) is left out.
+`confirmed`: for paper / reference, whether the value was checked at the source (values
+docs/DESIGN.md §4 lists as unconfirmed are marked False); a user value is what was asked for
+(True); a default is our code's choice (False). The `runtime` subgroup (cannot change results)
+is left out.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class Stage:
       `upstream` maps each upstream stage name to its config group (e.g. which datasets `prepare`
       produces), `where` is the group's config path ("pretrain", "finetune.runs.r48"). It raises
       ValueError with one line naming the key; "" = no checks.
-    instances: the stage type runs once per entry of `config.<name>.runs` (DESIGN §2): instance
+    instances: the type runs once per entry of `config.<name>.runs` (docs/DESIGN.md §2.2): instance
       `<name>/<run>` has the group `config.<name>.runs.<run>`, its own fingerprint and cache dir
       `<workdir>/<name>/<run>/`; `--stages <name>/<run>` selects one, `--stages <name>` all.
     upstream_from: keys of the stage's group whose value names one more upstream stage (a distill

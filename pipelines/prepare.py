@@ -7,7 +7,7 @@
     python -m pipelines.prepare --source digits --out gs://BUCKET/prepared --runner=DataflowRunner ...
     # any other Beam option passes through (--project, --region, --temp_location, ...)
 
-Layout (DESIGN §3): `<out>/<dataset>/<split>/{manifest.json, dead_letters.jsonl,
+Layout (docs/DESIGN.md §3): `<out>/<dataset>/<split>/{manifest.json, dead_letters.jsonl,
 <dataset>-<split>.array_record-NNNNN-of-NNNNN}`. Each split dir is assembled in a sibling temp
 dir and renamed into place when complete; with a bucket `--out` (gs://, data/paths.py) shards are
 written to worker-local temp files, uploaded to a temp prefix, and copied into the split dir with
@@ -21,9 +21,9 @@ The Beam graph (one pipeline for all datasets and splits):
     the shards -> ApplyDrops -> CoGroupByKey per split with dead letters -> Finalize (rename shards,
     manifest, dead letters, atomic install)
 
-Write strategy (DESIGN §6): `WriteToArrayRecord` with a fixed `num_shards` adds a GroupByKey over
-the encoded images, and the local runner holds all of them in memory. Here a DoFn streams each
-bundle's records straight into rolling ArrayRecord files (`group_size:1`) of at most
+Write strategy (docs/DESIGN.md §6): `WriteToArrayRecord` with a fixed `num_shards` adds a
+GroupByKey over the encoded images, and the local runner holds all of them in memory. Here a DoFn
+streams each bundle's records straight into rolling ArrayRecord files (`group_size:1`) of at most
 `records_per_shard` records - runner-chosen sharding, memory bounded by one open file per split.
 Only small metadata is ever grouped: per-record (id -> source, file, position) for duplicate
 detection, and per-shard summaries. Duplicate ids are resolved after writing: the copy with the
@@ -56,7 +56,8 @@ from pipelines import folder_sources, sources
 from pipelines.transforms import NAMESPACE, SplitPlan, build
 
 # Beam 2.77's DirectRunner first tries to download Prism (no internet here); FnApiRunner is the
-# in-process portable runner and honours --direct_num_workers/--direct_running_mode (DESIGN §6).
+# in-process portable runner and honours --direct_num_workers/--direct_running_mode
+# (docs/DESIGN.md §6).
 LOCAL_RUNNER = "FnApiRunner"
 _LOG = logging.getLogger(__name__)
 

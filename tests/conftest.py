@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices, set before anything imports jax (DESIGN §6)."""
+"""Test set-up: 8 simulated CPU devices, set before anything imports jax (docs/DESIGN.md §6)."""
 import os
 import sys
 from pathlib import Path

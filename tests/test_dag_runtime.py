@@ -1,5 +1,5 @@
 """The cache key holds results only: every `runtime` knob of a training stage is a cache hit, and a
-rerun with all of them changed produces bit-identical artifacts (DESIGN §2)."""
+rerun with all of them changed produces bit-identical artifacts (docs/DESIGN.md §2.5)."""
 import json
 import time
 

@@ -2,9 +2,9 @@
 trainer/interop/weights_import.py).
 
 Parity is checked against timm itself (the `[timm]` extra: CPU inference with the CUDA torch
-build, DESIGN §6) on real digits images: the ViT-22B parallel block with RMSNorm (the shared
-pretrain export) and with bias-free LayerNorm, and the classic sequential block; big_vision names
-are checked against timm's own big_vision .npz loader.
+build, docs/DESIGN.md §6) on real digits images: the ViT-22B parallel block with RMSNorm (the
+shared pretrain export) and with bias-free LayerNorm, and the classic sequential block;
+big_vision names are checked against timm's own big_vision .npz loader.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from trainer.models import vit
 # --- The closed-form few-shot solve ------------------------------------------------------------------
 
 def _reference_ridge(x, y, num_classes, l2):
-    """Written from the description in ../shared/REFERENCE.md, not from fewshot.py: whiten with the
+    """Written from the description in docs/DESIGN.md §7, not from fewshot.py: whiten with the
     set's mean / population std + 1e-5, bias column 100, ±1 one-hot targets, primal ridge solve."""
     mean, std = x.mean(0), x.std(0) + 1e-5
     design = lambda z: np.hstack([(z - mean) / std, np.full((len(z), 1), 100.0)])

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: train state (params, opt_state, step, rng) + the Grain iterator (DESIGN §3).
+"""Orbax checkpoints: train state + the Grain iterator, final params (docs/DESIGN.md §3).
 
 Layout inside a stage output dir:
     checkpoints/<step>/{state,data}/   CheckpointManager items; a save is committed atomically by

@@ -2,8 +2,8 @@
 
 Config (`cfg.distributed`) wins over the environment variables JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID. On TPU pods / GKE, leaving all of them empty lets JAX detect
-the cluster itself (`auto=True`). On CPU hosts the collectives go through gloo (DESIGN §6).
-Must run before anything touches a JAX backend.
+the cluster itself (`auto=True`). On CPU hosts the collectives go through gloo
+(docs/DESIGN.md §6). Must run before anything touches a JAX backend.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Parameter counts in closed form, model FLOPs (PaLM's formula), device peaks and MFU.
 
-MFU = model FLOPs per step / step time / (num devices x peak FLOP/s)  (DESIGN §4).
+MFU = model FLOPs per step / step time / (num devices x peak FLOP/s)  (docs/DESIGN.md §4).
 Model FLOPs count what the model needs, not what the implementation does (no rematerialization).
 Importable without Beam, Grain or TensorFlow so that benchmarks run on accelerator hosts as-is.
 """

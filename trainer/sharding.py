@@ -1,4 +1,4 @@
-"""The device mesh and THE logical-axis rules table (DESIGN §5).
+"""The device mesh and THE logical-axis rules table (docs/DESIGN.md §5).
 
 Mesh axes: ("data", "model"), plus an optional outer "replica" for multi-slice data parallelism.
 Parameters are sharded on both axes: their model dims (heads, mlp, classes) on "model" and their
@@ -72,7 +72,8 @@ def mesh_shape(num_devices: int, data: int = -1, model: int = 1, replica: int = 
 def make_mesh(data: int = -1, model: int = 1, replica: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "model") mesh, or ("replica", "data", "model") when replica > 1.
 
-    Auto axis types: we rely on sharding propagation (jax 0.10 defaults to Explicit, DESIGN §6).
+    Auto axis types: we rely on sharding propagation (jax 0.10 defaults to Explicit,
+    docs/DESIGN.md §6).
     """
     devices = list(devices or jax.devices())
     r, d, m = mesh_shape(len(devices), data, model, replica)

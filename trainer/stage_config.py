@@ -12,8 +12,8 @@ Keys (a stage's `default_config()` starts from these; trainer/loop.py reads them
 `runtime` holds what cannot change a stage's results, so launch/fingerprint.py leaves it out of
 the cache key: progress bar, log cadence, decode threads / Grain workers, checkpoint retention and
 async saving, the MFU peak, and the distributed set-up (addresses, process ids; the process count
-changes only the order of float sums, DESIGN §2). tests/test_dag_runtime.py proves the artifacts
-are bit-identical across the runtime knobs.
+changes only the order of float sums, docs/DESIGN.md §2.5). tests/test_dag_runtime.py proves the
+artifacts are bit-identical across the runtime knobs.
 
 `check(cfg, where, upstream)` runs at plan time (launch/dag.py calls each stage's `validate`):
 everything that needs neither data nor devices, one line naming the key.

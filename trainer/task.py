@@ -1,4 +1,4 @@
-"""What a training stage hands the loop (trainer/loop.py): a `Task` (DESIGN §2).
+"""What a training stage hands the loop (trainer/loop.py): a `Task` (docs/DESIGN.md §2.7).
 
 A Task is the model(s) and the objective of one training stage, nothing about data, cadences or
 checkpoints, which the loop owns:

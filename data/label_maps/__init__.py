@@ -1,4 +1,4 @@
-"""Label maps: score a model in one label space on data labelled in another (DESIGN §1, REFERENCE).
+"""Label maps: score a model in one label space on data labelled in another (docs/DESIGN.md §7).
 
 A map is a JSON file `{target_class: [source_class, ...]}` — e.g. ImageNet -> ObjectNet (113
 targets), JFT-style pretraining classes -> ImageNet, ImageNet -> the 16 model-vs-human categories.

@@ -1,4 +1,4 @@
-"""ViT-22B/14 on ImageNet/JFT-style TFDS data on a TPU v4 pod slice (DESIGN §4 as far as fixed).
+"""ViT-22B/14 on ImageNet/JFT-style TFDS data on a TPU v4 pod slice (docs/DESIGN.md §4).
 
     python -m launch.xm_launch --config launch/configs/vit22b.py --xm_target=vertex --xm_dry_run \
         --workdir /gcs/YOUR_BUCKET/vit22b
@@ -22,8 +22,8 @@ from pipelines import prepare
 from trainer import distill, finetune, optim, pretrain
 
 # The recipe card's marks (launch/recipe.py): where each value comes from, and whether that is
-# confirmed at the source (REFERENCE.md). Values set below without a mark are the config's choice
-# ("user"); unset ones the stage's defaults. Keep every "ASSUMED" value here.
+# confirmed at the source (docs/DESIGN.md §4). Values set below without a mark are the config's
+# choice ("user"); unset ones the stage's defaults. Keep every "ASSUMED" value here.
 _BV_TRANSFER = "big_vision's ImageNet transfer recipe, assumed for the 22B fine-tune"
 RECIPE = {
     "pretrain.model.variant": recipe.mark("paper", True, "ViT-22B/14: width 6144, depth 48, MLP 24576, 48 heads"),
@@ -75,7 +75,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.model.head_bias_init = -6.9  # log(1/1000): sigmoid outputs start at the class prior
     c.data.dataset = "imagenet2012"
     c.evals.val.split = "minival"
-    # big_vision's in-training few-shot on the pre-logits (REFERENCE: fewshot_lsr).
+    # big_vision's in-training few-shot on the pre-logits (docs/DESIGN.md §7).
     c.evals.fewshot = ml_collections.ConfigDict(dict(type="fewshot", train_split="fewshot_train", split="minival",
                                                      every=5_000))
     c.data.image_size = 224

@@ -1,4 +1,4 @@
-"""Evaluators: the contract (base.py) and THE table of evaluator types (DESIGN §2).
+"""Evaluators: the contract (base.py) and THE table of evaluator types (docs/DESIGN.md §2.8).
 
 A stage lists its evals in config, each `evals.<name> = {type, every, [pred], **kwargs}`:
 

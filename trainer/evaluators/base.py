@@ -1,4 +1,4 @@
-"""The evaluator contract (big_vision's `evaluators/common.py`, DESIGN §2).
+"""The evaluator contract (big_vision's `evaluators/common.py`, docs/DESIGN.md §2.8).
 
     ev = SomeEvaluator(predict_fn, ctx=ctx, **cfg)     # cfg: the eval's config minus type/every/pred
     for name, value in ev.run(params, frozen): ...      # the loop logs "<eval name>/<name>"

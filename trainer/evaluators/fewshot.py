@@ -1,5 +1,5 @@
 """`fewshot`: closed-form few-shot linear regression on frozen features, as big_vision's
-`evaluators/fewshot_lsr.py` does it (../shared/REFERENCE.md, "Few-shot linear regression").
+`evaluators/fewshot_lsr.py` does it (docs/DESIGN.md §7).
 
 Per seed s in range(seeds): `np.random.default_rng(s)` permutes each class's train examples (in
 class order 0..C-1); the first `shots` of each permutation form the few-shot train set, so the sets

@@ -1,6 +1,6 @@
 """The ViT family in Flax Linen, including the ViT-22B parallel block.
 
-ViT-22B block (DESIGN §4):  h = LN(x);  [q|k|v|u] = h @ W_in  (ONE matmul; no bias on q, k, v);
+ViT-22B block (docs/DESIGN.md §4):  h = LN(x);  [q|k|v|u] = h @ W_in  (ONE matmul; no q/k/v bias);
 q, k = LN_head(q), LN_head(k);  x + [attn(q, k, v) | gelu(u + b_u)] @ W_out + b_out  (ONE matmul).
 
 The fused kernels are laid out per head: W_in is [D, H, 3*hd + M/H] and W_out is [H, hd + M/H, D].
