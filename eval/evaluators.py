@@ -50,7 +50,7 @@ def _check_map(cfg: dict, where: str, default: str = "") -> None:
     value = cfg.get("map", default)
     if Path(str(value)).suffix == ".json" and not Path(value).exists():
         value = None
-    LabelMapAccuracy.check_values({"labels": "target", **cfg, "map": value or "imagenet_16"}, where)
+    LabelMapAccuracy.check_values({**cfg, "map": value or "imagenet_16"}, where)
 
 
 def _human_dir(human_data: str, experiment: str) -> Path:
@@ -118,21 +118,10 @@ class Accuracy(HostEvaluator):
 
 # --- OOD through label maps ------------------------------------------------------------------------
 
-def split_to_targets(label_map: label_maps.LabelMap, membership: np.ndarray, split_classes: Sequence[str],
-                     labels: str, where: str) -> np.ndarray:
-    """bool [K, T]: which targets each of the split's classes means. labels="target": the split is
-    labelled in the map's target space (its class names are targets); "source": in the model's own
-    classes (mapped through `membership`)."""
-    if labels == "source":
-        if len(split_classes) != membership.shape[0]:
-            raise ValueError(f"{where}: labels='source' needs the split labelled in the model's "
-                             f"{membership.shape[0]} classes, it has {len(split_classes)}")
-        return membership
-    return np.eye(len(label_map.targets), dtype=bool)[label_map.target_index(split_classes)]
-
-
 class LabelMapOOD(HostEvaluator):
-    """`ood`: top-1 in a label map's target space (eval/metrics/ood.py): ImageNet-R/-A
+    """`ood`: top-1 in a label map's target space (eval/metrics/ood.py: `data.label_maps.correct`,
+    the one implementation the in-training `label_map` evaluator runs too; `labels="target"` by
+    default in both, `"source"` for a split labelled in the model's own classes): ImageNet-R/-A
     (`map="imagenet_r"`/`"imagenet_a"`: the 200-class subsets), ObjectNet (`map=` your 113-class
     JSON, `border=2`), JFT-style -> ImageNet (any map). `reduce` max|mean over each target's
     classes (`softmax=True` first turns logits into probabilities, for mean); `restrict=False` takes
@@ -159,10 +148,11 @@ class LabelMapOOD(HostEvaluator):
         border = self.border
         transform = (lambda images: ood.crop_border(images, border)) if border else None
         out = self.outputs(params, frozen, transform=transform, transform_key=("border", border))
-        to_targets = split_to_targets(self.map, self.membership, out.class_names, self.labels, self.where)
+        to_targets = self.map.to_targets(self.membership, out.class_names, self.labels, self.where)
         scores = calibration.softmax(out.scores) if self.softmax else out.scores
-        correct, scored = ood.label_map_correct(scores, ood.target_truth(out.labels, to_targets), self.membership,
-                                                reduce=self.reduce, restrict=self.restrict)
+        truth = ood.target_truth(out.labels, to_targets)
+        correct, scored = map(np.asarray, ood.label_map_correct(scores, truth, self.membership,
+                                                                self.reduce, self.restrict))
         if not scored.any():
             raise ValueError(f"{self.where}: no example's label is a target of {self.map.name}")
         yield "top1", float(correct[scored].mean())
@@ -208,8 +198,8 @@ class ModelVsHuman(HostEvaluator):
 
     def trials(self, out: outputs.SplitOutputs, decided: np.ndarray) -> mvh.Trials:
         """The model's trials in the toolbox's layout (category = the image's true category)."""
-        to_targets = split_to_targets(self.map, self.membership, out.class_names, self.labels, self.where)
-        truth = np.asarray(out.labels, np.float32) @ to_targets.astype(np.float32) > 0
+        to_targets = self.map.to_targets(self.membership, out.class_names, self.labels, self.where)
+        truth = np.asarray(label_maps.target_truth(out.labels, to_targets))
         if not truth.any(axis=1).all():
             raise ValueError(f"{self.where}: {int((~truth.any(axis=1)).sum())} images have no category of {self.map.name}")
         names = np.asarray(self.map.targets, dtype=object)

@@ -140,7 +140,8 @@ def test_label_map_evaluator_on_digits(prepared_digits):
     ctx = evaluators.Context(mesh=mesh, split_dir=lambda d, s: prepared_digits / d / s, dataset="digits",
                              image_size=32, batch_size=64, param_shardings=jax.sharding.NamedSharding(
                                  mesh, jax.sharding.PartitionSpec()), class_names=tuple("0123456789"))
-    ev = evaluators.LabelMapAccuracy(_label_plus_one, ctx=ctx, split="val", map="digits_pairs")
+    ev = evaluators.LabelMapAccuracy(_label_plus_one, ctx=ctx, split="val", map="digits_pairs",
+                                     labels="source")  # digits labelled in the model's classes
     got = dict(ev.run(jnp.zeros(()), {}))
     labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])]
                              for b in loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=64,

@@ -8,8 +8,12 @@ file (`load("digits_pairs")`); any other path works too (`load("/data/maps/objec
 
 `target_scores` is THE function that turns source-space scores into target-space scores: the
 max (default; the ObjectNet convention for logits) or the mean (model-vs-human's convention for
-probabilities) over each target's source classes. The `label_map` evaluator and the evaluate
-stage both call it.
+probabilities) over each target's source classes. `correct` is THE label-map accuracy (per
+example, on top of `target_scores`), jittable: the in-training `label_map` evaluator calls it per
+batch on the device, the evaluate stage's `ood` evaluator (eval/metrics/ood.py) on the host.
+A split's labels live in the map's target space by default (`labels="target"`: ObjectNet,
+ImageNet-R/-A, cue-conflict) or in the model's own classes (`labels="source"`, e.g. digits scored
+as digit pairs); `LabelMap.to_targets` turns either into the split-class -> target matrix.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REDUCTIONS = ("max", "mean")
+LABEL_SPACES = ("target", "source")  # where a split's labels live; "target" is the one default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,21 @@ class LabelMap:
         if missing:
             raise ValueError(f"label map {self.name}: class {missing[0]!r} of the data is not a target of the map")
         return np.array([index[n] for n in names], np.int32)
+
+    def to_targets(self, membership: np.ndarray, split_classes: Sequence[str],
+                   labels: str = "target", where: str = "label map") -> np.ndarray:
+        """bool [K, T]: which targets each of a split's K classes means. labels="target": the
+        split is labelled in the map's target space (its class names are targets); "source": in
+        the model's own classes (`membership` [S, T], so K must be S)."""
+        if labels not in LABEL_SPACES:
+            raise ValueError(f"{where}: labels={labels!r} is not one of {LABEL_SPACES}")
+        if labels == "source":
+            model, split = membership.shape[0], len(split_classes)
+            if split != model:
+                raise ValueError(f"{where}: labels='source' needs the split labelled in the "
+                                 f"model's {model} classes, it has {split}")
+            return np.asarray(membership, bool)
+        return np.eye(len(self.targets), dtype=bool)[self.target_index(split_classes)]
 
 
 def path_of(name_or_path: str) -> Path:
@@ -100,3 +120,31 @@ def target_scores(scores, membership, reduce: str = "max"):
     if reduce == "mean":
         return (scores @ m.astype(jnp.float32)) / jnp.sum(m, axis=0).astype(jnp.float32)
     return jnp.max(jnp.where(m, scores[..., :, None], -jnp.inf), axis=-2)
+
+
+def target_truth(labels, to_targets):
+    """bool [N, T]: the targets of each example, from its multi-hot labels [N, K] in the split's
+    classes and the split-class -> target matrix [K, T] (`LabelMap.to_targets`). NumPy or JAX."""
+    return (jnp.asarray(labels, jnp.float32) @ jnp.asarray(to_targets, jnp.float32)) > 0
+
+
+def correct(scores, truth, membership, reduce: str = "max", restrict: bool = True):
+    """THE label-map accuracy, per example: (correct bool [N], scored bool [N]) of source-space
+    scores [N, S] against target truth [N, T] (`target_truth`) under `membership` [S, T]. NumPy or
+    JAX arrays in, JAX arrays out; jittable.
+
+    restrict=True (default): the best target by `target_scores` (`reduce`), correct if it is one of
+    the example's targets. restrict=False: the argmax over all the model's classes, correct only if
+    that class belongs to one of the example's targets (outside the map counts as wrong).
+    An example none of whose labels is a target is not scored (and not correct).
+    """
+    truth = jnp.asarray(truth, bool)
+    membership = jnp.asarray(membership, bool)
+    scored = jnp.any(truth, axis=-1)
+    if restrict:
+        best = jnp.argmax(target_scores(scores, membership, reduce), axis=-1)
+        hit = jnp.take_along_axis(truth, best[..., None], axis=-1)[..., 0]
+    else:
+        best = jnp.argmax(jnp.asarray(scores), axis=-1)  # a source class
+        hit = jnp.any(membership[best] & truth, axis=-1)
+    return hit & scored, scored

@@ -1,5 +1,7 @@
-"""Accuracy in another label space through a label map (data/label_maps: the format and THE
-function `target_scores`; nothing here re-implements them).
+"""Accuracy in another label space through a label map. The implementation is data/label_maps
+(the map format, `target_scores`, `target_truth` and THE per-example `correct`, which the
+in-training `label_map` evaluator runs on the device too); this module names them for the evaluate
+stage and reduces them to a number.
 
 A map sends each target class (an ObjectNet class, one of ImageNet-R's 200, an ImageNet class for
 a JFT-style model) to a set of the model's (source) classes; `membership` is its bool [S, T]
@@ -20,35 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from data import label_maps
-
-
-def target_truth(labels: np.ndarray, to_targets: np.ndarray) -> np.ndarray:
-    """bool [N, T]: the targets of each example, from its multi-hot labels [N, K] in the split's
-    classes and the split-class -> target matrix [K, T] (identity-like when the split is labelled in
-    the target space, the map's membership when it is labelled in the model's own classes)."""
-    return (np.asarray(labels, np.float32) @ np.asarray(to_targets, np.float32)) > 0
-
-
-def label_map_correct(scores: np.ndarray, truth: np.ndarray, membership: np.ndarray, *,
-                      reduce: str = "max", restrict: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(correct bool [N], scored bool [N]) of source-space scores [N, S] against target truth
-    [N, T] under `membership` [S, T]; the module docstring defines the two conventions."""
-    truth = np.asarray(truth, bool)
-    membership = np.asarray(membership, bool)
-    scored = truth.any(axis=1)
-    if restrict:
-        predicted = np.argmax(np.asarray(label_maps.target_scores(scores, membership, reduce)), axis=1)
-        correct = truth[np.arange(len(truth)), predicted]
-    else:
-        best = np.argmax(np.asarray(scores), axis=1)  # [N] source class
-        correct = (membership[best] & truth).any(axis=1)
-    return correct & scored, scored
+from data.label_maps import correct as label_map_correct  # noqa: F401  (THE implementation)
+from data.label_maps import target_truth  # noqa: F401
 
 
 def label_map_accuracy(scores: np.ndarray, truth: np.ndarray, membership: np.ndarray, *,
                        reduce: str = "max", restrict: bool = True) -> float:
-    """Mean of `label_map_correct` over the scored examples."""
-    correct, scored = label_map_correct(scores, truth, membership, reduce=reduce, restrict=restrict)
+    """Mean of `label_map_correct` (data.label_maps.correct) over the scored examples."""
+    correct, scored = map(np.asarray, label_maps.correct(scores, truth, membership, reduce,
+                                                         restrict))
     if not scored.any():
         raise ValueError("label map accuracy: no example's label is a target of the map")
     return float(correct[scored].mean())

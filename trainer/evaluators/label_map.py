@@ -1,35 +1,33 @@
 """`label_map`: top-1 of a model scored in another label space through a label map.
 
-    evals.objectnet = dict(type="label_map", split="test", dataset="objectnet", map="/maps/in_to_objectnet.json",
-                           labels="target", reduce="max")
+    evals.objectnet = dict(type="label_map", split="test", dataset="objectnet",
+                           map="/maps/in_to_objectnet.json", reduce="max")
 
-The model's scores over its own classes (`ctx.class_names`, the source space) become target-space
-scores with `data.label_maps.target_scores` (max or mean over each target's source classes; the one
-implementation). The split's labels are either in the target space (`labels="target"`: its class
-names are the map's targets, e.g. ObjectNet) or in the source space (`labels="source"`: each label
-is mapped through the map, e.g. digits -> digit pairs). Examples whose labels fall in no target are
-left out (as ImageNet-R/-A's 200-class subsets leave out the other 800 classes); `count` says how
-many were scored.
+The metric is `data.label_maps.correct` (THE label-map accuracy; the evaluate stage's `ood`
+evaluator calls the same function on the host), run per batch on the device: the model's scores
+over its own classes (`ctx.class_names`, the source space) become target-space scores (max or mean
+over each target's source classes). The split's labels are either in the target space
+(`labels="target"`, the default: its class names are the map's targets, e.g. ObjectNet) or in the
+source space (`labels="source"`: each label is mapped through the map, e.g. digits -> digit
+pairs). Examples whose labels fall in no target are left out (as ImageNet-R/-A's 200-class subsets
+leave out the other 800 classes); `count` says how many were scored.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import jax.numpy as jnp
-import numpy as np
 
 from data import label_maps
 from trainer import losses
 from trainer.evaluators import base
-
-LABEL_SPACES = ("source", "target")
 
 
 class LabelMapAccuracy(base.Evaluator):
     pred = "logits"
 
     def __init__(self, predict_fn, *, ctx: base.Context, split: str, map: str, dataset: str = "",
-                 labels: str = "source", reduce: str = "max"):
+                 labels: str = "target", reduce: str = "max"):
         super().__init__(predict_fn, ctx=ctx)
         self.split, self.dataset, self.labels, self.reduce = split, dataset or ctx.dataset, labels, reduce
         self.map = label_maps.load(map)
@@ -38,8 +36,9 @@ class LabelMapAccuracy(base.Evaluator):
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        if cfg.get("labels", "source") not in LABEL_SPACES:
-            raise ValueError(f"{where}.labels={cfg['labels']!r} is not one of {LABEL_SPACES}")
+        spaces = label_maps.LABEL_SPACES
+        if cfg.get("labels", "target") not in spaces:
+            raise ValueError(f"{where}.labels={cfg['labels']!r} is not one of {spaces}")
         if cfg.get("reduce", "max") not in label_maps.REDUCTIONS:
             raise ValueError(f"{where}.reduce={cfg['reduce']!r} is not one of {label_maps.REDUCTIONS}")
         try:
@@ -49,23 +48,17 @@ class LabelMapAccuracy(base.Evaluator):
 
     def _build(self):
         self._loader = self.ctx.loader(self.split, self.dataset)
-        if self.labels == "source":
-            to_targets = self.membership  # data classes = the model's classes
-            if len(self._loader.manifest.class_names) != len(self.ctx.class_names):
-                raise ValueError(f"label_map on {self.dataset}/{self.split}: labels='source' needs the split "
-                                 f"labelled in the model's {len(self.ctx.class_names)} classes, it has "
-                                 f"{len(self._loader.manifest.class_names)}")
-        else:
-            index = self.map.target_index(self._loader.manifest.class_names)
-            to_targets = np.eye(len(self.map.targets), dtype=bool)[index]
+        to_targets = self.map.to_targets(self.membership, self._loader.manifest.class_names,
+                                         self.labels, f"label_map on {self.dataset}/{self.split}")
         membership, reduce, predict = self.membership, self.reduce, self.predict_fn
 
         def sums(params, frozen, batch):
-            truth = (batch["labels"] @ jnp.asarray(to_targets, jnp.float32)) > 0  # [B, T]
-            scores = label_maps.target_scores(predict(params, frozen, batch), membership, reduce)
-            scored = batch["mask"] & jnp.any(truth, axis=-1)
+            truth = label_maps.target_truth(batch["labels"], to_targets)  # [B, T]
+            scores = predict(params, frozen, batch)
+            correct, scored = label_maps.correct(scores, truth, membership, reduce)
+            scored = batch["mask"] & scored
             return {"count": jnp.sum(scored.astype(jnp.float32)),
-                    "top1": losses.masked_sum(losses.top1_correct(scores, truth.astype(jnp.float32)), scored)}
+                    "top1": losses.masked_sum(correct, scored)}
         self._step = self.ctx.jit(sums)
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
