@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import numbers
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +39,7 @@ import numpy as np
 from data import paths
 from eval import evaluators as eval_evaluators
 from eval import outputs
+from trainer import config_checks as checks
 from trainer import evaluators
 
 log = logging.getLogger(__name__)
@@ -76,45 +76,30 @@ def default_config() -> ml_collections.ConfigDict:
 
 # --- Plan-time checks ------------------------------------------------------------------------------
 
-def _fail(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
 def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "evaluate") -> None:
     """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
     upstream = upstream or {}
     for key in ("dataset", "train_split"):
-        if not isinstance(cfg[key], str) or not cfg[key]:
-            raise _fail(f"{where}.{key}", f"must be a non-empty name, got {cfg[key]!r}")
+        checks.name(f"{where}.{key}", cfg[key])
     _check_models(cfg.models, upstream, f"{where}.models")
-    if not _positive_int(cfg.batch_size):
-        raise _fail(f"{where}.batch_size", f"must be a positive int, got {cfg.batch_size!r}")
-    for axis in ("data", "model"):
-        if cfg.mesh[axis] != -1 and not _positive_int(cfg.mesh[axis]):
-            raise _fail(f"{where}.mesh.{axis}", f"must be a positive int or -1, got {cfg.mesh[axis]!r}")
-    if cfg.mesh.data == cfg.mesh.model == -1:
-        raise _fail(f"{where}.mesh", "only one axis may be -1")
+    checks.positive_int(f"{where}.batch_size", cfg.batch_size)
+    checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model"))
     if cfg.mesh.data != -1 and cfg.batch_size % cfg.mesh.data:
-        raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
+        raise checks.fail(f"{where}.batch_size",
+                          f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
     if not len(cfg.evals):
-        raise _fail(f"{where}.evals", "is empty: nothing to evaluate")
+        raise checks.fail(f"{where}.evals", "is empty: nothing to evaluate")
     for name, ev in cfg.evals.items():
         _check_models(ev.get("models", ()), upstream, f"{where}.evals.{name}.models")
     evaluators.check(eval_configs(cfg), f"{where}.evals", TABLE)
     if not isinstance(cfg.report.title, str):
-        raise _fail(f"{where}.report.title", f"must be a string, got {cfg.report.title!r}")
+        raise checks.fail(f"{where}.report.title", f"must be a string, got {cfg.report.title!r}")
     for run, base in cfg.report.distill_baselines.items():
         if not isinstance(base, str):
-            raise _fail(f"{where}.report.distill_baselines.{run}", f"must be a stage name, got {base!r}")
-    for key in ("read_threads", "worker_count"):
-        value = cfg.runtime[key]
-        low = 1 if key == "read_threads" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _fail(f"{where}.runtime.{key}", f"must be an int >= {low}, got {value!r}")
+            raise checks.fail(f"{where}.report.distill_baselines.{run}",
+                              f"must be a stage name, got {base!r}")
+    for key, low in (("read_threads", 1), ("worker_count", 0)):
+        checks.int_at_least(f"{where}.runtime.{key}", cfg.runtime[key], low)
     prepare = upstream.get("prepare")
     if prepare is not None:
         _check_splits(cfg, prepare, where)
@@ -122,11 +107,9 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
 
 def _check_models(models, upstream: Mapping, key: str) -> None:
     """A tuple of stage names, each upstream of this stage (when the upstream is known)."""
-    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) and m for m in models):
-        raise _fail(key, f"must be a tuple of upstream stage names, got {models!r}")
+    checks.names(key, models, "a tuple of upstream stage names")
     for name in models:
-        if upstream and name not in upstream:
-            raise _fail(key, f"{name!r} is not upstream of this stage (upstream: {', '.join(sorted(upstream))})")
+        checks.upstream(key, name, upstream)
 
 
 def eval_configs(cfg, model: str | None = None) -> dict[str, dict]:
@@ -143,18 +126,14 @@ def eval_configs(cfg, model: str | None = None) -> dict[str, dict]:
 
 def _check_splits(cfg, prepare, where: str) -> None:
     """Every eval's dataset and splits must be ones the prepare stage produces."""
-    datasets = prepare.datasets
     for name, ev in cfg.evals.items():
         dataset = ev.get("dataset") or cfg.dataset
         key = f"{where}.evals.{name}.dataset" if ev.get("dataset") else f"{where}.dataset"
-        if dataset not in datasets:
-            raise _fail(key, f"{dataset!r} is not prepared; prepare.datasets has {', '.join(datasets) or 'nothing'}")
-        known = tuple(datasets[dataset].splits)  # empty = the source's natural splits: known at run time
+        checks.prepared(key, dataset, prepare)
         for split_key in SPLIT_KEYS:
             split = ev.get(split_key)
-            if split is not None and known and split not in known:
-                raise _fail(f"{where}.evals.{name}.{split_key}",
-                            f"{split!r} is not a split of prepared dataset {dataset!r} ({', '.join(known)})")
+            if split is not None:
+                checks.prepared_split(f"{where}.evals.{name}.{split_key}", split, dataset, prepare)
 
 
 # --- The models of the run -------------------------------------------------------------------------
@@ -208,7 +187,8 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     wanted = set(cfg.models)
     missing = wanted - set(inputs)
     if missing:
-        raise _fail("evaluate.models", f"{sorted(missing)[0]!r} is not among the inputs ({', '.join(inputs)})")
+        raise checks.fail("evaluate.models", f"{sorted(missing)[0]!r} is not among the inputs "
+                                             f"({', '.join(inputs)})")
     models = []
     for name, stage in inputs.items():
         if name == "prepare" or (wanted and name not in wanted):

@@ -17,8 +17,6 @@ metrics.json and the report draws from. `observer` names the model in those tabl
 """
 from __future__ import annotations
 
-import math
-import numbers
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,19 +27,13 @@ from eval import outputs
 from eval.metrics import accuracy as acc_lib
 from eval.metrics import calibration, fairness, ood
 from eval.metrics import model_vs_human as mvh
+from trainer import config_checks as checks
 from trainer.evaluators import base
 from trainer.evaluators.label_map import LabelMapAccuracy
 
 ACTIVATIONS = ("softmax", "sigmoid")
 EPSILONS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.0)  # DP tolerances swept by `fairness` (our choice)
 
-
-def _fail(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
-
-
-def _int(value, low: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 def _check_map(cfg: dict, where: str, default: str = "") -> None:
@@ -56,10 +48,6 @@ def _check_map(cfg: dict, where: str, default: str = "") -> None:
 def _human_dir(human_data: str, experiment: str) -> Path:
     return Path(human_data) / experiment
 
-
-def _numbers(value, low: float) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= low for v in value)
 
 
 class HostEvaluator(base.Evaluator):
@@ -103,8 +91,7 @@ class Accuracy(HostEvaluator):
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        if not _int(cfg.get("k", 5), 1):
-            raise _fail(f"{where}.k", f"must be an int >= 1, got {cfg['k']!r}")
+        checks.positive_int(f"{where}.k", cfg.get("k", 5))
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         out = self.outputs(params, frozen)
@@ -138,11 +125,9 @@ class LabelMapOOD(HostEvaluator):
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
         _check_map(cfg, where)
-        if not _int(cfg.get("border", 0), 0):
-            raise _fail(f"{where}.border", f"must be an int >= 0 (pixels), got {cfg['border']!r}")
+        checks.int_at_least(f"{where}.border", cfg.get("border", 0), 0)  # pixels
         for key in ("restrict", "softmax"):
-            if not isinstance(cfg.get(key, False), bool):
-                raise _fail(f"{where}.{key}", f"must be True or False, got {cfg[key]!r}")
+            checks.boolean(f"{where}.{key}", cfg.get(key, False))
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         border = self.border
@@ -188,13 +173,14 @@ class ModelVsHuman(HostEvaluator):
         _check_map(cfg, where, default="imagenet_16")
         human, experiment = cfg.get("human_data", ""), cfg.get("experiment") or cfg.get("dataset") or ""
         if not isinstance(human, str):
-            raise _fail(f"{where}.human_data", f"must be a path or '', got {human!r}")
+            raise checks.fail(f"{where}.human_data", f"must be a path or '', got {human!r}")
         if human and Path(human).is_dir() and not _human_dir(human, experiment).is_dir():  # else: at start
-            raise _fail(f"{where}.human_data", f"{human!r} has no dir for the experiment "
-                                               f"{experiment or '(the dataset)'!r}")
+            raise checks.fail(f"{where}.human_data", f"{human!r} has no dir for the experiment "
+                                                     f"{experiment or '(the dataset)'!r}")
         exclude = cfg.get("exclude_conditions")
-        if exclude is not None and not (isinstance(exclude, (list, tuple)) and all(isinstance(c, str) for c in exclude)):
-            raise _fail(f"{where}.exclude_conditions", f"must be None or a tuple of condition names, got {exclude!r}")
+        if exclude is not None:
+            checks.names(f"{where}.exclude_conditions", exclude,
+                         "None or a tuple of condition names")
 
     def trials(self, out: outputs.SplitOutputs, decided: np.ndarray) -> mvh.Trials:
         """The model's trials in the toolbox's layout (category = the image's true category)."""
@@ -264,12 +250,9 @@ class Calibration(HostEvaluator):
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        if not _int(cfg.get("bins", calibration.BINS), 1):
-            raise _fail(f"{where}.bins", f"must be an int >= 1, got {cfg['bins']!r}")
-        if cfg.get("scheme", "width") not in calibration.SCHEMES:
-            raise _fail(f"{where}.scheme", f"{cfg['scheme']!r} is not one of {calibration.SCHEMES}")
-        if cfg.get("activation", "softmax") not in ACTIVATIONS:
-            raise _fail(f"{where}.activation", f"{cfg['activation']!r} is not one of {ACTIVATIONS}")
+        checks.positive_int(f"{where}.bins", cfg.get("bins", calibration.BINS))
+        checks.one_of(f"{where}.scheme", cfg.get("scheme", "width"), calibration.SCHEMES)
+        checks.one_of(f"{where}.activation", cfg.get("activation", "softmax"), ACTIVATIONS)
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         out = self.outputs(params, frozen)
@@ -311,20 +294,17 @@ class Fairness(HostEvaluator):
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
         positive = cfg["positive"]
-        if not (isinstance(positive, (list, tuple)) and positive and all(isinstance(p, str) and p for p in positive)):
-            raise _fail(f"{where}.positive", f"must be a non-empty tuple of class names, got {positive!r}")
+        checks.names(f"{where}.positive", positive, "a non-empty tuple of class names", empty=False)
         if cfg["fit_split"] == cfg["split"]:
-            raise _fail(f"{where}.fit_split", "must differ from split: the thresholds are fitted on held-out data")
+            raise checks.fail(f"{where}.fit_split",
+                              "must differ from split: the thresholds are fitted on held-out data")
         attribute = cfg.get("attribute", 0)
-        if not (_int(attribute, 0) or (isinstance(attribute, str) and attribute)):
-            raise _fail(f"{where}.attribute", f"must be an index >= 0 or an attribute name, got {attribute!r}")
-        if not _numbers(cfg.get("epsilons", EPSILONS), 0.0):
-            raise _fail(f"{where}.epsilons", f"must be a non-empty tuple of numbers >= 0, got {cfg['epsilons']!r}")
-        gamma = cfg.get("gamma", fairness.GAMMA)
-        if not _numbers((gamma,), 0.0) or gamma == 0:
-            raise _fail(f"{where}.gamma", f"must be a number > 0, got {gamma!r}")
-        if not _int(cfg.get("bins", calibration.BINS), 1):
-            raise _fail(f"{where}.bins", f"must be an int >= 1, got {cfg['bins']!r}")
+        if not (checks.is_int(attribute, 0) or (isinstance(attribute, str) and attribute)):
+            raise checks.fail(f"{where}.attribute",
+                              f"must be an index >= 0 or an attribute name, got {attribute!r}")
+        checks.number_tuple(f"{where}.epsilons", cfg.get("epsilons", EPSILONS), ge=0)
+        checks.number(f"{where}.gamma", cfg.get("gamma", fairness.GAMMA), gt=0, what="a number")
+        checks.positive_int(f"{where}.bins", cfg.get("bins", calibration.BINS))
 
     def _column(self, out: outputs.SplitOutputs) -> tuple[int, str]:
         """(index, name) of the sensitive attribute in the split's `attributes`."""

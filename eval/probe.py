@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import shutil
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 import optax
 
 from data import paths
+from trainer import config_checks as checks
 from trainer import checkpoint, evaluators, features, sharding
 from trainer.evaluators import fewshot
 from trainer.models import vit
@@ -84,76 +84,40 @@ def default_config() -> ml_collections.ConfigDict:
 
 # --- Plan-time checks ------------------------------------------------------------------------------
 
-def _fail(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
-
-
-def _is_int(value, low: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _numbers(key: str, values, low: float, *, strict: bool) -> None:
-    values = tuple(values) if isinstance(values, (list, tuple)) else values
-    if not isinstance(values, tuple) or not values or not all(
-            _is_number(v) and (v > low if strict else v >= low) for v in values):
-        raise _fail(key, f"must be a non-empty tuple of numbers {'>' if strict else '>='} {low}, got {values!r}")
-
-
 def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "probe") -> None:
     """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
     upstream = upstream or {}
-    if not isinstance(cfg.model_from, str) or not cfg.model_from:
-        raise _fail(f"{where}.model_from", f"must name the upstream export (e.g. 'pretrain'), got {cfg.model_from!r}")
-    if upstream and cfg.model_from not in upstream:
-        raise _fail(f"{where}.model_from", f"{cfg.model_from!r} is not upstream of this stage "
-                                           f"(upstream: {', '.join(sorted(upstream))})")
-    if not _is_int(cfg.batch_size, 1):
-        raise _fail(f"{where}.batch_size", f"must be a positive int, got {cfg.batch_size!r}")
-    for axis in ("data", "model"):
-        if cfg.mesh[axis] != -1 and not _is_int(cfg.mesh[axis], 1):
-            raise _fail(f"{where}.mesh.{axis}", f"must be a positive int or -1, got {cfg.mesh[axis]!r}")
-    if cfg.mesh.data == cfg.mesh.model == -1:
-        raise _fail(f"{where}.mesh", "only one axis may be -1")
+    checks.name(f"{where}.model_from", cfg.model_from, "the exporting stage (e.g. 'pretrain')")
+    checks.upstream(f"{where}.model_from", cfg.model_from, upstream)
+    checks.positive_int(f"{where}.batch_size", cfg.batch_size)
+    checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model"))
     if cfg.mesh.data != -1 and cfg.batch_size % cfg.mesh.data:
-        raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
+        raise checks.fail(f"{where}.batch_size",
+                          f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
 
     lin = cfg.linear
-    if not isinstance(lin.eval_splits, (list, tuple)) or not all(isinstance(s, str) and s for s in lin.eval_splits):
-        raise _fail(f"{where}.linear.eval_splits", f"must be a tuple of split names, got {lin.eval_splits!r}")
-    if not (_is_number(lin.holdout) and 0 < lin.holdout < 1):
-        raise _fail(f"{where}.linear.holdout", f"must be a fraction in (0, 1), got {lin.holdout!r}")
-    _numbers(f"{where}.linear.lrs", lin.lrs, 0.0, strict=True)
-    _numbers(f"{where}.linear.l2s", lin.l2s, 0.0, strict=False)
+    checks.names(f"{where}.linear.eval_splits", lin.eval_splits, "a tuple of split names")
+    checks.number(f"{where}.linear.holdout", lin.holdout, gt=0, lt=1, what="a fraction")
+    checks.number_tuple(f"{where}.linear.lrs", lin.lrs, gt=0)
+    checks.number_tuple(f"{where}.linear.l2s", lin.l2s, ge=0)
     for key in ("steps", "batch_size"):
-        if not _is_int(lin[key], 1):
-            raise _fail(f"{where}.linear.{key}", f"must be a positive int, got {lin[key]!r}")
-    if not _is_int(lin.seed, 0):
-        raise _fail(f"{where}.linear.seed", f"must be an int >= 0, got {lin.seed!r}")
+        checks.positive_int(f"{where}.linear.{key}", lin[key])
+    checks.int_at_least(f"{where}.linear.seed", lin.seed, 0)
     fs = cfg.fewshot
     fewshot.check_config(f"{where}.fewshot", shots=fs.shots, seeds=fs.seeds, l2=fs.l2)
-    if not _is_int(cfg.runtime.read_threads, 1) or not _is_int(cfg.runtime.worker_count, 0):
-        raise _fail(f"{where}.runtime", f"read_threads must be >= 1 and worker_count >= 0, got "
-                                        f"{cfg.runtime.read_threads!r}, {cfg.runtime.worker_count!r}")
+    for key, low in (("read_threads", 1), ("worker_count", 0)):
+        checks.int_at_least(f"{where}.runtime.{key}", cfg.runtime[key], low)
 
     splits = [(f"{where}.linear.train_split", lin.train_split), (f"{where}.fewshot.train_split", fs.train_split),
               (f"{where}.fewshot.split", fs.split)]
     splits += [(f"{where}.linear.eval_splits", s) for s in lin.eval_splits]
     for key, split in splits:
-        if not isinstance(split, str) or not split:
-            raise _fail(key, f"must be a split name, got {split!r}")
+        checks.name(key, split, "a split name")
     prepare = upstream.get("prepare")
     if prepare is not None:  # the dataset and every split must be ones the prepare stage produces
-        if cfg.dataset not in prepare.datasets:
-            raise _fail(f"{where}.dataset", f"{cfg.dataset!r} is not prepared; prepare.datasets has "
-                                            f"{', '.join(prepare.datasets) or 'nothing'}")
-        known = tuple(prepare.datasets[cfg.dataset].splits)  # empty = the source's natural splits
+        checks.prepared(f"{where}.dataset", cfg.dataset, prepare)
         for key, split in splits:
-            if known and split not in known:
-                raise _fail(key, f"{split!r} is not a split of prepared dataset {cfg.dataset!r} ({', '.join(known)})")
+            checks.prepared_split(key, split, cfg.dataset, prepare)
 
 
 # --- Features, once --------------------------------------------------------------------------------
@@ -200,8 +164,9 @@ class FeatureCache:
         self.mesh = sharding.make_mesh(**cfg.mesh)
         dp = sharding.data_parallel_size(self.mesh)
         if cfg.batch_size % dp or cfg.batch_size % jax.process_count():
-            raise _fail(f"{where}.batch_size", f"{cfg.batch_size} is not divisible by the data-parallel size {dp} "
-                                               f"and the process count {jax.process_count()}")
+            raise checks.fail(f"{where}.batch_size",
+                              f"{cfg.batch_size} is not divisible by the data-parallel size {dp} "
+                              f"and the process count {jax.process_count()}")
         self.boxed = vit.abstract_params(self.model.config)
         self.ctx = evaluators.Context(
             mesh=self.mesh, split_dir=self.split_dir, dataset=cfg.dataset, image_size=self.model.config.image_size,

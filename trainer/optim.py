@@ -51,10 +51,9 @@ only on the config and the parameter tree structure (never on values), so it can
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import math
-import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -64,9 +63,12 @@ import jax.numpy as jnp
 import optax
 from flax.core import meta
 
+from trainer import config_checks as checks
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "OptimConfig",
     "default_config",
     "vit22b_config",
     "validate_config",
@@ -91,49 +93,157 @@ ANY_KERNEL = r"(^|[/_])kernel$"
 Schedule = Callable[[Any], jax.Array]
 
 
-def _defaults() -> dict:
-    """The optimizer config group's complete key set with small-scale defaults, as plain dicts."""
-    return dict(
-        optimizer="adafactor",  # one of OPTIMIZERS
-        lr=1e-3,  # peak learning rate
-        schedule="rsqrt",  # one of SCHEDULES
-        warmup_steps=0,  # linear warmup from 0 (all schedules)
-        cooldown_steps=0,  # linear cooldown to 0 at the end (all schedules)
-        timescale=10_000,  # rsqrt only: lr halves after 3 * timescale steps past warmup
-        grad_clip_norm=1.0,  # clip gradients to this global norm; None = off
-        wd=0.0,  # decoupled weight decay (lr-scaled) for params matching no rule
-        wd_rules=[],  # [(regex, wd or None=frozen), ...]; first re.search match wins
-        adafactor=dict(
-            decay_rate=0.8,  # second-moment decay 1 - (t+1)^-decay_rate ...
-            beta2_cap=0.999,  # ... capped here (Zhai et al. 2021); None = uncapped
-            momentum=0.9,  # first momentum (EMA, not debiased); None/0 = off
-            momentum_dtype="bfloat16",  # storage dtype of the momentum; None = param dtype
-            min_dim_size_to_factor=32,  # factor v only if two dims are at least this big
-            clipping_threshold=None,  # Adafactor update clipping (block RMS); None = off
-            eps=1e-30,  # added to squared gradients
-        ),
-        adamw=dict(
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            mu_dtype=None,  # first-moment storage dtype, e.g. "bfloat16"; None = param dtype
-        ),
-        # SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9).
-        sgd=dict(
-            momentum=0.9,  # None/0 = plain SGD
-            nesterov=False,
-            momentum_dtype=None,  # storage dtype of the momentum, e.g. "bfloat16"; None = param dtype
-        ),
-    )
+# ----------------------------------------------------------------------------------------------
+# The config: frozen dataclasses (the complete key set, small-scale defaults), checked when built
+# (no params or step counts needed) from a ConfigDict or a partial dict, without ml_collections.
+
+
+def _key(field: str) -> str:
+    """What an error names; trainer/stage_config.py turns it into `<stage>.optim.<field>`."""
+    return f"optim config field {field!r}"
+
+
+def _check_dtype(field: str, value) -> None:
+    if value is None:
+        return
+    try:
+        jnp.dtype(value)
+    except TypeError:
+        raise checks.fail(_key(field), f"unknown dtype {value!r}") from None
+
+
+def _compile_rules(rules) -> list[tuple[re.Pattern, float | None]]:
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise checks.fail(_key("wd_rules"),
+                          f"expected a list of (regex, value) pairs, got {rules!r}")
+    compiled = []
+    for i, rule in enumerate(rules):
+        key = _key(f"wd_rules[{i}]")
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+            raise checks.fail(key, f"expected a (regex, value) pair, got {rule!r}")
+        pattern, value = rule
+        if not isinstance(pattern, str):
+            raise checks.fail(key, f"regex must be a string, got {pattern!r}")
+        if pattern.startswith("/"):
+            raise checks.fail(key, f"parameter paths never start with '/': {pattern!r}")
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise checks.fail(key, f"invalid regex {pattern!r}: {e}") from None
+        checks.number(key, value, ge=0, none=True)
+        compiled.append((regex, None if value is None else float(value)))
+    return compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class Adafactor:
+    """big_vision's Adafactor variant (the module docstring)."""
+    decay_rate: float = 0.8  # second-moment decay 1 - (t+1)^-decay_rate ...
+    beta2_cap: float | None = 0.999  # ... capped here (Zhai et al. 2021); None = uncapped
+    momentum: float | None = 0.9  # first momentum (EMA, not debiased); None/0 = off
+    momentum_dtype: str | None = "bfloat16"  # storage dtype of the momentum; None = param dtype
+    min_dim_size_to_factor: int = 32  # factor v only if two dims are at least this big
+    clipping_threshold: float | None = None  # Adafactor update clipping (block RMS); None = off
+    eps: float = 1e-30  # added to squared gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """`optax.scale_by_adam`'s settings; the decay is the decoupled one of the module docstring."""
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    mu_dtype: str | None = None  # first-moment storage dtype, e.g. "bfloat16"; None = param dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD:
+    """SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9)."""
+    momentum: float | None = 0.9  # None/0 = plain SGD
+    nesterov: bool = False
+    momentum_dtype: str | None = None  # storage dtype of the momentum, e.g. "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer config group, checked: `OptimConfig.of(cfg)` builds it from a ConfigDict or a
+    partial (nested) dict (missing keys take these defaults; unknown keys, a group that is not a
+    mapping and bad values raise one line naming the field)."""
+    optimizer: str = "adafactor"  # one of OPTIMIZERS
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "rsqrt"  # one of SCHEDULES
+    warmup_steps: int = 0  # linear warmup from 0 (all schedules)
+    cooldown_steps: int = 0  # linear cooldown to 0 at the end (all schedules)
+    timescale: int = 10_000  # rsqrt only: lr halves after 3 * timescale steps past warmup
+    grad_clip_norm: float | None = 1.0  # clip gradients to this global norm; None = off
+    wd: float = 0.0  # decoupled weight decay (lr-scaled) for params matching no rule
+    wd_rules: tuple = ()  # ((regex, wd or None=frozen), ...); first re.search match wins
+    adafactor: Adafactor = dataclasses.field(default_factory=Adafactor)
+    adamw: AdamW = dataclasses.field(default_factory=AdamW)
+    sgd: SGD = dataclasses.field(default_factory=SGD)
+
+    def __post_init__(self):
+        checks.one_of(_key("optimizer"), self.optimizer, OPTIMIZERS)
+        checks.one_of(_key("schedule"), self.schedule, SCHEDULES)
+        checks.number(_key("lr"), self.lr, ge=0)
+        checks.number(_key("timescale"), self.timescale, gt=0)
+        for field in ("warmup_steps", "cooldown_steps"):
+            checks.int_at_least(_key(field), getattr(self, field), 0)
+        checks.number(_key("grad_clip_norm"), self.grad_clip_norm, gt=0, none=True)
+        checks.number(_key("wd"), self.wd, ge=0)
+        _compile_rules(self.wd_rules)
+        object.__setattr__(self, "wd_rules", tuple(tuple(rule) for rule in self.wd_rules))
+
+        af = self.adafactor
+        checks.number(_key("adafactor.decay_rate"), af.decay_rate, gt=0)
+        checks.number(_key("adafactor.beta2_cap"), af.beta2_cap, gt=0, le=1, none=True)
+        checks.number(_key("adafactor.momentum"), af.momentum, ge=0, lt=1, none=True)
+        _check_dtype("adafactor.momentum_dtype", af.momentum_dtype)
+        checks.int_at_least(_key("adafactor.min_dim_size_to_factor"), af.min_dim_size_to_factor, 0)
+        checks.number(_key("adafactor.clipping_threshold"), af.clipping_threshold, gt=0, none=True)
+        checks.number(_key("adafactor.eps"), af.eps, gt=0)
+        for field in ("b1", "b2"):
+            checks.number(_key(f"adamw.{field}"), getattr(self.adamw, field), ge=0, lt=1)
+        checks.number(_key("adamw.eps"), self.adamw.eps, gt=0)
+        _check_dtype("adamw.mu_dtype", self.adamw.mu_dtype)
+        checks.number(_key("sgd.momentum"), self.sgd.momentum, ge=0, lt=1, none=True)
+        checks.boolean(_key("sgd.nesterov"), self.sgd.nesterov)
+        _check_dtype("sgd.momentum_dtype", self.sgd.momentum_dtype)
+
+    @classmethod
+    def of(cls, cfg) -> OptimConfig:
+        """`cfg` as is if an OptimConfig, else built from a ConfigDict or a (partial) Mapping."""
+        return cfg if isinstance(cfg, cls) else _build(cls, cfg)
+
+    def to_dict(self) -> dict:
+        """Nested plain dicts, `wd_rules` a list: the key set and types of `default_config()`."""
+        return {**dataclasses.asdict(self), "wd_rules": list(self.wd_rules)}
+
+
+def _build(cls, cfg, prefix: str = ""):
+    """A config dataclass from a ConfigDict or Mapping (groups likewise, by field name)."""
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+        raise checks.fail(_key(prefix[:-1]) if prefix else "optim config",
+                          f"expected a mapping, got {type(cfg).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in cfg if key not in fields]
+    if unknown:
+        raise checks.fail(_key(prefix + str(unknown[0])),
+                          f"unknown key; known: {', '.join(fields)}")
+    groups = {name: f.default_factory for name, f in fields.items()
+              if dataclasses.is_dataclass(f.default_factory)}
+    return cls(**{key: _build(groups[key], value, f"{prefix}{key}.") if key in groups else value
+                  for key, value in cfg.items()})
 
 
 def default_config():
-    """The optimizer config group (an ml_collections.ConfigDict): its complete key set with
-    small-scale defaults. ml_collections is imported here, not at module level, so that building an
-    optimizer from a plain dict (`make_optimizer({}, ...)`, the benchmarks on the GPU host) needs
-    only jax/optax."""
+    """The optimizer config group (an ml_collections.ConfigDict): `OptimConfig`'s defaults.
+    ml_collections is imported here, not at module level, so that building an optimizer from a
+    plain dict (`make_optimizer({}, ...)`, the benchmarks on the GPU host) needs only jax/optax."""
     import ml_collections
-    return ml_collections.ConfigDict(_defaults())
+    return ml_collections.ConfigDict(OptimConfig().to_dict())
 
 
 def vit22b_config():
@@ -161,156 +271,14 @@ def vit22b_config():
     return c
 
 
-# ----------------------------------------------------------------------------------------------
-# Config validation (no params or step counts needed: call it when a config is loaded).
-
-
-def _fail(field: str, msg: str) -> ValueError:
-    return ValueError(f"optim config field '{field}': {msg}")
-
-
-def _check_real(field: str, value, *, allow_none: bool = False, positive: bool = False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise _fail(field, f"expected a finite number{' or None' if allow_none else ''}, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise _fail(field, f"must be {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def _check_dtype(field: str, value) -> None:
-    if value is None:
-        return
-    try:
-        jnp.dtype(value)
-    except TypeError:
-        raise _fail(field, f"unknown dtype {value!r}") from None
-
-
-def _compile_rules(rules) -> list[tuple[re.Pattern, float | None]]:
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise _fail("wd_rules", f"expected a list of (regex, value) pairs, got {rules!r}")
-    compiled = []
-    for i, rule in enumerate(rules):
-        field = f"wd_rules[{i}]"
-        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
-            raise _fail(field, f"expected a (regex, value) pair, got {rule!r}")
-        pattern, value = rule
-        if not isinstance(pattern, str):
-            raise _fail(field, f"regex must be a string, got {pattern!r}")
-        if pattern.startswith("/"):
-            raise _fail(field, f"parameter paths never start with '/': {pattern!r}")
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise _fail(field, f"invalid regex {pattern!r}: {e}") from None
-        _check_real(field, value, allow_none=True)
-        compiled.append((regex, None if value is None else float(value)))
-    return compiled
-
-
-class _Fields(dict):
-    """A validated config: plain nested dicts read by attribute (`cfg.lr`), no ml_collections."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _plain(cfg):
-    """A ConfigDict (anything with `to_dict`) or nested Mapping as nested plain dicts."""
-    if hasattr(cfg, "to_dict"):
-        cfg = cfg.to_dict()
-    if isinstance(cfg, Mapping):
-        return {k: _plain(v) for k, v in cfg.items()}
-    return cfg
-
-
-def _override(field: str, default, value):
-    """`value` in place of `default`, typed as an ml_collections.ConfigDict field would be: None
-    anywhere, an int where a float was, a tuple where a list was; else the default's type."""
-    if value is None or default is None:
-        return value
-    if isinstance(default, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list) and isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        ok = False
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ValueError(f"optim config: Could not override field '{field}': {value!r} is a "
-                         f"{type(value).__name__}, the field holds a {type(default).__name__}")
-    return value
-
-
-def _merge(cfg, defaults: dict, prefix: str = "") -> _Fields:
-    """`cfg` (partial) over `defaults`: unknown keys, non-mapping groups and mistyped values raise."""
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"optim config{' field ' + repr(prefix[:-1]) if prefix else ''}: "
-                         f"expected a mapping, got {type(cfg).__name__}")
-    for key in cfg:
-        if key not in defaults:
-            raise _fail(prefix + str(key), f"unknown key; known: {', '.join(defaults)}")
-    out = _Fields()
-    for key, default in defaults.items():
-        if isinstance(default, dict):
-            out[key] = _merge(cfg.get(key, {}), default, f"{prefix}{key}.")
-        else:
-            out[key] = _override(prefix + key, default, cfg[key]) if key in cfg else default
-    return out
-
-
-def _validated(cfg) -> _Fields:
-    """`cfg` (a ConfigDict or a Mapping, possibly partial) merged over the defaults and checked."""
-    full = _merge(_plain(cfg), _defaults())
-
-    if full.optimizer not in OPTIMIZERS:
-        raise _fail("optimizer", f"unknown optimizer {full.optimizer!r}; expected one of {OPTIMIZERS}")
-    if full.schedule not in SCHEDULES:
-        raise _fail("schedule", f"unknown schedule {full.schedule!r}; expected one of {SCHEDULES}")
-    _check_real("lr", full.lr)
-    _check_real("timescale", full.timescale, positive=True)
-    for field in ("warmup_steps", "cooldown_steps"):
-        value = full[field]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise _fail(field, f"expected an integer >= 0, got {value!r}")
-    _check_real("grad_clip_norm", full.grad_clip_norm, allow_none=True, positive=True)
-    _check_real("wd", full.wd)
-    _compile_rules(full.wd_rules)
-
-    af = full.adafactor
-    _check_real("adafactor.decay_rate", af.decay_rate, positive=True)
-    if af.beta2_cap is not None and not 0.0 < af.beta2_cap <= 1.0:
-        raise _fail("adafactor.beta2_cap", f"must be in (0, 1] or None, got {af.beta2_cap!r}")
-    if af.momentum is not None and not 0.0 <= af.momentum < 1.0:
-        raise _fail("adafactor.momentum", f"must be in [0, 1) or None, got {af.momentum!r}")
-    _check_dtype("adafactor.momentum_dtype", af.momentum_dtype)
-    _check_real("adafactor.min_dim_size_to_factor", af.min_dim_size_to_factor)
-    _check_real("adafactor.clipping_threshold", af.clipping_threshold, allow_none=True, positive=True)
-    _check_real("adafactor.eps", af.eps, positive=True)
-
-    for field in ("b1", "b2"):
-        if not 0.0 <= full.adamw[field] < 1.0:
-            raise _fail(f"adamw.{field}", f"must be in [0, 1), got {full.adamw[field]!r}")
-    _check_real("adamw.eps", full.adamw.eps, positive=True)
-    _check_dtype("adamw.mu_dtype", full.adamw.mu_dtype)
-    if full.sgd.momentum is not None and not 0.0 <= full.sgd.momentum < 1.0:
-        raise _fail("sgd.momentum", f"must be in [0, 1) or None, got {full.sgd.momentum!r}")
-    _check_dtype("sgd.momentum_dtype", full.sgd.momentum_dtype)
-    return full
-
-
 def validate_config(cfg):
     """Returns `cfg` merged over `default_config()`, checked, as an ml_collections.ConfigDict;
     raises a one-line ValueError. Accepts a partial config (missing keys take their defaults) but
-    no unknown keys. (make_optimizer / make_schedule run the same checks without ml_collections.)
+    no unknown keys. (make_optimizer / make_schedule run the same checks, `OptimConfig.of`,
+    without ml_collections.)
     """
     import ml_collections
-    return ml_collections.ConfigDict(_validated(cfg))
+    return ml_collections.ConfigDict(OptimConfig.of(cfg).to_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,19 +286,21 @@ def validate_config(cfg):
 
 
 def _check_durations(cfg, total_steps: int) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 0:
+    if not checks.is_int(total_steps, 0):
         raise ValueError(f"total_steps must be an integer >= 0, got {total_steps!r}")
     # Runs of 0/1 steps (evaluation only, debugging) may keep the config's warmup.
     if total_steps > 1 and cfg.warmup_steps >= total_steps:
-        raise _fail("warmup_steps", f"{cfg.warmup_steps} must be < total_steps ({total_steps})")
+        raise checks.fail(_key("warmup_steps"),
+                          f"{cfg.warmup_steps} must be < total_steps ({total_steps})")
     if total_steps > 1 and cfg.warmup_steps + cfg.cooldown_steps > total_steps:
-        raise _fail("cooldown_steps", f"warmup_steps + cooldown_steps ({cfg.warmup_steps} + "
-                    f"{cfg.cooldown_steps}) must be <= total_steps ({total_steps})")
+        raise checks.fail(_key("cooldown_steps"),
+                          f"warmup_steps + cooldown_steps ({cfg.warmup_steps} + "
+                          f"{cfg.cooldown_steps}) must be <= total_steps ({total_steps})")
 
 
 def make_schedule(cfg, total_steps: int) -> Schedule:
     """Returns `schedule(step) -> float32 learning rate` (absolute, peak `cfg.lr`)."""
-    cfg = _validated(cfg)
+    cfg = OptimConfig.of(cfg)
     _check_durations(cfg, total_steps)
     lr, kind = float(cfg.lr), cfg.schedule
     warmup, cooldown, timescale = int(cfg.warmup_steps), int(cfg.cooldown_steps), float(cfg.timescale)
@@ -381,7 +351,7 @@ def _map_rule(fn: Callable[[float | None], Any], tree, *, rules, default: float)
 
 def wd_assignments(cfg, params) -> dict[str, float | None]:
     """`{param path: weight decay}` (None = frozen) for every parameter, e.g. to log at start."""
-    cfg = _validated(cfg)
+    cfg = OptimConfig.of(cfg)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
     names = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(meta.unbox(params))]
     return {name: _rule_value(name, rules, default) for name in names}
@@ -435,7 +405,7 @@ def make_optimizer(
     `schedule(step)` is the absolute learning rate used at update count `step`. `tx.update` needs
     the current params (`tx.update(grads, opt_state, params)`): Adafactor and the decay read them.
     """
-    cfg = _validated(cfg)
+    cfg = OptimConfig.of(cfg)
     schedule = make_schedule(cfg, total_steps)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
 
@@ -450,7 +420,7 @@ def make_optimizer(
     decays = sorted({v for v in [default, *(v for _, v in rules)] if v})  # non-zero, non-frozen
     trainable = optax.chain(
         *([optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []),
-        _CORES[cfg.optimizer](cfg[cfg.optimizer]),
+        _CORES[cfg.optimizer](getattr(cfg, cfg.optimizer)),
         *(optax.add_decayed_weights(wd, mask=functools.partial(rule_map, lambda v, wd=wd: v == wd))
           for wd in decays),
         optax.scale_by_learning_rate(schedule),
