@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("replica", "data", "model")
+from trainer import config_checks as checks
+
 
 
 def _data_axes(mesh_axes: Sequence[str]) -> tuple[str, ...]:
@@ -52,11 +54,7 @@ def mesh_shape(num_devices: int, data: int = -1, model: int = 1, replica: int = 
     """Resolves -1 (fill with what is left) and checks the product against the device count."""
     sizes = {"replica": replica, "data": data, "model": model}
     free = [k for k, v in sizes.items() if v == -1]
-    for k, v in sizes.items():
-        if v != -1 and (not isinstance(v, int) or v <= 0):
-            raise ValueError(f"mesh.{k}={v!r} must be a positive int or -1")
-    if len(free) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {free}")
+    checks.mesh("mesh", sizes, tuple(sizes))
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if num_devices % fixed:

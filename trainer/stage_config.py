@@ -21,13 +21,13 @@ everything that needs neither data nor devices, one line naming the key.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import re
 import typing
 from typing import Mapping
 
 import ml_collections
 
+from trainer import config_checks as checks
 from trainer import evaluators, losses, optim, xla_flags
 from trainer.models import vit
 
@@ -109,14 +109,6 @@ def model_config(cfg, num_classes: int) -> vit.ViTConfig:
     return vit.make_config(cfg.model.variant, **overrides)
 
 
-def _fail(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
 def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, *,
           model: bool = True) -> None:
     """Plan-time checks of the shared keys of a training stage group `where` (e.g. "pretrain");
@@ -124,36 +116,29 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
     upstream = upstream or {}
     given = [k for k in ("steps", "epochs", "examples") if cfg[k] is not None]
     if len(given) != 1:
-        raise _fail(f"{where}.steps", f"set exactly one of steps, epochs, examples (got {', '.join(given) or 'none'})")
-    if cfg[given[0]] <= 0:
-        raise _fail(f"{where}.{given[0]}", f"must be > 0, got {cfg[given[0]]!r}")
+        raise checks.fail(f"{where}.steps", f"set exactly one of steps, epochs, examples (got "
+                                            f"{', '.join(given) or 'none'})")
+    checks.number(f"{where}.{given[0]}", cfg[given[0]], gt=0)
 
-    for axis in ("data", "model", "replica"):
-        value = cfg.mesh[axis]
-        if value != -1 and not _positive_int(value):
-            raise _fail(f"{where}.mesh.{axis}", f"must be a positive int or -1, got {value!r}")
-    if sum(cfg.mesh[a] == -1 for a in ("data", "model", "replica")) > 1:
-        raise _fail(f"{where}.mesh", "only one axis may be -1")
+    checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model", "replica"))
     data_parallel = None if -1 in (cfg.mesh.data, cfg.mesh.replica) else cfg.mesh.data * cfg.mesh.replica
     for key in ("batch_size", "eval_batch_size"):
         value = cfg[key]
-        if not _positive_int(value):
-            raise _fail(f"{where}.{key}", f"must be a positive int, got {value!r}")
+        checks.positive_int(f"{where}.{key}", value)
         if data_parallel and value % data_parallel:
-            raise _fail(f"{where}.{key}", f"{value} is not divisible by the data-parallel size {data_parallel} "
-                                          f"(mesh.replica x mesh.data)")
+            raise checks.fail(f"{where}.{key}", f"{value} is not divisible by the data-parallel "
+                                                f"size {data_parallel} (mesh.replica x mesh.data)")
     microbatches = cfg.get("microbatches", 1)
-    if not _positive_int(microbatches):
-        raise _fail(f"{where}.microbatches", f"must be a positive int, got {microbatches!r}")
+    checks.positive_int(f"{where}.microbatches", microbatches)
     if cfg.batch_size % (microbatches * (data_parallel or 1)):
-        raise _fail(f"{where}.microbatches", f"batch_size {cfg.batch_size} is not divisible by {microbatches} "
-                                             f"microbatches x the data-parallel size {data_parallel or 1}")
+        raise checks.fail(f"{where}.microbatches",
+                          f"batch_size {cfg.batch_size} is not divisible by {microbatches} "
+                          f"microbatches x the data-parallel size {data_parallel or 1}")
     try:
         xla_flags.check_name(cfg.get("xla_flags", "default"))
     except ValueError as e:
-        raise _fail(f"{where}.xla_flags", str(e).removeprefix("xla_flags: ")) from None
-    if not isinstance(cfg.checkpoint_every, int) or cfg.checkpoint_every < 0:
-        raise _fail(f"{where}.checkpoint_every", f"must be an int >= 0, got {cfg.checkpoint_every!r}")
+        raise checks.fail(f"{where}.xla_flags", str(e).removeprefix("xla_flags: ")) from None
+    checks.int_at_least(f"{where}.checkpoint_every", cfg.checkpoint_every, 0)
 
     try:
         optim.validate_config(cfg.optim)
@@ -161,13 +146,15 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
             optim.make_schedule(cfg.optim, cfg.steps)
     except ValueError as e:  # "optim config field 'schedule': ..." -> "<where>.optim.schedule: ..."
         field = re.match(r"optim config field '([^']+)': (.*)", str(e))
-        raise (_fail(f"{where}.optim.{field[1]}", field[2]) if field else _fail(f"{where}.optim", str(e))) from None
+        raise (checks.fail(f"{where}.optim.{field[1]}", field[2]) if field
+               else checks.fail(f"{where}.optim", str(e))) from None
 
     if model and cfg.model.variant:  # "" = the upstream export's architecture (fine-tuning checks it)
         try:
-            model_config(cfg, cfg.model.num_classes or 2)  # field values, divisibility, image vs patch size
+            # field values, divisibility, image vs patch size
+            model_config(cfg, cfg.model.num_classes or 2)
         except (ValueError, TypeError) as e:
-            raise _fail(f"{where}.model", str(e)) from None
+            raise checks.fail(f"{where}.model", str(e)) from None
 
     _check_data(cfg, where, upstream.get("prepare"))
     evaluators.check(cfg.evals, f"{where}.evals")
@@ -179,7 +166,7 @@ def check_loss(cfg, where: str) -> None:
     try:
         losses.get(cfg.loss, cfg.label_smoothing)
     except ValueError as e:
-        raise _fail(f"{where}.loss", str(e)) from None
+        raise checks.fail(f"{where}.loss", str(e)) from None
 
 
 SPLIT_KEYS = ("split", "train_split")  # evaluator config keys that name a split of its dataset
@@ -189,30 +176,21 @@ def _check_data(cfg, where: str, prepare) -> None:
     """The dataset and every split the stage reads must be ones the prepare stage produces."""
     if prepare is None:
         return
-    datasets = prepare.datasets
-    if cfg.data.dataset not in datasets:
-        raise _fail(f"{where}.data.dataset", f"{cfg.data.dataset!r} is not prepared; prepare.datasets has "
-                                             f"{', '.join(datasets) or 'nothing'}")
+    checks.prepared(f"{where}.data.dataset", cfg.data.dataset, prepare)
     wanted = [(f"{where}.data.train_split", cfg.data.dataset, cfg.data.train_split)]
     for name, ev in cfg.evals.items():
         for key in SPLIT_KEYS:
             if key in ev:
-                wanted.append((f"{where}.evals.{name}.{key}", ev.get("dataset") or cfg.data.dataset, ev[key]))
-        if ev.get("dataset") and ev.dataset not in datasets:
-            raise _fail(f"{where}.evals.{name}.dataset", f"{ev.dataset!r} is not prepared; prepare.datasets has "
-                                                         f"{', '.join(datasets)}")
+                wanted.append((f"{where}.evals.{name}.{key}", ev.get("dataset") or cfg.data.dataset,
+                               ev[key]))
+        if ev.get("dataset"):
+            checks.prepared(f"{where}.evals.{name}.dataset", ev.dataset, prepare)
     for key, dataset, split in wanted:
-        splits = tuple(datasets[dataset].splits)  # empty = the source's natural splits: known at run time
-        if splits and split not in splits:
-            raise _fail(key, f"{split!r} is not a split of prepared dataset {dataset!r} ({', '.join(splits)})")
+        checks.prepared_split(key, split, dataset, prepare)
 
 
 def _check_runtime(rt, where: str) -> None:
-    if rt.progress not in ("auto", "on", "off"):
-        raise _fail(f"{where}.progress", f"{rt.progress!r} is not one of auto, on, off")
+    checks.one_of(f"{where}.progress", rt.progress, ("auto", "on", "off"))
     for key, low in (("log_every", 0), ("read_threads", 1), ("worker_count", 0), ("keep_checkpoints", 1)):
-        value = rt[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _fail(f"{where}.{key}", f"must be an int >= {low}, got {value!r}")
-    if rt.peak_flops < 0:
-        raise _fail(f"{where}.peak_flops", f"must be >= 0, got {rt.peak_flops!r}")
+        checks.int_at_least(f"{where}.{key}", rt[key], low)
+    checks.number(f"{where}.peak_flops", rt.peak_flops, ge=0)
