@@ -24,7 +24,8 @@ xla+collective_matmul, passed per compile so every variant runs in one process).
 
 Without libtpu (`pip install -c constraints.txt -e '.[tpu]'`) it says so and prints the
 jax.eval_shape estimate (params + optimizer state + batch per device, no activations). Module
-imports: jax/numpy only; the config (ml_collections) and trainer modules load inside main().
+imports: jax/numpy and trainer/markdown.py (standard library) only; the config (ml_collections)
+and the other trainer modules load inside main().
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ import time
 
 import jax
 import numpy as np
+
+from trainer import markdown
 
 GIB = 2 ** 30
 DEFAULT_TOPOLOGIES = "v4:8x8x16,v5p:8x8x16"
@@ -124,27 +127,29 @@ def compile_row(group, topology: str, matmul: str, flags: str, num_classes: int,
     return row
 
 
+COLUMNS = ["variant", "args GiB", "temps GiB", "live GiB", "peak GiB", "fits", "model TFLOP/dev",
+           "XLA TFLOP/dev", "XLA/model", "lower s", "compile s", "permutes overlapped"]
+
+
 def format_rows(topology: str, group, rows: list[dict]) -> str:
     head = (f"{topology}: {rows[0]['devices']} devices, mesh data x model = {rows[0]['mesh']}, batch "
             f"{group.batch_size} ({group.microbatches} microbatch{'es' * (group.microbatches > 1)}), "
             f"depth {rows[0]['depth']}, remat {group.model.remat}, HBM {rows[0]['hbm'] / GIB:.0f} GiB "
             f"(usable {rows[0]['usable'] / GIB:.1f} GiB)")
-    lines = [head,
-             "| variant | args GiB | temps GiB | live GiB | peak GiB | fits | model TFLOP/dev | XLA TFLOP/dev | "
-             "XLA/model | lower s | compile s | permutes overlapped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    body = []
     for r in rows:
+        model_tflops = f"{r['model_flops'] / 1e12:.1f}"
         if "error" in r:
-            lines.append(f"| {r['variant']} | | | | | **no** ({r['error']}) | {r['model_flops'] / 1e12:.1f} | | | | "
-                         f"{r['compile_s']:.0f} | |")
+            body.append([r["variant"], "", "", "", "", f"**no** ({r['error']})", model_tflops,
+                         "", "", "", f"{r['compile_s']:.0f}", ""])
             continue
         fits = "yes" if r["total"] <= r["usable"] else "**no**"
         ratio = "loop" if r["loops"] else f"{r['xla_flops'] / r['model_flops']:.2f}"
-        lines.append(
-            f"| {r['variant']} | {r['args'] / GIB:.3g} | {r['temp'] / GIB:.3g} | {r['total'] / GIB:.3g} | "
-            f"{r['peak'] / GIB:.3g} | {fits} | {r['model_flops'] / 1e12:.1f} | {r['xla_flops'] / 1e12:.1f} | "
-            f"{ratio} | {r['lower_s']:.0f} | {r['compile_s']:.0f} | {r['overlap']} |")
-    return "\n".join(lines)
+        body.append([r["variant"], f"{r['args'] / GIB:.3g}", f"{r['temp'] / GIB:.3g}",
+                     f"{r['total'] / GIB:.3g}", f"{r['peak'] / GIB:.3g}", fits, model_tflops,
+                     f"{r['xla_flops'] / 1e12:.1f}", ratio, f"{r['lower_s']:.0f}",
+                     f"{r['compile_s']:.0f}", r["overlap"]])
+    return head + "\n" + markdown.table(COLUMNS, body, align=False)
 
 
 def estimate_rows(group, topology: str, num_classes: int, headroom: float) -> str:

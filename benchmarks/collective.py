@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from trainer import sharding
+from trainer import markdown, sharding
 from trainer.models import vit
 
 
@@ -84,6 +84,10 @@ def measure(width: int, mesh, batch: int, seq: int, steps: int, rounds: int, dty
             "permutes": f"{variants['xla'][2]} / {variants['collective'][2]}"}
 
 
+COLUMNS = ["width", "heads", "xla ms/step", "collective ms/step", "collective/xla",
+           "permutes xla / coll"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", default="256,512,1024", help="comma-separated; head_dim 64, so width/64 heads")
@@ -103,12 +107,13 @@ def main(argv=None) -> None:
           f"{n} x {jax.devices()[0].device_kind}{load}")
     print(f"fused ViT-22B block fwd+bwd, batch {args.batch} x {args.seq} tokens, {args.dtype}, mesh "
           f"data={mesh.shape['data']} x model={mesh.shape['model']}; best of {args.rounds} rounds of {args.steps} steps")
-    print("| width | heads | xla ms/step | collective ms/step | collective/xla | permutes xla / coll |")
-    print("|-------|-------|-------------|--------------------|----------------|---------------------|")
+    widths = [len(h) for h in COLUMNS]  # rows print as measured: columns as wide as the header
+    print(markdown.header(COLUMNS, widths))
     for width in (int(w) for w in args.widths.split(",")):
         r = measure(width, mesh, args.batch, args.seq, args.steps, args.rounds, args.dtype)
-        print(f"| {r['width']:5d} | {r['heads']:5d} | {r['xla_ms']:11.2f} | {r['collective_ms']:18.2f} | "
-              f"{r['ratio']:14.2f} | {r['permutes']:>19} |", flush=True)
+        cells = [r["width"], r["heads"], f"{r['xla_ms']:.2f}", f"{r['collective_ms']:.2f}",
+                 f"{r['ratio']:.2f}", r["permutes"]]
+        print(markdown.row(cells, widths), flush=True)
 
 
 if __name__ == "__main__":

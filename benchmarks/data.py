@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.markdown import table
+
 
 def _cpu_seconds() -> float:
     """User+system CPU seconds of this process and its reaped children."""
@@ -212,7 +214,6 @@ def main(argv=None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     workers = [int(w) for w in args.workers.split(",")]
-    from benchmarks.model import table  # after JAX_PLATFORMS: importing it imports jax
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
         print(f"# data benchmark  {datetime.date.today()}  {platform.machine()}  "

@@ -4,9 +4,9 @@
     python -m benchmarks.device --preset gpu --budget_s 450     # what device.sh runs
     python -m benchmarks.device --preset smoke --budget_s 120   # CPU, micro model, seconds (tests)
 
-(1) MFU sweep: the train step of `trainer/step.py` (benchmarks/model.py's `build_runner`: forward,
-    backward, Adafactor update, sigmoid xent, synthetic batch, one device) of ViT-22B's layer
-    (width 6144, 48 heads, MLP 24576, 256 tokens = 224 px / 14, bf16 compute, f32 params) at a
+(1) MFU sweep: the train step of `trainer/step.py` (benchmarks/harness.py's `build_runner`:
+    forward, backward, Adafactor update, sigmoid xent, synthetic batch, one device) of ViT-22B's
+    layer (width 6144, 48 heads, MLP 24576, 256 tokens = 224 px / 14, bf16 compute, f32 params) at a
     reduced depth, around a base point (batch, remat, scan, XLA flag set) one change at a time. MFU
     = model FLOPs/step (PaLM's formula, trainer/flops.py) / median step time / peak, against both the
     vendor bf16 peak (989 TFLOP/s for an H200; on CPU: a measured float32 matmul, as everywhere in
@@ -40,7 +40,9 @@ import tempfile
 import threading
 import time
 
-from benchmarks import model as bench
+from benchmarks import harness
+from benchmarks import model as model_bench
+from trainer import markdown
 
 TAG = "@@device "  # the worker's protocol lines on stdout (JAX and XLA log to stderr/stdout too)
 
@@ -49,12 +51,14 @@ TAG = "@@device "  # the worker's protocol lines on stdout (JAX and XLA log to s
 PRESETS: dict[str, dict] = {
     # Seconds on CPU (tests/test_device_bench.py): both tables from one worker, 2 compiles, at XLA's
     # lowest backend optimization level (half the compile time; the numbers mean nothing here).
-    "smoke": dict(model=bench.PRESETS["smoke"]["model"], base=dict(batch=2, remat="none", scan=True), sweep=[],
+    "smoke": dict(model=model_bench.PRESETS["smoke"]["model"],
+                  base=dict(batch=2, remat="none", scan=True), sweep=[],
                   flag_sets=(), blocks=("vit22b", "sequential"),
                   matmul_sizes=(64,), matmul_dtype="float32", repeats=2, steps=1, warmup=0,
                   compiler_options={"xla_backend_optimization_level": 0}),
     # ViT-22B's layer x 4 (2.28B params, 94 model TFLOP/step at batch 32; see benchmarks/model.py).
-    "gpu": dict(model=bench.PRESETS["gpu"]["model"], base=dict(batch=32, remat="none", scan=True),
+    "gpu": dict(model=model_bench.PRESETS["gpu"]["model"],
+                base=dict(batch=32, remat="none", scan=True),
                 sweep=[("batch 64", dict(batch=64)),
                        ("batch 64, remat dots_no_batch", dict(batch=64, remat="dots_no_batch")),
                        ("batch 128, remat dots_no_batch", dict(batch=128, remat="dots_no_batch")),
@@ -87,7 +91,8 @@ def plan(p: dict) -> list[list[Job]]:
 
     def step(jid, label, changes=None, flags="default", block="vit22b"):
         point = {**base, **(changes or {})}
-        overrides = {**model, **bench.VARIANTS[block], "remat": point["remat"], "scan": point["scan"]}
+        overrides = {**model, **model_bench.VARIANTS[block], "remat": point["remat"],
+                     "scan": point["scan"]}
         return Job(jid, "step", flags, variant, overrides, point["batch"], label)
 
     default = [Job("matmul", "matmul"), step("base", "base")]
@@ -118,7 +123,8 @@ def run_job(job: Job, p: dict) -> dict:
         return {"matmul_flops": max(rates.values()), "by_size": rates, "dtype": p["matmul_dtype"]}
     cfg = vit.make_config(job.variant, **job.overrides)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    runner = bench.build_runner(cfg, mesh, job.batch, p["warmup"], compiler_options=p.get("compiler_options", {}))
+    runner = harness.build_runner(cfg, mesh, job.batch, p["warmup"],
+                                  compiler_options=p.get("compiler_options", {}))
     try:
         times = [runner.run(p["steps"]) for _ in range(p["repeats"])]
         temp = getattr(runner.memory, "temp_size_in_bytes", None)
@@ -132,7 +138,7 @@ def worker(jobs: list[Job], p: dict, deadline: float) -> None:
     """Runs `jobs` in order; skips one it expects to end past `deadline` (epoch seconds)."""
     import jax
     d = jax.devices()
-    peak, source = bench.peak_per_device(d[:1])
+    peak, source = harness.peak_per_device(d[:1])
     _emit("info", jax=jax.__version__, platform=d[0].platform, kind=d[0].device_kind, devices=len(d),
           peak=peak, peak_source=source, xla_flags=os.environ.get("XLA_FLAGS", ""))
     longest = 0.0
@@ -240,9 +246,10 @@ def _step_row(job: Job, r: dict, info: dict, matmul: float | None) -> dict:
     from trainer.models import vit
     cfg = vit.make_config(job.variant, **job.overrides)
     t = statistics.median(r["times"])
-    m = bench.step_metrics(cfg, job.batch, t, 1, info["peak"])
+    m = harness.step_metrics(cfg, job.batch, t, 1, info["peak"])
     return dict(variant=job.label, cfg=cfg, compile_s=r["compile_s"], times=r["times"], ms=1e3 * t,
-                spread=bench.spread(r["times"]), params=flops.param_count(cfg), temp=r.get("temp_bytes"),
+                spread=harness.spread(r["times"]), params=flops.param_count(cfg),
+                temp=r.get("temp_bytes"),
                 mfu_matmul=m["flops"] / t / matmul if matmul else None, **m)
 
 
@@ -256,7 +263,8 @@ def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: d
     lines = [f"# device benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  preset {preset}  "
              f"jax {info.get('jax', '?')}  {platform.node()}  {info.get('devices', '?')} x {info.get('platform', '?')} "
              f"({info.get('kind', '?')}); one device used; {seconds:.0f} s of a {budget_s:.0f} s budget",
-             bench.model_line(base_cfg, p["base"]["batch"]).replace("remat none", "remat/scan/batch: per row"),
+             harness.model_line(base_cfg, p["base"]["batch"]).replace("remat none",
+                                                                      "remat/scan/batch: per row"),
              f"peak per device {info['peak'] / 1e12:.4g} TFLOP/s ({info['peak_source']})" if "peak" in info
              else "peak: no worker started",
              (f"measured {mm['dtype']} matmul (flops.measure_matmul_peak, sizes "
@@ -275,13 +283,14 @@ def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: d
             row = _step_row(job, r, info, matmul)
             temp = f"{row['temp'] / 2 ** 30:.2f}" if row["temp"] is not None else "n/a"
             cells += [f"{row['compile_s']:.1f}", temp, f"{row['ms']:.2f}", f"{row['spread']:.1f}",
-                      f"{row['ex_s']:.1f}", bench.sig(row["tflops"]), bench.sig(100 * row["mfu"]),
-                      bench.sig(100 * row["mfu_matmul"]) if row["mfu_matmul"] else "n/a", "ok"]
+                      f"{row['ex_s']:.1f}", harness.sig(row["tflops"]),
+                      harness.sig(100 * row["mfu"]),
+                      harness.sig(100 * row["mfu_matmul"]) if row["mfu_matmul"] else "n/a", "ok"]
         else:
             cells += ["-"] * 8 + [r["status"]]
         body.append(cells)
     lines += ["(1) MFU sweep (one change from the base row at a time); paper: 54.9% MFU (ViT-22B, TPU v4)",
-              bench.table(MFU_COLUMNS, body), ""]
+              markdown.table(MFU_COLUMNS, body), ""]
 
     # (2) Block table: benchmarks/model.py's columns and claims.
     rows, failed = [], []
@@ -292,18 +301,18 @@ def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: d
             rows.append(dict(_step_row(jobs[jid], r, info, matmul), variant=block))
         else:
             failed.append((block, r["status"]))
-    base_times = next((r["times"] for r in rows if r["variant"] == bench.BASELINE), None)
+    base_times = next((r["times"] for r in rows if r["variant"] == model_bench.BASELINE), None)
     for r in rows:
-        r["vs_base"] = bench.speedup(r["times"], base_times, paired=False) if base_times else float("nan")
-    body = [[r["variant"], r["cfg"].block, r["cfg"].fused, r["cfg"].use_bias, r["cfg"].qk_norm, r["cfg"].norm,
-             f"{r['params'] / 1e6:.2f}", f"{r['compile_s']:.1f}", f"{r['ms']:.2f}", f"{r['spread']:.1f}",
-             f"{r['ex_s']:.1f}", bench.sig(r["tflops"]), bench.sig(100 * r["mfu"]), f"{r['vs_base']:.3f}", "ok"]
-            for r in rows]
-    body += [[block] + ["-"] * (len(bench.COLUMNS) - 1) + [status] for block, status in failed]
+        r["vs_base"] = (harness.speedup(r["times"], base_times, paired=False) if base_times
+                        else float("nan"))
+    body = [model_bench.cells(r) + ["ok"] for r in rows]
+    body += [[block] + ["-"] * (len(model_bench.COLUMNS) - 1) + [status]
+             for block, status in failed]
     lines += [f"(2) block variants at the base point (batch {p['base']['batch']}, remat {p['base']['remat']}, "
               f"scan {p['base']['scan']}, default flags); speed vs sequential = its step time / step time; "
-              + bench.PAPER, bench.table(bench.COLUMNS + ["status"], body), "measured vs paper:",
-              *bench._claims(rows, paired=False)]
+              + model_bench.PAPER, markdown.table(model_bench.COLUMNS + ["status"], body),
+              "measured vs paper:",
+              *model_bench.claims(rows, paired=False)]
     return "\n".join(lines)
 
 

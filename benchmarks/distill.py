@@ -40,8 +40,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from benchmarks import digits_run
-from benchmarks import model as bench
-from trainer import distill, flops, losses, optim, sharding, stage_config
+from benchmarks import harness
+from trainer import distill, flops, losses, markdown, optim, sharding, stage_config
 from trainer import step as step_lib
 from trainer.models import vit
 from trainer.task import Task, classifier
@@ -101,7 +101,7 @@ def random_teacher(tcfg: vit.ViTConfig, seed: int = 1):
 
 
 def build_runner(task: Task, cfg: vit.ViTConfig, data_size: int, mesh, batch: int, warmup: int,
-                 seed: int = 0) -> bench.Runner:
+                 seed: int = 0) -> harness.Runner:
     """trainer/step.py's sharded state + train step of any Task (frozen params bound), compiled and warm."""
     setup = step_lib.setup(task, optim.default_config(), 10_000, mesh, seed)
     frozen = {}
@@ -116,7 +116,8 @@ def build_runner(task: Task, cfg: vit.ViTConfig, data_size: int, mesh, batch: in
         "labels": np.eye(cfg.num_classes, dtype=np.float32)[rng.integers(0, cfg.num_classes, batch)]}, batch_sharding)
     train_step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
                                           setup.frozen_shardings)
-    runner = bench.Runner(cfg, lambda state, _, b: train_step(state, frozen, b), setup.init(), data, mesh.devices.size)
+    runner = harness.Runner(cfg, lambda state, _, b: train_step(state, frozen, b), setup.init(),
+                            data, mesh.devices.size)
     runner.compile_s = runner.run(1)
     if warmup:
         runner.run(warmup)
@@ -137,7 +138,8 @@ def overhead(p: dict, devices=None) -> list[dict]:
         builds[name] = lambda tcfg=tcfg, data_size=data_size: build_runner(
             distill.distill_task(student_group(p["student"], size, data_size), classes, tcfg, random_teacher(tcfg)),
             alone, data_size, mesh, p["batch"], p["warmup"])
-    results = bench.time_runners(list(builds), lambda n: builds[n](), p["repeats"], p["steps"], interleave=True)
+    results = harness.time_runners(list(builds), lambda n: builds[n](), p["repeats"], p["steps"],
+                                   interleave=True)
     base = results["student"][2]
     student_flops = flops.model_flops_per_example(alone) * p["batch"]
     rows = []
@@ -145,11 +147,13 @@ def overhead(p: dict, devices=None) -> list[dict]:
         times = results[name][2]
         teacher_flops = flops.model_flops_per_example(tcfg, train=False) * p["batch"]
         bound = 1 + teacher_flops / student_flops
-        ratio = bench.speedup(base, times, paired=True)  # median over rounds of distill / student-alone time
+        # median over rounds of distill / student-alone time
+        ratio = harness.speedup(base, times, paired=True)
         rows.append(dict(teacher=name, teacher_px=tcfg.image_size, student_px=size,
                          data_px=max(size, tcfg.image_size), student_gflop=student_flops / 1e9,
                          teacher_gflop=teacher_flops / 1e9, bound=bound, base_ms=1e3 * statistics.median(base),
-                         ms=1e3 * statistics.median(times), spread=bench.spread(times), ratio=ratio,
+                         ms=1e3 * statistics.median(times), spread=harness.spread(times),
+                         ratio=ratio,
                          compile_s=results[name][1]))
     return rows
 
@@ -157,16 +161,18 @@ def overhead(p: dict, devices=None) -> list[dict]:
 def overhead_report(p: dict, preset: str, rows: list[dict]) -> str:
     student = stage_config.model_config(student_group(p["student"], p["image_size"], p["image_size"]),
                                                 p["num_classes"])
-    body = [[r["teacher"], r["teacher_px"], r["student_px"], r["data_px"], bench.sig(r["student_gflop"]),
-             bench.sig(r["teacher_gflop"]), f"{r['bound']:.3f}", f"{r['base_ms']:.2f}", f"{r['ms']:.2f}",
-             f"{r['spread']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio'] / r['bound']:.3f}"] for r in rows]
+    body = [[r["teacher"], r["teacher_px"], r["student_px"], r["data_px"],
+             harness.sig(r["student_gflop"]), harness.sig(r["teacher_gflop"]), f"{r['bound']:.3f}",
+             f"{r['base_ms']:.2f}", f"{r['ms']:.2f}", f"{r['spread']:.1f}", f"{r['ratio']:.3f}",
+             f"{r['ratio'] / r['bound']:.3f}"] for r in rows]
     return "\n".join([
-        bench.run_header("distill overhead", preset),
-        "student: " + bench.model_line(student, p["batch"]).replace("sigmoid xent", "softmax xent / distill KL"),
+        harness.run_header("distill overhead", preset),
+        "student: " + harness.model_line(student, p["batch"]).replace("sigmoid xent",
+                                                                      "softmax xent / distill KL"),
         f"median of {p['repeats']} interleaved rounds x {p['steps']} step(s) after 1 compiling + {p['warmup']} "
         "warm-up step(s), one device; measured ratio = median over rounds of distill step / student-alone step; "
         "FLOPs bound = 1 + teacher forward FLOPs / student train-step FLOPs",
-        "", bench.table(OVERHEAD_COLUMNS, body)])
+        "", markdown.table(OVERHEAD_COLUMNS, body)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,13 +249,13 @@ def claim_report(args, result: dict) -> str:
                      f"{statistics.stdev(top1):.4f}" if len(top1) > 1 else "-",
                      f"{statistics.mean(agree):.4f}" if agree else "-",
                      f"{statistics.mean(r['seconds'] for r in runs):.0f}"])
-    lines = [bench.run_header("distill claim", "digits"),
+    lines = [harness.run_header("distill claim", "digits"),
              f"digits 32 px, batch 64, mesh 4 x 2; teacher: pretrain recipe of launch/configs/tiny.py for "
              f"{args.teacher_steps} steps; students: classic mu/4 (sequential block, biases, LayerNorm, GAP, no "
              f"QK-norm) for {args.claim_steps} steps, Adafactor lr {args.lr:g}, mixup alpha {args.mixup}; seeds "
              f"{', '.join(map(str, args.seeds))}; val split (179 images); prepare + teacher "
              f"{result['teacher_s']:.0f} s (~0 when reused from --workdir)", PAPER, "",
-             bench.table(CLAIM_COLUMNS, body)]
+             markdown.table(CLAIM_COLUMNS, body)]
     if {"labels", "distilled"} <= set(means):
         diff = means["distilled"] - means["labels"]
         lines.append(f"\ndistilled - labels: {100 * diff:+.2f} points of val top-1 (mean over seeds)")

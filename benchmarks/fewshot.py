@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from trainer.evaluators import fewshot
+from trainer.markdown import table
 
 SHOTS = fewshot.SHOTS
 SEPARATION = 0.15  # class means' scale vs unit within-class noise: few-shot top-1 well below 1
@@ -72,11 +73,6 @@ def case_row(classes: int, shots: int, width: int, test_per_class: int, repeats:
             f"{calls[np.float32]:.2f}", f"{diff:.4f}", f"{rel:.1e}",
             f"{np.mean(results[np.float64][shots]):.3f}", len(call_shots) * 3]
     return row
-
-
-def table(headers, rows) -> str:
-    from benchmarks.model import table as markdown  # the repo's one markdown table
-    return markdown(headers, rows)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import digits_run
-from benchmarks.model import table
+from trainer.markdown import table
 
 COLUMNS = ["seed", "from pretrained", "from random init"]
 

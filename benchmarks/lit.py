@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import digits_run
-from benchmarks.model import table
+from trainer.markdown import table
 
 COLUMNS = ["method (val split, 10 classes)", "top-1"]
 

@@ -21,8 +21,9 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from benchmarks import model as bench
-from trainer import flops, sharding
+from benchmarks import harness
+from benchmarks import model as model_bench
+from trainer import flops, markdown, sharding
 from trainer.models import vit
 
 PRESETS: dict[str, dict] = {
@@ -31,8 +32,9 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(model=("mu/4", dict(image_size=32, num_classes=1000)), batch=64, repeats=10, warmup=2, steps=1,
                 mesh="-1,1", matmul_sizes=(256, 512, 1024), matmul_dtype="float32"),
     # The model preset of benchmarks/model.py --preset gpu: ViT-22B's layer x 4, bf16 compute, batch 32.
-    "gpu": dict(model=bench.PRESETS["gpu"]["model"], batch=bench.PRESETS["gpu"]["batch"], repeats=10, warmup=2,
-                steps=2, mesh="-1,1", matmul_sizes=(4096, 8192, 16384), matmul_dtype="bfloat16"),
+    "gpu": dict(model=model_bench.PRESETS["gpu"]["model"],
+                batch=model_bench.PRESETS["gpu"]["batch"], repeats=10, warmup=2, steps=2,
+                mesh="-1,1", matmul_sizes=(4096, 8192, 16384), matmul_dtype="bfloat16"),
 }
 
 PAPER = ("paper: ViT-22B 54.9% MFU on TPU v4 (PaLM 46.2%, ViT-e 44.0%, same hardware); "
@@ -49,7 +51,7 @@ def matmul_rows(devices, sizes, dtype: str, repeats: int) -> list[list]:
     rows = []
     for size in sizes:
         measured = flops.measure_matmul_peak(devices, size=size, dtype=jnp.dtype(dtype), repeats=repeats)
-        rows.append([dtype, size, len(devices), bench.sig(measured / 1e12),
+        rows.append([dtype, size, len(devices), harness.sig(measured / 1e12),
                      f"{table_peak / 1e12:.1f}" if table_peak else "n/a (CPU: none)",
                      f"{measured / table_peak:.3f}" if table_peak else "n/a"])
     return rows
@@ -68,29 +70,33 @@ def run(p: dict) -> str:
     mesh = sharding.make_mesh(*parse_mesh(p["mesh"]), devices=devices)
     variant, overrides = p["model"]
     cfg = vit.make_config(variant, **overrides)
-    peak, peak_source = bench.peak_per_device(devices)
-    lines = [bench.run_header("mfu", p["preset"]), "",
+    peak, peak_source = harness.peak_per_device(devices)
+    lines = [harness.run_header("mfu", p["preset"]), "",
              f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, best of "
              f"{p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
-             bench.table(MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"], p["matmul_dtype"], p["repeats"])),
-             "", "(b) sharded train step (trainer/step.py make_train_step): " + bench.model_line(cfg, p["batch"]),
+             markdown.table(MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"],
+                                                        p["matmul_dtype"], p["repeats"])),
+             "", "(b) sharded train step (trainer/step.py make_train_step): "
+             + harness.model_line(cfg, p["batch"]),
              f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); median of {p['repeats']} repeats x "
              f"{p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up step(s)"]
-    runner = bench.build_runner(cfg, mesh, p["batch"], p["warmup"])
+    runner = harness.build_runner(cfg, mesh, p["batch"], p["warmup"])
     times = [runner.run(p["steps"]) for _ in range(p["repeats"])]
     t = statistics.median(times)
-    m = bench.step_metrics(cfg, p["batch"], t, mesh.devices.size, peak)
+    m = harness.step_metrics(cfg, p["batch"], t, mesh.devices.size, peak)
     row = [cfg.variant, " x ".join(str(mesh.shape[a]) for a in ("data", "model")), p["batch"], cfg.seq_len,
-           f"{flops.param_count(cfg) / 1e6:.2f}", bench.sig(m["flops"] / 1e9), f"{runner.compile_s:.1f}",
-           f"{1e3 * t:.2f}", f"{bench.spread(times):.1f}", f"{m['ex_s']:.1f}", bench.sig(m['tflops']),
-           bench.sig(m['tflops'] / mesh.devices.size), bench.sig(peak / 1e12), bench.sig(100 * m['mfu']), "54.9"]
-    lines += [bench.table(STEP_COLUMNS, [row]), PAPER]
+           f"{flops.param_count(cfg) / 1e6:.2f}", harness.sig(m["flops"] / 1e9),
+           f"{runner.compile_s:.1f}", f"{1e3 * t:.2f}", f"{harness.spread(times):.1f}",
+           f"{m['ex_s']:.1f}", harness.sig(m['tflops']),
+           harness.sig(m['tflops'] / mesh.devices.size), harness.sig(peak / 1e12),
+           harness.sig(100 * m['mfu']), "54.9"]
+    lines += [markdown.table(STEP_COLUMNS, [row]), PAPER]
     return "\n".join(lines)
 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    bench.add_common_flags(ap, PRESETS)
+    harness.add_common_flags(ap, PRESETS)
     ap.add_argument("--variant", help="ViT variant NAME/PATCH, e.g. mu/4, B/16, 22B/14; replaces the preset's "
                     "model and its overrides (add e.g. --override dtype=bfloat16)")
     ap.add_argument("--image_size", type=int)
@@ -98,10 +104,10 @@ def main(argv=None) -> str:
     ap.add_argument("--matmul_sizes", help="comma-separated square matmul sizes for (a)")
     ap.add_argument("--matmul_dtype", choices=("float32", "bfloat16"))
     args = ap.parse_args(argv)
-    p = bench.resolve(args, PRESETS)
+    p = harness.resolve(args, PRESETS)
     p["preset"] = args.preset
     if args.variant:  # replaces the preset's model and its overrides; --override still applies
-        p["model"] = (args.variant, bench.parse_overrides(args.override))
+        p["model"] = (args.variant, harness.parse_overrides(args.override))
     if args.image_size:
         p["model"] = (p["model"][0], {**p["model"][1], "image_size": args.image_size})
     if args.mesh:

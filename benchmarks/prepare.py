@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.markdown import table
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,7 +93,6 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="", help="default: a temp dir, removed afterwards")
     args = ap.parse_args(argv)
     from benchmarks.data import make_jpegs
-    from benchmarks.model import table
 
     counts = sorted(int(n) for n in args.num_images.split(","))
     workers = [int(w) for w in args.workers.split(",")]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 
 from benchmarks import digits_run
-from benchmarks.model import table
+from trainer.markdown import table
 
 VARIANTS = {"qk_norm": dict(qk_norm=True), "no_qk_norm": dict(qk_norm=False)}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data import paths
+from trainer import markdown
 
 FIGURE_DPI = 100
 
@@ -67,8 +68,7 @@ class Page:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
         self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells] + [""]
+        self.md += [markdown.table(header, cells, align=False), ""]
 
     def figure(self, fig, name: str, caption: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

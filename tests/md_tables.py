@@ -1,5 +1,14 @@
 """Reading the markdown tables the benchmark scripts print (shared by their smoke tests)."""
 import math
+import re
+
+
+def cells(line: str) -> list[str]:
+    """The cells of one table line; `\\|` (trainer/markdown.py's escape) is a `|` inside a cell."""
+    inner = line.strip()[1:]
+    if inner.endswith("|") and not inner.endswith("\\|"):
+        inner = inner[:-1]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def tables(text: str) -> list[list[list[str]]]:
@@ -8,7 +17,7 @@ def tables(text: str) -> list[list[list[str]]]:
     for line in text.splitlines() + [""]:
         if line.startswith("|"):
             if not set(line) <= set("|-"):
-                current.append([c.strip() for c in line.strip("|").split("|")])
+                current.append(cells(line))
         elif current:
             found.append(current)
             current = []

@@ -4,7 +4,7 @@ No timing assertions: numbers only have to be finite and positive where they are
 """
 import pytest
 
-from benchmarks import mfu, model
+from benchmarks import harness, mfu, model
 from md_tables import number as _number, tables as _tables
 
 
@@ -35,10 +35,10 @@ def test_model_rejects_unknown_override():
 
 
 def test_parse_overrides():
-    assert model.parse_overrides(["depth=8", "dtype=bfloat16", "qk_norm=False"]) == dict(
+    assert harness.parse_overrides(["depth=8", "dtype=bfloat16", "qk_norm=False"]) == dict(
         depth=8, dtype="bfloat16", qk_norm=False)
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        model.parse_overrides(["depth"])
+        harness.parse_overrides(["depth"])
 
 
 def test_mfu_smoke(capsys):

@@ -18,8 +18,9 @@ from md_tables import tables as _tables
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ml_collections", "grain", "clu", "tensorflow", "apache_beam", "sklearn")
-MODULES = ("benchmarks.model", "benchmarks.mfu", "benchmarks.device", "benchmarks.collective", "trainer.flops",
-           "trainer.models.config", "trainer.models.layers", "trainer.models.text", "trainer.models.vit")
+MODULES = ("benchmarks.harness", "benchmarks.model", "benchmarks.mfu", "benchmarks.device",
+           "benchmarks.collective", "trainer.flops", "trainer.markdown", "trainer.models.config",
+           "trainer.models.layers", "trainer.models.text", "trainer.models.vit")
 
 
 def test_device_entry_imports_and_runs_without_the_blocked_packages(tmp_path):
@@ -33,7 +34,7 @@ def test_device_entry_imports_and_runs_without_the_blocked_packages(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep, blocks = _tables(proc.stdout)
-    assert sweep[0] == device.MFU_COLUMNS and blocks[0] == device.bench.COLUMNS + ["status"]
+    assert sweep[0] == device.MFU_COLUMNS and blocks[0] == device.model_bench.COLUMNS + ["status"]
     assert [r[0] for r in sweep[1:]] == ["base"]
     assert [r[0] for r in blocks[1:]] == ["vit22b", "sequential"]
     for header, rows in ((sweep[0], sweep[1:]), (blocks[0], blocks[1:])):
