@@ -43,22 +43,6 @@ def find_chromium() -> str | None:
     return next((path for path in map(shutil.which, BINARIES) if path), None)
 
 
-def ensure_chromium() -> str:
-    """The Chromium binary; when there is none, installs the Debian `chromium` package with apt-get
-    (as root; `apt-get update` first if the package index is stale). For test set-ups and CI."""
-    if find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
-    path = find_chromium()
-    if path is None:
-        raise FileNotFoundError(f"no Chromium binary on PATH ({', '.join(BINARIES)}) and `apt-get install "
-                                "chromium` could not install one (it needs root and the Debian package index)")
-    return path
-
-
 class _DevTools:
     """A minimal synchronous DevTools client on one page target (websocket-client)."""
 

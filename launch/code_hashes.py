@@ -33,7 +33,7 @@ def _package_of(module: str, path: Path) -> str:
     return module if path.name == "__init__.py" else module.rpartition(".")[0]
 
 
-def _import_statements(module: str, path: Path) -> list[tuple[str, list[str]]]:
+def import_statements(module: str, path: Path) -> list[tuple[str, list[str]]]:
     """Every import statement of `path` as (absolute base module, imported names): `import a.b` is
     ("a.b", []), `from a import b, c` is ("a", ["b", "c"]); relative imports resolved."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
@@ -59,33 +59,12 @@ def _import_statements(module: str, path: Path) -> list[tuple[str, list[str]]]:
 def _imported_modules(module: str, path: Path) -> set[str]:
     """Absolute names of every module `path` may import (candidates; non-local ones included)."""
     names: set[str] = set()
-    for base, imported in _import_statements(module, path):
+    for base, imported in import_statements(module, path):
         if base:
             names.add(base)
         # `from pkg import name` imports the submodule pkg.name when one exists.
         names.update(f"{base}.{name}" if base else name for name in imported)
     return names
-
-
-def local_imports(root: Path, module: str) -> set[str]:
-    """The repo modules `module` imports directly, each named as precisely as possible: `from pkg
-    import sub` is an edge to `pkg.sub` when that is a module (else to `pkg`). Parent packages,
-    which Python executes implicitly, are not edges. For import-graph checks (no cycles)."""
-    root = root.resolve()
-    path = module_file(root, module)
-    if path is None:
-        raise FileNotFoundError(f"module {module!r} has no source file under {root}")
-    edges: set[str] = set()
-    for base, imported in _import_statements(module, path):
-        subs = [f"{base}.{name}" if base else name for name in imported]
-        found = [sub for sub in subs if module_file(root, sub)]
-        if found:
-            edges.update(found)
-        if len(found) < len(subs) or not imported:  # names that are attributes of `base` itself
-            if base and module_file(root, base):
-                edges.add(base)
-    edges.discard(module)
-    return edges
 
 
 def import_closure(root: Path, module: str) -> list[Path]:

@@ -119,10 +119,6 @@ class Registry:
             resolved[name] = dataclasses.replace(stage, upstream=tuple(dict.fromkeys(upstream)))
         return _toposort(resolved)
 
-    def upstream_closure(self, names: Iterable[str]) -> set[str]:
-        """All transitive upstream stage types of `names` (not including them)."""
-        return _closure({s.name: s for s in self}, names)
-
 
 def _toposort(stages: dict[str, Stage]) -> list[Stage]:
     """Dependency order, ties broken by the given order; PlanError on a cycle."""

@@ -59,7 +59,6 @@ from pipelines.transforms import NAMESPACE, SplitPlan, build
 # in-process portable runner and honours --direct_num_workers/--direct_running_mode
 # (docs/DESIGN.md §6).
 LOCAL_RUNNER = "FnApiRunner"
-_LOG = logging.getLogger(__name__)
 
 
 # --- config -------------------------------------------------------------------------------------

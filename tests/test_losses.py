@@ -110,12 +110,13 @@ def test_shape_mismatch_is_an_error():
             fn(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
 
 
-def test_masked_mean():
+def test_masked_sum():
     x = jnp.array([1.0, 2.0, 3.0, jnp.nan])
     mask = jnp.array([True, True, False, False])
-    assert float(losses.masked_mean(x, mask)) == 1.5  # NaN padding does not leak
-    assert float(losses.masked_mean(x[:3])) == 2.0
-    assert float(losses.masked_mean(x, jnp.zeros(4, bool))) == 0.0
-    assert losses.masked_mean(jnp.array([1, 2], jnp.bfloat16)).dtype == jnp.float32
+    assert float(losses.masked_sum(x, mask)) == 3.0  # NaN padding does not leak
+    assert float(losses.masked_sum(x[:3], jnp.ones(3, bool))) == 6.0
+    assert float(losses.masked_sum(x, jnp.zeros(4, bool))) == 0.0
+    bf16 = jnp.array([1, 2], jnp.bfloat16)
+    assert losses.masked_sum(bf16, jnp.ones(2, bool)).dtype == jnp.float32
     with pytest.raises(ValueError, match="mask"):
-        losses.masked_mean(x, mask[:2])
+        losses.masked_sum(x, mask[:2])

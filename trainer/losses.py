@@ -1,8 +1,8 @@
 """Classification losses and per-example metrics.
 
-All functions return per-example values (shape [B]); reduce them with `masked_mean` or
-`masked_sum`, which drop padded eval examples. Math is done in float32 whatever the logits'
-dtype (bf16 logits from a bf16 model would otherwise lose most of the loss' precision).
+All functions return per-example values (shape [B]); reduce them with `jnp.mean` (training
+batches) or `masked_sum`, which drops padded eval examples. Math is done in float32 whatever the
+logits' dtype (bf16 logits from a bf16 model would otherwise lose most of the loss' precision).
 
 `labels` are always dense [B, C] float targets, as the loader produces them: multi-hot for
 multi-label data (several 1s), one-hot for single-label data, or mixup-mixed soft targets.
@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "contrastive_softmax", "contrastive_sigmoid", "kl_divergence",
-           "top1_correct", "topk_correct", "masked_sum",
-           "masked_mean"]
+           "top1_correct", "topk_correct", "masked_sum"]
 
 
 def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
@@ -88,17 +87,6 @@ def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
     if mask.shape != x.shape:
         raise ValueError(f"mask {mask.shape} must have the shape of x {x.shape}")
     return jnp.sum(jnp.where(mask.astype(bool), x, 0.0))
-
-
-def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean of per-example values `x` [B] over examples where `mask` [B] is True (float32).
-
-    NaN-safe like `masked_sum`; an all-False mask gives 0 rather than NaN.
-    """
-    if mask is None:
-        return jnp.mean(jnp.asarray(x, jnp.float32))
-    total = masked_sum(x, mask)
-    return total / jnp.maximum(jnp.sum(mask.astype(bool)), 1).astype(jnp.float32)
 
 
 # The loss table: a config names a classification loss by key; unknown names fail at plan time.

@@ -46,8 +46,6 @@ import numpy as np
 
 from data import label_maps
 
-CATEGORIES = ("airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock",
-              "dog", "elephant", "keyboard", "knife", "oven", "truck")
 COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
 HUMAN_PREFIX = "subject-"
 PAIR_METRICS = ("accuracy difference", "observed consistency", "error consistency")
