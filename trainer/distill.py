@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data import paths
+from trainer import config_checks as checks
 from trainer import flops, losses, stage_config
 from trainer.evaluators.distillation import agreement
 from trainer.models import vit
@@ -89,16 +90,14 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
     upstream groups, that the teacher is a training stage of this plan with the student's classes."""
     stage_config.check(cfg, where, upstream)
     if not isinstance(cfg.teacher, str) or not cfg.teacher or cfg.teacher == "prepare":
-        raise ValueError(f"{where}.teacher: {cfg.teacher!r} must name a params-exporting stage, "
-                         "e.g. 'pretrain' or 'finetune/<run>'")
-    if not cfg.temperature > 0:
-        raise ValueError(f"{where}.temperature: must be > 0, got {cfg.temperature!r}")
-    if not cfg.label_weight >= 0:
-        raise ValueError(f"{where}.label_weight: must be >= 0, got {cfg.label_weight!r}")
+        raise checks.fail(f"{where}.teacher", f"{cfg.teacher!r} must name a params-exporting "
+                                              "stage, e.g. 'pretrain' or 'finetune/<run>'")
+    checks.number(f"{where}.temperature", cfg.temperature, gt=0)
+    checks.number(f"{where}.label_weight", cfg.label_weight, ge=0)
     try:
         losses.get(cfg.label_loss)
     except ValueError as e:
-        raise ValueError(f"{where}.label_loss: {e}") from None
+        raise checks.fail(f"{where}.label_loss", str(e)) from None
     if _teacher_file(cfg):
         from trainer.interop import weights_import
         weights_import.check_file(cfg.teacher, f"{where}.teacher")
@@ -106,20 +105,24 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
         return  # its classes are known when the file is read (distill_task checks them)
     if upstream is None:
         return
+    key = f"{where}.teacher"
     if cfg.teacher not in upstream:
-        raise ValueError(f"{where}.teacher: stage {cfg.teacher!r} is not in this pipeline (upstream stages: "
-                         f"{', '.join(sorted(upstream)) or 'none'})")
+        raise checks.fail(key, f"stage {cfg.teacher!r} is not in this pipeline (upstream stages: "
+                               f"{', '.join(sorted(upstream)) or 'none'})")
     teacher = upstream[cfg.teacher]
     if "model" not in teacher or "data" not in teacher:
-        raise ValueError(f"{where}.teacher: stage {cfg.teacher!r} is not a training stage (no model to teach with)")
+        raise checks.fail(key, f"stage {cfg.teacher!r} is not a training stage (no model to teach "
+                               "with)")
     t_num, t_what = _classes(teacher)
     s_num, s_what = _classes(cfg)
     if t_num == 0:
-        raise ValueError(f"{where}.teacher: {cfg.teacher!r} has model.num_classes=0 (no head): no logits to distill")
+        raise checks.fail(key, f"{cfg.teacher!r} has model.num_classes=0 (no head): no logits to "
+                               "distill")
     if (t_num is not None and s_num is not None and t_num != s_num) or (
             t_num is None and s_num is None and teacher.data.dataset != cfg.data.dataset):
-        raise ValueError(f"{where}.teacher: {cfg.teacher!r} predicts {t_what} but the student {s_what}; the "
-                         f"student's head must match the teacher's (set {where}.model.num_classes)")
+        raise checks.fail(key, f"{cfg.teacher!r} predicts {t_what} but the student {s_what}; the "
+                               f"student's head must match the teacher's (set "
+                               f"{where}.model.num_classes)")
 
 
 def _teacher_file(cfg) -> bool:

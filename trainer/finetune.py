@@ -28,6 +28,7 @@ from pathlib import Path
 import ml_collections
 
 from data import paths
+from trainer import config_checks as checks
 from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer
 from trainer.interop import weights_import
 from trainer.models import vit
@@ -80,12 +81,13 @@ def _check_architecture(cfg, source: vit.ViTConfig, where: str) -> None:
         value = cfg.model[field]
         if value is not None and value != getattr(source, field):
             why = "the patch embedding is kept" if field == "patch_size" else "fine-tuning keeps the architecture"
-            raise ValueError(f"{where}.model.{field}: {value!r} differs from the exported model's "
-                             f"{getattr(source, field)!r} ({why})")
+            raise checks.fail(f"{where}.model.{field}",
+                              f"{value!r} differs from the exported model's "
+                              f"{getattr(source, field)!r} ({why})")
     try:
         model_config(cfg, source, cfg.model.num_classes or 2)  # image vs patch size, field values
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}.model: {e}") from None
+        raise checks.fail(f"{where}.model", str(e)) from None
 
 
 def validate(cfg, upstream=None, where: str = "finetune") -> None:
@@ -97,16 +99,15 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
         weights_import.check_file(cfg.init_from, f"{where}.init_from")
         weights_import.architecture(cfg.model, f"{where}.model")
     elif cfg.model.variant:
-        raise ValueError(f"{where}.model.variant: must be empty: fine-tuning keeps the architecture of "
-                         f"init_from={cfg.init_from!r}")
-    if cfg.head not in transfer.HEADS:
-        raise ValueError(f"{where}.head: {cfg.head!r} is not one of {transfer.HEADS}")
-    if cfg.posemb_resize not in transfer.RESIZE_METHODS:
-        raise ValueError(f"{where}.posemb_resize: {cfg.posemb_resize!r} is not one of {transfer.RESIZE_METHODS}")
+        raise checks.fail(f"{where}.model.variant", f"must be empty: fine-tuning keeps the "
+                                                    f"architecture of init_from={cfg.init_from!r}")
+    checks.one_of(f"{where}.head", cfg.head, transfer.HEADS)
+    checks.one_of(f"{where}.posemb_resize", cfg.posemb_resize, transfer.RESIZE_METHODS)
     source_group = (upstream or {}).get(cfg.init_from)
     if upstream and source_group is not None:
         if "model" not in source_group:
-            raise ValueError(f"{where}.init_from: stage {cfg.init_from!r} exports no model params")
+            raise checks.fail(f"{where}.init_from",
+                              f"stage {cfg.init_from!r} exports no model params")
         if source_group.model.variant:  # e.g. pretrain: its architecture is known now
             _check_architecture(cfg, stage_config.model_config(source_group, source_group.model.num_classes or 2),
                                 where)

@@ -28,6 +28,7 @@ import ml_collections
 from data import paths
 from data import manifest, records
 from data import tokenizer as tokenizer_lib
+from trainer import config_checks as checks
 from trainer import checkpoint, flops, loop, losses, stage_config
 from trainer.models import text, vit
 from trainer.task import Frozen, Task
@@ -61,21 +62,21 @@ def validate(cfg, upstream=None, where: str = "lit") -> None:
     try:
         text.make_config(cfg.model.variant, max_len=max(cfg.max_len, 3), embed_dim=8, **_overrides(cfg))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}.model: {e}") from None
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"{where}.loss: {cfg.loss!r} is not one of {LOSSES}")
-    if cfg.temperature_init <= 0:
-        raise ValueError(f"{where}.temperature_init: must be > 0, got {cfg.temperature_init!r}")
-    if cfg.max_len and not 3 <= cfg.max_len <= tokenizer_lib.MAX_LEN_CAP:
-        raise ValueError(f"{where}.max_len: {cfg.max_len} must be 0 (from the captions) or in [3, "
-                         f"{tokenizer_lib.MAX_LEN_CAP}]")
+        raise checks.fail(f"{where}.model", str(e)) from None
+    checks.one_of(f"{where}.loss", cfg.loss, LOSSES)
+    checks.number(f"{where}.temperature_init", cfg.temperature_init, gt=0)
+    if cfg.max_len:
+        checks.number(f"{where}.max_len", cfg.max_len, ge=3, le=tokenizer_lib.MAX_LEN_CAP,
+                      what="0 (from the captions) or")
     source = (upstream or {}).get(cfg.image_from)
     if upstream and source is not None:
         if "model" not in source:
-            raise ValueError(f"{where}.image_from: stage {cfg.image_from!r} exports no model params")
+            raise checks.fail(f"{where}.image_from",
+                              f"stage {cfg.image_from!r} exports no model params")
         if source.data.image_size != cfg.data.image_size:
-            raise ValueError(f"{where}.data.image_size: {cfg.data.image_size} differs from the locked image "
-                             f"tower's {source.data.image_size} ({cfg.image_from})")
+            raise checks.fail(f"{where}.data.image_size",
+                              f"{cfg.data.image_size} differs from the locked image tower's "
+                              f"{source.data.image_size} ({cfg.image_from})")
 
 
 def _overrides(cfg) -> dict:

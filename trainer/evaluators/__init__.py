@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from trainer import config_checks as checks
 from trainer.evaluators.base import Context, Evaluator, sum_over
 from trainer.evaluators.classification import Classification
 from trainer.evaluators.fewshot import FewShot
@@ -45,19 +46,21 @@ def check(evals: Mapping[str, Any], where: str, table: Mapping[str, type[Evaluat
         cfg = _plain(raw)
         key = f"{where}.{name}"
         if not name.isidentifier():
-            raise ValueError(f"{key}: eval names must be identifiers (they prefix the logged metrics)")
+            raise checks.fail(key, "eval names must be identifiers (they prefix the logged "
+                                   "metrics)")
         kind = cfg.get("type")
         if kind not in table:
             raise ValueError(f"{key}.type={kind!r} is not an evaluator; known: {', '.join(sorted(table))}")
         every = cfg.get("every", 0)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        if not checks.is_int(every, 0):
             raise ValueError(f"{key}.every={every!r} must be an int >= 0 (0 = only at the end)")
         required, optional = table[kind].config_keys()
         given = set(cfg) - set(LOOP_KEYS)
         unknown, missing = given - required - optional, required - given
         if unknown:
-            raise ValueError(f"{key}.{sorted(unknown)[0]}: unknown key for a {kind!r} evaluator; "
-                             f"known: {', '.join(sorted(required | optional))}")
+            raise checks.fail(f"{key}.{sorted(unknown)[0]}",
+                              f"unknown key for a {kind!r} evaluator; known: "
+                              f"{', '.join(sorted(required | optional))}")
         if missing:
             raise ValueError(f"{key}.{sorted(missing)[0]} is required by a {kind!r} evaluator")
         table[kind].check_values({k: cfg[k] for k in given}, key)

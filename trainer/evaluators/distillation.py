@@ -20,6 +20,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from trainer import config_checks as checks
 from trainer import losses
 from trainer.evaluators import base
 
@@ -34,8 +35,7 @@ class Distillation(base.Evaluator):
 
     def __init__(self, predict_fn, *, ctx: base.Context, split: str, dataset: str = "", temperature: float = 1.0):
         super().__init__(predict_fn, ctx=ctx)
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be > 0")
+        self.check_values({"temperature": temperature}, "distillation")
         self.split, self.dataset = split, dataset or ctx.dataset
         self._loader = None
 
@@ -46,6 +46,10 @@ class Distillation(base.Evaluator):
                     "agreement": losses.masked_sum(agreement(student, teacher), mask),
                     "kl": losses.masked_sum(losses.kl_divergence(student, teacher, temperature), mask)}
         self._step = ctx.jit(sums)
+
+    @classmethod
+    def check_values(cls, cfg: dict, where: str) -> None:
+        checks.number(f"{where}.temperature", cfg.get("temperature", 1.0), gt=0)
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         if self._loader is None:  # built on first use, like classification's

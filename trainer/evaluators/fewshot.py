@@ -21,11 +21,11 @@ The probe stage (eval/probe.py) calls `evaluate` on its cached features.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from trainer import config_checks as checks
 from trainer import features
 from trainer.evaluators import base
 
@@ -116,21 +116,17 @@ def summary(results: Mapping[int, Sequence[float]]) -> Iterator[tuple[str, float
         yield f"{k}shot_top1_std", float(np.std(accs))
 
 
-def _int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_config(where: str, *, shots, seeds, l2) -> None:
-    """Value checks (no data needed): one-line ValueError naming the key."""
+    """Value checks (no data needed): one-line ValueError naming the key and its value."""
     shots = tuple(shots) if isinstance(shots, (list, tuple)) else shots
-    if not isinstance(shots, tuple) or not shots or not all(_int(k) and k > 0 for k in shots):
-        raise ValueError(f"{where}.shots={shots!r}: must be a non-empty tuple of positive ints")
+    if not isinstance(shots, tuple) or not shots or not all(checks.is_int(k, 1) for k in shots):
+        raise checks.fail(f"{where}.shots={shots!r}", "must be a non-empty tuple of positive ints")
     if len(set(shots)) != len(shots):
-        raise ValueError(f"{where}.shots={shots!r}: repeated shot count")
-    if not _int(seeds) or seeds < 1:
-        raise ValueError(f"{where}.seeds={seeds!r}: must be an int >= 1")
-    if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not l2 > 0:
-        raise ValueError(f"{where}.l2={l2!r}: must be a number > 0")
+        raise checks.fail(f"{where}.shots={shots!r}", "repeated shot count")
+    if not checks.is_int(seeds, 1):
+        raise checks.fail(f"{where}.seeds={seeds!r}", "must be an int >= 1")
+    if not (checks.is_number(l2) and l2 > 0):
+        raise checks.fail(f"{where}.l2={l2!r}", "must be a number > 0")
 
 
 class FewShot(base.Evaluator):

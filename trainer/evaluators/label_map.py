@@ -19,6 +19,7 @@ from typing import Iterator
 import jax.numpy as jnp
 
 from data import label_maps
+from trainer import config_checks as checks
 from trainer import losses
 from trainer.evaluators import base
 
@@ -36,15 +37,12 @@ class LabelMapAccuracy(base.Evaluator):
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        spaces = label_maps.LABEL_SPACES
-        if cfg.get("labels", "target") not in spaces:
-            raise ValueError(f"{where}.labels={cfg['labels']!r} is not one of {spaces}")
-        if cfg.get("reduce", "max") not in label_maps.REDUCTIONS:
-            raise ValueError(f"{where}.reduce={cfg['reduce']!r} is not one of {label_maps.REDUCTIONS}")
+        checks.one_of(f"{where}.labels", cfg.get("labels", "target"), label_maps.LABEL_SPACES)
+        checks.one_of(f"{where}.reduce", cfg.get("reduce", "max"), label_maps.REDUCTIONS)
         try:
             label_maps.load(cfg["map"])
         except ValueError as e:
-            raise ValueError(f"{where}.map: {e}") from None
+            raise checks.fail(f"{where}.map", str(e)) from None
 
     def _build(self):
         self._loader = self.ctx.loader(self.split, self.dataset)

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
+from trainer import config_checks as checks
 from trainer.evaluators import base
 
 DEFAULT_TEMPLATES = ("a photo of {}.", "{}")
@@ -60,7 +61,8 @@ class ZeroShot(base.Evaluator):
     def check_values(cls, cfg: dict, where: str) -> None:
         templates = cfg.get("templates", DEFAULT_TEMPLATES)
         if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-            raise ValueError(f"{where}.templates: need a non-empty list of strings with a '{{}}' for the class name")
+            raise checks.fail(f"{where}.templates",
+                              "need a non-empty list of strings with a '{}' for the class name")
 
     def class_embeddings(self, params, frozen, names: Sequence[str]) -> np.ndarray:
         """[C, D]: per class, the mean of its prompts' text embeddings, renormalised."""
@@ -106,8 +108,8 @@ class Retrieval(base.Evaluator):
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
         ks = cfg.get("ks", (1, 5))
-        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
-            raise ValueError(f"{where}.ks: need positive ints, got {ks!r}")
+        if not ks or not all(checks.is_int(k, 1) for k in ks):
+            raise checks.fail(f"{where}.ks", f"need positive ints, got {ks!r}")
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         if self._loader is None:
