@@ -1,4 +1,5 @@
 """trainer.optim: schedules, both optimizers, clipping, head/body weight decay, freezing, config errors."""
+import dataclasses
 import logging
 import math
 
@@ -317,3 +318,17 @@ def test_bad_configs_raise_one_line_value_error(kw, field):
 def test_bad_total_steps():
     with pytest.raises(ValueError, match="total_steps"):
         optim.make_optimizer({}, _params(), -1)
+
+
+def test_optim_config_is_a_frozen_dataclass_built_from_a_partial_dict():
+    cfg = optim.OptimConfig.of({"lr": 0.5, "adamw": {"b1": 0.8}, "wd_rules": [["head", None]]})
+    assert (cfg.lr, cfg.adamw.b1, cfg.adamw.b2, cfg.optimizer) == (0.5, 0.8, 0.999, "adafactor")
+    assert cfg.wd_rules == (("head", None),) and optim.OptimConfig.of(cfg) is cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert optim.default_config().to_dict() == optim.OptimConfig().to_dict()
+    assert optim.OptimConfig.of(optim.vit22b_config()).wd_rules[0] == (optim.HEAD_KERNEL, 3.0)
+    for bad, message in (({"adafactor": 3}, "'adafactor': expected a mapping, got int$"),
+                         ({"sgd": {"nesterov": "yes"}}, "'sgd.nesterov': must be True or False")):
+        with pytest.raises(ValueError, match=r"^optim config field " + message):
+            optim.OptimConfig.of(bad)
