@@ -12,7 +12,7 @@ update ends at step 1 and the last at step `total_steps`.
 """
 from __future__ import annotations
 
-import numbers
+from trainer import config_checks as checks
 
 __all__ = ["total_steps", "itstime"]
 
@@ -24,7 +24,7 @@ def _to_integer(x: float) -> int:
 
 
 def _check_number(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not checks.is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
@@ -60,7 +60,7 @@ def total_steps(
         raise ValueError(
             "exactly one of steps/epochs/examples must be set, got "
             + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+    if not checks.is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     (unit, value), = given.items()
     _check_number(unit, value)
