@@ -82,6 +82,7 @@ def test_local_paths_unchanged_and_unknown_scheme_is_one_line(capsys, tmp_path):
         dag.plan(ml_collections.ConfigDict({"export": {"scale": 1.0}}), "zz://w", _registry())
 
 
+@pytest.mark.xdist_group("cloud_paths")
 def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_digits):
     out, result = remote_prepared
     files = paths.files_under(out)
@@ -95,6 +96,7 @@ def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_dig
     assert all(s.num_records <= 2 for s in dups.shards)
 
 
+@pytest.mark.xdist_group("cloud_paths")
 def test_loader_reads_a_bucket_split_through_the_cache(remote_prepared, tmp_path, monkeypatch):
     out, _ = remote_prepared
     mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -108,6 +110,7 @@ def test_loader_reads_a_bucket_split_through_the_cache(remote_prepared, tmp_path
         np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
 
 
+@pytest.mark.xdist_group("cloud_paths")
 def test_cache_never_uses_a_partial_or_corrupt_file(remote_prepared, tmp_path, monkeypatch):
     out, _ = remote_prepared
     split = f"{out}/dups/train"

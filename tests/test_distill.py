@@ -133,6 +133,7 @@ def runs(prepared_digits, pretrain_export, tmp_path_factory):
     return root, rerun, teacher_before
 
 
+@pytest.mark.xdist_group("distill_runs")
 def test_distill_trains_the_student_and_never_the_teacher(pretrain_export, runs):
     root, m, teacher_before = runs  # m: the final metrics (of the resumed run; == the reference's, below)
     out = root / "ref"
@@ -208,6 +209,7 @@ def test_both_models_see_the_pixels_of_one_augmentation_draw(prepared_digits, pr
 
 
 def test_sigkill_mid_distill_then_rerun_resumes_bit_identically(runs):
+@pytest.mark.xdist_group("distill_runs")
     root, rerun, _ = runs  # the params are bit-identical (stage_resume asserts it)
     assert rerun["start_step"] >= 8 and rerun["steps"] == 16
     assert _final_metrics(root / "killed") == _final_metrics(root / "ref")  # loss, evals, ... of the last step

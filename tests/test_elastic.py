@@ -23,6 +23,8 @@ from trainer import step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
 SAVED_AT, MORE = 2, 2  # steps before the checkpoint, steps trained after it
+# One xdist worker (make test: --dist loadgroup) runs these: they share the module's `written`.
+pytestmark = pytest.mark.xdist_group("elastic")
 
 
 def _cfg():

@@ -118,6 +118,7 @@ def evaluated(prepared_digits, prepare_output, pretrain_export, tmp_path_factory
     return out, result, recs, pairs
 
 
+@pytest.mark.xdist_group("evaluate")
 def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     out, result, recs, _ = evaluated
     metrics = json.loads((out / "metrics.json").read_text())
@@ -141,6 +142,7 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     assert "pretrain/digits/test/test/count" not in result["metrics"]  # headline metrics only
 
 
+@pytest.mark.xdist_group("evaluate")
 def test_model_vs_human_against_hand_formulas(evaluated):
     out, _, recs, pairs = evaluated
     with open(out / "details" / "pretrain" / "digits-pairs_pretrain_session_1.csv") as f:
@@ -172,6 +174,7 @@ def test_model_vs_human_against_hand_formulas(evaluated):
     assert mean["error consistency"] == pytest.approx(np.mean(kappa))
 
 
+@pytest.mark.xdist_group("evaluate")
 def test_shape_bias_of_cue_conflict_records(evaluated):
     """Shape/texture labels come from prepare's cue_conflict records; the shape bias equals the hand
     count over the model's trials (category = shape, texture from the file name)."""
@@ -192,6 +195,7 @@ def test_shape_bias_of_cue_conflict_records(evaluated):
     assert set(details["shape_bias"]["per_category"]) == {"low", "high"}
 
 
+@pytest.mark.xdist_group("evaluate")
 def test_calibration_and_fairness_details(evaluated, prepared_digits):
     out, _, _, _ = evaluated
     calib = json.loads((out / "details" / "pretrain" / "calib.json").read_text())
@@ -209,6 +213,7 @@ def test_calibration_and_fairness_details(evaluated, prepared_digits):
     assert 0.35 < share < 0.65
 
 
+@pytest.mark.xdist_group("evaluate")
 def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
     from eval import browser
     out, _, _, _ = evaluated

@@ -12,6 +12,9 @@ from data import images, loader, records
 from data import manifest as manifest_lib
 from pipelines import prepare, sources
 
+# One xdist worker (make test: --dist loadgroup) runs these: they share the module's `digits`.
+pytestmark = pytest.mark.xdist_group("loader")
+
 
 def _mesh(shape=(8, 1)):
     return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)

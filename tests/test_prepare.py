@@ -324,6 +324,7 @@ def tfds_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.mark.xdist_group("prepare_tfds")
 def test_tfds_source_maps_features(tfds_dir, tmp_path):
     cfg = prepare.default_config()
     cfg.datasets = ml_collections.ConfigDict({
@@ -352,6 +353,7 @@ def test_tfds_source_maps_features(tfds_dir, tmp_path):
     assert all(r.label == () for r in recs)
 
 
+@pytest.mark.xdist_group("prepare_tfds")
 def test_tfds_errors_are_clear(tfds_dir):
     with pytest.raises(sources.SourceError, match="has no split 'validation'"):
         tfds_source.TfdsSource("cifar10", str(tfds_dir)).tasks("validation")
@@ -359,6 +361,7 @@ def test_tfds_errors_are_clear(tfds_dir):
         tfds_source.TfdsSource("imagenet_a", str(tfds_dir))
 
 
+@pytest.mark.xdist_group("prepare_tfds")
 def test_tfds_names_versions_and_data_dirs_a_new_user_gets_wrong(tfds_dir):
     find = tfds_source.find_tfds_dir
     assert find("cifar10:3.*.*", str(tfds_dir)) == find("cifar10", str(tfds_dir)) == tfds_dir / "cifar10" / "3.0.2"

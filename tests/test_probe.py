@@ -194,6 +194,7 @@ def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
     return hits / count
 
 
+@pytest.mark.xdist_group("probe")
 def test_the_exported_head_reproduces_the_reported_top1(probed, pretrain_export, prepared_digits):
     out, _, result = probed
     mesh = sharding.make_mesh(data=4, model=2)
@@ -223,6 +224,7 @@ def test_the_in_training_evaluator_agrees_with_the_stage(probed, pretrain_export
     cfg = _config()
     model = vit.build_model(**checkpoint.read_model_json(pretrain_export.path / "model.json"))
     mesh = sharding.make_mesh(data=4, model=2)
+@pytest.mark.xdist_group("probe")
     boxed = vit.abstract_params(model.config)
     param_sh = sharding.param_shardings(boxed, mesh)
     import flax.linen as nn
@@ -244,3 +246,6 @@ def test_fewshot_benchmark_smoke(capsys):
     bench.main(["--cases", "3x5", "--width", "8", "--test_per_class", "4", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| classes x shots |" in out and "3 x 5" in out
+@pytest.mark.xdist_group("probe")
+@pytest.mark.xdist_group("probe")
+@pytest.mark.xdist_group("probe")
