@@ -18,38 +18,43 @@ import pytest  # noqa: E402  (after the XLA_FLAGS set-up above)
 
 
 @pytest.fixture(scope="session")
-def prepared_digits(tmp_path_factory):
-    """The tiny config's prepare output (digits train/val/test at 32 px, the real Beam job), made
-    once per test worker and shared by every training-stage test."""
-    from pipelines import prepare
-    out = tmp_path_factory.mktemp("prepared_digits")
-    prepare.prepare(prepare.default_config(), out)
-    return out
+def stage_cache(tmp_path_factory):
+    """A stage cache work dir shared by the xdist workers of one run (the parent of each worker's
+    base temp dir; the base temp dir itself without xdist): benchmarks/digits_run.py produces the
+    shared digits stages there once, under launch/produce.py's lock and `_SUCCESS` commit."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "stage_cache"
 
 
 @pytest.fixture(scope="session")
-def prepare_output(prepared_digits):
-    """`prepared_digits` as the DAG hands it to downstream stages: inputs["prepare"]."""
-    from launch.stage_types import StageOutput
-    return StageOutput("prepare", "0" * 64, prepared_digits, {})
+def prepare_output(stage_cache):
+    """The tiny config's prepare output (digits train/val/test at 32 px, the real Beam job) as the
+    DAG hands it to downstream stages: inputs["prepare"]. Made once per test run."""
+    from benchmarks import digits_run
+    return digits_run.stages(stage_cache)["prepare"]
 
 
 @pytest.fixture(scope="session")
-def pretrain_export(prepared_digits, tmp_path_factory):
-    """ONE tiny pretrain export (mu/4 on 32 px digits, 60 steps, params/ + model.json +
-    outputs.json) shared by every downstream-stage test: inputs["pretrain"]."""
-    import json
+def prepared_digits(prepare_output):
+    """`prepare_output`'s directory, shared by every training-stage test (read only)."""
+    return prepare_output.path
 
+
+def tiny_pretrain_group():
+    """The pretrain group of the shared export: mu/4 on 32 px digits, 60 steps, no checkpoints."""
     from launch.configs import tiny
-    from launch.stage_types import StageOutput
-    from trainer import pretrain
     cfg = tiny.pretrain_config()
-    cfg.data.prepared_dir = str(prepared_digits)
     cfg.steps, cfg.checkpoint_every, cfg.evals.val.every = 60, 0, 0
-    cfg.evals = {"val": cfg.evals.val, "pairs": cfg.evals.pairs}  # few-shot has its own tests (and costs)
+    # Few-shot has its own tests (and costs).
+    cfg.evals = {"val": cfg.evals.val, "pairs": cfg.evals.pairs}
     cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 10
     cfg.runtime.log_every, cfg.runtime.progress = 10, "off"
-    out = tmp_path_factory.mktemp("pretrain_export")
-    result = pretrain.run(cfg, {}, out)
-    (out / "outputs.json").write_text(json.dumps(result, sort_keys=True))
-    return StageOutput("pretrain", "1" * 64, out, result)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def pretrain_export(stage_cache):
+    """ONE tiny pretrain export (`tiny_pretrain_group`: params/ + model.json + outputs.json)
+    shared by every downstream-stage test: inputs["pretrain"]. Made once per test run."""
+    from benchmarks import digits_run
+    return digits_run.stages(stage_cache, tiny_pretrain_group())["pretrain"]

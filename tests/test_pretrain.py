@@ -1,6 +1,7 @@
 """The pretrain stage end to end on real digits: learning, guards, checkpoints, export, preemption."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,10 +133,10 @@ def _env():
     return env
 
 
-def _prepare(workdir):
-    subprocess.run([sys.executable, "-m", "launch.run", "--config", "launch/configs/tiny.py", "--stages",
-                    "prepare", "--workdir", str(workdir)], cwd=REPO, env=_env(), check=True,
-                   capture_output=True)
+def _prepare(workdir, prepare_output):
+    """The run's shared prepare output (conftest), copied into `workdir`'s stage cache: the tiny
+    config's prepare group, so the pretrain stage finds it under the same fingerprint."""
+    shutil.copytree(prepare_output.path, workdir / "prepare" / prepare_output.path.name)
 
 
 def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
@@ -156,10 +157,10 @@ def _final_params(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
+def test_sigkill_then_rerun_resumes_bit_identically(prepare_output, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _prepare(ref)
-    _prepare(killed)
+    _prepare(ref, prepare_output)
+    _prepare(killed, prepare_output)
     subprocess.run(_stage_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True)
 
     proc = subprocess.Popen(_stage_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -182,8 +183,8 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path):
-    _prepare(tmp_path)
+def test_sigterm_saves_a_checkpoint_and_exits_preempted(prepare_output, tmp_path):
+    _prepare(tmp_path, prepare_output)
     proc = subprocess.Popen(_stage_cmd(tmp_path, "--config.pretrain.checkpoint_every=1000",
                                        "--config.pretrain.steps=400"), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -152,7 +152,8 @@ def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
         meta = json.loads((out / "features" / "digits" / f"{split}.json").read_text())
         x = np.load(out / "features" / "digits" / f"{split}.npy")
         ids = np.load(out / "features" / "digits" / f"{split}.ids.npy")
-        assert meta["model_fingerprint"] == "1" * 64 and x.shape == (meta["num_examples"], 64)
+        assert meta["model_fingerprint"] == inputs["pretrain"].fingerprint
+        assert x.shape == (meta["num_examples"], 64)
         assert np.isfinite(x).all()
         # Rows are the split's records, each once, in record order (one process).
         import grain
@@ -196,7 +197,7 @@ def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
 
 @pytest.mark.xdist_group("probe")
 def test_the_exported_head_reproduces_the_reported_top1(probed, pretrain_export, prepared_digits):
-    out, _, result = probed
+    out, inputs, result = probed
     mesh = sharding.make_mesh(data=4, model=2)
     got = _top1_of_backbone_plus_head(pretrain_export.path, out / "head", prepared_digits / "digits" / "val", mesh)
     assert got == pytest.approx(result["metrics"]["linear/val_top1"], abs=1 / 180 + 1e-9)
