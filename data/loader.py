@@ -372,6 +372,29 @@ class EvalLoader(_SplitLoader):
         for batch in self.host_batches():
             yield self._globalize(batch)
 
+    def record_order(self) -> np.ndarray:
+        """int [num_examples]: the record index of each real row of a pass, in global row order
+        (padding left out): batch b holds process 0's b-th local batch, then process 1's, ...;
+        process p reads records p, p + process_count, ... (EvalDecodeBatch)."""
+        local, pc = self.local_batch_size, self.process_count
+        per_process = [np.arange(p, self.num_examples, pc) for p in range(pc)]
+        return np.concatenate([rows[b * local:(b + 1) * local]
+                               for b in range(self.num_batches) for rows in per_process])
+
+    def record_ids(self, labels: np.ndarray, where: str) -> np.ndarray:
+        """str [num_examples]: the ids of the records in `record_order()`, read from the split.
+        `labels` (first class id of each real row of a pass, in row order) must be theirs."""
+        order, ids, got = self.record_order(), [], []
+        for i in range(0, len(order), 1024):
+            for raw in self.source.__getitems__(order[i:i + 1024].tolist()):
+                rec = records.decode(raw)
+                ids.append(rec.id)
+                got.append(rec.label[0] if rec.label else -1)
+        if not np.array_equal(np.asarray(got), labels):
+            raise RuntimeError(f"{where}: rows and records are out of order (the loader's row "
+                               "order changed?)")
+        return np.asarray(ids, dtype=np.str_)
+
 
 def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
                  augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,

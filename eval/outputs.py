@@ -53,9 +53,7 @@ class SplitOutputs:
     @functools.cached_property
     def ids(self) -> np.ndarray:
         """str [N]: the record ids of the rows (read from the split's records, in loader order)."""
-        from eval import probe  # the eval loader's row order and the id reader live there
-        order = probe.record_order(len(self), self._loader.global_batch_size, jax.process_count())
-        return probe.record_ids(self._loader, order, self.label, f"{self.dataset}/{self.split}")
+        return self._loader.record_ids(self.label, f"{self.dataset}/{self.split}")
 
 
 _OPTIONAL = ("real_labels", "attributes", "shape_label", "texture_label")

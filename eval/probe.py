@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -132,29 +131,6 @@ class Split:
     class_names: tuple[str, ...]
 
 
-def record_order(num_records: int, global_batch: int, process_count: int) -> np.ndarray:
-    """The record index of each real row the eval loader yields, in global row order: batch b holds
-    process 0's b-th local batch, then process 1's, ...; process p reads records p, p + pc, ..."""
-    local = global_batch // process_count
-    per_process = [np.arange(p, num_records, process_count) for p in range(process_count)]
-    num_batches = math.ceil(num_records / global_batch)
-    return np.concatenate([rows[b * local:(b + 1) * local] for b in range(num_batches) for rows in per_process])
-
-
-def record_ids(loader, order: np.ndarray, labels: np.ndarray, where: str) -> np.ndarray:
-    """Ids of the records in `order`; their labels must be the ones that came back with the features."""
-    from data import records  # protobuf only; the loader has already read these files
-    ids, got = [], []
-    for i in range(0, len(order), 1024):
-        for raw in loader.source.__getitems__(order[i:i + 1024].tolist()):
-            rec = records.decode(raw)
-            ids.append(rec.id)
-            got.append(rec.label[0] if rec.label else -1)
-    if not np.array_equal(np.asarray(got), labels):
-        raise RuntimeError(f"{where}: feature rows and records are out of order (loader row order changed?)")
-    return np.asarray(ids, dtype=np.str_)
-
-
 class FeatureCache:
     """`features/<dataset>/<split>.*` of one export; extracts on a miss, loading the params once."""
 
@@ -245,10 +221,9 @@ class FeatureCache:
             del fmap
             os.replace(directory / f"{split}.npy.partial", directory / f"{split}.npy")
             labels = np.concatenate(labels)
-            order = record_order(n, self.cfg.batch_size, jax.process_count())
             np.save(directory / f"{split}.labels.npy", labels)
             np.save(directory / f"{split}.ids.npy",
-                    record_ids(loader, order, labels, f"{self.where}: {self.cfg.dataset}/{split}"))
+                    loader.record_ids(labels, f"{self.where}: {self.cfg.dataset}/{split}"))
             (directory / f"{split}.json").write_text(json.dumps(key, indent=1) + "\n")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
