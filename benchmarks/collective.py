@@ -28,7 +28,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from trainer import markdown, sharding
 from trainer.models import vit
@@ -37,7 +36,7 @@ from trainer.models import vit
 def block_step(cfg: vit.ViTConfig, mesh, batch: int, seq: int, seed: int = 0):
     """(jitted fwd+bwd step, its args) for one fused block; params and input sharded as in training."""
     block = vit.ParallelBlock(cfg)
-    x_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+    x_sharding = sharding.batch_sharding(mesh)  # x [batch, seq, width]: laid out as a batch
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed), (batch, seq, cfg.width), jnp.dtype(cfg.dtype)),
                        x_sharding)
     boxed = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(seed), x[:1])["params"])

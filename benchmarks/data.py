@@ -132,10 +132,11 @@ def grain_iterator(split_dir: Path, workers: int, batch_size: int, size: int, *,
     import jax
 
     from data import loader
+    from trainer import sharding
 
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    bsh = sharding.batch_sharding(sharding.make_mesh(devices=jax.devices()[:1]))
     tl = loader.train_loader(split_dir, global_batch_size=batch_size, image_size=size, seed=0,
-                             mesh=mesh, worker_count=workers if processes else 0,
+                             sharding=bsh, worker_count=workers if processes else 0,
                              read_threads=1 if processes else workers)
     return tl.iterator, tl.close
 

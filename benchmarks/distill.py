@@ -37,7 +37,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from benchmarks import digits_run
 from benchmarks import harness
@@ -109,7 +108,7 @@ def build_runner(task: Task, cfg: vit.ViTConfig, data_size: int, mesh, batch: in
         frozen = task.frozen.load(jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(task.frozen.abstract),
             setup.frozen_shardings))
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+    batch_sharding = sharding.batch_sharding(mesh)
     rng = np.random.default_rng(seed)
     data = jax.device_put({
         "image": rng.uniform(-1, 1, (batch, data_size, data_size, 3)).astype(np.float32),

@@ -25,7 +25,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from trainer import flops, losses, sharding
 from trainer import step as step_lib
@@ -107,10 +106,8 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     image_shape = (cfg.image_size, cfg.image_size, 3)
     # {} = trainer/optim.py's defaults (Adafactor) without ml_collections, absent on the GPU host.
     setup = step_lib.setup(task, {}, 10_000, mesh, seed)
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-    if batch_size % sharding.data_parallel_size(mesh):
-        raise ValueError(f"batch {batch_size} is not divisible by the data-parallel size "
-                         f"{sharding.data_parallel_size(mesh)}")
+    batch_sharding = sharding.batch_sharding(mesh)
+    sharding.check_batch(batch_size, batch_sharding, "batch")
     rng = np.random.default_rng(seed)
     classes = cfg.num_classes or cfg.width  # num_classes=0: the model outputs pre-logits [B, width]
     labels = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch_size)]

@@ -3,7 +3,7 @@
 Train: ArrayRecord source (manifest validated first); batch numbers -> this process's stream
 positions of the batch -> seeded per-epoch shuffle (data/shuffle.py) -> read + decode + augment
 into the batch (seeded per record) -> to_iter_dataset (threads) -> [mixup] -> [mp_prefetch] ->
-global arrays sharded over the mesh's data axes.
+global arrays in the given batch sharding.
 Eval: same source and slice, deterministic order, every example exactly once, the last batch
 padded (`mask` False on padding).
 
@@ -17,14 +17,14 @@ import abc
 import dataclasses
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from data import augment as augment_lib
 from data import records
@@ -212,18 +212,23 @@ class Mixup(grain.transforms.RandomMap):
 
 
 class _Globalizer:
-    """Host batch (this process's rows) -> dict of global jax.Arrays sharded on the data axes."""
+    """Host batch (this process's rows) -> dict of global jax.Arrays in the batch sharding."""
 
-    def __init__(self, mesh: Mesh, data_axes: Sequence[str], global_batch_size: int,
-                 process_count: int):
-        missing = [a for a in data_axes if a not in mesh.shape]
-        if missing:
-            raise ValueError(f"data_axes {tuple(data_axes)}: {missing} not in mesh axes {tuple(mesh.shape)}")
-        n_data = math.prod(mesh.shape[a] for a in data_axes)
-        if global_batch_size % n_data or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the data "
-                             f"axes size {n_data} and by process_count={process_count}")
-        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(data_axes)))
+    def __init__(self, sharding: NamedSharding, global_batch_size: int, process_count: int):
+        # The caller's config checks (trainer.sharding.check_batch) have run; these guard the API.
+        if not isinstance(sharding, NamedSharding) or any(tuple(sharding.spec)[1:]):
+            raise ValueError(f"sharding must be a NamedSharding of the batch (leading) axis only, "
+                             f"e.g. trainer.sharding.batch_sharding(mesh); got {sharding!r}")
+        try:
+            sharding.shard_shape((global_batch_size,))
+        except ValueError:  # jax's IndivisibleError
+            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the "
+                             f"shards of {sharding.spec} over mesh {dict(sharding.mesh.shape)}"
+                             ) from None
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by "
+                             f"process_count={process_count}")
+        self.sharding = sharding
         self.global_batch_size = global_batch_size
         self.process_count = process_count
         # XLA turns the division into a multiply by fl(1/127.5); centring first and clipping
@@ -251,8 +256,8 @@ class _SplitLoader:
     """What train and eval loaders share: the validated split, this process's records, the
     batch geometry, the decode parallelism and the host -> global array conversion."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
-                 data_axes: Sequence[str], process_index: int | None, process_count: int | None,
+    def __init__(self, split_dir, *, global_batch_size: int, image_size: int,
+                 sharding: NamedSharding, process_index: int | None, process_count: int | None,
                  worker_count: int, read_threads: int, tokenizer: Any = None):
         if worker_count < 0 or read_threads < 1:
             raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, "
@@ -267,7 +272,7 @@ class _SplitLoader:
         pc = jax.process_count() if process_count is None else process_count
         if not 0 <= pi < pc:
             raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
-        self._globalize = _Globalizer(mesh, data_axes, global_batch_size, pc)
+        self._globalize = _Globalizer(sharding, global_batch_size, pc)
         self.source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
         self._fields = _Fields.from_manifest(m, records.decode(self.source[0]), image_size, tokenizer,
                                              where=str(split_dir))
@@ -282,7 +287,7 @@ class _SplitLoader:
 
     @property
     def sharding(self):
-        """The NamedSharding of every batch array (batch axis over the data axes): the step's in_sharding."""
+        """The NamedSharding of every batch array, the one it was given: the step's in_sharding."""
         return self._globalize.sharding
 
     def _iter_dataset(self, batches: grain.MapDataset, post=None) -> grain.IterDataset:
@@ -302,10 +307,10 @@ class TrainLoader(_SplitLoader):
     """Infinite iterator of global batches; `.iterator` is the Grain DatasetIterator (checkpoint
     it with grain.checkpoint.CheckpointSave/CheckpointRestore); get_state/set_state delegate."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
+    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, seed: int,
                  augment_cfg: augment_lib.AugmentConfig, **kwargs):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         mesh=mesh, **kwargs)
+                         **kwargs)
         pi, pc = self.process_index, self.process_count
         ds = grain.MapDataset.range(sys.maxsize).map(TrainDecodeBatch(  # batch numbers, forever
             self.source, self._fields, augment_cfg, seed, global_batch_size=global_batch_size,
@@ -339,9 +344,9 @@ class EvalLoader(_SplitLoader):
     """Re-iterable: each iter() is one deterministic pass over the split, every example exactly
     once; all processes yield `num_batches` batches, padded ones with `mask` False."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh, **kwargs):
+    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, **kwargs):
         super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         mesh=mesh, **kwargs)
+                         **kwargs)
         self.num_batches = math.ceil(self.num_examples / global_batch_size)
         decode = EvalDecodeBatch(self.source, self._fields, local_batch_size=self.local_batch_size,
                                  process_index=self.process_index, process_count=self.process_count)
@@ -396,11 +401,12 @@ class EvalLoader(_SplitLoader):
         return np.asarray(ids, dtype=np.str_)
 
 
-def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: int, mesh: Mesh,
+def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: int,
+                 sharding: NamedSharding,
                  augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
                  worker_count: int = 0, read_threads: int = READ_THREADS,
-                 data_axes: Sequence[str] = ("data",), process_index: int | None = None,
-                 process_count: int | None = None, tokenizer: Any = None) -> TrainLoader:
+                 process_index: int | None = None, process_count: int | None = None,
+                 tokenizer: Any = None) -> TrainLoader:
     """Training batches of `split_dir` (a prepared split). `augment`: None = Inception crop +
     flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
     `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
@@ -408,22 +414,24 @@ def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: in
     in [-1,1], labels f32 [B,C] multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
     / attributes / shape_label, texture_label when the split has them. With a `tokenizer`
     (data/tokenizer.py; the split must have text): tokens int32 [B,L] + text_mask bool [B,L] of one
-    caption per example, drawn per stream position like the crop."""
+    caption per example, drawn per stream position like the crop. `sharding`: every batch array's
+    layout, `trainer.sharding.batch_sharding(mesh)` (the train step's batch in_sharding)."""
     return TrainLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                       seed=seed, mesh=mesh, augment_cfg=augment_lib.AugmentConfig.from_any(augment),
+                       seed=seed, sharding=sharding,
+                       augment_cfg=augment_lib.AugmentConfig.from_any(augment),
                        worker_count=worker_count, read_threads=read_threads,
-                       data_axes=tuple(data_axes), process_index=process_index,
-                       process_count=process_count, tokenizer=tokenizer)
+                       process_index=process_index, process_count=process_count,
+                       tokenizer=tokenizer)
 
 
-def eval_loader(split_dir, *, global_batch_size: int, image_size: int, mesh: Mesh,
+def eval_loader(split_dir, *, global_batch_size: int, image_size: int, sharding: NamedSharding,
                 worker_count: int = 0, read_threads: int = READ_THREADS,
-                data_axes: Sequence[str] = ("data",), process_index: int | None = None,
-                process_count: int | None = None, tokenizer: Any = None) -> EvalLoader:
+                process_index: int | None = None, process_count: int | None = None,
+                tokenizer: Any = None) -> EvalLoader:
     """Evaluation batches of `split_dir`: resize shorter side + central crop to image_size,
     deterministic order, last batch padded; same keys as training plus `mask` bool [B] (with a
-    `tokenizer`: the first caption's tokens)."""
+    `tokenizer`: the first caption's tokens). `sharding`: as for `train_loader`."""
     return EvalLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                      mesh=mesh, worker_count=worker_count, read_threads=read_threads,
-                      data_axes=tuple(data_axes), process_index=process_index,
-                      process_count=process_count, tokenizer=tokenizer)
+                      sharding=sharding, worker_count=worker_count, read_threads=read_threads,
+                      process_index=process_index, process_count=process_count,
+                      tokenizer=tokenizer)

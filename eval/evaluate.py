@@ -40,7 +40,7 @@ from data import paths
 from eval import evaluators as eval_evaluators
 from eval import outputs
 from trainer import config_checks as checks
-from trainer import evaluators
+from trainer import evaluators, sharding
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,8 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     for key in ("dataset", "train_split"):
         checks.name(f"{where}.{key}", cfg[key])
     _check_models(cfg.models, upstream, f"{where}.models")
-    checks.positive_int(f"{where}.batch_size", cfg.batch_size)
     checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model"))
-    if cfg.mesh.data != -1 and cfg.batch_size % cfg.mesh.data:
-        raise checks.fail(f"{where}.batch_size",
-                          f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
+    sharding.check_batch(cfg.batch_size, cfg.mesh, f"{where}.batch_size")  # and at run time
     if not len(cfg.evals):
         raise checks.fail(f"{where}.evals", "is empty: nothing to evaluate")
     for name, ev in cfg.evals.items():
@@ -298,7 +295,9 @@ def _upstream_record(name: str, stage) -> dict:
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:
-    from trainer import loop, sharding
+    import jax
+
+    from trainer import loop
 
     validate(cfg, None, "evaluate")
     out = Path(out)
@@ -309,8 +308,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         raise ValueError(f"evaluate: no upstream stage exports a model (params/ + model.json or a probe head); "
                          f"inputs: {', '.join(inputs)}")
     mesh = sharding.make_mesh(**cfg.mesh)
-    loop.check_mesh(ml_collections.ConfigDict(dict(batch_size=cfg.batch_size, eval_batch_size=cfg.batch_size)),
-                    mesh, "evaluate")
+    sharding.check_batch(cfg.batch_size, mesh, "evaluate.batch_size", processes=jax.process_count())
     locate = lambda dataset, split: loop.split_dir(cfg, inputs, dataset, split, stage="evaluate")
 
     metrics = {}

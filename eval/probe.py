@@ -88,11 +88,8 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     upstream = upstream or {}
     checks.name(f"{where}.model_from", cfg.model_from, "the exporting stage (e.g. 'pretrain')")
     checks.upstream(f"{where}.model_from", cfg.model_from, upstream)
-    checks.positive_int(f"{where}.batch_size", cfg.batch_size)
     checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model"))
-    if cfg.mesh.data != -1 and cfg.batch_size % cfg.mesh.data:
-        raise checks.fail(f"{where}.batch_size",
-                          f"{cfg.batch_size} is not divisible by mesh.data={cfg.mesh.data}")
+    sharding.check_batch(cfg.batch_size, cfg.mesh, f"{where}.batch_size")  # and at run time
 
     lin = cfg.linear
     checks.names(f"{where}.linear.eval_splits", lin.eval_splits, "a tuple of split names")
@@ -138,11 +135,8 @@ class FeatureCache:
         self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, paths.as_path(prepared), where
         self.model = vit.build_model(**checkpoint.read_model_json(paths.as_path(export.path) / "model.json"))
         self.mesh = sharding.make_mesh(**cfg.mesh)
-        dp = sharding.data_parallel_size(self.mesh)
-        if cfg.batch_size % dp or cfg.batch_size % jax.process_count():
-            raise checks.fail(f"{where}.batch_size",
-                              f"{cfg.batch_size} is not divisible by the data-parallel size {dp} "
-                              f"and the process count {jax.process_count()}")
+        sharding.check_batch(cfg.batch_size, self.mesh, f"{where}.batch_size",
+                             processes=jax.process_count())
         self.boxed = vit.abstract_params(self.model.config)
         self.ctx = evaluators.Context(
             mesh=self.mesh, split_dir=self.split_dir, dataset=cfg.dataset, image_size=self.model.config.image_size,

@@ -203,12 +203,15 @@ def config_rows(stage: dag.Stage, group, target: Target, arch: dict | None,
         replica, data, model = None, None, group.mesh.model
         row("mesh", f"{where}.{e} (target: {target.name})", "")
     problems = []
+    dp = replica * data if replica else None  # None: no mesh of the target (the mesh row says why)
     for key in ("batch_size", "eval_batch_size"):
-        value = group[key]
-        if replica and value % (replica * data):
-            problems.append(f"{where}.{key}={value} is not divisible by the data-parallel size {replica * data}")
-        if value % target.hosts:
-            problems.append(f"{where}.{key}={value} is not divisible by {target.hosts} hosts")
+        microbatches = group.get("microbatches", 1) if key == "batch_size" else 1
+        # the stage's own run-time check, once per divisor so that both reasons show
+        for kw in (dict(mesh=dp, microbatches=microbatches), dict(mesh=None, processes=target.hosts)):
+            try:
+                sharding.check_batch(group[key], key=f"{where}.{key}", **kw)
+            except ValueError as e:
+                problems += [str(e)] if str(e) not in problems else []
     row("batch", "; ".join(problems),
         f"{group.batch_size} = {group.batch_size // target.hosts} per host" +
         (f", {group.batch_size // (replica * data)} per data shard" if replica else ""))
@@ -275,9 +278,9 @@ def loader_rate(split_dir: Path, group, per_host_batch: int, batches: int) -> fl
     from trainer import sharding
 
     batch = min(per_host_batch, LOADER_MAX_BATCH)
-    mesh = sharding.make_mesh(1, 1, devices=jax.local_devices()[:1])
+    bsh = sharding.batch_sharding(sharding.make_mesh(1, 1, devices=jax.local_devices()[:1]))
     train = loader.train_loader(split_dir, global_batch_size=batch, image_size=group.data.image_size,
-                                seed=group.seed, mesh=mesh, augment=group.data.augment.to_dict(),
+                                seed=group.seed, sharding=bsh, augment=group.data.augment.to_dict(),
                                 worker_count=group.runtime.worker_count,
                                 read_threads=group.runtime.read_threads, process_index=0, process_count=1)
     try:

@@ -11,7 +11,6 @@ import io
 import pathlib
 import os
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from data import manifest as manifest_lib
 from launch import cache, dag
 from pipelines import prepare
 from tests import remote_fs
+from trainer import sharding
 
 
 def _png(seed: int) -> bytes:
@@ -99,8 +99,8 @@ def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_dig
 @pytest.mark.xdist_group("cloud_paths")
 def test_loader_reads_a_bucket_split_through_the_cache(remote_prepared, tmp_path, monkeypatch):
     out, _ = remote_prepared
-    mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    args = dict(global_batch_size=64, image_size=32, mesh=mesh)
+    args = dict(global_batch_size=64, image_size=32,
+                sharding=sharding.batch_sharding(sharding.make_mesh(data=8, model=1)))
     remote = list(loader.eval_loader(f"{out}/digits/val", **args))
     local_dir = manifest_lib.local_split(f"{out}/digits/val")
     assert local_dir.parent == tmp_path / "cache"

@@ -193,8 +193,9 @@ def test_both_models_see_the_pixels_of_one_augmentation_draw(prepared_digits, pr
         np.testing.assert_allclose(teacher_x, np.asarray(distill._at(jnp.asarray(batch["image"]), 32)), atol=1e-5)
 
     # The batch is one mixup draw (a >= 1/2, the same a for images and labels) of the plain crops.
+    bsh = sharding.batch_sharding(sharding.make_mesh(data=4, model=2))
     plain = loader.train_loader(Path(prepared_digits) / "digits" / "train", global_batch_size=32, image_size=48,
-                                seed=cfg.seed, mesh=sharding.make_mesh(data=4, model=2),
+                                seed=cfg.seed, sharding=bsh,
                                 augment=dict(cfg.data.augment.to_dict(), mixup_alpha=0.0))
     try:
         first = next(plain)

@@ -40,8 +40,8 @@ def _parts(mesh, split_dir, *, process_index=None, process_count=None):
     task = pretrain.make_task(cfg, 10)
     setup = step_lib.setup(task, cfg.optim, 20, mesh, cfg.seed)
     train = loader.train_loader(split_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,
-                                seed=cfg.seed, mesh=mesh, augment=cfg.data.augment.to_dict(),
-                                data_axes=sharding.data_axes(mesh), process_index=process_index,
+                                seed=cfg.seed, sharding=sharding.batch_sharding(mesh),
+                                augment=cfg.data.augment.to_dict(), process_index=process_index,
                                 process_count=process_count)
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, train.sharding)
     return setup, step, train

@@ -247,7 +247,8 @@ def _upstream_groups():
                                                        r"experiment 'sketch'"),
     (lambda c: c.update(models=("distill/s",)), r"evaluate\.models: 'distill/s' is not upstream"),
     (lambda c: c.evals.test.update(models=("lit",)), r"evaluate\.evals\.test\.models: 'lit' is not upstream"),
-    (lambda c: c.update(batch_size=30), r"evaluate\.batch_size: 30 is not divisible by mesh\.data=4"),
+    (lambda c: c.update(batch_size=30),
+     r"evaluate\.batch_size: 30 is not divisible by the data-parallel size 4"),
 ])
 def test_plan_time_errors_name_the_key(edit, message, tmp_path):
     cfg = make_config(str(tmp_path))

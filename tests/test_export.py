@@ -32,7 +32,7 @@ def digits(prepared_digits):
     from data import loader
     mesh = sharding.make_mesh(data=8, model=1)
     batch = next(iter(loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=32, image_size=32,
-                                         mesh=mesh)))
+                                         sharding=sharding.batch_sharding(mesh))))
     return np.asarray(batch["image"], np.float32)
 
 

@@ -56,7 +56,7 @@ def test_a_resized_model_matches_the_original_on_upsampled_images(pretrain_expor
     start = transfer.start_from_export(pretrain_export.path, source, target, mesh, head="keep")
     resized = start(abstract)
     batch = next(iter(loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=64, image_size=32,
-                                         mesh=mesh)))
+                                         sharding=sharding.batch_sharding(mesh))))
     images = np.asarray(batch["image"])
     logits, _ = vit.ViT(source).apply({"params": params}, images)
     bigger = jax.image.resize(images, (64, 48, 48, 3), "bilinear")
@@ -143,9 +143,9 @@ def test_label_map_evaluator_on_digits(prepared_digits):
     ev = evaluators.LabelMapAccuracy(_label_plus_one, ctx=ctx, split="val", map="digits_pairs",
                                      labels="source")  # digits labelled in the model's classes
     got = dict(ev.run(jnp.zeros(()), {}))
-    labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])]
-                             for b in loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=64,
-                                                         image_size=32, mesh=mesh)])
+    val = loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=64, image_size=32,
+                             sharding=ctx.batch_sharding)
+    labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])] for b in val])
     # Predicting label+1: right pair exactly for even labels (0->1, 2->3, ...), wrong for odd ones.
     assert got["top1"] == pytest.approx(np.mean(labels % 2 == 0)) and got["count"] == len(labels)
     bad = tuple("0123456789"[:-1]) + ("nine",)

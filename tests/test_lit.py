@@ -76,7 +76,8 @@ def test_loader_yields_caption_tokens_and_rejects_a_split_without_text(prepared_
     tok = tokenizer_lib.ByteTokenizer(40)
     mesh = sharding.make_mesh(data=8, model=1)
     split = prepared_digits / "digits" / "train"
-    kw = dict(global_batch_size=16, image_size=32, seed=0, mesh=mesh, tokenizer=tok)
+    kw = dict(global_batch_size=16, image_size=32, seed=0, sharding=sharding.batch_sharding(mesh),
+              tokenizer=tok)
     batch = next(loader.train_loader(split, **kw).iterator)
     again = next(loader.train_loader(split, **kw, read_threads=1).iterator)
     np.testing.assert_array_equal(batch["tokens"], again["tokens"])  # the draw depends on positions only
@@ -97,7 +98,8 @@ def test_loader_yields_caption_tokens_and_rejects_a_split_without_text(prepared_
         os.symlink(prepared_digits / "digits" / "val" / shard["path"], no_text / "digits" / "val" / shard["path"])
     (no_text / "digits" / "val" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=r"split digits/val has no `text` field") as e:
-        loader.eval_loader(no_text / "digits" / "val", global_batch_size=16, image_size=32, mesh=mesh, tokenizer=tok)
+        loader.eval_loader(no_text / "digits" / "val", global_batch_size=16, image_size=32,
+                           sharding=sharding.batch_sharding(mesh), tokenizer=tok)
     assert "\n" not in str(e.value)
 
 
@@ -134,8 +136,9 @@ def test_lit_trains_a_text_tower_against_a_locked_image_tower(prepared_digits, p
     opt = sum(int(np.prod(s)) for k, s in leaves.items() if k[0] == "opt_state")
     assert 2 * n_trained <= opt <= 2 * n_trained + 16 < 2 * n_image  # Adam's mu and nu of the text tower only
     # ... and the image embeddings LiT trained against are the export's own pre-logits.
+    bsh = sharding.batch_sharding(sharding.make_mesh(data=8, model=1))
     batch = next(iter(loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=16, image_size=32,
-                                         mesh=sharding.make_mesh(data=8, model=1))))
+                                         sharding=bsh)))
     image_params = checkpoint.load_params(pretrain_export.path / "params")
     pre = vit.ViT(image_cfg).apply({"params": image_params}, batch["image"])[1]["pre_logits"]
     task = lit.make_task(cfg, pretrain_export.path, tokenizer_lib.load(tmp_path / "tokenizer.json"))

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data import images, loader, records
 from data import manifest as manifest_lib
 from pipelines import prepare, sources
+from trainer import sharding
 
 # One xdist worker (make test: --dist loadgroup) runs these: they share the module's `digits`.
 pytestmark = pytest.mark.xdist_group("loader")
@@ -18,6 +20,10 @@ pytestmark = pytest.mark.xdist_group("loader")
 
 def _mesh(shape=(8, 1)):
     return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _bsh(shape=(8, 1)):
+    return sharding.batch_sharding(_mesh(shape))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def digits(tmp_path_factory):
 
 
 def _train(split_dir, **kw):
-    args = dict(global_batch_size=64, image_size=32, seed=0, mesh=_mesh())
+    args = dict(global_batch_size=64, image_size=32, seed=0, sharding=_bsh())
     return loader.train_loader(split_dir, **{**args, **kw})
 
 
@@ -46,7 +52,7 @@ def _host(batch):
 
 def test_round_trip_image_record_eval_batch(digits):
     """source pixels -> prepare -> ArrayRecord -> loader batch, exactly (lossless, 32 px)."""
-    el = loader.eval_loader(digits / "test", global_batch_size=64, image_size=32, mesh=_mesh())
+    el = loader.eval_loader(digits / "test", global_batch_size=64, image_size=32, sharding=_bsh())
     ids = _ids(el.records)
     batch = _host(next(iter(el)))
     src = sources.DigitsSource(32)
@@ -64,8 +70,7 @@ def index_label(index):
 
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
 def test_sharded_batch_feeds_jitted_function(digits, shape):
-    mesh = _mesh(shape)
-    tl = _train(digits / "train", mesh=mesh)
+    tl = _train(digits / "train", sharding=_bsh(shape))
     batch = next(tl)
     assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == jnp.float32
     assert batch["labels"].shape == (64, 10) and batch["label"].dtype == jnp.int32
@@ -105,7 +110,7 @@ def test_two_processes_read_disjoint_parts_covering_the_split(digits):
     assert not set(seen[0]) & set(seen[1])  # disjoint within the epoch
     with pytest.raises(RuntimeError, match="process_count=2 but jax.process_count\\(\\)=1"):
         next(parts[0])
-    evals = [loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, mesh=_mesh(),
+    evals = [loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, sharding=_bsh(),
                                 process_index=i, process_count=2) for i in range(2)]
     batches = [list(e.host_batches()) for e in evals]
     assert len(batches[0]) == len(batches[1]) == evals[0].num_batches == 3
@@ -155,14 +160,15 @@ def test_augmentation_is_per_record_not_per_batch_or_thread_count(digits):
     """A record's crop/flip depend only on the seed and its stream position: two batches of 32
     equal one batch of 64, whatever the number of decode threads."""
     big = _host(next(_train(digits / "train", seed=3, read_threads=1)))
-    small = _train(digits / "train", seed=3, global_batch_size=32, mesh=_mesh((4, 2)), read_threads=3)
+    small = _train(digits / "train", seed=3, global_batch_size=32, sharding=_bsh((4, 2)),
+                   read_threads=3)
     halves = [_host(next(small)) for _ in range(2)]
     for key in ("image", "labels", "label"):
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), big[key])
 
 
 def test_eval_pads_last_batch_and_is_reiterable(digits):
-    el = loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, mesh=_mesh())
+    el = loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, sharding=_bsh())
     one, two = [_host(b) for b in el], [_host(b) for b in el]
     assert len(one) == el.num_batches == 3 and el.num_examples == 179
     assert [int(b["mask"].sum()) for b in one] == [64, 64, 51]
@@ -203,8 +209,11 @@ def test_bad_inputs_fail_clearly(digits, tmp_path):
         _train(digits / "train", global_batch_size=60)
     with pytest.raises(ValueError, match="unknown key"):
         _train(digits / "train", augment={"mixup": 0.2})
-    with pytest.raises(ValueError, match="not in mesh axes"):
-        _train(digits / "train", data_axes=("batch",))
+    with pytest.raises(ValueError, match="global_batch_size=64 must be divisible by process_count=3"):
+        _train(digits / "train", process_index=0, process_count=3)
+    for not_a_batch_sharding in (_mesh(), NamedSharding(_mesh((4, 2)), P("data", "model"))):
+        with pytest.raises(ValueError, match=r"NamedSharding of the batch \(leading\) axis only"):
+            _train(digits / "train", sharding=not_a_batch_sharding)
     with pytest.raises(ValueError, match="read_threads >= 1"):
         _train(digits / "train", read_threads=0)
     bad = tmp_path / "val"
@@ -213,6 +222,6 @@ def test_bad_inputs_fail_clearly(digits, tmp_path):
     obj["shards"][0]["sha256"] = "f" * 64
     (bad / "manifest.json").write_text(json.dumps(obj))
     with pytest.raises(manifest_lib.ManifestError, match="sha256 .* does not match"):
-        loader.eval_loader(bad, global_batch_size=64, image_size=32, mesh=_mesh())
+        loader.eval_loader(bad, global_batch_size=64, image_size=32, sharding=_bsh())
     with pytest.raises(manifest_lib.ManifestError, match="no manifest"):
         _train(tmp_path)

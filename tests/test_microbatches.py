@@ -33,7 +33,8 @@ def test_microbatched_step_equals_the_full_batch():
                            ref_state["opt_state"])
 
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, bsh, microbatches=3)
-    with pytest.raises(ValueError, match="microbatches: batch of 16 is not divisible by 3 microbatches"):
+    with pytest.raises(ValueError, match="^batch: 16 is not divisible by 3 microbatches x the "
+                                         "data-parallel size 4"):  # (jax appends a traceback note)
         step(setup.init(), {}, batch)
 
 
@@ -44,6 +45,20 @@ def test_microbatches_checked_at_plan_time():
     group = tiny.get_config().pretrain
     with group.unlocked():
         group.mesh.data, group.batch_size, group.eval_batch_size, group.microbatches = 4, 64, 64, 32
-    with pytest.raises(ValueError, match=r"^pretrain.microbatches: batch_size 64 is not divisible by 32 microbatches"
-                                         r" x the data-parallel size 4$"):
+    with pytest.raises(ValueError, match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
+                                         r"microbatches x the data-parallel size 4$"):
         stage_config.check(group, "pretrain")
+
+
+def test_microbatches_checked_at_run_time_when_the_mesh_is_sized_from_the_devices():
+    from launch.configs import tiny
+    from trainer import loop, stage_config
+
+    group = tiny.get_config().pretrain
+    with group.unlocked():
+        group.mesh.data, group.mesh.model, group.batch_size, group.eval_batch_size = -1, 2, 64, 64
+        group.microbatches = 32
+    stage_config.check(group, "pretrain")  # data = -1: the data-parallel size is not known yet
+    with pytest.raises(ValueError, match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
+                                         r"microbatches x the data-parallel size 4$"):
+        loop.check_mesh(group, sharding.make_mesh(**group.mesh), "pretrain")

@@ -60,7 +60,8 @@ def _losses(out):
 def test_two_process_slices_form_the_single_process_global_batch(digits):
     mesh = sharding.make_mesh(data=8, model=1)
     split = digits / "digits" / "train"
-    kw = dict(global_batch_size=32, image_size=32, seed=3, mesh=mesh, augment=dict(flip=True, area_min=0.3))
+    kw = dict(global_batch_size=32, image_size=32, seed=3, sharding=sharding.batch_sharding(mesh),
+              augment=dict(flip=True, area_min=0.3))
     single = loader.train_loader(split, **kw, process_index=0, process_count=1)
     parts = [loader.train_loader(split, **kw, process_index=i, process_count=2) for i in range(2)]
     for _ in range(3):

@@ -52,10 +52,12 @@ def test_tiny_config_is_go_on_cpu(prepared_digits, tmp_path):
     (preflight.Options(topology="v4:2x2x1"), {}, "mesh",
      "pretrain.mesh: replica=1 x data=4 x model=2 = 8 but there are 4 devices (target: TPU v4:2x2x1"),
     (preflight.Options(), {"batch_size": 62}, "batch",
-     "pretrain.batch_size=62 is not divisible by the data-parallel size 4"),
+     "pretrain.batch_size: 62 is not divisible by the data-parallel size 4"),
     (preflight.Options(topology="v4:4x4x4"), {"mesh.data": 8, "mesh.model": 8, "batch_size": 72,
                                               "eval_batch_size": 64}, "batch",
-     "pretrain.batch_size=72 is not divisible by 16 hosts"),
+     "pretrain.batch_size: 72 is not divisible by 16 processes"),
+    (preflight.Options(), {"mesh.data": -1, "microbatches": 32}, "batch",  # data known on the target
+     "pretrain.batch_size: 64 is not divisible by 32 microbatches x the data-parallel size 4"),
     (preflight.Options(), {"mesh.data": 1, "mesh.model": 8}, "head_dim",
      "pretrain.model: num_heads 4 is not divisible by the model axis 8 (its weights would be replicated"),
     (preflight.Options(), {"model.num_heads": 3}, "head_dim", "width 64 is not divisible by num_heads 3"),
@@ -143,7 +145,7 @@ def test_cli_exit_codes_and_the_dag_gate(prepared_digits, tmp_path):
            "--workdir", str(tmp_path / "w1"), "--config.pretrain.batch_size=62"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 1, out.stderr[-2000:]
-    assert "pretrain.batch_size=62 is not divisible by the data-parallel size 4" in out.stdout
+    assert "pretrain.batch_size: 62 is not divisible by the data-parallel size 4" in out.stdout
     assert "unknown until the config passes plan-time validation" in out.stdout
     assert out.stdout.rstrip().endswith("NO-GO (4 reasons)")
 

@@ -103,7 +103,8 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(digits, tmp
     (dict(batch_size=62), "batch_size: 62 is not divisible by the data-parallel size 4"),
     (dict(eval_batch_size=6), "eval_batch_size: 6"),
     ({"mesh.data": 3, "batch_size": 48, "eval_batch_size": 48}, "mesh: replica=1 x data=3 x model=2"),
-    ({"mesh.data": -1, "batch_size": 62}, "batch_size=62 is not divisible by the data-parallel size 4"),
+    ({"mesh.data": -1, "batch_size": 62},  # known at run time only: the same check and message
+     "pretrain.batch_size: 62 is not divisible by the data-parallel size 4"),
     ({"data.dataset": "imagenet2012"}, "dataset 'imagenet2012' split 'train' not found"),
     ({"evals.val.split": "nope"}, "dataset 'digits' split 'nope' not found"),
     ({"data.image_size": 30}, "image_size=30"),

@@ -97,7 +97,7 @@ def _upstream():
     ("fewshot.l2", -1.0, "probe.fewshot.l2=-1.0: must be a number > 0"),
     ("linear.holdout", 1.5, "probe.linear.holdout: must be a fraction in (0, 1)"),
     ("linear.lrs", (), "probe.linear.lrs: must be a non-empty tuple"),
-    ("batch_size", 250, "probe.batch_size: 250 is not divisible by mesh.data=4"),
+    ("batch_size", 250, "probe.batch_size: 250 is not divisible by the data-parallel size 4"),
 ])
 def test_bad_configs_fail_at_plan_time_in_one_line(key, value, message):
     cfg = probe.default_config()
@@ -186,7 +186,8 @@ def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
     forward = jax.jit(lambda p, images: model.apply({"params": p}, images)[1]["pre_logits"])
     hits = count = 0
     with sharding.activate(mesh):
-        for batch in loader.eval_loader(split_dir, global_batch_size=128, image_size=32, mesh=mesh):
+        for batch in loader.eval_loader(split_dir, global_batch_size=128, image_size=32,
+                                        sharding=sharding.batch_sharding(mesh)):
             x = np.asarray(forward(params, batch["image"]))
             mask = np.asarray(batch["mask"])
             pred = np.argmax(x @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), axis=1)

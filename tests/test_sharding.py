@@ -30,14 +30,14 @@ def _batch(mesh, n=16):
     batch = {"image": rng.normal(size=(n, 16, 16, 3)).astype(np.float32),
              "labels": np.eye(8, dtype=np.float32)[labels], "label": labels.astype(np.int32),
              "mask": np.ones(n, bool)}
-    return jax.device_put(batch, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
 def _train(mesh, steps=3, optimizer="adafactor"):
     task, setup = _setup(mesh, optimizer)
     st = setup.init()
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings,
-                                    jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
+                                    sharding.batch_sharding(mesh))
     values = []
     for _ in range(steps):
         st, metrics = step(st, {}, _batch(mesh))
@@ -55,6 +55,32 @@ def test_mesh_sizes_are_validated_with_one_line_errors():
     mesh = sharding.make_mesh(data=2, model=2, replica=2)
     assert mesh.axis_names == ("replica", "data", "model")
     assert sharding.batch_spec(mesh) == P(("replica", "data"))
+    assert sharding.batch_sharding(mesh).spec == sharding.batch_spec(mesh)
+    assert sharding.batch_sharding(mesh).mesh is mesh and sharding.data_parallel_size(mesh) == 4
+
+
+def test_one_batch_divisibility_check_for_plan_time_run_time_and_the_step():
+    """`check_batch` takes a mesh, a batch sharding, a mesh config (-1: unknown until run time)
+    or a size; one message format naming the key."""
+    mesh = sharding.make_mesh(data=4, model=2)
+    for where in (mesh, sharding.batch_sharding(mesh), {"data": 4, "model": 2}, 4,
+                  {"replica": 2, "data": 2}):
+        sharding.check_batch(16, where, "k", microbatches=2, processes=2)
+        with pytest.raises(ValueError, match=r"^g\.batch_size: 18 is not divisible by the "
+                                             r"data-parallel size 4$"):
+            sharding.check_batch(18, where, "g.batch_size")
+        with pytest.raises(ValueError, match=r"^k: 16 is not divisible by 8 microbatches x the "
+                                             r"data-parallel size 4$"):
+            sharding.check_batch(16, where, "k", microbatches=8)
+    for unknown in ({"data": -1, "model": 2}, {"replica": -1, "data": 4}, None, 1):
+        sharding.check_batch(18, unknown, "k")
+        with pytest.raises(ValueError, match=r"^k: 18 is not divisible by 4 microbatches$"):
+            sharding.check_batch(18, unknown, "k", microbatches=4)
+    with pytest.raises(ValueError, match=r"^k: 16 is not divisible by 3 processes$"):
+        sharding.check_batch(16, mesh, "k", processes=3)
+    for bad in (0, -8, 8.0, True, None):
+        with pytest.raises(ValueError, match=r"^k: must be a positive int, got "):
+            sharding.check_batch(bad, mesh, "k")
 
 
 def test_rules_shard_params_on_both_axes_golden():
@@ -105,7 +131,7 @@ def test_activation_constraints_reach_the_compiled_step():
     task, setup = _setup(mesh)
     model = vit.ViT(vit.make_config("mu/4", image_size=16, num_classes=8, head_zeroinit=False))
     abstract = setup.abstract
-    bsh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
+    bsh = sharding.batch_sharding(mesh)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     args = (abstract["params"], jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32, sharding=bsh))
     assert "sharding_constraint" not in fn.lower(*args).as_text()

@@ -98,13 +98,11 @@ def compile_train_step(task, optim_cfg, total_steps: int, mesh, seed: int, batch
                        compiler_options: dict | None = None) -> CompiledStep:
     """trainer/step.py's real train step over `task`, lowered on abstract state and batch with the
     state's shardings and compiled for `mesh`'s devices (a TPU topology's or this machine's)."""
-    from jax.sharding import NamedSharding
-
     from trainer import checkpoint, sharding
     from trainer import step as step_lib
 
     setup = step_lib.setup(task, optim_cfg, total_steps, mesh, seed)
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+    batch_sharding = sharding.batch_sharding(mesh)
     train_step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
                                           setup.frozen_shardings, microbatches=microbatches)
     state = checkpoint.abstract_with_shardings(setup.abstract, setup.shardings)
@@ -121,14 +119,12 @@ def estimate_bytes(task, optim_cfg, total_steps: int, data: int, model: int, rep
                    batch_size: int, image_size: int, num_classes: int) -> int:
     """Without libtpu: jax.eval_shape's per-device bytes of params + optimizer state + batch on an
     abstract mesh (activations and temps not counted)."""
-    from jax.sharding import NamedSharding
-
     from trainer import sharding
     from trainer import step as step_lib
 
     mesh = sharding.abstract_mesh(data, model, replica)
     setup = step_lib.setup(task, optim_cfg, total_steps, mesh, seed)
-    batch = abstract_batch(batch_size, image_size, num_classes, NamedSharding(mesh, sharding.batch_spec(mesh)))
+    batch = abstract_batch(batch_size, image_size, num_classes, sharding.batch_sharding(mesh))
     return (sharding.per_device_bytes(setup.abstract, setup.shardings)
             + sharding.per_device_bytes(batch, {k: v.sharding for k, v in batch.items()}))
 

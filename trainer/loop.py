@@ -73,14 +73,12 @@ def split_dir(cfg, inputs: dict, dataset: str, split: str, *, stage: str) -> Pat
 
 
 def check_mesh(cfg, mesh, stage: str) -> None:
-    """Run-time checks that need the devices: batch vs the data-parallel size and the processes."""
-    dp = sharding.data_parallel_size(mesh)
+    """Run-time checks that need the devices: batch vs the microbatches x the data-parallel size
+    and the processes (`sharding.check_batch`, as at plan time where the mesh config is known)."""
     for field in ("batch_size", "eval_batch_size"):
-        value = cfg[field]
-        if value <= 0 or value % dp:
-            raise ValueError(f"{stage}.{field}={value} is not divisible by the data-parallel size {dp}")
-        if value % jax.process_count():
-            raise ValueError(f"{stage}.{field}={value} is not divisible by {jax.process_count()} processes")
+        microbatches = cfg.get("microbatches", 1) if field == "batch_size" else 1
+        sharding.check_batch(cfg[field], mesh, f"{stage}.{field}", microbatches=microbatches,
+                             processes=jax.process_count())
 
 
 def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stage: str,
@@ -103,10 +101,11 @@ def run(cfg, inputs: dict, out: Path, build_task: Callable[[Env], Task], *, stag
                 locate(ev.get("dataset") or cfg.data.dataset, ev[key])
 
     # --- Data.
-    train = loader.train_loader(train_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,
-                                seed=cfg.seed, mesh=mesh, augment=cfg.data.augment.to_dict(),
-                                worker_count=rt.worker_count, read_threads=rt.read_threads,
-                                data_axes=sharding.data_axes(mesh), **(loader_kwargs or {}))
+    train = loader.train_loader(train_dir, global_batch_size=cfg.batch_size,
+                                image_size=cfg.data.image_size, seed=cfg.seed,
+                                sharding=sharding.batch_sharding(mesh),
+                                augment=cfg.data.augment.to_dict(), worker_count=rt.worker_count,
+                                read_threads=rt.read_threads, **(loader_kwargs or {}))
     try:
         env = Env(cfg, inputs, mesh, train, train.num_classes, locate, dict(loader_kwargs or {}))
         return _train(cfg, out, build_task(env), env, stage)

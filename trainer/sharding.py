@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -102,12 +103,45 @@ def batch_spec(mesh) -> P:
     return P(dict(logical_rules(mesh.axis_names))["act_batch"])
 
 
-def data_axes(mesh) -> tuple[str, ...]:
-    return _data_axes(mesh.axis_names)
+def batch_sharding(mesh) -> NamedSharding:
+    """THE layout of every batch array, the one object the loaders, the train and eval steps, AOT,
+    the benchmarks and the tests are handed: `batch_spec(mesh)` on `mesh` (concrete or abstract)."""
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 def data_parallel_size(mesh) -> int:
-    return math.prod(mesh.shape[a] for a in data_axes(mesh))
+    """replica x data: how many shards a batch splits into (a mesh or a NamedSharding's mesh)."""
+    mesh = mesh.mesh if isinstance(mesh, NamedSharding) else mesh
+    return math.prod(mesh.shape[a] for a in _data_axes(mesh.axis_names))
+
+
+def _data_parallel(mesh) -> int | None:
+    """`data_parallel_size` of a mesh, sharding, int or None (unknown), or of a mesh config (keys
+    data[, replica]; None while one is -1, i.e. sized from the devices at run time)."""
+    if mesh is None or isinstance(mesh, numbers.Integral):
+        return mesh
+    if isinstance(mesh, (Mesh, AbstractMesh, NamedSharding)):
+        return data_parallel_size(mesh)
+    sizes = [mesh.get(a, 1) for a in ("replica", "data")]
+    return None if -1 in sizes else math.prod(sizes)
+
+
+def check_batch(batch_size: int, mesh, key: str, *, microbatches: int = 1,
+                processes: int = 1) -> None:
+    """THE batch divisibility check, at plan time, at run time and in the train step: the batch
+    splits into `microbatches` equal microbatches, each spread evenly over the data-parallel shards
+    of `mesh` (`_data_parallel`: a mesh, a batch sharding or a mesh config), and into `processes`
+    equal per-process parts. Raises "<key>: <batch_size> is not divisible by ..."."""
+    checks.positive_int(key, batch_size)
+    if not checks.is_int(microbatches, 1):
+        raise checks.fail(key, f"microbatches must be a positive int, got {microbatches!r}")
+    dp = _data_parallel(mesh)
+    if batch_size % (microbatches * (dp or 1)):
+        parts = ([f"{microbatches} microbatches"] if microbatches > 1 else []) + (
+            [f"the data-parallel size {dp}"] if dp and dp > 1 else [])
+        raise checks.fail(key, f"{batch_size} is not divisible by {' x '.join(parts)}")
+    if batch_size % processes:
+        raise checks.fail(key, f"{batch_size} is not divisible by {processes} processes")
 
 
 def fit_dim(axes, dim: int, mesh):

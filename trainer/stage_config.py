@@ -28,7 +28,7 @@ from typing import Mapping
 import ml_collections
 
 from trainer import config_checks as checks
-from trainer import evaluators, losses, optim, xla_flags
+from trainer import evaluators, losses, optim, sharding, xla_flags
 from trainer.models import vit
 
 
@@ -121,19 +121,12 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
     checks.number(f"{where}.{given[0]}", cfg[given[0]], gt=0)
 
     checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model", "replica"))
-    data_parallel = None if -1 in (cfg.mesh.data, cfg.mesh.replica) else cfg.mesh.data * cfg.mesh.replica
-    for key in ("batch_size", "eval_batch_size"):
-        value = cfg[key]
-        checks.positive_int(f"{where}.{key}", value)
-        if data_parallel and value % data_parallel:
-            raise checks.fail(f"{where}.{key}", f"{value} is not divisible by the data-parallel "
-                                                f"size {data_parallel} (mesh.replica x mesh.data)")
     microbatches = cfg.get("microbatches", 1)
     checks.positive_int(f"{where}.microbatches", microbatches)
-    if cfg.batch_size % (microbatches * (data_parallel or 1)):
-        raise checks.fail(f"{where}.microbatches",
-                          f"batch_size {cfg.batch_size} is not divisible by {microbatches} "
-                          f"microbatches x the data-parallel size {data_parallel or 1}")
+    for key in ("batch_size", "eval_batch_size"):
+        # the run time's check (trainer/loop.py check_mesh); a -1 mesh axis leaves it to run time
+        sharding.check_batch(cfg[key], cfg.mesh, f"{where}.{key}",
+                             microbatches=microbatches if key == "batch_size" else 1)
     try:
         xla_flags.check_name(cfg.get("xla_flags", "default"))
     except ValueError as e:

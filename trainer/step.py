@@ -110,8 +110,7 @@ def value_and_grad(task: Task, params, frozen, batch, rng, microbatches: int = 1
     if microbatches == 1:
         return grad_fn(params, batch, rng)
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    if size % microbatches:
-        raise ValueError(f"microbatches: batch of {size} is not divisible by {microbatches} microbatches")
+    sharding.check_batch(size, batch_sharding, "batch", microbatches=microbatches)
     parts = _split_microbatches(batch, microbatches)
 
     def one(carry, xs):

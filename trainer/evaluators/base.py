@@ -40,15 +40,21 @@ class Context:
         args override the stage's `loader_kwargs` (e.g. `tokenizer=None` for a split without text)."""
         from data import loader  # Grain: only where data is read
         return loader.eval_loader(self.split_dir(dataset or self.dataset, split),
-                                  global_batch_size=self.batch_size, image_size=image_size or self.image_size,
-                                  mesh=self.mesh, read_threads=self.read_threads,
-                                  worker_count=self.worker_count, data_axes=sharding.data_axes(self.mesh),
+                                  global_batch_size=self.batch_size,
+                                  image_size=image_size or self.image_size,
+                                  sharding=self.batch_sharding, read_threads=self.read_threads,
+                                  worker_count=self.worker_count,
                                   **{**self.loader_kwargs, **loader_kwargs})
+
+    @property
+    def batch_sharding(self):
+        """`sharding.batch_sharding(mesh)`: the loaders' batches and `jit`'s batch argument."""
+        return sharding.batch_sharding(self.mesh)
 
     def jit(self, fn: Callable) -> Callable:
         """Jits `fn(params, frozen, batch) -> sums` with these shardings (trainer/step.py)."""
-        batch_sharding = jax.sharding.NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
-        return step_lib.make_eval_step(fn, self.param_shardings, self.frozen_shardings, batch_sharding)
+        return step_lib.make_eval_step(fn, self.param_shardings, self.frozen_shardings,
+                                       self.batch_sharding)
 
 
 class Evaluator:
