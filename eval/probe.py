@@ -14,11 +14,14 @@ distill run), and `inputs["prepare"]`, the prepared splits of `cfg.dataset`.
    they are features of: the export's fingerprint, the image size, the split's shard checksums;
    written last). A split whose `.json` matches is read back instead: a rerun in the same stage dir
    (the DAG's resumable `.partial-*` dir) extracts nothing and loads no parameters.
-2. **Linear probe.** Softmax cross-entropy + L2 penalty (on the weights, not the bias), Adam with a
-   cosine decay, minibatches read from the memory map, on features standardised with the fitting
-   rows' mean/std. Every (lr, l2) of the grid is trained at once (one vmapped head per point) on
-   the train split minus a random `holdout` slice, the best holdout top-1 wins (first in grid order
-   on ties), and that point is refit on the whole train split. The standardisation is folded into
+2. **Linear probe.** A convex problem solved to convergence, not trained: the minimiser of the mean
+   softmax cross-entropy + 0.5 * l2 * |kernel|^2 (the bias unpenalised) on features standardised
+   with the fitting rows' mean/std, by L-BFGS (SciPy's L-BFGS-B driving a jitted objective and
+   gradient over all the rows, sharded on the `mesh`) until the largest gradient component is at
+   most `linear.tol` (else the stage fails naming `linear.max_iters`); deterministic. Each l2 of
+   the grid is solved on the train split minus a random `holdout` slice, the best holdout top-1
+   wins (first in grid order on ties), and that l2 is solved again on the whole train split. The
+   standardisation is folded into
    the exported head, so it is a plain dense layer on raw pre-logits: `head/` (Orbax,
    {"kernel" [D, C], "bias" [C]}) + `head.json`; `logits = pre_logits @ kernel + bias`
    (`apply_head`), which is how the evaluate stage scores any split with backbone + head.
@@ -28,7 +31,8 @@ distill run), and `inputs["prepare"]`, the prepared splits of `cfg.dataset`.
    the largest shot count fails before the linear probe trains.
 
 Outputs: artifacts `features`, `head`, `head_spec` (head.json), `fewshot` (fewshot.json); metrics
-`linear/<split>_top1` per `linear.eval_splits`, `linear/holdout_top1`, `linear/lr`, `linear/l2`,
+`linear/<split>_top1` per `linear.eval_splits`, `linear/holdout_top1`, `linear/l2`,
+`linear/iterations` (L-BFGS iterations of the exported head),
 `fewshot/<k>shot_top1`, `fewshot/<k>shot_top1_std`.
 """
 from __future__ import annotations
@@ -46,6 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import scipy.optimize
+import threadpoolctl
 
 from data import paths
 from trainer import config_checks as checks
@@ -55,6 +61,7 @@ from trainer.models import vit
 
 PRED = "pre_logits"
 _CHUNK = 8192  # rows read from a feature memory map at a time when scoring or taking moments
+_LBFGS_MEMORY = 30  # L-BFGS correction pairs kept (SciPy's maxcor; its default 10 needs more steps)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,12 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.linear = ml_collections.ConfigDict(dict(
         train_split="train",
         eval_splits=("val", "test"),  # top-1 reported for each
-        holdout=0.1,  # fraction of train_split held out to pick (lr, l2); then refit on all of it
-        lrs=(0.01, 0.1, 1.0),  # Adam peak learning rates, cosine decay to 0
-        l2s=(0.0, 1e-5, 1e-4, 1e-3),  # L2 penalty 0.5 * l2 * |W|^2 on the standardised-feature weights
-        steps=500,
-        batch_size=512,
-        seed=0,  # holdout split and minibatch order
+        holdout=0.1,  # fraction of train_split held out to pick l2; then solved on all of it
+        l2s=(1e-6, 1e-5, 1e-4, 1e-3),  # L2 penalty 0.5 * l2 * |W|^2 on standardised features; > 0
+        tol=1e-4,  # solved when the largest gradient component is <= tol (float32: keep >= ~3e-5)
+        max_iters=2000,  # L-BFGS iterations per l2; more fails the stage (features stay cached)
+        seed=0,  # the holdout split
     ))
     c.fewshot = ml_collections.ConfigDict(dict(
         train_split="train", split="test",  # few-shot train sets drawn from train_split; scored on split
@@ -94,10 +100,9 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     lin = cfg.linear
     checks.names(f"{where}.linear.eval_splits", lin.eval_splits, "a tuple of split names")
     checks.number(f"{where}.linear.holdout", lin.holdout, gt=0, lt=1, what="a fraction")
-    checks.number_tuple(f"{where}.linear.lrs", lin.lrs, gt=0)
-    checks.number_tuple(f"{where}.linear.l2s", lin.l2s, ge=0)
-    for key in ("steps", "batch_size"):
-        checks.positive_int(f"{where}.linear.{key}", lin[key])
+    checks.number_tuple(f"{where}.linear.l2s", lin.l2s, gt=0)  # l2 = 0 may have no minimiser
+    checks.number(f"{where}.linear.tol", lin.tol, gt=0)
+    checks.positive_int(f"{where}.linear.max_iters", lin.max_iters)
     checks.int_at_least(f"{where}.linear.seed", lin.seed, 0)
     fs = cfg.fewshot
     fewshot.check_config(f"{where}.fewshot", shots=fs.shots, seeds=fs.seeds, l2=fs.l2)
@@ -238,50 +243,90 @@ def _moments(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-6, std, 1.0)  # a constant feature is left unscaled
 
 
-def _train_step(tx: optax.GradientTransformation, lr: jax.Array, l2: jax.Array):
-    """One Adam step of G independent heads [G, D, C] on one minibatch (lr and l2 per head)."""
-    def loss(params, x, y):
-        logits = jnp.einsum("bd,gdc->gbc", x, params["w"]) + params["b"][:, None, :]
-        xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2]))
-        return jnp.sum(jnp.mean(xent, axis=1) + 0.5 * l2 * jnp.sum(jnp.square(params["w"]), axis=(1, 2)))
+def _sharded_rows(mesh, x: np.ndarray, y: np.ndarray, rows: np.ndarray, mean: np.ndarray,
+                  std: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x, y, weight) of `rows`, on `mesh` with the rows sharded over all its devices: x[rows]
+    standardised (float32), their labels, and 1 (0 on the padding up to a multiple of the mesh's
+    size). Each process reads only the rows of its own devices from the memory map."""
+    n, size = len(rows), mesh.devices.size
+    padded = -(-n // size) * size
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
 
-    @jax.jit
-    def step(params, opt_state, x, y):
-        updates, opt_state = tx.update(jax.grad(loss)(params, x, y), opt_state)
-        scale = lambda u: lr.reshape((-1,) + (1,) * (u.ndim - 1)) * u
-        return jax.tree_util.tree_map(lambda p, u: p - scale(u), params, updates), opt_state
-    return step
+    def array(fill, dtype, *shape):
+        def block(index):
+            part = range(padded)[index[0]]
+            idx = rows[part.start:min(part.stop, n)]
+            out = np.zeros((len(part), *shape), dtype)
+            out[:len(idx)] = fill(idx)
+            return out
+        return jax.make_array_from_callback((padded, *shape), sharding, block)
+    return (array(lambda i: (x[i] - mean) / std, np.float32, x.shape[1]),
+            array(lambda i: y[i], np.int32), array(lambda i: 1.0, np.float32))
 
 
-def train_heads(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int,
-                points: list[tuple[float, float]], *, steps: int, batch_size: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """One linear head per (lr, l2) point on x[rows] (x may be a memory map), trained together.
+def _objective(theta, x, y, weight, l2):
+    """(value, gradient) of the linear probe's objective at theta = [kernel; bias] [D + 1, C] on
+    standardised rows: mean softmax cross-entropy + 0.5 * l2 * |kernel|^2 (the bias unpenalised).
+    In float64 (traced under jax.enable_x64): float32 values stall the line search near the
+    minimum, a gradient component ~1e-5 from it."""
+    def value(theta):
+        logits = x.astype(jnp.float64) @ theta[:-1] + theta[-1]
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(weight * xent) / jnp.sum(weight) + 0.5 * l2 * jnp.sum(jnp.square(theta[:-1]))
+    return jax.value_and_grad(value)(theta)
 
-    Returns kernels [G, D, C] and biases [G, C] that apply to the raw features: the fitting rows'
-    standardisation is folded in.
+
+def _minimise(objective, data, l2: float, theta: np.ndarray, max_iters: int, tol: float,
+              where: str) -> tuple[np.ndarray, dict]:
+    """SciPy's L-BFGS-B on `objective` from `theta` until the largest gradient component is at
+    most `tol`; anything else (max_iters reached, a line search stopped by float32 noise) fails."""
+    def value_and_grad(flat):
+        with jax.enable_x64(True):
+            value, grad = objective(flat.reshape(theta.shape), *data, np.float64(l2))
+        return float(value), np.asarray(grad, np.float64).ravel()
+
+    options = dict(maxiter=max_iters, gtol=tol, ftol=0.0, maxcor=_LBFGS_MEMORY)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):  # threads slow its small updates 10x
+        result = scipy.optimize.minimize(value_and_grad, theta.ravel(), jac=True,
+                                         method="L-BFGS-B", options=options)
+    grad_max = float(np.abs(result.jac).max())
+    if not grad_max <= tol:
+        raise RuntimeError(f"{where}: l2={l2:g} not solved: max |gradient| {grad_max:.2g} > "
+                           f"tol={tol:g} after {result.nit} L-BFGS iterations ({result.message}); "
+                           f"raise {where}.max_iters (or tol, if the line search stopped)")
+    return result.x.reshape(theta.shape), {"iterations": int(result.nit), "grad_max": grad_max}
+
+
+def fit_heads(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, l2s: list[float], *,
+              mesh, max_iters: int, tol: float, init: tuple[np.ndarray, np.ndarray] | None = None,
+              where: str = "probe.linear") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One linear head per l2 on x[rows] (x may be a memory map): the minimiser, to `tol` (largest
+    gradient component), of the mean softmax cross-entropy + 0.5 * l2 * |kernel|^2 on the rows'
+    standardised features. A convex problem, solved by L-BFGS (SciPy's; the objective and its
+    gradient computed on `mesh`, the rows sharded over its devices): no step size, no schedule, no
+    minibatch order; deterministic. The l2s are solved largest first, each from the previous
+    solution (the first from `init`, a raw-feature (kernel, bias), or zero).
+
+    Returns kernels [G, D, C] and biases [G, C] in `l2s` order that apply to the raw features (the
+    standardisation folded in), and per head {"iterations", "grad_max"}.
     """
     rows = np.sort(rows)
     mean, std = _moments(x, rows)
-    lr = jnp.asarray([p[0] for p in points], jnp.float32)
-    l2 = jnp.asarray([p[1] for p in points], jnp.float32)
-    params = {"w": jnp.zeros((len(points), x.shape[1], num_classes)), "b": jnp.zeros((len(points), num_classes))}
-    tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, steps)))
-    opt_state = tx.init(params)
-    step = _train_step(tx, lr, l2)
-    rng = np.random.default_rng([seed, 1])
-    batch = min(batch_size, len(rows))
-    order, pos = rng.permutation(rows), 0
-    for _ in range(steps):  # epochs of random minibatches, each read in file order
-        if pos + batch > len(order):
-            order, pos = rng.permutation(rows), 0
-        idx = np.sort(order[pos:pos + batch])
-        pos += batch
-        params, opt_state = step(params, opt_state, ((x[idx] - mean) / std).astype(np.float32), y[idx])
-    w, b = (np.asarray(v, np.float64) for v in jax.device_get((params["w"], params["b"])))
+    data = _sharded_rows(mesh, x, y, rows, mean, std)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    objective = jax.jit(_objective, out_shardings=replicated)
+    if init is None:
+        theta = np.zeros((x.shape[1] + 1, num_classes))
+    else:  # the same function of the raw features, in this standardisation
+        theta = np.vstack([init[0] * std[:, None], init[1] + mean @ init[0]])
+    thetas, solves = [None] * len(l2s), [None] * len(l2s)
+    for g in sorted(range(len(l2s)), key=lambda g: -l2s[g]):
+        theta, solves[g] = _minimise(objective, data, l2s[g], theta, max_iters, tol, where)
+        thetas[g] = theta
+    w = np.stack([t[:-1] for t in thetas])
     kernels = w / std[None, :, None]
-    biases = b - np.einsum("d,gdc->gc", mean / std, w)
-    return kernels.astype(np.float32), biases.astype(np.float32)
+    biases = np.stack([t[-1] for t in thetas]) - np.einsum("d,gdc->gc", mean / std, w)
+    return kernels.astype(np.float32), biases.astype(np.float32), solves
 
 
 def apply_head(head: Mapping[str, np.ndarray], pre_logits: np.ndarray) -> np.ndarray:
@@ -306,21 +351,23 @@ def top1(x: np.ndarray, y: np.ndarray, head: Mapping[str, np.ndarray]) -> float:
     return top1s(x, y, head["kernel"][None], head["bias"][None])[0]
 
 
-def linear_probe(train: Split, lin) -> tuple[dict[str, np.ndarray], dict]:
-    """(head, info): (lr, l2) chosen on a held-out slice of train, then refit on all of it."""
-    labelled = np.flatnonzero(train.y >= 0)  # records without a label (-1) train nothing
+def linear_probe(train: Split, lin, mesh) -> tuple[dict[str, np.ndarray], dict]:
+    """(head, info): l2 chosen on a held-out slice of train, then solved on all of it."""
+    labelled = np.flatnonzero(train.y >= 0)  # records without a label (-1) fit nothing
     n = len(labelled)
     perm = labelled[np.random.default_rng([lin.seed, 0]).permutation(n)]
     n_hold = min(max(1, round(lin.holdout * n)), n - 1)
     hold, fit_rows = perm[:n_hold], perm[n_hold:]
-    points = [(float(lr), float(l2)) for lr in lin.lrs for l2 in lin.l2s]
-    kwargs = dict(steps=lin.steps, batch_size=lin.batch_size, seed=lin.seed)
-    kernels, biases = train_heads(train.x, train.y, fit_rows, train.num_classes, points, **kwargs)
-    accs = top1s(train.x, train.y, kernels, biases, hold)
+    l2s = [float(l2) for l2 in lin.l2s]
+    kwargs = dict(mesh=mesh, max_iters=lin.max_iters, tol=lin.tol)
+    x, y, classes = train.x, train.y, train.num_classes
+    kernels, biases, solves = fit_heads(x, y, fit_rows, classes, l2s, **kwargs)
+    accs = top1s(x, y, kernels, biases, hold)
     best = int(np.argmax(accs))  # first in grid order on ties
-    kernels, biases = train_heads(train.x, train.y, labelled, train.num_classes, [points[best]], **kwargs)
-    info = {"lr": points[best][0], "l2": points[best][1], "holdout_top1": accs[best],
-            "grid": [{"lr": lr, "l2": l2, "holdout_top1": a} for (lr, l2), a in zip(points, accs)]}
+    kernels, biases, (solve,) = fit_heads(x, y, labelled, classes, [l2s[best]],
+                                          init=(kernels[best], biases[best]), **kwargs)
+    info = {"l2": l2s[best], "holdout_top1": accs[best], **solve,
+            "grid": [{"l2": l2, "holdout_top1": a, **s} for l2, a, s in zip(l2s, accs, solves)]}
     return {"kernel": kernels[0], "bias": biases[0]}, info
 
 
@@ -361,8 +408,9 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     metrics = {f"fewshot/{name}": value for name, value in fewshot.summary(results)}
 
     train = cache.get(lin.train_split)
-    head, info = linear_probe(train, lin)
-    metrics.update({"linear/holdout_top1": info["holdout_top1"], "linear/lr": info["lr"], "linear/l2": info["l2"]})
+    head, info = linear_probe(train, lin, cache.mesh)
+    metrics.update({"linear/holdout_top1": info["holdout_top1"], "linear/l2": info["l2"],
+                    "linear/iterations": info["iterations"]})
     for split in lin.eval_splits:
         data = cache.get(split)
         if data.num_classes != train.num_classes:
@@ -382,7 +430,8 @@ def run(cfg, inputs: dict, out: Path) -> dict:
             {"dataset": cfg.dataset, "train_split": fs.train_split, "split": fs.split, "l2": fs.l2,
              "seeds": fs.seeds, "top1": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
         print(f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, reused {cache.reused or 'none'}")
-        print(f"[probe] linear probe (lr {info['lr']:g}, l2 {info['l2']:g}, holdout top-1 {info['holdout_top1']:.4f}): "
+        print(f"[probe] linear probe (l2 {info['l2']:g}, {info['iterations']} L-BFGS iterations, "
+              f"holdout top-1 {info['holdout_top1']:.4f}): "
               + ", ".join(f"{s} top-1 {metrics[f'linear/{s}_top1']:.4f}" for s in lin.eval_splits))
         print(f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): " + ", ".join(
             f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± {metrics[f'fewshot/{k}shot_top1_std']:.4f}" for k in fs.shots))

@@ -80,6 +80,63 @@ def test_shots_beyond_a_class_count_name_the_class():
                             "few-shot train split")
 
 
+# --- The linear probe's solve ---------------------------------------------------------------------
+
+def _separable_ish(n=240, dim=6, classes=4, seed=0):
+    """Overlapping Gaussian classes with a constant and a large-scale feature (standardisation)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.normal(size=(n, dim)) + rng.normal(size=(classes, dim))[y] * 1.5
+    x[:, 0] = 3.0
+    x[:, 1] *= 100.0
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_a_linear_head_is_the_minimiser_of_the_stated_objective(l2):
+    """fit_heads solves mean softmax cross-entropy + 0.5 * l2 * |kernel|^2 on standardised features:
+    the same solution as scikit-learn's multinomial LogisticRegression (C = 1 / (l2 * n), bias not
+    penalised), a float64 gradient written here is ~0 at it, and it is bit-for-bit deterministic."""
+    from sklearn.linear_model import LogisticRegression
+    x, y = _separable_ish()
+    rows = np.arange(len(y))
+    mesh = sharding.make_mesh(data=4, model=2)
+    kwargs = dict(mesh=mesh, max_iters=1000, tol=1e-5)
+    kernels, biases, (solve,) = probe.fit_heads(x, y, rows, 4, [l2], **kwargs)
+    assert solve["grad_max"] <= 1e-5 and solve["iterations"] > 0
+    mean, std = x.astype(np.float64).mean(0), x.astype(np.float64).std(0)
+    std[std < 1e-6] = 1.0
+    z = (x - mean) / std
+    w = kernels[0].astype(np.float64) * std[:, None]  # back in the standardised space
+    b = biases[0] + mean @ kernels[0].astype(np.float64)
+    logits = z @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    residual = (p - np.eye(4)[y]) / len(y)
+    np.testing.assert_allclose(z.T @ residual + l2 * w, 0, atol=5e-5)  # d/d kernel
+    np.testing.assert_allclose(residual.sum(0), 0, atol=5e-5)  # d/d bias
+    ref = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(z, y)
+    np.testing.assert_allclose(p, ref.predict_proba(z), atol=2e-4)
+    again = probe.fit_heads(x, y, rows, 4, [l2], **kwargs)
+    np.testing.assert_array_equal(again[0], kernels)
+    np.testing.assert_array_equal(again[1], biases)
+
+
+def test_a_grid_is_solved_per_l2_and_an_unsolved_head_fails_naming_max_iters():
+    x, y = _separable_ish(seed=1)
+    rows = np.arange(len(y))
+    mesh = sharding.make_mesh(data=4, model=2)
+    kwargs = dict(mesh=mesh, max_iters=1000, tol=1e-7)
+    grid = probe.fit_heads(x, y, rows, 4, [1e-1, 1e-3], **kwargs)
+    for g, l2 in enumerate((1e-1, 1e-3)):  # each as solved alone (the path only warm-starts it)
+        alone = probe.fit_heads(x, y, rows, 4, [l2], **kwargs)
+        logits = lambda kernels, biases: x @ kernels[0] + biases[0]
+        np.testing.assert_allclose(logits(grid[0][g:], grid[1][g:]), logits(*alone[:2]), atol=1e-3)
+    message = r"^probe.linear: l2=0.001 not solved: max \|gradient\| .* > tol=1e-05 .*max_iters"
+    with pytest.raises(RuntimeError, match=message):
+        probe.fit_heads(x, y, rows, 4, [1e-3], mesh=mesh, max_iters=3, tol=1e-5)
+
+
 # --- Plan-time errors ------------------------------------------------------------------------------
 
 def _upstream():
@@ -96,7 +153,10 @@ def _upstream():
     ("fewshot.shots", (1, 0), "probe.fewshot.shots=(1, 0): must be a non-empty tuple of positive ints"),
     ("fewshot.l2", -1.0, "probe.fewshot.l2=-1.0: must be a number > 0"),
     ("linear.holdout", 1.5, "probe.linear.holdout: must be a fraction in (0, 1)"),
-    ("linear.lrs", (), "probe.linear.lrs: must be a non-empty tuple"),
+    ("linear.l2s", (), "probe.linear.l2s: must be a non-empty tuple"),
+    ("linear.l2s", (0.0, 1e-4), "probe.linear.l2s: must be a non-empty tuple of numbers > 0"),
+    ("linear.tol", 0.0, "probe.linear.tol: must be > 0"),
+    ("linear.max_iters", 0, "probe.linear.max_iters: must be a positive int"),
     ("batch_size", 250, "probe.batch_size: 250 is not divisible by the data-parallel size 4"),
 ])
 def test_bad_configs_fail_at_plan_time_in_one_line(key, value, message):
@@ -142,7 +202,8 @@ def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
     for k in fewshot.SHOTS:
         assert 0.15 < metrics[f"fewshot/{k}shot_top1"] <= 1 and metrics[f"fewshot/{k}shot_top1_std"] >= 0
     assert metrics["fewshot/25shot_top1"] > metrics["fewshot/1shot_top1"]
-    assert metrics["linear/lr"] in probe.default_config().linear.lrs
+    assert metrics["linear/l2"] in probe.default_config().linear.l2s
+    assert metrics["linear/iterations"] > 0
     assert all((out / path).exists() for path in result["artifacts"].values())
     per_seed = json.loads((out / "fewshot.json").read_text())["top1"]
     assert np.mean(per_seed["10"]) == pytest.approx(metrics["fewshot/10shot_top1"]) and len(per_seed["10"]) == 3
