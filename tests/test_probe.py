@@ -194,6 +194,7 @@ def probed(pretrain_export, prepare_output, tmp_path_factory):
     return out, inputs, probe.run(_config(), inputs, out)
 
 
+@pytest.mark.xdist_group("probe")
 def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
     out, _, result = probed
     metrics = result["metrics"]
@@ -223,6 +224,7 @@ def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
         assert ids.tolist() == [records.decode(source[i]).id for i in range(len(source))]
 
 
+@pytest.mark.xdist_group("probe")
 def test_linear_probe_is_within_a_few_points_of_sklearn(probed):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -267,6 +269,7 @@ def test_the_exported_head_reproduces_the_reported_top1(probed, pretrain_export,
     assert head["kernel"].shape == (64, 10) and spec["input"] == "pre_logits" and spec["num_classes"] == 10
 
 
+@pytest.mark.xdist_group("probe")
 def test_a_rerun_reuses_the_cached_features(probed, tmp_path, monkeypatch):
     out, inputs, result = probed
     calls = []
@@ -282,12 +285,12 @@ def test_a_rerun_reuses_the_cached_features(probed, tmp_path, monkeypatch):
     assert len(calls) == 3  # train, test, val
 
 
+@pytest.mark.xdist_group("probe")
 def test_the_in_training_evaluator_agrees_with_the_stage(probed, pretrain_export, prepared_digits):
     out, _, result = probed
     cfg = _config()
     model = vit.build_model(**checkpoint.read_model_json(pretrain_export.path / "model.json"))
     mesh = sharding.make_mesh(data=4, model=2)
-@pytest.mark.xdist_group("probe")
     boxed = vit.abstract_params(model.config)
     param_sh = sharding.param_shardings(boxed, mesh)
     import flax.linen as nn
@@ -309,6 +312,3 @@ def test_fewshot_benchmark_smoke(capsys):
     bench.main(["--cases", "3x5", "--width", "8", "--test_per_class", "4", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| classes x shots |" in out and "3 x 5" in out
-@pytest.mark.xdist_group("probe")
-@pytest.mark.xdist_group("probe")
-@pytest.mark.xdist_group("probe")
