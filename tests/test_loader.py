@@ -118,6 +118,30 @@ def test_two_processes_read_disjoint_parts_covering_the_split(digits):
     assert not set(_ids(evals[0].records)) & set(_ids(evals[1].records))
 
 
+def test_eval_record_order_and_ids_follow_the_rows_of_two_processes(digits):
+    """EvalLoader.record_order / record_ids: the record behind each real row of a pass in global
+    row order (batch b = process 0's b-th local batch, then process 1's), whatever the count."""
+    args = dict(global_batch_size=64, image_size=32, sharding=_bsh())
+    evals = [loader.eval_loader(digits / "val", **args, process_index=i, process_count=2)
+             for i in range(2)]
+    batches = [list(e.host_batches()) for e in evals]
+    rows = [b["label"][b["mask"]] for step in zip(*batches) for b in step]  # global row order
+    labels = np.concatenate(rows)
+    order = evals[0].record_order()
+    assert sorted(order.tolist()) == list(range(179))
+    np.testing.assert_array_equal(order, evals[1].record_order())
+    ids = evals[1].record_ids(labels, "val")
+    paths = manifest_lib.read(digits / "val").shard_paths(digits / "val")
+    source = grain.sources.ArrayRecordDataSource(paths)
+    expected = [records.decode(source[int(i)]) for i in order]
+    assert ids.tolist() == [r.id for r in expected]
+    assert labels.tolist() == [r.label[0] for r in expected]
+    one = loader.eval_loader(digits / "val", **args)
+    assert one.record_order().tolist() == list(range(179))  # one process: record order
+    with pytest.raises(RuntimeError, match="^val: rows and records are out of order"):
+        evals[0].record_ids(np.roll(labels, 1), "val")
+
+
 def test_resume_gives_exactly_the_same_batches(digits):
     a = _train(digits / "train", global_batch_size=256)
     for _ in range(4):
