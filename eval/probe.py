@@ -28,7 +28,7 @@ distill run), and `inputs["prepare"]`, the prepared splits of `cfg.dataset`.
 3. **Few-shot.** trainer/evaluators/fewshot.py on the cached features (the same implementation the
    `fewshot` evaluator runs during training): shots 1/5/10/25, 3 seeds, mean and std per shot
    count; per-seed values in `fewshot.json`. Checked first: a class with fewer train examples than
-   the largest shot count fails before the linear probe trains.
+   the largest shot count fails before the linear probe is solved.
 
 Outputs: artifacts `features`, `head`, `head_spec` (head.json), `fewshot` (fewshot.json); metrics
 `linear/<split>_top1` per `linear.eval_splits`, `linear/holdout_top1`, `linear/l2`,
@@ -398,7 +398,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     cache = FeatureCache(out / "features", cfg, export, prepared.path)
     is_main = jax.process_index() == 0
 
-    # Few-shot first: a class short of examples fails before anything trains.
+    # Few-shot first: a class short of examples fails before the linear probe is solved.
     fs, lin = cfg.fewshot, cfg.linear
     fs_train = cache.get(fs.train_split)
     fewshot.check_shots(fs_train.y, fs_train.num_classes, fs.shots, fs_train.class_names, "probe.fewshot")
