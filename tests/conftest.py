@@ -17,6 +17,24 @@ if str(REPO) not in sys.path:
 import pytest  # noqa: E402  (after the XLA_FLAGS set-up above)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs `--dist loadgroup`: xdist sends the tests of one `xdist_group` mark to one
+    worker, reading the group from an `@<group>` suffix its collection hook adds to each node id.
+    pytest-xdist 3.8 writes that suffix to `item._nodeid`, which pytest 9.2's structured node ids
+    no longer read (pytest-xdist#1386), so every mark was ignored; this adds it to the structured
+    id, after xdist's hook, and only where it is missing."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist workers under loadgroup
+        return
+    from _pytest.nodeid import NodeId
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 @pytest.fixture(scope="session")
 def stage_cache(tmp_path_factory):
     """A stage cache work dir shared by the xdist workers of one run (the parent of each worker's
@@ -32,6 +50,19 @@ def prepare_output(stage_cache):
     DAG hands it to downstream stages: inputs["prepare"]. Made once per test run."""
     from benchmarks import digits_run
     return digits_run.stages(stage_cache)["prepare"]
+
+
+@pytest.fixture
+def prepare_into(prepare_output):
+    """`prepare_into(workdir)` copies the run's prepare output into `workdir`'s stage cache, where
+    the tiny config's stages find it as a cache hit (the same prepare group, so the same
+    fingerprint): a test of a later stage needs no Beam run of its own."""
+    import shutil
+
+    def copy(workdir: Path) -> Path:
+        dest = Path(workdir) / "prepare" / prepare_output.path.name
+        return Path(shutil.copytree(prepare_output.path, dest))
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,8 @@ def _silent(_):
 
 
 @pytest.mark.slow
-def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(tmp_path):
+def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(prepare_into, tmp_path):
+    prepare_into(tmp_path)  # a cache hit: only the pretrain stage runs here
     first = dag.run_pipeline(_config(), tmp_path, log=_silent)["pretrain"]
     params = jax.device_get(checkpoint.load_params(first.path / "params"))
     metrics = json.loads((first.path / "outputs.json").read_text())["metrics"]

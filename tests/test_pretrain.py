@@ -1,7 +1,6 @@
 """The pretrain stage end to end on real digits: learning, guards, checkpoints, export, preemption."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -134,12 +133,6 @@ def _env():
     return env
 
 
-def _prepare(workdir, prepare_output):
-    """The run's shared prepare output (conftest), copied into `workdir`'s stage cache: the tiny
-    config's prepare group, so the pretrain stage finds it under the same fingerprint."""
-    shutil.copytree(prepare_output.path, workdir / "prepare" / prepare_output.path.name)
-
-
 def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -158,10 +151,10 @@ def _final_params(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_bit_identically(prepare_output, tmp_path):
+def test_sigkill_then_rerun_resumes_bit_identically(prepare_into, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _prepare(ref, prepare_output)
-    _prepare(killed, prepare_output)
+    prepare_into(ref)
+    prepare_into(killed)
     subprocess.run(_stage_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True)
 
     proc = subprocess.Popen(_stage_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -184,8 +177,8 @@ def test_sigkill_then_rerun_resumes_bit_identically(prepare_output, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_preempted(prepare_output, tmp_path):
-    _prepare(tmp_path, prepare_output)
+def test_sigterm_saves_a_checkpoint_and_exits_preempted(prepare_into, tmp_path):
+    prepare_into(tmp_path)
     proc = subprocess.Popen(_stage_cmd(tmp_path, "--config.pretrain.checkpoint_every=1000",
                                        "--config.pretrain.steps=400"), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
