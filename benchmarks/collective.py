@@ -15,6 +15,7 @@ matmul, e.g. on a model axis of size 1).
 
 Imports only jax/flax/numpy + trainer.models/sharding/collective: runs on an accelerator host as is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,17 @@ def block_step(cfg: vit.ViTConfig, mesh, batch: int, seq: int, seed: int = 0):
     """(jitted fwd+bwd step, its args) for one fused block; params and input sharded as in training."""
     block = vit.ParallelBlock(cfg)
     x_sharding = sharding.batch_sharding(mesh)  # x [batch, seq, width]: laid out as a batch
-    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed), (batch, seq, cfg.width), jnp.dtype(cfg.dtype)),
-                       x_sharding)
+    x = jax.device_put(
+        jax.random.normal(jax.random.PRNGKey(seed), (batch, seq, cfg.width), jnp.dtype(cfg.dtype)),
+        x_sharding,
+    )
     boxed = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(seed), x[:1])["params"])
     param_sh = sharding.param_shardings(boxed, mesh)
     with sharding.activate(mesh):
-        params = jax.jit(lambda: nn.unbox(block.init(jax.random.PRNGKey(seed), x[:1])["params"]),
-                         out_shardings=param_sh)()
+        params = jax.jit(
+            lambda: nn.unbox(block.init(jax.random.PRNGKey(seed), x[:1])["params"]),
+            out_shardings=param_sh,
+        )()
 
     def loss(p, x):
         y, _ = block.apply({"params": p}, x)
@@ -54,6 +59,7 @@ def block_step(cfg: vit.ViTConfig, mesh, batch: int, seq: int, seed: int = 0):
     def run(p, x):
         with sharding.activate(mesh):
             return step(p, x)
+
     with sharding.activate(mesh):
         hlo = step.lower(params, x).compile().as_text()
     return run, (params, x), len(re.findall(r" collective-permute(?:-start)?\(", hlo))
@@ -71,26 +77,53 @@ def time_steps(run, args, steps: int) -> float:
 
 
 def measure(width: int, mesh, batch: int, seq: int, steps: int, rounds: int, dtype: str) -> dict:
-    cfg = vit.make_config("custom", width=width, depth=1, mlp_dim=4 * width, num_heads=width // 64,
-                          patch_size=16, num_classes=0, dtype=dtype, scan=False)
-    variants = {m: block_step(dataclasses.replace(cfg, matmul=m), mesh, batch, seq) for m in ("xla", "collective")}
+    cfg = vit.make_config(
+        "custom",
+        width=width,
+        depth=1,
+        mlp_dim=4 * width,
+        num_heads=width // 64,
+        patch_size=16,
+        num_classes=0,
+        dtype=dtype,
+        scan=False,
+    )
+    variants = {
+        m: block_step(dataclasses.replace(cfg, matmul=m), mesh, batch, seq)
+        for m in ("xla", "collective")
+    }
     best = {m: float("inf") for m in variants}
     for _ in range(rounds):  # alternate, so slow phases of a shared machine hit both
         for m, (run, args, _) in variants.items():
             best[m] = min(best[m], time_steps(run, args, steps))
-    return {"width": width, "heads": cfg.num_heads, "xla_ms": best["xla"] * 1e3,
-            "collective_ms": best["collective"] * 1e3, "ratio": best["collective"] / best["xla"],
-            "permutes": f"{variants['xla'][2]} / {variants['collective'][2]}"}
+    return {
+        "width": width,
+        "heads": cfg.num_heads,
+        "xla_ms": best["xla"] * 1e3,
+        "collective_ms": best["collective"] * 1e3,
+        "ratio": best["collective"] / best["xla"],
+        "permutes": f"{variants['xla'][2]} / {variants['collective'][2]}",
+    }
 
 
-COLUMNS = ["width", "heads", "xla ms/step", "collective ms/step", "collective/xla",
-           "permutes xla / coll"]
+COLUMNS = [
+    "width",
+    "heads",
+    "xla ms/step",
+    "collective ms/step",
+    "collective/xla",
+    "permutes xla / coll",
+]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--widths", default="256,512,1024", help="comma-separated; head_dim 64, so width/64 heads")
-    parser.add_argument("--mesh", default="", help="DATA,MODEL (default: model = min(4, devices), data = the rest)")
+    parser.add_argument(
+        "--widths", default="256,512,1024", help="comma-separated; head_dim 64, so width/64 heads"
+    )
+    parser.add_argument(
+        "--mesh", default="", help="DATA,MODEL (default: model = min(4, devices), data = the rest)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64, help="tokens per example")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
@@ -99,19 +132,29 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     n = jax.device_count()
-    data, model = ((int(s) for s in args.mesh.split(",")) if args.mesh else (-1, min(4, n)))
+    data, model = (int(s) for s in args.mesh.split(",")) if args.mesh else (-1, min(4, n))
     mesh = sharding.make_mesh(data=data, model=model)
     load = f"  load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"# collective matmul benchmark  {datetime.date.today()}  jax {jax.__version__}  {platform.machine()}  "
-          f"{n} x {jax.devices()[0].device_kind}{load}")
-    print(f"fused ViT-22B block fwd+bwd, batch {args.batch} x {args.seq} tokens, {args.dtype}, mesh "
-          f"data={mesh.shape['data']} x model={mesh.shape['model']}; best of {args.rounds} rounds of {args.steps} steps")
+    print(
+        f"# collective matmul benchmark  {datetime.date.today()}  jax {jax.__version__}  {platform.machine()}  "
+        f"{n} x {jax.devices()[0].device_kind}{load}"
+    )
+    print(
+        f"fused ViT-22B block fwd+bwd, batch {args.batch} x {args.seq} tokens, {args.dtype}, mesh "
+        f"data={mesh.shape['data']} x model={mesh.shape['model']}; best of {args.rounds} rounds of {args.steps} steps"
+    )
     widths = [len(h) for h in COLUMNS]  # rows print as measured: columns as wide as the header
     print(markdown.header(COLUMNS, widths))
     for width in (int(w) for w in args.widths.split(",")):
         r = measure(width, mesh, args.batch, args.seq, args.steps, args.rounds, args.dtype)
-        cells = [r["width"], r["heads"], f"{r['xla_ms']:.2f}", f"{r['collective_ms']:.2f}",
-                 f"{r['ratio']:.2f}", r["permutes"]]
+        cells = [
+            r["width"],
+            r["heads"],
+            f"{r['xla_ms']:.2f}",
+            f"{r['collective_ms']:.2f}",
+            f"{r['ratio']:.2f}",
+            r["permutes"],
+        ]
         print(markdown.row(cells, widths), flush=True)
 
 

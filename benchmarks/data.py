@@ -20,6 +20,7 @@
    img/cpu-s divides by the CPU time of this process and its children (Grain workers) over the
    window: a per-core rate that other jobs on a shared machine disturb less than wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def make_jpegs(root: Path, n: int, size: int = 224, classes: int = 10, seed: int
             p = rng.integers(0, size, 4)
             cv2.rectangle(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), c, -1)
             cv2.circle(img, (int(p[1]), int(p[2])), int(p[3]) // 4, c, 2)
-        img = np.clip(img.astype(np.int16) + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        img = np.clip(img.astype(np.int16) + rng.integers(-12, 13, img.shape), 0, 255).astype(
+            np.uint8
+        )
         d = root / f"class{i % classes}"
         d.mkdir(parents=True, exist_ok=True)
         data = simplejpeg.encode_jpeg(img, quality=95)
@@ -73,8 +76,13 @@ def bench_prepare(src: Path, out: Path, workers: int, mode: str) -> dict:
     from pipelines import prepare
 
     cfg = prepare.default_config()
-    cfg.datasets = ml_collections.ConfigDict({"bench": prepare.dataset_config(
-        source="folder", root=str(src), image_size=0, records_per_shard=1024)})
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            "bench": prepare.dataset_config(
+                source="folder", root=str(src), image_size=0, records_per_shard=1024
+            )
+        }
+    )
     cfg.direct_num_workers = workers
     cfg.direct_running_mode = mode
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -93,7 +101,9 @@ def bench_element(src: Path, n: int = 500) -> tuple[int, float]:
     t0 = time.perf_counter()
     for i, b in enumerate(blobs):
         img = images.decode_rgb(b)
-        records.encode(records.Record(image=images.encode_jpeg(img, 95), label=(i % 10,), id=str(i)))
+        records.encode(
+            records.Record(image=images.encode_jpeg(img, 95), label=(i % 10,), id=str(i))
+        )
     return len(blobs), len(blobs) / (time.perf_counter() - t0)
 
 
@@ -125,8 +135,9 @@ def _time_batches(it, warmup: int, batches: int, batch_size: int) -> tuple[float
     return n / wall, n / cpu if cpu > 0 else float("nan")
 
 
-def grain_iterator(split_dir: Path, workers: int, batch_size: int, size: int, *,
-                   processes: bool = False):
+def grain_iterator(
+    split_dir: Path, workers: int, batch_size: int, size: int, *, processes: bool = False
+):
     """Our train pipeline's host batches (returns (iterator, close)): `workers` decode threads in
     this process, or with `processes` that many Grain worker processes of one thread each."""
     import jax
@@ -135,9 +146,15 @@ def grain_iterator(split_dir: Path, workers: int, batch_size: int, size: int, *,
     from trainer import sharding
 
     bsh = sharding.batch_sharding(sharding.make_mesh(devices=jax.devices()[:1]))
-    tl = loader.train_loader(split_dir, global_batch_size=batch_size, image_size=size, seed=0,
-                             sharding=bsh, worker_count=workers if processes else 0,
-                             read_threads=1 if processes else workers)
+    tl = loader.train_loader(
+        split_dir,
+        global_batch_size=batch_size,
+        image_size=size,
+        seed=0,
+        sharding=bsh,
+        worker_count=workers if processes else 0,
+        read_threads=1 if processes else workers,
+    )
     return tl.iterator, tl.close
 
 
@@ -163,13 +180,20 @@ def tfdata_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
                 yield source[int(i)]
 
     def parse(raw):
-        f = tf.io.parse_single_example(raw, {"image": tf.io.FixedLenFeature([], tf.string),
-                                             "label": tf.io.VarLenFeature(tf.int64)})
+        f = tf.io.parse_single_example(
+            raw,
+            {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.VarLenFeature(tf.int64)},
+        )
         shape = tf.image.extract_jpeg_shape(f["image"])
         begin, crop, _ = tf.image.sample_distorted_bounding_box(
-            shape, bounding_boxes=tf.zeros([0, 0, 4]), min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-            use_image_if_no_bounding_boxes=True)
+            shape,
+            bounding_boxes=tf.zeros([0, 0, 4]),
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         y, x, _ = tf.unstack(begin)
         h, w, _ = tf.unstack(crop)
         img = tf.image.decode_and_crop_jpeg(f["image"], tf.stack([y, x, h, w]), channels=3)
@@ -184,14 +208,26 @@ def tfdata_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
     # pool thread while it runs); Grain's main process likewise only reads and forwards.
     opts.threading.private_threadpool_size = workers + 1
     opts.threading.max_intra_op_parallelism = 1
-    ds = (tf.data.Dataset.from_generator(records, output_signature=tf.TensorSpec([], tf.string))
-          .map(parse, num_parallel_calls=workers, deterministic=True)
-          .batch(batch_size, drop_remainder=True).prefetch(2).with_options(opts))
+    ds = (
+        tf.data.Dataset.from_generator(records, output_signature=tf.TensorSpec([], tf.string))
+        .map(parse, num_parallel_calls=workers, deterministic=True)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(2)
+        .with_options(opts)
+    )
     return ds.as_numpy_iterator(), lambda: None
 
 
-def bench_loader(make, split_dir: Path, workers: int, batch_size: int, size: int, warmup: int,
-                 batches: int, rounds: int) -> tuple[float, float]:
+def bench_loader(
+    make,
+    split_dir: Path,
+    workers: int,
+    batch_size: int,
+    size: int,
+    warmup: int,
+    batches: int,
+    rounds: int,
+) -> tuple[float, float]:
     """Best of `rounds` timed windows (the least disturbed by whatever else runs on the machine)
     for one pipeline, alone: (images per wall second, images per CPU second of the process tree)."""
     it, close = make(split_dir, workers, batch_size, size)
@@ -217,40 +253,91 @@ def main(argv=None) -> None:
     workers = [int(w) for w in args.workers.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
-        print(f"# data benchmark  {datetime.date.today()}  {platform.machine()}  "
-              f"{os.cpu_count()} cores  load avg {os.getloadavg()[0]:.2f}")
+        print(
+            f"# data benchmark  {datetime.date.today()}  {platform.machine()}  "
+            f"{os.cpu_count()} cores  load avg {os.getloadavg()[0]:.2f}"
+        )
         t0 = time.perf_counter()
         nbytes = make_jpegs(work / "src", args.num_images)
-        print(f"made {args.num_images} 224x224 JPEGs ({nbytes / args.num_images / 1024:.1f} KB avg) "
-              f"in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"made {args.num_images} 224x224 JPEGs ({nbytes / args.num_images / 1024:.1f} KB avg) "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
 
         rows = []
         for w, mode in ((1, "in_memory"), (2, "multi_processing")):
             r = bench_prepare(work / "src", work / f"out{w}", w, mode)
-            rows.append([f"FnApiRunner {mode} x{w}", r["n"], f"{r['wall']:.2f}", f"{r['per_s']:.0f}",
-                         f"{r['per_cpu_s']:.0f}", f"{r['per_cpu_s'] / 500:.2f}"])
+            rows.append(
+                [
+                    f"FnApiRunner {mode} x{w}",
+                    r["n"],
+                    f"{r['wall']:.2f}",
+                    f"{r['per_s']:.0f}",
+                    f"{r['per_cpu_s']:.0f}",
+                    f"{r['per_cpu_s'] / 500:.2f}",
+                ]
+            )
         n, rate = bench_element(work / "src")
         rows.append(["per-image work only (no Beam)", n, "", f"{rate:.0f}", "", ""])
-        print("\nprepare (224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest; target 500 img/s/core)")
+        print(
+            "\nprepare (224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest; target 500 img/s/core)"
+        )
         print(table(["run", "images", "wall s", "img/s", "img/s/core", "vs target"], rows))
 
         split = work / "out1" / "bench" / "train"
-        common = dict(batch_size=args.batch_size, size=args.image_size, warmup=args.warmup,
-                      batches=args.batches)
-        pipelines = (("grain", grain_iterator), ("tf.data", tfdata_iterator),
-                     ("grain processes", grain_processes_iterator))
-        res = {(name, w): bench_loader(make, split, w, rounds=args.rounds, **common)
-               for w in workers for name, make in pipelines}
+        common = dict(
+            batch_size=args.batch_size,
+            size=args.image_size,
+            warmup=args.warmup,
+            batches=args.batches,
+        )
+        pipelines = (
+            ("grain", grain_iterator),
+            ("tf.data", tfdata_iterator),
+            ("grain processes", grain_processes_iterator),
+        )
+        res = {
+            (name, w): bench_loader(make, split, w, rounds=args.rounds, **common)
+            for w in workers
+            for name, make in pipelines
+        }
         rows = []
         for w in workers:
             (g, gc), (t, tc), (p, pc) = (res[name, w] for name, _ in pipelines)
-            rows.append([w, f"{g:.0f}", f"{t:.0f}", f"{g / t:.2f}", f"{gc:.0f}", f"{tc:.0f}",
-                         f"{gc / tc:.2f}", f"{p:.0f}", f"{p / t:.2f}"])
-        print(f"\nloader ({args.image_size}^2 Inception crops + flip from the 224^2 records, batch "
-              f"{args.batch_size}, host batches; best of {args.rounds} windows of {args.batches} "
-              f"batches; target Grain/tf.data >= 2)")
-        print(table(["workers", "grain img/s", "tf.data img/s", "ratio", "grain img/cpu-s",
-                      "tf.data img/cpu-s", "ratio/cpu", "grain procs img/s", "procs ratio"], rows))
+            rows.append(
+                [
+                    w,
+                    f"{g:.0f}",
+                    f"{t:.0f}",
+                    f"{g / t:.2f}",
+                    f"{gc:.0f}",
+                    f"{tc:.0f}",
+                    f"{gc / tc:.2f}",
+                    f"{p:.0f}",
+                    f"{p / t:.2f}",
+                ]
+            )
+        print(
+            f"\nloader ({args.image_size}^2 Inception crops + flip from the 224^2 records, batch "
+            f"{args.batch_size}, host batches; best of {args.rounds} windows of {args.batches} "
+            f"batches; target Grain/tf.data >= 2)"
+        )
+        print(
+            table(
+                [
+                    "workers",
+                    "grain img/s",
+                    "tf.data img/s",
+                    "ratio",
+                    "grain img/cpu-s",
+                    "tf.data img/cpu-s",
+                    "ratio/cpu",
+                    "grain procs img/s",
+                    "procs ratio",
+                ],
+                rows,
+            )
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

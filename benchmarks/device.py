@@ -23,6 +23,7 @@ worker skips a configuration it expects not to finish and is killed at the deadl
 configuration that did not run gets a row saying so. The parent never touches the device (a
 GPU's memory is the workers'). Imports only jax/flax/optax/numpy + trainer/benchmarks modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,26 +52,57 @@ TAG = "@@device "  # the worker's protocol lines on stdout (JAX and XLA log to s
 PRESETS: dict[str, dict] = {
     # Seconds on CPU (tests/test_device_bench.py): both tables from one worker, 2 compiles, at XLA's
     # lowest backend optimization level (half the compile time; the numbers mean nothing here).
-    "smoke": dict(model=model_bench.PRESETS["smoke"]["model"],
-                  base=dict(batch=2, remat="none", scan=True), sweep=[],
-                  flag_sets=(), blocks=("vit22b", "sequential"),
-                  matmul_sizes=(64,), matmul_dtype="float32", repeats=2, steps=1, warmup=0,
-                  compiler_options={"xla_backend_optimization_level": 0}),
+    "smoke": dict(
+        model=model_bench.PRESETS["smoke"]["model"],
+        base=dict(batch=2, remat="none", scan=True),
+        sweep=[],
+        flag_sets=(),
+        blocks=("vit22b", "sequential"),
+        matmul_sizes=(64,),
+        matmul_dtype="float32",
+        repeats=2,
+        steps=1,
+        warmup=0,
+        compiler_options={"xla_backend_optimization_level": 0},
+    ),
     # ViT-22B's layer x 4 (2.28B params, 94 model TFLOP/step at batch 32; see benchmarks/model.py).
-    "gpu": dict(model=model_bench.PRESETS["gpu"]["model"],
-                base=dict(batch=32, remat="none", scan=True),
-                sweep=[("batch 64", dict(batch=64)),
-                       ("batch 64, remat dots_no_batch", dict(batch=64, remat="dots_no_batch")),
-                       ("batch 128, remat dots_no_batch", dict(batch=128, remat="dots_no_batch")),
-                       ("no scan", dict(scan=False)),
-                       ("batch 256, remat full", dict(batch=256, remat="full"))],
-                  flag_sets=("latency_hiding", "async_collectives", "collective_matmul"),
-                  blocks=("vit22b", "sequential", "bias", "no_qk_norm"),
-                  matmul_sizes=(8192, 16384), matmul_dtype="bfloat16", repeats=5, steps=2, warmup=1),
+    "gpu": dict(
+        model=model_bench.PRESETS["gpu"]["model"],
+        base=dict(batch=32, remat="none", scan=True),
+        sweep=[
+            ("batch 64", dict(batch=64)),
+            ("batch 64, remat dots_no_batch", dict(batch=64, remat="dots_no_batch")),
+            ("batch 128, remat dots_no_batch", dict(batch=128, remat="dots_no_batch")),
+            ("no scan", dict(scan=False)),
+            ("batch 256, remat full", dict(batch=256, remat="full")),
+        ],
+        flag_sets=("latency_hiding", "async_collectives", "collective_matmul"),
+        blocks=("vit22b", "sequential", "bias", "no_qk_norm"),
+        matmul_sizes=(8192, 16384),
+        matmul_dtype="bfloat16",
+        repeats=5,
+        steps=2,
+        warmup=1,
+    ),
 }
 
-MFU_COLUMNS = ["config", "flags", "batch", "remat", "scan", "depth", "compile s", "temp GiB", "step ms", "spread %",
-               "ex/s", "model TFLOP/s", "MFU % vs peak", "MFU % vs matmul", "status"]
+MFU_COLUMNS = [
+    "config",
+    "flags",
+    "batch",
+    "remat",
+    "scan",
+    "depth",
+    "compile s",
+    "temp GiB",
+    "step ms",
+    "spread %",
+    "ex/s",
+    "model TFLOP/s",
+    "MFU % vs peak",
+    "MFU % vs matmul",
+    "status",
+]
 
 
 @dataclasses.dataclass
@@ -91,12 +123,18 @@ def plan(p: dict) -> list[list[Job]]:
 
     def step(jid, label, changes=None, flags="default", block="vit22b"):
         point = {**base, **(changes or {})}
-        overrides = {**model, **model_bench.VARIANTS[block], "remat": point["remat"],
-                     "scan": point["scan"]}
+        overrides = {
+            **model,
+            **model_bench.VARIANTS[block],
+            "remat": point["remat"],
+            "scan": point["scan"],
+        }
         return Job(jid, "step", flags, variant, overrides, point["batch"], label)
 
     default = [Job("matmul", "matmul"), step("base", "base")]
-    default += [step(f"block:{b}", b, block=b) for b in p["blocks"] if b != "vit22b"]  # vit22b = base
+    default += [
+        step(f"block:{b}", b, block=b) for b in p["blocks"] if b != "vit22b"
+    ]  # vit22b = base
     default += [step(f"sweep:{i}", label, changes) for i, (label, changes) in enumerate(p["sweep"])]
     # Flag sets last: on one device there are no collectives for the async/collective-matmul sets to
     # overlap (only the scheduler changes); they matter when the same script runs on several GPUs.
@@ -105,6 +143,7 @@ def plan(p: dict) -> list[list[Job]]:
 
 # ---------------------------------------------------------------------------------------------------
 # Worker: runs jobs in this process, one protocol line per job.
+
 
 def _emit(msg_type: str, **fields) -> None:
     print(TAG + json.dumps({"type": msg_type, **fields}), flush=True)
@@ -116,15 +155,25 @@ def run_job(job: Job, p: dict) -> dict:
 
     from trainer import flops, sharding
     from trainer.models import vit
+
     if job.kind == "matmul":
         import jax.numpy as jnp
-        rates = {size: flops.measure_matmul_peak(jax.devices()[:1], size=size, dtype=jnp.dtype(p["matmul_dtype"]),
-                                                 repeats=max(3, p["repeats"])) for size in p["matmul_sizes"]}
+
+        rates = {
+            size: flops.measure_matmul_peak(
+                jax.devices()[:1],
+                size=size,
+                dtype=jnp.dtype(p["matmul_dtype"]),
+                repeats=max(3, p["repeats"]),
+            )
+            for size in p["matmul_sizes"]
+        }
         return {"matmul_flops": max(rates.values()), "by_size": rates, "dtype": p["matmul_dtype"]}
     cfg = vit.make_config(job.variant, **job.overrides)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    runner = harness.build_runner(cfg, mesh, job.batch, p["warmup"],
-                                  compiler_options=p.get("compiler_options", {}))
+    runner = harness.build_runner(
+        cfg, mesh, job.batch, p["warmup"], compiler_options=p.get("compiler_options", {})
+    )
     try:
         times = [runner.run(p["steps"]) for _ in range(p["repeats"])]
         temp = getattr(runner.memory, "temp_size_in_bytes", None)
@@ -137,14 +186,27 @@ def run_job(job: Job, p: dict) -> dict:
 def worker(jobs: list[Job], p: dict, deadline: float) -> None:
     """Runs `jobs` in order; skips one it expects to end past `deadline` (epoch seconds)."""
     import jax
+
     d = jax.devices()
     peak, source = harness.peak_per_device(d[:1])
-    _emit("info", jax=jax.__version__, platform=d[0].platform, kind=d[0].device_kind, devices=len(d),
-          peak=peak, peak_source=source, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    _emit(
+        "info",
+        jax=jax.__version__,
+        platform=d[0].platform,
+        kind=d[0].device_kind,
+        devices=len(d),
+        peak=peak,
+        peak_source=source,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
     longest = 0.0
     for job in jobs:
         if time.time() + longest > deadline:
-            _emit("row", id=job.id, status=f"skipped: time budget (a config took up to {longest:.0f} s)")
+            _emit(
+                "row",
+                id=job.id,
+                status=f"skipped: time budget (a config took up to {longest:.0f} s)",
+            )
             continue
         _emit("start", id=job.id)
         start = time.time()
@@ -158,16 +220,18 @@ def worker(jobs: list[Job], p: dict, deadline: float) -> None:
 
 def _one_line(text: str, limit: int = 160) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------
 # Parent: one worker process per group, restarted when one dies, killed at the deadline.
 
+
 def _flag_env(name: str, platform_name: str) -> dict:
     env = dict(os.environ)
     if name != "default":
         from trainer import xla_flags
+
         xla_flags.apply(platform_name, name, env)
     # Let the workers use most of an accelerator's memory (JAX preallocates 75% by default).
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
@@ -184,12 +248,28 @@ def _run_group(jobs: list[Job], p: dict, deadline: float, results: dict, info: d
             return
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"jobs": [dataclasses.asdict(j) for j in pending], "p": p}, f)
-        cmd = [sys.executable, "-m", "benchmarks.device", "--worker", f.name, "--deadline", str(deadline - 5)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.device",
+            "--worker",
+            f.name,
+            "--deadline",
+            str(deadline - 5),
+        ]
         err = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-                                env=_flag_env(pending[0].flags, p.get("flag_platform", "gpu")))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            env=_flag_env(pending[0].flags, p.get("flag_platform", "gpu")),
+        )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+        threading.Thread(
+            target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True
+        ).start()
         current = None
         while True:
             try:
@@ -204,7 +284,7 @@ def _run_group(jobs: list[Job], p: dict, deadline: float, results: dict, info: d
                 break
             if not line.startswith(TAG):
                 continue
-            msg = json.loads(line[len(TAG):])
+            msg = json.loads(line[len(TAG) :])
             if msg["type"] == "info":
                 info.update(msg)
             elif msg["type"] == "start":
@@ -219,7 +299,9 @@ def _run_group(jobs: list[Job], p: dict, deadline: float, results: dict, info: d
         err.seek(0)
         tail = _one_line(([x for x in err.read().splitlines() if x.strip()][-1:] or [""])[0])
         err.close()
-        if current:  # the worker died inside a job: that job is the culprit; the rest get a new worker
+        if (
+            current
+        ):  # the worker died inside a job: that job is the culprit; the rest get a new worker
             results[current] = {"status": f"error: worker died (rc {rc}): {tail}"}
         left = [j for j in pending if j.id not in results]
         if len(left) == len(pending):  # died before any job (start-up): a new worker would too
@@ -240,57 +322,90 @@ def sweep(p: dict, budget_s: float, log=lambda msg: None) -> tuple[list[list[Job
 # ---------------------------------------------------------------------------------------------------
 # Tables.
 
+
 def _step_row(job: Job, r: dict, info: dict, matmul: float | None) -> dict:
     """A finished step job's numbers in benchmarks/model.py's row format (+ MFU vs the matmul)."""
     from trainer import flops
     from trainer.models import vit
+
     cfg = vit.make_config(job.variant, **job.overrides)
     t = statistics.median(r["times"])
     m = harness.step_metrics(cfg, job.batch, t, 1, info["peak"])
-    return dict(variant=job.label, cfg=cfg, compile_s=r["compile_s"], times=r["times"], ms=1e3 * t,
-                spread=harness.spread(r["times"]), params=flops.param_count(cfg),
-                temp=r.get("temp_bytes"),
-                mfu_matmul=m["flops"] / t / matmul if matmul else None, **m)
+    return dict(
+        variant=job.label,
+        cfg=cfg,
+        compile_s=r["compile_s"],
+        times=r["times"],
+        ms=1e3 * t,
+        spread=harness.spread(r["times"]),
+        params=flops.param_count(cfg),
+        temp=r.get("temp_bytes"),
+        mfu_matmul=m["flops"] / t / matmul if matmul else None,
+        **m,
+    )
 
 
-def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: dict, seconds: float) -> str:
+def report(
+    p: dict, preset: str, budget_s: float, groups, results: dict, info: dict, seconds: float
+) -> str:
     from trainer.models import vit
+
     jobs = {j.id: j for g in groups for j in g}
     mm = results.get("matmul", {})
     matmul = mm.get("matmul_flops")
     variant, model = p["model"]
     base_cfg = vit.make_config(variant, **model)
-    lines = [f"# device benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  preset {preset}  "
-             f"jax {info.get('jax', '?')}  {platform.node()}  {info.get('devices', '?')} x {info.get('platform', '?')} "
-             f"({info.get('kind', '?')}); one device used; {seconds:.0f} s of a {budget_s:.0f} s budget",
-             harness.model_line(base_cfg, p["base"]["batch"]).replace("remat none",
-                                                                      "remat/scan/batch: per row"),
-             f"peak per device {info['peak'] / 1e12:.4g} TFLOP/s ({info['peak_source']})" if "peak" in info
-             else "peak: no worker started",
-             (f"measured {mm['dtype']} matmul (flops.measure_matmul_peak, sizes "
-              f"{', '.join(map(str, p['matmul_sizes']))}): {matmul / 1e12:.4g} TFLOP/s" if matmul
-              else f"measured matmul: {mm.get('status', 'not run')}"),
-             f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
-             "step(s); temp GiB = XLA's temporaries of the compiled step (memory_analysis)", ""]
+    lines = [
+        f"# device benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  preset {preset}  "
+        f"jax {info.get('jax', '?')}  {platform.node()}  {info.get('devices', '?')} x {info.get('platform', '?')} "
+        f"({info.get('kind', '?')}); one device used; {seconds:.0f} s of a {budget_s:.0f} s budget",
+        harness.model_line(base_cfg, p["base"]["batch"]).replace(
+            "remat none", "remat/scan/batch: per row"
+        ),
+        f"peak per device {info['peak'] / 1e12:.4g} TFLOP/s ({info['peak_source']})"
+        if "peak" in info
+        else "peak: no worker started",
+        (
+            f"measured {mm['dtype']} matmul (flops.measure_matmul_peak, sizes "
+            f"{', '.join(map(str, p['matmul_sizes']))}): {matmul / 1e12:.4g} TFLOP/s"
+            if matmul
+            else f"measured matmul: {mm.get('status', 'not run')}"
+        ),
+        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
+        "step(s); temp GiB = XLA's temporaries of the compiled step (memory_analysis)",
+        "",
+    ]
 
     # (1) MFU sweep.
     body = []
-    for jid in ["base"] + [j.id for g in groups for j in g if j.id.startswith(("sweep:", "flags:"))]:
+    for jid in ["base"] + [
+        j.id for g in groups for j in g if j.id.startswith(("sweep:", "flags:"))
+    ]:
         job, r = jobs[jid], results.get(jid, {"status": "not run"})
         o = job.overrides
         cells = [job.label, job.flags, job.batch, o["remat"], o["scan"], o["depth"]]
         if r.get("status") == "ok":
             row = _step_row(job, r, info, matmul)
-            temp = f"{row['temp'] / 2 ** 30:.2f}" if row["temp"] is not None else "n/a"
-            cells += [f"{row['compile_s']:.1f}", temp, f"{row['ms']:.2f}", f"{row['spread']:.1f}",
-                      f"{row['ex_s']:.1f}", harness.sig(row["tflops"]),
-                      harness.sig(100 * row["mfu"]),
-                      harness.sig(100 * row["mfu_matmul"]) if row["mfu_matmul"] else "n/a", "ok"]
+            temp = f"{row['temp'] / 2**30:.2f}" if row["temp"] is not None else "n/a"
+            cells += [
+                f"{row['compile_s']:.1f}",
+                temp,
+                f"{row['ms']:.2f}",
+                f"{row['spread']:.1f}",
+                f"{row['ex_s']:.1f}",
+                harness.sig(row["tflops"]),
+                harness.sig(100 * row["mfu"]),
+                harness.sig(100 * row["mfu_matmul"]) if row["mfu_matmul"] else "n/a",
+                "ok",
+            ]
         else:
             cells += ["-"] * 8 + [r["status"]]
         body.append(cells)
-    lines += ["(1) MFU sweep (one change from the base row at a time); paper: 54.9% MFU (ViT-22B, TPU v4)",
-              markdown.table(MFU_COLUMNS, body), ""]
+    lines += [
+        "(1) MFU sweep (one change from the base row at a time); paper: 54.9% MFU (ViT-22B, TPU v4)",
+        markdown.table(MFU_COLUMNS, body),
+        "",
+    ]
 
     # (2) Block table: benchmarks/model.py's columns and claims.
     rows, failed = [], []
@@ -303,16 +418,21 @@ def report(p: dict, preset: str, budget_s: float, groups, results: dict, info: d
             failed.append((block, r["status"]))
     base_times = next((r["times"] for r in rows if r["variant"] == model_bench.BASELINE), None)
     for r in rows:
-        r["vs_base"] = (harness.speedup(r["times"], base_times, paired=False) if base_times
-                        else float("nan"))
+        r["vs_base"] = (
+            harness.speedup(r["times"], base_times, paired=False) if base_times else float("nan")
+        )
     body = [model_bench.cells(r) + ["ok"] for r in rows]
-    body += [[block] + ["-"] * (len(model_bench.COLUMNS) - 1) + [status]
-             for block, status in failed]
-    lines += [f"(2) block variants at the base point (batch {p['base']['batch']}, remat {p['base']['remat']}, "
-              f"scan {p['base']['scan']}, default flags); speed vs sequential = its step time / step time; "
-              + model_bench.PAPER, markdown.table(model_bench.COLUMNS + ["status"], body),
-              "measured vs paper:",
-              *model_bench.claims(rows, paired=False)]
+    body += [
+        [block] + ["-"] * (len(model_bench.COLUMNS) - 1) + [status] for block, status in failed
+    ]
+    lines += [
+        f"(2) block variants at the base point (batch {p['base']['batch']}, remat {p['base']['remat']}, "
+        f"scan {p['base']['scan']}, default flags); speed vs sequential = its step time / step time; "
+        + model_bench.PAPER,
+        markdown.table(model_bench.COLUMNS + ["status"], body),
+        "measured vs paper:",
+        *model_bench.claims(rows, paired=False),
+    ]
     return "\n".join(lines)
 
 
@@ -336,7 +456,9 @@ def main(argv=None) -> str:
             raise ValueError(f"--repeats={args.repeats} must be >= 1")
         p["repeats"] = args.repeats
     start = time.time()
-    groups, results, info = sweep(p, args.budget_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    groups, results, info = sweep(
+        p, args.budget_s, log=lambda msg: print(msg, file=sys.stderr, flush=True)
+    )
     out = report(p, args.preset, args.budget_s, groups, results, info, time.time() - start)
     print(out, flush=True)
     return out

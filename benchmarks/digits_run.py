@@ -6,6 +6,7 @@ The cache makes each of them once: a later call with the same config reuses it (
 `_SUCCESS` present), and concurrent callers (pytest-xdist workers sharing one work dir) serialise
 on produce's lock, so no output is built twice or read half-built.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -18,6 +18,7 @@ Median of `--repeats`. The float32 columns run the same code with dtype=float32 
 
 Imports only NumPy + trainer/evaluators: runs on an accelerator host as is (the solve is host-side).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ SHOTS = fewshot.SHOTS
 SEPARATION = 0.15  # class means' scale vs unit within-class noise: few-shot top-1 well below 1
 
 
-def synthetic(classes: int, per_class: int, width: int, rng: np.random.Generator, means: np.ndarray):
+def synthetic(
+    classes: int, per_class: int, width: int, rng: np.random.Generator, means: np.ndarray
+):
     y = np.repeat(np.arange(classes), per_class)
     x = (means[y] + rng.standard_normal((len(y), width))).astype(np.float32)
     return x, y
@@ -58,20 +61,42 @@ def case_row(classes: int, shots: int, width: int, test_per_class: int, repeats:
     test_x, test_y = synthetic(classes, test_per_class, width, rng, means)
     idx = fewshot.subsets(train_y, classes, (shots,), seed=0)[shots]
     call_shots = tuple(k for k in SHOTS if k <= shots)
-    row = [f"{classes} x {shots}", width, len(idx), len(test_y),
-           "AᵀA" if len(idx) >= width + 1 else "AAᵀ"]
+    row = [
+        f"{classes} x {shots}",
+        width,
+        len(idx),
+        len(test_y),
+        "AᵀA" if len(idx) >= width + 1 else "AAᵀ",
+    ]
     solves, calls, results, weights = {}, {}, {}, {}
     for dtype in (np.float64, np.float32):
         solve = lambda: fewshot.fit(train_x[idx], train_y[idx], classes, fewshot.L2, dtype)
         solves[dtype], ridge = median_time(lambda: (r := solve(), r.predict(test_x))[0], repeats)
         weights[dtype] = ridge.w
-        calls[dtype], results[dtype] = median_time(lambda: fewshot.evaluate(
-            train_x, train_y, test_x, test_y, classes, shots=call_shots, seeds=3, dtype=dtype), repeats)
-    diff = max(abs(a - b) for k in call_shots for a, b in zip(results[np.float64][k], results[np.float32][k]))
-    rel = np.linalg.norm(weights[np.float32] - weights[np.float64]) / np.linalg.norm(weights[np.float64])
-    row += [f"{solves[np.float64]:.3f}", f"{calls[np.float64]:.2f}", f"{solves[np.float32]:.3f}",
-            f"{calls[np.float32]:.2f}", f"{diff:.4f}", f"{rel:.1e}",
-            f"{np.mean(results[np.float64][shots]):.3f}", len(call_shots) * 3]
+        calls[dtype], results[dtype] = median_time(
+            lambda: fewshot.evaluate(
+                train_x, train_y, test_x, test_y, classes, shots=call_shots, seeds=3, dtype=dtype
+            ),
+            repeats,
+        )
+    diff = max(
+        abs(a - b)
+        for k in call_shots
+        for a, b in zip(results[np.float64][k], results[np.float32][k])
+    )
+    rel = np.linalg.norm(weights[np.float32] - weights[np.float64]) / np.linalg.norm(
+        weights[np.float64]
+    )
+    row += [
+        f"{solves[np.float64]:.3f}",
+        f"{calls[np.float64]:.2f}",
+        f"{solves[np.float32]:.3f}",
+        f"{calls[np.float32]:.2f}",
+        f"{diff:.4f}",
+        f"{rel:.1e}",
+        f"{np.mean(results[np.float64][shots]):.3f}",
+        len(call_shots) * 3,
+    ]
     return row
 
 
@@ -83,13 +108,35 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
-    print(f"# fewshot benchmark  {datetime.date.today()}  numpy {np.__version__}  {platform.machine()}  "
-          f"{os.cpu_count()} CPUs  load avg {os.getloadavg()[0]:.2f}")
-    print(f"synthetic features, width {args.width}, {args.test_per_class} test examples per class; "
-          f"l2 {fewshot.L2:g}; median of {args.repeats}; times in seconds")
-    headers = ["classes x shots", "width", "train N", "test N", "eigh of", "f64 solve s", "f64 call s",
-               "f32 solve s", "f32 call s", "max |Δacc| f32", "W rel. err f32", "top-1 (f64)", "solves/call"]
-    print(table(headers, [case_row(c, k, args.width, args.test_per_class, args.repeats) for c, k in cases]))
+    print(
+        f"# fewshot benchmark  {datetime.date.today()}  numpy {np.__version__}  {platform.machine()}  "
+        f"{os.cpu_count()} CPUs  load avg {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"synthetic features, width {args.width}, {args.test_per_class} test examples per class; "
+        f"l2 {fewshot.L2:g}; median of {args.repeats}; times in seconds"
+    )
+    headers = [
+        "classes x shots",
+        "width",
+        "train N",
+        "test N",
+        "eigh of",
+        "f64 solve s",
+        "f64 call s",
+        "f32 solve s",
+        "f32 call s",
+        "max |Δacc| f32",
+        "W rel. err f32",
+        "top-1 (f64)",
+        "solves/call",
+    ]
+    print(
+        table(
+            headers,
+            [case_row(c, k, args.width, args.test_per_class, args.repeats) for c, k in cases],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ trainer/markdown.py. Imports only the standard library, numpy, jax and JAX-only 
 (no ml_collections, Grain, CLU, TensorFlow or Beam): benchmarks/device.py runs on a bare GPU host
 (tests/test_device_bench.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,13 @@ def add_common_flags(ap: argparse.ArgumentParser, presets: dict) -> None:
     ap.add_argument("--warmup", type=int, help="untimed steps after the compiling one")
     ap.add_argument("--steps", type=int, help="steps per timed repeat")
     ap.add_argument("--batch", type=int, help="global batch size")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="ViT config field for every config, repeatable "
-                         "(e.g. depth=8, dtype=bfloat16)")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ViT config field for every config, repeatable (e.g. depth=8, dtype=bfloat16)",
+    )
 
 
 def resolve(args: argparse.Namespace, presets: dict) -> dict:
@@ -77,6 +82,7 @@ def resolve(args: argparse.Namespace, presets: dict) -> dict:
 @dataclasses.dataclass
 class Runner:
     """One config's compiled train step, its sharded state and a synthetic batch, ready to time."""
+
     cfg: vit.ViTConfig
     step: Callable
     state: dict
@@ -95,8 +101,14 @@ class Runner:
         return (time.perf_counter() - start) / steps
 
 
-def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, seed: int = 0,
-                 compiler_options: dict | None = None) -> Runner:
+def build_runner(
+    cfg: vit.ViTConfig,
+    mesh,
+    batch_size: int,
+    warmup: int = 0,
+    seed: int = 0,
+    compiler_options: dict | None = None,
+) -> Runner:
     """trainer/step.py's sharded init + train step for `cfg` on `mesh`; compiled and warmed up.
 
     compiler_options: not None = compile explicitly (lower + compile with these XLA options), which
@@ -111,8 +123,10 @@ def build_runner(cfg: vit.ViTConfig, mesh, batch_size: int, warmup: int = 0, see
     rng = np.random.default_rng(seed)
     classes = cfg.num_classes or cfg.width  # num_classes=0: the model outputs pre-logits [B, width]
     labels = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch_size)]
-    batch = jax.device_put({"image": rng.standard_normal((batch_size, *image_shape), np.float32),
-                            "labels": labels}, batch_sharding)
+    batch = jax.device_put(
+        {"image": rng.standard_normal((batch_size, *image_shape), np.float32), "labels": labels},
+        batch_sharding,
+    )
     state = setup.init()
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding)
     runner = Runner(cfg, step, state, batch, mesh.devices.size)
@@ -142,7 +156,7 @@ def time_runners(names, build: Callable[[str], Runner], repeats: int, steps: int
         times = {n: [] for n in names}
         for r in range(repeats):
             # rotated: no variant always goes first
-            for n in names[r % len(names):] + names[:r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 times[n].append(runners[n].run(steps))
         return {n: (runners[n].cfg, runners[n].compile_s, times[n]) for n in names}
     for n in names:
@@ -169,13 +183,17 @@ def spread(times) -> float:
     return 100 * (max(times) - min(times)) / statistics.median(times)
 
 
-def step_metrics(cfg: vit.ViTConfig, batch: int, seconds: float, num_devices: int,
-                 peak: float) -> dict:
+def step_metrics(
+    cfg: vit.ViTConfig, batch: int, seconds: float, num_devices: int, peak: float
+) -> dict:
     """Model FLOPs/step, examples/s, achieved model TFLOP/s and MFU of a step taking `seconds`."""
     flops_per_step = flops.model_flops_per_example(cfg) * batch
-    return {"flops": flops_per_step, "ex_s": batch / seconds,
-            "tflops": flops_per_step / seconds / 1e12,
-            "mfu": flops.mfu(flops_per_step, seconds, num_devices, peak)}
+    return {
+        "flops": flops_per_step,
+        "ex_s": batch / seconds,
+        "tflops": flops_per_step / seconds / 1e12,
+        "mfu": flops.mfu(flops_per_step, seconds, num_devices, peak),
+    }
 
 
 def peak_per_device(devices) -> tuple[float, str]:
@@ -184,8 +202,10 @@ def peak_per_device(devices) -> tuple[float, str]:
     kind = devices[0].device_kind
     if source == "table":
         return peak, f"vendor bf16 dense peak of {kind}"
-    return peak, (f"measured here by flops.measure_matmul_peak: float32 matmuls on {len(devices)} "
-                  f"{kind} device(s)")
+    return peak, (
+        f"measured here by flops.measure_matmul_peak: float32 matmuls on {len(devices)} "
+        f"{kind} device(s)"
+    )
 
 
 def sig(x: float, digits: int = 4) -> str:
@@ -196,14 +216,18 @@ def sig(x: float, digits: int = 4) -> str:
 
 def run_header(name: str, preset: str) -> str:
     d = jax.devices()
-    return (f"# {name} benchmark  {datetime.date.today()}  preset {preset}  jax {jax.__version__}  "
-            f"{platform.machine()}  {len(d)} x {d[0].platform} ({d[0].device_kind})  "
-            f"load avg {os.getloadavg()[0]:.2f}")
+    return (
+        f"# {name} benchmark  {datetime.date.today()}  preset {preset}  jax {jax.__version__}  "
+        f"{platform.machine()}  {len(d)} x {d[0].platform} ({d[0].device_kind})  "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
 
 
 def model_line(cfg: vit.ViTConfig, batch: int) -> str:
-    return (f"model {cfg.variant}: width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, "
-            f"heads {cfg.num_heads}, {cfg.seq_len} tokens ({cfg.image_size}px / {cfg.patch_size}), "
-            f"head {cfg.head}, {cfg.num_classes} classes; batch {batch}; compute {cfg.dtype}, "
-            f"params {cfg.param_dtype}; Adafactor; "
-            f"sigmoid xent; remat {cfg.remat}")
+    return (
+        f"model {cfg.variant}: width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, "
+        f"heads {cfg.num_heads}, {cfg.seq_len} tokens ({cfg.image_size}px / {cfg.patch_size}), "
+        f"head {cfg.head}, {cfg.num_classes} classes; batch {batch}; compute {cfg.dtype}, "
+        f"params {cfg.param_dtype}; Adafactor; "
+        f"sigmoid xent; remat {cfg.remat}"
+    )

@@ -8,6 +8,7 @@ Prepares digits (the real Beam job), pretrains the tiny config's mu/4 once (the 
 tower), runs the `lit` stage (tiny config's group) and the `probe` stage on that export, prints
 one markdown table and writes the curve as a PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=25, help="zero-shot evaluation cadence")
     parser.add_argument("--pretrain_steps", type=int, default=200)
     parser.add_argument("--workdir", default="", help="keep outputs here (default: a temp dir)")
-    parser.add_argument("--png", default="benchmarks/lit_zeroshot.png", help="where the curve goes ('' = none)")
+    parser.add_argument(
+        "--png", default="benchmarks/lit_zeroshot.png", help="where the curve goes ('' = none)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -41,7 +44,10 @@ def main(argv=None) -> dict:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-lit-"))
     data, pre_out = digits_run.prepared_and_pretrained(root, args.pretrain_steps)
-    inputs = {"prepare": StageOutput("prepare", "", data, {}), "pretrain": StageOutput("pretrain", "", pre_out, {})}
+    inputs = {
+        "prepare": StageOutput("prepare", "", data, {}),
+        "pretrain": StageOutput("pretrain", "", pre_out, {}),
+    }
 
     cfg = tiny.lit_config()
     cfg.data.prepared_dir, cfg.steps, cfg.runtime.progress = str(data), args.steps, "off"
@@ -49,8 +55,11 @@ def main(argv=None) -> dict:
     lit_out = root / f"lit-{args.steps}"
     lit_out.mkdir(parents=True, exist_ok=True)
     result = lit.run(cfg, inputs, lit_out)["metrics"]
-    curve = [(r["step"], r["zeroshot/top1"]) for r in map(json.loads, (lit_out / "metrics.jsonl").read_text().splitlines())
-             if "zeroshot/top1" in r]
+    curve = [
+        (r["step"], r["zeroshot/top1"])
+        for r in map(json.loads, (lit_out / "metrics.jsonl").read_text().splitlines())
+        if "zeroshot/top1" in r
+    ]
 
     pcfg = tiny.probe_config()
     probe_out = root / "probe"
@@ -58,22 +67,40 @@ def main(argv=None) -> dict:
     probed = probe.run(pcfg, inputs, probe_out)["metrics"]
     linear = probed["linear/val_top1"]
 
-    print(f"\n{datetime.date.today()} {platform.node()} ({platform.machine()}): mu/4 pretrained {args.pretrain_steps} "
-          f"steps on digits, locked; 1-layer text tower, {args.steps} LiT steps\n")
-    print(table(COLUMNS, [["chance", "0.1000"],
-                          [f"LiT zero-shot (prompts {list(cfg.evals.zeroshot.templates)})",
-                           f"{result['zeroshot/top1']:.4f}"],
-                          ["linear probe on the same frozen pre-logits", f"{linear:.4f}"]]))
+    print(
+        f"\n{datetime.date.today()} {platform.node()} ({platform.machine()}): mu/4 pretrained {args.pretrain_steps} "
+        f"steps on digits, locked; 1-layer text tower, {args.steps} LiT steps\n"
+    )
+    print(
+        table(
+            COLUMNS,
+            [
+                ["chance", "0.1000"],
+                [
+                    f"LiT zero-shot (prompts {list(cfg.evals.zeroshot.templates)})",
+                    f"{result['zeroshot/top1']:.4f}",
+                ],
+                ["linear probe on the same frozen pre-logits", f"{linear:.4f}"],
+            ],
+        )
+    )
     print("\nzero-shot top-1 over LiT steps: " + ", ".join(f"{s}: {v:.3f}" for s, v in curve))
     if args.png:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
         ax.plot(*zip(*curve), marker="o", label="LiT zero-shot")
         ax.axhline(linear, color="gray", linestyle="--", label="linear probe")
         ax.axhline(0.1, color="red", linestyle=":", label="chance")
-        ax.set(xlabel="LiT step", ylabel="val top-1", ylim=(0, 1), title="Zero-shot on digits (locked mu/4)")
+        ax.set(
+            xlabel="LiT step",
+            ylabel="val top-1",
+            ylim=(0, 1),
+            title="Zero-shot on digits (locked mu/4)",
+        )
         ax.legend(loc="lower right")
         fig.tight_layout()
         fig.savefig(args.png)

@@ -13,6 +13,7 @@
     device), where the peak is what the pretrain stage uses: the vendor table on accelerators, the
     matmul measured in this run on CPU. The paper's 54.9% (ViT-22B on TPU v4) is printed for reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,33 +28,88 @@ from trainer import flops, markdown, sharding
 from trainer.models import vit
 
 PRESETS: dict[str, dict] = {
-    "smoke": dict(model=("mu/8", dict(depth=1, image_size=16, num_classes=10, head="gap")), batch=8, repeats=1,
-                  warmup=0, steps=1, mesh="-1,1", matmul_sizes=(64,), matmul_dtype="float32"),
-    "cpu": dict(model=("mu/4", dict(image_size=32, num_classes=1000)), batch=64, repeats=10, warmup=2, steps=1,
-                mesh="-1,1", matmul_sizes=(256, 512, 1024), matmul_dtype="float32"),
+    "smoke": dict(
+        model=("mu/8", dict(depth=1, image_size=16, num_classes=10, head="gap")),
+        batch=8,
+        repeats=1,
+        warmup=0,
+        steps=1,
+        mesh="-1,1",
+        matmul_sizes=(64,),
+        matmul_dtype="float32",
+    ),
+    "cpu": dict(
+        model=("mu/4", dict(image_size=32, num_classes=1000)),
+        batch=64,
+        repeats=10,
+        warmup=2,
+        steps=1,
+        mesh="-1,1",
+        matmul_sizes=(256, 512, 1024),
+        matmul_dtype="float32",
+    ),
     # The model preset of benchmarks/model.py --preset gpu: ViT-22B's layer x 4, bf16 compute, batch 32.
-    "gpu": dict(model=model_bench.PRESETS["gpu"]["model"],
-                batch=model_bench.PRESETS["gpu"]["batch"], repeats=10, warmup=2, steps=2,
-                mesh="-1,1", matmul_sizes=(4096, 8192, 16384), matmul_dtype="bfloat16"),
+    "gpu": dict(
+        model=model_bench.PRESETS["gpu"]["model"],
+        batch=model_bench.PRESETS["gpu"]["batch"],
+        repeats=10,
+        warmup=2,
+        steps=2,
+        mesh="-1,1",
+        matmul_sizes=(4096, 8192, 16384),
+        matmul_dtype="bfloat16",
+    ),
 }
 
-PAPER = ("paper: ViT-22B 54.9% MFU on TPU v4 (PaLM 46.2%, ViT-e 44.0%, same hardware); "
-         "at 22B scale on a pod, not comparable to a small model on one host")
+PAPER = (
+    "paper: ViT-22B 54.9% MFU on TPU v4 (PaLM 46.2%, ViT-e 44.0%, same hardware); "
+    "at 22B scale on a pod, not comparable to a small model on one host"
+)
 
-MATMUL_COLUMNS = ["dtype", "size", "devices", "measured TFLOP/s/device", "table peak TFLOP/s", "measured / table"]
-STEP_COLUMNS = ["model", "mesh (data x model)", "batch", "tokens", "params M", "model GFLOP/step", "compile s",
-                "step ms", "spread %", "ex/s", "achieved TFLOP/s", "per device TFLOP/s", "peak TFLOP/s/device",
-                "MFU %", "paper MFU %"]
+MATMUL_COLUMNS = [
+    "dtype",
+    "size",
+    "devices",
+    "measured TFLOP/s/device",
+    "table peak TFLOP/s",
+    "measured / table",
+]
+STEP_COLUMNS = [
+    "model",
+    "mesh (data x model)",
+    "batch",
+    "tokens",
+    "params M",
+    "model GFLOP/step",
+    "compile s",
+    "step ms",
+    "spread %",
+    "ex/s",
+    "achieved TFLOP/s",
+    "per device TFLOP/s",
+    "peak TFLOP/s/device",
+    "MFU %",
+    "paper MFU %",
+]
 
 
 def matmul_rows(devices, sizes, dtype: str, repeats: int) -> list[list]:
     table_peak = flops.device_peak_flops(devices[0])
     rows = []
     for size in sizes:
-        measured = flops.measure_matmul_peak(devices, size=size, dtype=jnp.dtype(dtype), repeats=repeats)
-        rows.append([dtype, size, len(devices), harness.sig(measured / 1e12),
-                     f"{table_peak / 1e12:.1f}" if table_peak else "n/a (CPU: none)",
-                     f"{measured / table_peak:.3f}" if table_peak else "n/a"])
+        measured = flops.measure_matmul_peak(
+            devices, size=size, dtype=jnp.dtype(dtype), repeats=repeats
+        )
+        rows.append(
+            [
+                dtype,
+                size,
+                len(devices),
+                harness.sig(measured / 1e12),
+                f"{table_peak / 1e12:.1f}" if table_peak else "n/a (CPU: none)",
+                f"{measured / table_peak:.3f}" if table_peak else "n/a",
+            ]
+        )
     return rows
 
 
@@ -71,25 +127,41 @@ def run(p: dict) -> str:
     variant, overrides = p["model"]
     cfg = vit.make_config(variant, **overrides)
     peak, peak_source = harness.peak_per_device(devices)
-    lines = [harness.run_header("mfu", p["preset"]), "",
-             f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, best of "
-             f"{p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
-             markdown.table(MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"],
-                                                        p["matmul_dtype"], p["repeats"])),
-             "", "(b) sharded train step (trainer/step.py make_train_step): "
-             + harness.model_line(cfg, p["batch"]),
-             f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); median of {p['repeats']} repeats x "
-             f"{p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up step(s)"]
+    lines = [
+        harness.run_header("mfu", p["preset"]),
+        "",
+        f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, best of "
+        f"{p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
+        markdown.table(
+            MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"], p["matmul_dtype"], p["repeats"])
+        ),
+        "",
+        "(b) sharded train step (trainer/step.py make_train_step): "
+        + harness.model_line(cfg, p["batch"]),
+        f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); median of {p['repeats']} repeats x "
+        f"{p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up step(s)",
+    ]
     runner = harness.build_runner(cfg, mesh, p["batch"], p["warmup"])
     times = [runner.run(p["steps"]) for _ in range(p["repeats"])]
     t = statistics.median(times)
     m = harness.step_metrics(cfg, p["batch"], t, mesh.devices.size, peak)
-    row = [cfg.variant, " x ".join(str(mesh.shape[a]) for a in ("data", "model")), p["batch"], cfg.seq_len,
-           f"{flops.param_count(cfg) / 1e6:.2f}", harness.sig(m["flops"] / 1e9),
-           f"{runner.compile_s:.1f}", f"{1e3 * t:.2f}", f"{harness.spread(times):.1f}",
-           f"{m['ex_s']:.1f}", harness.sig(m['tflops']),
-           harness.sig(m['tflops'] / mesh.devices.size), harness.sig(peak / 1e12),
-           harness.sig(100 * m['mfu']), "54.9"]
+    row = [
+        cfg.variant,
+        " x ".join(str(mesh.shape[a]) for a in ("data", "model")),
+        p["batch"],
+        cfg.seq_len,
+        f"{flops.param_count(cfg) / 1e6:.2f}",
+        harness.sig(m["flops"] / 1e9),
+        f"{runner.compile_s:.1f}",
+        f"{1e3 * t:.2f}",
+        f"{harness.spread(times):.1f}",
+        f"{m['ex_s']:.1f}",
+        harness.sig(m['tflops']),
+        harness.sig(m['tflops'] / mesh.devices.size),
+        harness.sig(peak / 1e12),
+        harness.sig(100 * m['mfu']),
+        "54.9",
+    ]
     lines += [markdown.table(STEP_COLUMNS, [row]), PAPER]
     return "\n".join(lines)
 
@@ -97,8 +169,11 @@ def run(p: dict) -> str:
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_common_flags(ap, PRESETS)
-    ap.add_argument("--variant", help="ViT variant NAME/PATCH, e.g. mu/4, B/16, 22B/14; replaces the preset's "
-                    "model and its overrides (add e.g. --override dtype=bfloat16)")
+    ap.add_argument(
+        "--variant",
+        help="ViT variant NAME/PATCH, e.g. mu/4, B/16, 22B/14; replaces the preset's "
+        "model and its overrides (add e.g. --override dtype=bfloat16)",
+    )
     ap.add_argument("--image_size", type=int)
     ap.add_argument("--mesh", help="DATA,MODEL mesh sizes over all local devices; -1 = the rest")
     ap.add_argument("--matmul_sizes", help="comma-separated square matmul sizes for (a)")

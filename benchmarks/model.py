@@ -20,6 +20,7 @@ measured in the same run on CPU), and each variant's speed relative to the seque
 (baseline step time / variant step time: > 1 is faster). The footer compares the measured ratios
 with the paper's claims.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,30 +41,76 @@ VARIANTS: dict[str, dict] = {
     "bias": dict(use_bias=True),
     "no_qk_norm": dict(qk_norm=False),
     "layernorm": dict(norm="layernorm"),
-    "classic": dict(block="sequential", fused=False, use_bias=True, qk_norm=False, norm="layernorm"),
+    "classic": dict(
+        block="sequential", fused=False, use_bias=True, qk_norm=False, norm="layernorm"
+    ),
 }
 BASELINE = "sequential"
 
 # model: the variant string and overrides every variant shares. batch: global batch per step.
 PRESETS: dict[str, dict] = {
-    "smoke": dict(model=("22B/8", dict(width=32, depth=1, mlp_dim=128, num_heads=2, image_size=16, num_classes=10,
-                                        head="gap")),
-                  batch=2, repeats=1, warmup=0, steps=1, interleave=True),
-    "cpu": dict(model=("22B/16", dict(width=384, depth=4, mlp_dim=1536, num_heads=6, image_size=160)),
-                batch=8, repeats=15, warmup=1, steps=1, interleave=True),
+    "smoke": dict(
+        model=(
+            "22B/8",
+            dict(
+                width=32,
+                depth=1,
+                mlp_dim=128,
+                num_heads=2,
+                image_size=16,
+                num_classes=10,
+                head="gap",
+            ),
+        ),
+        batch=2,
+        repeats=1,
+        warmup=0,
+        steps=1,
+        interleave=True,
+    ),
+    "cpu": dict(
+        model=("22B/16", dict(width=384, depth=4, mlp_dim=1536, num_heads=6, image_size=160)),
+        batch=8,
+        repeats=15,
+        warmup=1,
+        steps=1,
+        interleave=True,
+    ),
     # ViT-22B's layer (width 6144, 48 heads, MLP 24576) x 4 on 256 tokens, bf16 compute, f32 params:
     # 2.28B parameters, 94 model TFLOP/step. XLA:CPU's buffer assignment for this fwd+bwd at batch 32
     # needs 40 GiB of temporaries (+ 8.5 GiB params, 8.5 grads, ~5 Adafactor), under the 75% of
     # 141 GB that JAX preallocates on a GPU; batch 64 would need ~72 GiB of temporaries.
-    "gpu": dict(model=("22B/14", dict(depth=4, image_size=224, dtype="bfloat16")),
-                batch=32, repeats=10, warmup=2, steps=2, interleave=False),
+    "gpu": dict(
+        model=("22B/14", dict(depth=4, image_size=224, dtype="bfloat16")),
+        batch=32,
+        repeats=10,
+        warmup=2,
+        steps=2,
+        interleave=False,
+    ),
 }
 
-PAPER = ("paper (ViT-22B §2, on TPU v4 at 22B scale): parallel layers ~15% faster training (PaLM), "
-         "i.e. vit22b vs sequential ~1.15x; dropping QKV/LayerNorm biases +3% utilization (bias -> vit22b)")
+PAPER = (
+    "paper (ViT-22B §2, on TPU v4 at 22B scale): parallel layers ~15% faster training (PaLM), "
+    "i.e. vit22b vs sequential ~1.15x; dropping QKV/LayerNorm biases +3% utilization (bias -> vit22b)"
+)
 
-COLUMNS = ["variant", "block", "fused", "bias", "qk_norm", "norm", "params M", "compile s", "step ms",
-           "spread %", "ex/s", "model TFLOP/s", "MFU %", "speed vs sequential"]
+COLUMNS = [
+    "variant",
+    "block",
+    "fused",
+    "bias",
+    "qk_norm",
+    "norm",
+    "params M",
+    "compile s",
+    "step ms",
+    "spread %",
+    "ex/s",
+    "model TFLOP/s",
+    "MFU %",
+    "speed vs sequential",
+]
 
 
 def run(p: dict, names, devices=None) -> tuple[list[dict], dict]:
@@ -74,7 +121,9 @@ def run(p: dict, names, devices=None) -> tuple[list[dict], dict]:
     devices = list(devices or jax.devices()[:1])
     mesh = sharding.make_mesh(devices=devices)
     variant, overrides = p["model"]
-    configs = {n: vit.make_config(variant, **{**overrides, **VARIANTS[n]}) for n in names}  # validate all first
+    configs = {
+        n: vit.make_config(variant, **{**overrides, **VARIANTS[n]}) for n in names
+    }  # validate all first
     peak, peak_source = harness.peak_per_device(devices)
     build = lambda n: harness.build_runner(configs[n], mesh, p["batch"], p["warmup"])
     results = harness.time_runners(names, build, p["repeats"], p["steps"], p["interleave"])
@@ -83,21 +132,46 @@ def run(p: dict, names, devices=None) -> tuple[list[dict], dict]:
         cfg, compile_s, times = results[n]
         t = statistics.median(times)
         metrics = harness.step_metrics(cfg, p["batch"], t, len(devices), peak)
-        rows.append(dict(variant=n, cfg=cfg, compile_s=compile_s, times=times, ms=1e3 * t,
-                         spread=harness.spread(times), params=flops.param_count(cfg), **metrics))
+        rows.append(
+            dict(
+                variant=n,
+                cfg=cfg,
+                compile_s=compile_s,
+                times=times,
+                ms=1e3 * t,
+                spread=harness.spread(times),
+                params=flops.param_count(cfg),
+                **metrics,
+            )
+        )
     for r in rows:
-        r["vs_base"] = (harness.speedup(r["times"], results[BASELINE][2], p["interleave"])
-                        if BASELINE in results else float("nan"))
+        r["vs_base"] = (
+            harness.speedup(r["times"], results[BASELINE][2], p["interleave"])
+            if BASELINE in results
+            else float("nan")
+        )
     return rows, dict(peak=peak, peak_source=peak_source, devices=len(devices))
 
 
 def cells(r: dict) -> list:
     """A `run` row as the table's cells, in COLUMNS order."""
     cfg = r["cfg"]
-    return [r["variant"], cfg.block, cfg.fused, cfg.use_bias, cfg.qk_norm, cfg.norm,
-            f"{r['params'] / 1e6:.2f}", f"{r['compile_s']:.1f}", f"{r['ms']:.2f}",
-            f"{r['spread']:.1f}", f"{r['ex_s']:.1f}", harness.sig(r["tflops"]),
-            harness.sig(100 * r["mfu"]), f"{r['vs_base']:.3f}"]
+    return [
+        r["variant"],
+        cfg.block,
+        cfg.fused,
+        cfg.use_bias,
+        cfg.qk_norm,
+        cfg.norm,
+        f"{r['params'] / 1e6:.2f}",
+        f"{r['compile_s']:.1f}",
+        f"{r['ms']:.2f}",
+        f"{r['spread']:.1f}",
+        f"{r['ex_s']:.1f}",
+        harness.sig(r["tflops"]),
+        harness.sig(100 * r["mfu"]),
+        f"{r['vs_base']:.3f}",
+    ]
 
 
 def claims(rows, paired: bool) -> list[str]:
@@ -109,17 +183,31 @@ def claims(rows, paired: bool) -> list[str]:
         if a in by and b in by:
             x = harness.speedup(by[a]["times"], by[b]["times"], paired)
             lines.append(f"  {what}: {x:.3f}x training speed ({a} vs {b}); {paper}")
+
     speed("vit22b", "sequential", "parallel + fused block vs sequential", "paper/PaLM: ~1.15x")
-    speed("vit22b", "parallel_unfused", "fused vs unfused parallel block",
-          "paper: the parallel form is what lets the projections fuse; no separate figure")
-    speed("sequential_fused_qkv", "sequential", "fused QKV in the sequential block", "no paper figure")
+    speed(
+        "vit22b",
+        "parallel_unfused",
+        "fused vs unfused parallel block",
+        "paper: the parallel form is what lets the projections fuse; no separate figure",
+    )
+    speed(
+        "sequential_fused_qkv", "sequential", "fused QKV in the sequential block", "no paper figure"
+    )
     if "vit22b" in by and "bias" in by:  # same model FLOPs: utilization changes as speed does
         a, b = 100 * by["vit22b"]["mfu"], 100 * by["bias"]["mfu"]
         x = harness.speedup(by["vit22b"]["times"], by["bias"]["times"], paired)
-        lines.append(f"  dropping biases (vit22b vs bias): MFU {harness.sig(b)}% -> "
-                     f"{harness.sig(a)}% (medians); utilization {100 * (x - 1):+.1f}% relative; "
-                     "paper: +3% utilization")
-    speed("vit22b", "no_qk_norm", "QK-norm on vs off", "paper: without it the loss diverges at 8B+; cost not given")
+        lines.append(
+            f"  dropping biases (vit22b vs bias): MFU {harness.sig(b)}% -> "
+            f"{harness.sig(a)}% (medians); utilization {100 * (x - 1):+.1f}% relative; "
+            "paper: +3% utilization"
+        )
+    speed(
+        "vit22b",
+        "no_qk_norm",
+        "QK-norm on vs off",
+        "paper: without it the loss diverges at 8B+; cost not given",
+    )
     speed("vit22b", "layernorm", "RMSNorm vs LayerNorm", "no paper figure")
     speed("vit22b", "classic", "ViT-22B block vs classic ViT block", "no single paper figure")
     return lines
@@ -127,26 +215,49 @@ def claims(rows, paired: bool) -> list[str]:
 
 def report(p: dict, preset: str, rows: list[dict], ctx: dict) -> str:
     cfg = rows[0]["cfg"]
-    order = "interleaved round-robin, rotated each round" if p["interleave"] else "one variant at a time"
-    lines = [harness.run_header("model", preset),
-             harness.model_line(cfg, p["batch"]),
-             f"device peak {ctx['peak'] / 1e12:.3f} TFLOP/s per device ({ctx['peak_source']}); "
-             f"{ctx['devices']} device(s); model FLOPs/step {rows[0]['flops']:.4g}",
-             f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
-             f"step(s), {order}; speed vs sequential = sequential step time / step time (> 1: faster)"
-             + (", median over rounds of the ratio within a round" if p["interleave"] else ", of the medians"),
-             PAPER, ""]
-    lines += [markdown.table(COLUMNS, [cells(r) for r in rows]), "", "measured vs paper:",
-              *claims(rows, p["interleave"])]
+    order = (
+        "interleaved round-robin, rotated each round"
+        if p["interleave"]
+        else "one variant at a time"
+    )
+    lines = [
+        harness.run_header("model", preset),
+        harness.model_line(cfg, p["batch"]),
+        f"device peak {ctx['peak'] / 1e12:.3f} TFLOP/s per device ({ctx['peak_source']}); "
+        f"{ctx['devices']} device(s); model FLOPs/step {rows[0]['flops']:.4g}",
+        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
+        f"step(s), {order}; speed vs sequential = sequential step time / step time (> 1: faster)"
+        + (
+            ", median over rounds of the ratio within a round"
+            if p["interleave"]
+            else ", of the medians"
+        ),
+        PAPER,
+        "",
+    ]
+    lines += [
+        markdown.table(COLUMNS, [cells(r) for r in rows]),
+        "",
+        "measured vs paper:",
+        *claims(rows, p["interleave"]),
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_common_flags(ap, PRESETS)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                    help="time variants round-robin with all states live (default: on, off for --preset gpu)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time variants round-robin with all states live (default: on, off for --preset gpu)",
+    )
     args = ap.parse_args(argv)
     p = harness.resolve(args, PRESETS)
     if args.interleave is not None:

@@ -12,6 +12,7 @@ per core actually used), and peak RSS: of the largest single process (getrusage 
 children) and of the whole process tree (sampled every 0.2 s, so short spikes can be missed).
 Bounded memory = the peak RSS does not grow with the image count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,32 @@ def run_prepare(src: Path, out: Path, workers: int) -> dict:
     import psutil
 
     mode = "in_memory" if workers == 1 else "multi_processing"
-    cmd = [sys.executable, "-m", "pipelines.prepare", "--source", "folder", "--root", str(src),
-           "--out", str(out), "--dataset", "bench", "--image_size", "0", "--records_per_shard", "1024",
-           "--direct_num_workers", str(workers), "--direct_running_mode", mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.prepare",
+        "--source",
+        "folder",
+        "--root",
+        str(src),
+        "--out",
+        str(out),
+        "--dataset",
+        "bench",
+        "--image_size",
+        "0",
+        "--records_per_shard",
+        "1024",
+        "--direct_num_workers",
+        str(workers),
+        "--direct_running_mode",
+        mode,
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc, peak_tree = psutil.Process(child.pid), 0
     while child.poll() is None:
         try:
@@ -70,8 +91,14 @@ def run_prepare(src: Path, out: Path, workers: int) -> dict:
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     accepted = next(int(w.split("=")[1]) for w in stdout.split() if w.startswith("accepted="))
     # ru_maxrss (KiB on Linux) is the largest reaped descendant so far: runs go small to large.
-    return {"mode": f"{mode} x{workers}", "n": accepted, "wall": wall, "cpu": cpu,
-            "peak_process": after.ru_maxrss * 1024, "peak_tree": peak_tree}
+    return {
+        "mode": f"{mode} x{workers}",
+        "n": accepted,
+        "wall": wall,
+        "cpu": cpu,
+        "peak_process": after.ru_maxrss * 1024,
+        "peak_tree": peak_tree,
+    }
 
 
 def grow_folder(src: Path, have: int, want: int, make_jpegs) -> int:
@@ -89,7 +116,9 @@ def grow_folder(src: Path, have: int, want: int, make_jpegs) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num_images", default="2000,8000,50000", help="comma list, ascending")
-    ap.add_argument("--workers", default="1", help="comma list of FnApiRunner workers (1 = in_memory)")
+    ap.add_argument(
+        "--workers", default="1", help="comma list of FnApiRunner workers (1 = in_memory)"
+    )
     ap.add_argument("--workdir", default="", help="default: a temp dir, removed afterwards")
     args = ap.parse_args(argv)
     from benchmarks.data import make_jpegs
@@ -97,8 +126,10 @@ def main(argv=None) -> None:
     counts = sorted(int(n) for n in args.num_images.split(","))
     workers = [int(w) for w in args.workers.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
-    print(f"# prepare benchmark  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cores  "
-          f"load avg {os.getloadavg()[0]:.2f}")
+    print(
+        f"# prepare benchmark  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cores  "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
     rows = []
     try:
         made = 0
@@ -106,19 +137,57 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             nbytes = grow_folder(work / "src", made, n, make_jpegs)
             made = n
-            print(f"made {n} images (+{nbytes / 2 ** 20:.0f} MiB) in {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"made {n} images (+{nbytes / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
             for w in workers:
                 out = work / f"out-{n}-{w}"
                 r = run_prepare(work / "src", out, w)
                 shutil.rmtree(out, ignore_errors=True)
-                rows.append([r["mode"], r["n"], f"{r['wall']:.0f}", f"{r['n'] / r['wall']:.0f}",
-                             f"{r['n'] / r['cpu']:.0f}", f"{r['peak_process'] / 2 ** 20:.0f}",
-                             f"{r['peak_tree'] / 2 ** 20:.0f}"])
-                print(table(["runner", "images", "wall s", "img/s", "img/s/core", "peak RSS MiB (process)",
-                             "peak RSS MiB (tree)"], rows[-1:]), flush=True)
-        print("\nprepare: 224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest (CLI, child process)")
-        print(table(["runner", "images", "wall s", "img/s", "img/s/core", "peak RSS MiB (process)",
-                     "peak RSS MiB (tree)"], rows))
+                rows.append(
+                    [
+                        r["mode"],
+                        r["n"],
+                        f"{r['wall']:.0f}",
+                        f"{r['n'] / r['wall']:.0f}",
+                        f"{r['n'] / r['cpu']:.0f}",
+                        f"{r['peak_process'] / 2**20:.0f}",
+                        f"{r['peak_tree'] / 2**20:.0f}",
+                    ]
+                )
+                print(
+                    table(
+                        [
+                            "runner",
+                            "images",
+                            "wall s",
+                            "img/s",
+                            "img/s/core",
+                            "peak RSS MiB (process)",
+                            "peak RSS MiB (tree)",
+                        ],
+                        rows[-1:],
+                    ),
+                    flush=True,
+                )
+        print(
+            "\nprepare: 224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest (CLI, child process)"
+        )
+        print(
+            table(
+                [
+                    "runner",
+                    "images",
+                    "wall s",
+                    "img/s",
+                    "img/s/core",
+                    "peak RSS MiB (process)",
+                    "peak RSS MiB (tree)",
+                ],
+                rows,
+            )
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

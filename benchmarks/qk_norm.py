@@ -23,6 +23,7 @@ divergences (the loop's NaN guard stopped the run, or the final loss is no bette
 step 1). Learning curves as a PNG (--plot). Every run's curves go to <workdir>/qk_norm_runs.json;
 `--report_from` prints the table (and --plot) again from such a file without training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,28 +46,52 @@ VARIANTS = {"qk_norm": dict(qk_norm=True), "no_qk_norm": dict(qk_norm=False)}
 
 PRESETS = {
     # Seconds: one micro model, a few steps, no val eval (tests/test_qk_norm.py).
-    "micro": dict(model=dict(width=32, depth=1, mlp_dim=64, num_heads=2), steps=4, batch=16, lrs=(0.1,), seeds=(0,),
-                  val=False),
+    "micro": dict(
+        model=dict(width=32, depth=1, mlp_dim=64, num_heads=2),
+        steps=4,
+        batch=16,
+        lrs=(0.1,),
+        seeds=(0,),
+        val=False,
+    ),
     # The RESULTS.md sweep: mu/4 (width 64, depth 2, 4 heads, 64 tokens), 24 runs in ~22 min on 2 busy cores.
     # Calibrated at depth 4, lr 0.03: without QK-norm the max logit passed 100 within 15 steps.
-    "digits": dict(model=dict(width=64, depth=2, mlp_dim=256, num_heads=4), steps=120, batch=32,
-                   lrs=(0.003, 0.01, 0.03, 0.1), seeds=(0, 1, 2), val=True),
+    "digits": dict(
+        model=dict(width=64, depth=2, mlp_dim=256, num_heads=4),
+        steps=120,
+        batch=32,
+        lrs=(0.003, 0.01, 0.03, 0.1),
+        seeds=(0, 1, 2),
+        val=True,
+    ),
 }
 STATS = ("attn_logit_max", "attn_entropy_min", "attn_entropy_mean")
-COLUMNS = ["lr", "variant", "final loss", "val top-1", "max attn logit", "min attn entropy", "loss spikes",
-           "diverged", "s/run"]
+COLUMNS = [
+    "lr",
+    "variant",
+    "final loss",
+    "val top-1",
+    "max attn logit",
+    "min attn entropy",
+    "loss spikes",
+    "diverged",
+    "s/run",
+]
 
 
 def run_config(prepared: Path, variant: str, lr: float, seed: int, p: dict):
     """The pretrain group of one run: the sweep's model, constant-LR Adafactor, per-step metrics."""
     from trainer import pretrain
+
     cfg = pretrain.default_config()
     cfg.model.variant = "mu/4"
     cfg.model.update(dict(p["model"], attn_stats=True, **VARIANTS[variant]))
     cfg.loss = "softmax_xent"
     cfg.evals.val.loss = "softmax_xent"
     cfg.data.update(prepared_dir=str(prepared), dataset="digits", image_size=32)
-    cfg.data.augment.update(inception_crop=False, flip=False)  # 8x8 digits: crops cut strokes, flips change digits
+    cfg.data.augment.update(
+        inception_crop=False, flip=False
+    )  # 8x8 digits: crops cut strokes, flips change digits
     cfg.seed, cfg.steps = seed, p["steps"]
     cfg.batch_size = cfg.eval_batch_size = p["batch"]
     cfg.optim.update(lr=lr, schedule="constant", warmup_steps=0, cooldown_steps=0)
@@ -81,17 +106,27 @@ def run_config(prepared: Path, variant: str, lr: float, seed: int, p: dict):
 def train(prepared: Path, root: Path, variant: str, lr: float, seed: int, p: dict) -> dict:
     """One pretrain run; its per-step metrics and summary (a NaN-guard stop is a result, not an error)."""
     from trainer import loop, pretrain
+
     out = Path(tempfile.mkdtemp(prefix=f"{variant}-lr{lr:g}-s{seed}-", dir=root))
     start = time.perf_counter()
     try:
-        val = pretrain.run(run_config(prepared, variant, lr, seed, p), {}, out)["metrics"].get("val/top1")
+        val = pretrain.run(run_config(prepared, variant, lr, seed, p), {}, out)["metrics"].get(
+            "val/top1"
+        )
         stopped = None
     except loop.NonFiniteError as e:
         val, stopped = None, str(e)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    return dict(variant=variant, lr=lr, seed=seed, val=val, stopped=stopped, seconds=time.perf_counter() - start,
-                curve={k: [(r["step"], r[k]) for r in steps if k in r] for k in ("loss", *STATS)})
+    return dict(
+        variant=variant,
+        lr=lr,
+        seed=seed,
+        val=val,
+        stopped=stopped,
+        seconds=time.perf_counter() - start,
+        curve={k: [(r["step"], r[k]) for r in steps if k in r] for k in ("loss", *STATS)},
+    )
 
 
 def summarize(run: dict) -> dict:
@@ -100,12 +135,20 @@ def summarize(run: dict) -> dict:
     finite = [v for v in loss if math.isfinite(v)]
     tail = max(1, len(loss) // 10)
     final = statistics.mean(loss[-tail:]) if len(finite) == len(loss) and loss else float("nan")
-    spikes = sum(v > statistics.median(finite[i - 20:i]) + 1.0 for i, v in enumerate(finite) if i >= 20)
+    spikes = sum(
+        v > statistics.median(finite[i - 20 : i]) + 1.0 for i, v in enumerate(finite) if i >= 20
+    )
     logits = [v for _, v in run["curve"]["attn_logit_max"] if math.isfinite(v)]
     entropy = [v for _, v in run["curve"]["attn_entropy_min"] if math.isfinite(v)]
     diverged = run["stopped"] is not None or not (final < loss[0])
-    return dict(final=final, val=run["val"], logit=max(logits, default=float("nan")),
-                entropy=min(entropy, default=float("nan")), spikes=spikes, diverged=diverged)
+    return dict(
+        final=final,
+        val=run["val"],
+        logit=max(logits, default=float("nan")),
+        entropy=min(entropy, default=float("nan")),
+        spikes=spikes,
+        diverged=diverged,
+    )
 
 
 def _mean_sd(values, fmt: str) -> str:
@@ -113,7 +156,9 @@ def _mean_sd(values, fmt: str) -> str:
     if not values:
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{values and statistics.mean(values):{fmt}} ± {sd:{fmt}}" + ("" if len(values) > 1 else " (1 run)")
+    return f"{values and statistics.mean(values):{fmt}} ± {sd:{fmt}}" + (
+        "" if len(values) > 1 else " (1 run)"
+    )
 
 
 def report(runs: list[dict], p: dict, seconds: float) -> str:
@@ -124,35 +169,53 @@ def report(runs: list[dict], p: dict, seconds: float) -> str:
             if not group:
                 continue
             s = [summarize(r) for r in group]
-            body.append([f"{lr:g}", variant, _mean_sd([x["final"] for x in s], ".3f"),
-                         _mean_sd([x["val"] for x in s], ".3f"), _mean_sd([x["logit"] for x in s], ".3g"),
-                         _mean_sd([x["entropy"] for x in s], ".3g"), sum(x["spikes"] for x in s),
-                         f"{sum(x['diverged'] for x in s)}/{len(s)}",
-                         f"{statistics.mean(r['seconds'] for r in group):.0f}"])
+            body.append(
+                [
+                    f"{lr:g}",
+                    variant,
+                    _mean_sd([x["final"] for x in s], ".3f"),
+                    _mean_sd([x["val"] for x in s], ".3f"),
+                    _mean_sd([x["logit"] for x in s], ".3g"),
+                    _mean_sd([x["entropy"] for x in s], ".3g"),
+                    sum(x["spikes"] for x in s),
+                    f"{sum(x['diverged'] for x in s)}/{len(s)}",
+                    f"{statistics.mean(r['seconds'] for r in group):.0f}",
+                ]
+            )
     m = p["model"]
-    return "\n".join([
-        f"# qk_norm sweep  {datetime.date.today()}  {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
-        f"model: ViT-22B block (parallel, fused, RMSNorm, no QKV bias, MAP head), width {m['width']}, depth "
-        f"{m['depth']}, MLP {m['mlp_dim']}, {m['num_heads']} heads, patch 4 on 32 px digits (64 tokens); "
-        f"{p['steps']} steps, batch {p['batch']}, Adafactor, constant LR, no warmup, grad clip 1.0, softmax xent; "
-        f"seeds {', '.join(map(str, p['seeds']))}; mean ± sd over seeds; {seconds:.0f} s in all",
-        "paper (ViT-22B §2): without QK-norm attention logits grow, entropy collapses and the loss diverges "
-        "(at 8B parameters); small models show it at high LR (Wortsman et al. 2023)",
-        "", table(COLUMNS, body)])
+    return "\n".join(
+        [
+            f"# qk_norm sweep  {datetime.date.today()}  {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+            f"model: ViT-22B block (parallel, fused, RMSNorm, no QKV bias, MAP head), width {m['width']}, depth "
+            f"{m['depth']}, MLP {m['mlp_dim']}, {m['num_heads']} heads, patch 4 on 32 px digits (64 tokens); "
+            f"{p['steps']} steps, batch {p['batch']}, Adafactor, constant LR, no warmup, grad clip 1.0, softmax xent; "
+            f"seeds {', '.join(map(str, p['seeds']))}; mean ± sd over seeds; {seconds:.0f} s in all",
+            "paper (ViT-22B §2): without QK-norm attention logits grow, entropy collapses and the loss diverges "
+            "(at 8B parameters); small models show it at high LR (Wortsman et al. 2023)",
+            "",
+            table(COLUMNS, body),
+        ]
+    )
 
 
 def plot(runs: list[dict], path: Path) -> str:
     """Loss, max attention logit and min attention entropy per step; one panel column per LR."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed"
     lrs = sorted({r["lr"] for r in runs})
-    keys = (("loss", "train loss", "linear"), ("attn_logit_max", "max attention logit", "log"),
-            ("attn_entropy_min", "min attention entropy (nats)", "linear"))
-    fig, axes = plt.subplots(len(keys), len(lrs), figsize=(max(6.0, 3.6 * len(lrs)), 2.8 * len(keys)), squeeze=False)
+    keys = (
+        ("loss", "train loss", "linear"),
+        ("attn_logit_max", "max attention logit", "log"),
+        ("attn_entropy_min", "min attention entropy (nats)", "linear"),
+    )
+    fig, axes = plt.subplots(
+        len(keys), len(lrs), figsize=(max(6.0, 3.6 * len(lrs)), 2.8 * len(keys)), squeeze=False
+    )
     colors = {"qk_norm": "tab:blue", "no_qk_norm": "tab:red"}
     for j, lr in enumerate(lrs):
         for i, (key, label, scale) in enumerate(keys):
@@ -161,8 +224,14 @@ def plot(runs: list[dict], path: Path) -> str:
                 if r["lr"] != lr:
                     continue
                 steps, values = zip(*r["curve"][key]) if r["curve"][key] else ((), ())
-                ax.plot(steps, values, color=colors[r["variant"]], alpha=0.7, lw=1,
-                        label=r["variant"] if r["seed"] == min(x["seed"] for x in runs) else None)
+                ax.plot(
+                    steps,
+                    values,
+                    color=colors[r["variant"]],
+                    alpha=0.7,
+                    lw=1,
+                    label=r["variant"] if r["seed"] == min(x["seed"] for x in runs) else None,
+                )
             ax.set_yscale(scale)
             if i == 0:
                 ax.set_title(f"lr {lr:g}")
@@ -184,11 +253,25 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--lrs", help="comma-separated peak learning rates (default: the preset's)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    ap.add_argument("--prepared", default="", help="a prepare output dir with digits (default: made under --workdir)")
-    ap.add_argument("--workdir", default="", help="runs (and prepared digits) go here (default: a temp dir)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--prepared",
+        default="",
+        help="a prepare output dir with digits (default: made under --workdir)",
+    )
+    ap.add_argument(
+        "--workdir", default="", help="runs (and prepared digits) go here (default: a temp dir)"
+    )
     ap.add_argument("--plot", default="", help="write the curves to this PNG")
-    ap.add_argument("--report_from", default="", help="a qk_norm_runs.json: print its table (and --plot), no training")
+    ap.add_argument(
+        "--report_from",
+        default="",
+        help="a qk_norm_runs.json: print its table (and --plot), no training",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     p = dict(PRESETS[args.preset])
@@ -220,9 +303,12 @@ def main(argv=None) -> list[dict]:
             for variant in variants:
                 runs.append(train(prepared, root, variant, lr, seed, p))
                 s = summarize(runs[-1])
-                print(f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, max logit {s['logit']:.3g}, "
-                      f"min entropy {s['entropy']:.3g}, {runs[-1]['seconds']:.0f} s"
-                      + (" (stopped: non-finite)" if runs[-1]["stopped"] else ""), flush=True)
+                print(
+                    f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, max logit {s['logit']:.3g}, "
+                    f"min entropy {s['entropy']:.3g}, {runs[-1]['seconds']:.0f} s"
+                    + (" (stopped: non-finite)" if runs[-1]["stopped"] else ""),
+                    flush=True,
+                )
     seconds = time.perf_counter() - start
     print("\n" + report(runs, p, seconds), flush=True)
     if args.plot:

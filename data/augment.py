@@ -4,6 +4,7 @@
 image header first and then decode only that box, at the smallest JPEG scale that still covers
 it at the output size (docs/DESIGN.md §6, loader anchor: a cropped, reduced-scale decode wins).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,21 +24,25 @@ Box = images.Box
 class AugmentConfig:
     """Training augmentation. The defaults are the Inception-crop + flip recipe of ViT
     pre-training; mixup is off unless `mixup_alpha` > 0."""
-    inception_crop: bool = True   # False: resize shorter side + central crop (as in eval)
-    area_min: float = 0.08        # crop area as a fraction of the image (big_vision ViT: 0.05)
+
+    inception_crop: bool = True  # False: resize shorter side + central crop (as in eval)
+    area_min: float = 0.08  # crop area as a fraction of the image (big_vision ViT: 0.05)
     area_max: float = 1.0
     aspect_min: float = 3 / 4
     aspect_max: float = 4 / 3
     flip: bool = True
-    mixup_alpha: float = 0.0      # Beta(alpha, alpha) mixing weight per batch; 0 disables
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight per batch; 0 disables
 
     def __post_init__(self):
         if not 0 < self.area_min <= self.area_max <= 1:
-            raise ValueError(f"augment: need 0 < area_min <= area_max <= 1, got "
-                             f"{self.area_min}, {self.area_max}")
+            raise ValueError(
+                f"augment: need 0 < area_min <= area_max <= 1, got {self.area_min}, {self.area_max}"
+            )
         if not 0 < self.aspect_min <= self.aspect_max:
-            raise ValueError(f"augment: need 0 < aspect_min <= aspect_max, got "
-                             f"{self.aspect_min}, {self.aspect_max}")
+            raise ValueError(
+                f"augment: need 0 < aspect_min <= aspect_max, got "
+                f"{self.aspect_min}, {self.aspect_max}"
+            )
         if self.mixup_alpha < 0:
             raise ValueError(f"augment: mixup_alpha must be >= 0, got {self.mixup_alpha}")
 
@@ -56,8 +61,13 @@ class AugmentConfig:
         return cls(**items)
 
 
-def sample_inception_crop(rng: np.random.Generator, height: int, width: int,
-                          cfg: AugmentConfig = AugmentConfig(), attempts: int = 10) -> Box:
+def sample_inception_crop(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    cfg: AugmentConfig = AugmentConfig(),
+    attempts: int = 10,
+) -> Box:
     """Random area/aspect crop (Szegedy et al.; TF's sample_distorted_bounding_box), falling back
     to the largest central crop with an aspect ratio in range."""
     area = height * width
@@ -85,7 +95,9 @@ def central_square(height: int, width: int) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def resize(image: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+def resize(
+    image: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
     """Resizes to size x size (or (height, width)); area filter when shrinking. With `out`
     (a C-contiguous [h, w, 3] uint8 view, e.g. a batch row) the result is written there."""
     h, w = (size, size) if isinstance(size, int) else size
@@ -95,8 +107,9 @@ def resize(image: np.ndarray, size: int | tuple[int, int], out: np.ndarray | Non
         out[...] = image
         return out
     shrink = h < image.shape[0] and w < image.shape[1]
-    return cv2.resize(image, (w, h), dst=out,
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(
+        image, (w, h), dst=out, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
 
 
 def decode_scale(need: float) -> int:
@@ -106,16 +119,28 @@ def decode_scale(need: float) -> int:
     return next((k for k in (1, 2, 4) if k >= 8 * need), 8)
 
 
-def decode_crop_resize(data: bytes, box: Box, full_hw: tuple[int, int], size: int, *,
-                       fast: bool = False, flip: bool = False,
-                       out: np.ndarray | None = None) -> np.ndarray:
+def decode_crop_resize(
+    data: bytes,
+    box: Box,
+    full_hw: tuple[int, int],
+    size: int,
+    *,
+    fast: bool = False,
+    flip: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Decodes only as many pixels as the output needs, crops `box`, [mirrors,] resizes to
     size x size (into `out` when given)."""
     _, _, h, w = box
     height, width = full_hw
     k = decode_scale(max(size / h, size / w))
-    crop = images.decode_crop(data, box, min_height=math.ceil(height * k / 8),
-                              min_width=math.ceil(width * k / 8), fast=fast)
+    crop = images.decode_crop(
+        data,
+        box,
+        min_height=math.ceil(height * k / 8),
+        min_width=math.ceil(width * k / 8),
+        fast=fast,
+    )
     if flip:  # before the resize: the crop has at most as many pixels as the output. cv2.flip:
         crop = cv2.flip(crop, 1)  # ~4x faster than copying numpy's negative-stride view
     return resize(crop, size, out)
@@ -126,8 +151,13 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
 
 
-def train_image(data: bytes, rng: np.random.Generator, size: int,
-                cfg: AugmentConfig = AugmentConfig(), out: np.ndarray | None = None) -> np.ndarray:
+def train_image(
+    data: bytes,
+    rng: np.random.Generator,
+    size: int,
+    cfg: AugmentConfig = AugmentConfig(),
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Record image bytes -> augmented uint8 [size, size, 3] (normalize later: 4x less to copy),
     written into `out` when given."""
     hw = images.image_size(data)
@@ -142,8 +172,9 @@ def eval_image(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndar
     return decode_crop_resize(data, central_square(*hw), hw, size, out=out)
 
 
-def mixup(rng: np.random.Generator, images_: np.ndarray, labels: np.ndarray,
-          alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def mixup(
+    rng: np.random.Generator, images_: np.ndarray, labels: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Batch mixup (big_vision style): one weight a ~ Beta(alpha, alpha), folded to a >= 0.5,
     mixes every example with its neighbour (roll by 1). Images become float32 in [-1, 1]."""
     x = normalize(images_) if images_.dtype == np.uint8 else images_.astype(np.float32)

@@ -10,6 +10,7 @@ The loader's cropped decode (`decode_crop`) uses the optional C extension `data.
 (libjpeg-turbo's jpeg_crop_scanline + jpeg_skip_scanlines, built by setup.py); without it, it
 decodes the whole image at the same scale and slices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,13 +34,13 @@ Box = tuple[int, int, int, int]  # (y, x, height, width) in source pixels
 # Reasons an input is rejected (the `reason` of a dead letter). Sources add their own
 # ("unreadable", "bad_name", "bad_metadata") and prepare adds "duplicate_id".
 REASONS = (
-    "empty",               # zero bytes
+    "empty",  # zero bytes
     "unsupported_format",  # decodable container we do not accept (e.g. PDF, ICO)
-    "undecodable",         # not an image / corrupt header / corrupt data
-    "truncated",           # data ends early
-    "too_large",           # file bytes, a side or the pixel count above the limits (bomb guard)
-    "too_small",           # shorter side below the limit
-    "unsupported_mode",    # pixel format with no faithful RGB meaning (float, 32-bit int)
+    "undecodable",  # not an image / corrupt header / corrupt data
+    "truncated",  # data ends early
+    "too_large",  # file bytes, a side or the pixel count above the limits (bomb guard)
+    "too_small",  # shorter side below the limit
+    "unsupported_mode",  # pixel format with no faithful RGB meaning (float, 32-bit int)
 )
 _FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM"}
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -56,18 +57,24 @@ class ImageRejected(ValueError):
 class Limits:
     """Acceptance limits. `max_pixels` is the decompression-bomb guard: it is checked against
     the header's dimensions *before* any pixel is decoded."""
+
     min_side: int = 16
     max_side: int = 32768
-    max_pixels: int = 89_478_485       # Pillow's own warning threshold (~0.25 GiB of RGBA)
+    max_pixels: int = 89_478_485  # Pillow's own warning threshold (~0.25 GiB of RGBA)
     max_bytes: int = 64 << 20
 
 
 def _check_dims(height: int, width: int, limits: Limits) -> None:
     if height * width > limits.max_pixels or max(height, width) > limits.max_side:
-        raise ImageRejected("too_large", f"{width}x{height} exceeds max_side={limits.max_side} "
-                                         f"or max_pixels={limits.max_pixels}")
+        raise ImageRejected(
+            "too_large",
+            f"{width}x{height} exceeds max_side={limits.max_side} "
+            f"or max_pixels={limits.max_pixels}",
+        )
     if min(height, width) < limits.min_side:
-        raise ImageRejected("too_small", f"{width}x{height} has a side below min_side={limits.min_side}")
+        raise ImageRejected(
+            "too_small", f"{width}x{height} has a side below min_side={limits.min_side}"
+        )
 
 
 def _jpeg_orientation(data: bytes) -> int:
@@ -116,7 +123,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(im)
         if mode == "I" and (a.min() < 0 or a.max() > 65535):
-            raise ImageRejected("unsupported_mode", f"32-bit integer samples in [{a.min()}, {a.max()}]")
+            raise ImageRejected(
+                "unsupported_mode", f"32-bit integer samples in [{a.min()}, {a.max()}]"
+            )
         gray = (a.astype(np.uint32) >> 8).astype(np.uint8)  # 16-bit -> high byte (not clipping)
         return np.repeat(gray[..., None], 3, axis=-1)
     raise ImageRejected("unsupported_mode", f"pixel mode {mode!r} has no RGB conversion")
@@ -181,19 +190,22 @@ def resize_shorter(img: np.ndarray, size: int, *, upscale: bool = False) -> np.n
 def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     # 4:2:0 chroma subsampling: what cameras and ImageNet use, and it decodes fastest in the
     # loader (docs/DESIGN.md §6, loader anchor).
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(img), quality=quality, colorspace="RGB", colorsubsampling="420"
+    )
 
 
 def encode_png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    ok, buf = cv2.imencode(
+        ".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    )
     if not ok:
         raise ValueError("OpenCV failed to encode PNG")
     return buf.tobytes()
 
 
 # --- loader side: records written by prepare are RGB JPEG or PNG ---------------------------------
+
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(height, width) of a record's image from its header, without decoding pixels."""
@@ -206,17 +218,26 @@ def image_size(data: bytes) -> tuple[int, int]:
     return img.shape[0], img.shape[1]
 
 
-def decode_scaled(data: bytes, min_height: int = 0, min_width: int = 0, *,
-                  fast: bool = False) -> np.ndarray:
+def decode_scaled(
+    data: bytes, min_height: int = 0, min_width: int = 0, *, fast: bool = False
+) -> np.ndarray:
     """Cheap decode -> RGB uint8. JPEGs decode at the smallest libjpeg scale (k/8) that keeps
     the result at least min_height x min_width: a 4x smaller decode is ~3x faster. `fast` uses
     libjpeg's fast integer DCT and plain chroma upsampling (~1.7x faster on 4:2:0 here; the
     error is far below what random crops and resizes change) - for training only."""
     if data[:3] == _JPEG_MAGIC:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height,
-                                      min_width=min_width, strict=False, fastdct=fast,
-                                      fastupsample=fast)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        return simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_height=min_height,
+            min_width=min_width,
+            strict=False,
+            fastdct=fast,
+            fastupsample=fast,
+        )
+    bgr = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    )
     if bgr is None:
         raise ValueError(f"cannot decode image ({len(data)} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -233,16 +254,23 @@ def _jpeg_scale_num(height: int, width: int, min_height: int, min_width: int) ->
     if min_height <= 0 and min_width <= 0:
         return 8
     min_height, min_width = min(height, min_height), min(width, min_width)
-    k = next((k for k in range(1, 8)
-              if -(-height * k // 8) >= min_height and -(-width * k // 8) >= min_width), 8)
+    k = next(
+        (
+            k
+            for k in range(1, 8)
+            if -(-height * k // 8) >= min_height and -(-width * k // 8) >= min_width
+        ),
+        8,
+    )
     out_h, out_w = -(-height * k // 8), -(-width * k // 8)
     while k < 8 and -(-height * (k + 1) // 8) <= out_h and -(-width * (k + 1) // 8) <= out_w:
         k += 1
     return k
 
 
-def _scaled_box(box: Box, full_hw: tuple[int, int],
-                scaled_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+def _scaled_box(
+    box: Box, full_hw: tuple[int, int], scaled_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """`box` in source pixels -> (y0, x0, y1, x1) in an image decoded at scaled_hw (>= 1 pixel
     each way): the rows and columns `decode_crop` returns."""
     y, x, h, w = box
@@ -253,8 +281,9 @@ def _scaled_box(box: Box, full_hw: tuple[int, int],
     return y0, x0, y1, x1
 
 
-def decode_crop(data: bytes, box: Box, min_height: int = 0, min_width: int = 0, *,
-                fast: bool = False) -> np.ndarray:
+def decode_crop(
+    data: bytes, box: Box, min_height: int = 0, min_width: int = 0, *, fast: bool = False
+) -> np.ndarray:
     """`box` (y, x, height, width; source pixels) of the image at the scale `decode_scaled`
     picks for min_height x min_width -> C-contiguous RGB uint8 [h', w', 3].
 
@@ -285,5 +314,6 @@ def decode_crop(data: bytes, box: Box, min_height: int = 0, min_width: int = 0, 
 def _check_box(box: Box, height: int, width: int) -> None:
     y, x, h, w = box
     if y < 0 or x < 0 or h < 1 or w < 1 or y + h > height or x + w > width:
-        raise ValueError(f"crop box (y={y}, x={x}, h={h}, w={w}) is outside the "
-                         f"{height}x{width} (HxW) image")
+        raise ValueError(
+            f"crop box (y={y}, x={x}, h={h}, w={w}) is outside the {height}x{width} (HxW) image"
+        )

@@ -11,6 +11,7 @@ Images leave the host as uint8 and become float32 in [-1, 1] on device (a jitted
 host memory traffic and inter-process copying than normalising on the host (with mixup the host
 mixes in float32 and the device leaves them as they are).
 """
+
 from __future__ import annotations
 
 import abc
@@ -34,13 +35,14 @@ from data import manifest as manifest_lib
 # Threads decoding whole batches in to_iter_dataset, per process (and per Grain worker), and the
 # batches they may run ahead. The JPEG decoder and OpenCV release the GIL, so threads scale.
 READ_THREADS = 2
-READ_BUFFER_BATCHES = 2     # per thread
-WORKER_BUFFER_BATCHES = 2   # per mp_prefetch worker; big buffers are a trap (docs/DESIGN.md §6)
+READ_BUFFER_BATCHES = 2  # per thread
+WORKER_BUFFER_BATCHES = 2  # per mp_prefetch worker; big buffers are a trap (docs/DESIGN.md §6)
 
 
 def _mark_absl_flags_parsed() -> None:
     """Grain's mp_prefetch reads absl flags, unparsed outside absl.app.run (docs/DESIGN.md §6)."""
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -53,6 +55,7 @@ def _seed(*parts: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class _Fields:
     """The per-example arrays a split yields (fixed shapes, so batches are static)."""
+
     image_size: int
     num_classes: int
     real_labels: bool = False
@@ -61,22 +64,38 @@ class _Fields:
     tokenizer: Any = None  # data.tokenizer.ByteTokenizer: yield `tokens` + `text_mask` of a caption
 
     @classmethod
-    def from_manifest(cls, m: manifest_lib.Manifest, first_record: records.Record | None,
-                      image_size: int, tokenizer: Any = None, where: str = "") -> "_Fields":
+    def from_manifest(
+        cls,
+        m: manifest_lib.Manifest,
+        first_record: records.Record | None,
+        image_size: int,
+        tokenizer: Any = None,
+        where: str = "",
+    ) -> "_Fields":
         num_attributes = 0
         if "attributes" in m.features and first_record is not None:
             num_attributes = len(first_record.attributes or ())
         if tokenizer is not None and "text" not in m.features:
-            raise ValueError(f"{where}: split {m.dataset}/{m.split} has no `text` field, so it has no captions to "
-                             "tokenize (prepare it from a source with captions)")
-        return cls(image_size, m.num_classes, "real_labels" in m.features, num_attributes,
-                   "shape_label" in m.features, tokenizer)
+            raise ValueError(
+                f"{where}: split {m.dataset}/{m.split} has no `text` field, so it has no captions to "
+                "tokenize (prepare it from a source with captions)"
+            )
+        return cls(
+            image_size,
+            m.num_classes,
+            "real_labels" in m.features,
+            num_attributes,
+            "shape_label" in m.features,
+            tokenizer,
+        )
 
     def fill(self, out: dict[str, np.ndarray], i: int, rec: records.Record) -> None:
         """Writes rec's labels/metadata into row i of a batch made by `zeros`."""
         for c in rec.label:
             if not 0 <= c < self.num_classes:
-                raise records.RecordError(f"record {rec.id!r}: label {c} outside [0, {self.num_classes})")
+                raise records.RecordError(
+                    f"record {rec.id!r}: label {c} outside [0, {self.num_classes})"
+                )
             out["labels"][i, c] = 1.0
         out["label"][i] = rec.label[0] if rec.label else -1
         if self.real_labels:
@@ -84,7 +103,9 @@ class _Fields:
         if self.num_attributes:
             attrs = rec.attributes or ()
             if len(attrs) != self.num_attributes:
-                raise records.RecordError(f"record {rec.id!r}: {len(attrs)} attributes, expected {self.num_attributes}")
+                raise records.RecordError(
+                    f"record {rec.id!r}: {len(attrs)} attributes, expected {self.num_attributes}"
+                )
             out["attributes"][i] = attrs
         if self.cue_conflict:
             out["shape_label"][i] = -1 if rec.shape_label is None else rec.shape_label
@@ -97,9 +118,11 @@ class _Fields:
     def zeros(self, n: int) -> dict[str, np.ndarray]:
         """A batch of n padding examples: what `fill` writes into, and eval's padding."""
         s = self.image_size
-        out = {"image": np.zeros((n, s, s, 3), np.uint8),
-               "labels": np.zeros((n, self.num_classes), np.float32),
-               "label": np.full((n,), -1, np.int32)}
+        out = {
+            "image": np.zeros((n, s, s, 3), np.uint8),
+            "labels": np.zeros((n, self.num_classes), np.float32),
+            "label": np.full((n,), -1, np.int32),
+        }
         if self.real_labels:
             out["real_labels"] = np.zeros((n, self.num_classes), np.float32)
         if self.num_attributes:
@@ -116,6 +139,7 @@ class _Fields:
 # A batch is decoded by one Map call: its records are read and each image written straight into
 # its row. Per-element Grain stages (index_shuffle ~18 us a record, map/slice/batch, np.stack)
 # cost ~40% of the decode itself.
+
 
 class _DecodeBatch(grain.transforms.Map):
     """Batch number -> this process's rows of that batch (dict of numpy arrays)."""
@@ -156,8 +180,17 @@ class TrainDecodeBatch(_DecodeBatch):
     every epoch); its augmentation draws from Philox(seed) at counter p (as Grain's RandomMap
     does), so a record's crop depends neither on its batch nor on the process count."""
 
-    def __init__(self, source, fields: _Fields, cfg: augment_lib.AugmentConfig, seed: int, *,
-                 global_batch_size: int, process_index: int, process_count: int):
+    def __init__(
+        self,
+        source,
+        fields: _Fields,
+        cfg: augment_lib.AugmentConfig,
+        seed: int,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
         super().__init__(source, fields)
         self.cfg, self.seed, self.caption_seed = cfg, _seed(seed, 1), _seed(seed, 3)
         self.shuffle = shuffle_lib.EpochShuffle(len(source), _seed(seed, 0))
@@ -177,7 +210,9 @@ class TrainDecodeBatch(_DecodeBatch):
         key), so the draw depends neither on the batch, the process count nor the thread count."""
         if len(rec.text or ()) <= 1:
             return super().caption(rec, position)
-        rng = np.random.Generator(np.random.Philox(key=self.caption_seed, counter=[0, 0, 0, position]))
+        rng = np.random.Generator(
+            np.random.Philox(key=self.caption_seed, counter=[0, 0, 0, position])
+        )
         return rec.text[int(rng.integers(len(rec.text)))]
 
 
@@ -185,15 +220,23 @@ class EvalDecodeBatch(_DecodeBatch):
     """This process's records (pi, pi + pc, ...) in order, `local_batch_size` at a time; the last
     batch may be short (the loader pads it)."""
 
-    def __init__(self, source, fields: _Fields, *, local_batch_size: int, process_index: int,
-                 process_count: int):
+    def __init__(
+        self,
+        source,
+        fields: _Fields,
+        *,
+        local_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
         super().__init__(source, fields)
         self.local_batch_size, self.pi, self.pc = local_batch_size, process_index, process_count
         self.num_local = len(range(process_index, len(source), process_count))
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        local = np.arange(step * self.local_batch_size,
-                          min((step + 1) * self.local_batch_size, self.num_local))
+        local = np.arange(
+            step * self.local_batch_size, min((step + 1) * self.local_batch_size, self.num_local)
+        )
         return self.pi + self.pc * local, local
 
     def image(self, data: bytes, position: int, out: np.ndarray) -> None:
@@ -206,7 +249,9 @@ class Mixup(grain.transforms.RandomMap):
     def __init__(self, alpha: float):
         self.alpha = alpha
 
-    def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(
+        self, batch: dict[str, np.ndarray], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         image, labels = augment_lib.mixup(rng, batch["image"], batch["labels"], self.alpha)
         return {**batch, "image": image, "labels": labels}
 
@@ -217,17 +262,22 @@ class _Globalizer:
     def __init__(self, sharding: NamedSharding, global_batch_size: int, process_count: int):
         # The caller's config checks (trainer.sharding.check_batch) have run; these guard the API.
         if not isinstance(sharding, NamedSharding) or any(tuple(sharding.spec)[1:]):
-            raise ValueError(f"sharding must be a NamedSharding of the batch (leading) axis only, "
-                             f"e.g. trainer.sharding.batch_sharding(mesh); got {sharding!r}")
+            raise ValueError(
+                f"sharding must be a NamedSharding of the batch (leading) axis only, "
+                f"e.g. trainer.sharding.batch_sharding(mesh); got {sharding!r}"
+            )
         try:
             sharding.shard_shape((global_batch_size,))
         except ValueError:  # jax's IndivisibleError
-            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the "
-                             f"shards of {sharding.spec} over mesh {dict(sharding.mesh.shape)}"
-                             ) from None
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be divisible by the "
+                f"shards of {sharding.spec} over mesh {dict(sharding.mesh.shape)}"
+            ) from None
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by "
-                             f"process_count={process_count}")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be divisible by "
+                f"process_count={process_count}"
+            )
         self.sharding = sharding
         self.global_batch_size = global_batch_size
         self.process_count = process_count
@@ -235,14 +285,16 @@ class _Globalizer:
         # keeps the contract's exact [-1, 1] range.
         self._normalize = jax.jit(
             lambda x: jnp.clip((x.astype(jnp.float32) - 127.5) / 127.5, -1.0, 1.0),
-            out_shardings=self.sharding)
+            out_shardings=self.sharding,
+        )
 
     def __call__(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         if self.process_count != jax.process_count():
             raise RuntimeError(
                 f"loader built for process_count={self.process_count} but jax.process_count()="
                 f"{jax.process_count()}: global arrays need every process; read host batches "
-                "from `.iterator` (train) or `.host_batches()` (eval) instead")
+                "from `.iterator` (train) or `.host_batches()` (eval) instead"
+            )
         out = {}
         for key, value in host.items():
             shape = (self.global_batch_size,) + value.shape[1:]
@@ -256,12 +308,23 @@ class _SplitLoader:
     """What train and eval loaders share: the validated split, this process's records, the
     batch geometry, the decode parallelism and the host -> global array conversion."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int,
-                 sharding: NamedSharding, process_index: int | None, process_count: int | None,
-                 worker_count: int, read_threads: int, tokenizer: Any = None):
+    def __init__(
+        self,
+        split_dir,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        sharding: NamedSharding,
+        process_index: int | None,
+        process_count: int | None,
+        worker_count: int,
+        read_threads: int,
+        tokenizer: Any = None,
+    ):
         if worker_count < 0 or read_threads < 1:
-            raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, "
-                             f"{read_threads}")
+            raise ValueError(
+                f"need worker_count >= 0 and read_threads >= 1, got {worker_count}, {read_threads}"
+            )
         self.worker_count, self.read_threads = worker_count, read_threads
         # A bucket URI reads through a verified local copy ($VIT22B_DATA_CACHE); a mount as is.
         split_dir = manifest_lib.local_split(split_dir)
@@ -274,8 +337,9 @@ class _SplitLoader:
             raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
         self._globalize = _Globalizer(sharding, global_batch_size, pc)
         self.source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
-        self._fields = _Fields.from_manifest(m, records.decode(self.source[0]), image_size, tokenizer,
-                                             where=str(split_dir))
+        self._fields = _Fields.from_manifest(
+            m, records.decode(self.source[0]), image_size, tokenizer, where=str(split_dir)
+        )
         # Strided: each process reads a disjoint 1/pc of the records; union = the split.
         self.records = grain.MapDataset.source(self.source)[pi::pc]  # serialized, for inspection
         self.manifest = m
@@ -292,14 +356,21 @@ class _SplitLoader:
 
     def _iter_dataset(self, batches: grain.MapDataset, post=None) -> grain.IterDataset:
         """Decoded batches -> `read_threads` threads per process [-> post] [-> worker processes]."""
-        ds = batches.to_iter_dataset(grain.ReadOptions(
-            num_threads=self.read_threads, prefetch_buffer_size=READ_BUFFER_BATCHES * self.read_threads))
+        ds = batches.to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=self.read_threads,
+                prefetch_buffer_size=READ_BUFFER_BATCHES * self.read_threads,
+            )
+        )
         if post is not None:
             ds = post(ds)
         if self.worker_count > 0:
             _mark_absl_flags_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.worker_count, per_worker_buffer_size=WORKER_BUFFER_BATCHES
+                )
+            )
         return ds
 
 
@@ -307,18 +378,37 @@ class TrainLoader(_SplitLoader):
     """Infinite iterator of global batches; `.iterator` is the Grain DatasetIterator (checkpoint
     it with grain.checkpoint.CheckpointSave/CheckpointRestore); get_state/set_state delegate."""
 
-    def __init__(self, split_dir, *, global_batch_size: int, image_size: int, seed: int,
-                 augment_cfg: augment_lib.AugmentConfig, **kwargs):
-        super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         **kwargs)
+    def __init__(
+        self,
+        split_dir,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        seed: int,
+        augment_cfg: augment_lib.AugmentConfig,
+        **kwargs,
+    ):
+        super().__init__(
+            split_dir, global_batch_size=global_batch_size, image_size=image_size, **kwargs
+        )
         pi, pc = self.process_index, self.process_count
-        ds = grain.MapDataset.range(sys.maxsize).map(TrainDecodeBatch(  # batch numbers, forever
-            self.source, self._fields, augment_cfg, seed, global_batch_size=global_batch_size,
-            process_index=pi, process_count=pc))
+        ds = grain.MapDataset.range(sys.maxsize).map(
+            TrainDecodeBatch(  # batch numbers, forever
+                self.source,
+                self._fields,
+                augment_cfg,
+                seed,
+                global_batch_size=global_batch_size,
+                process_index=pi,
+                process_count=pc,
+            )
+        )
         # Mixup pairs examples within this process's rows, so it alone depends on the process count.
         mixup = None
         if augment_cfg.mixup_alpha > 0:
-            mixup = lambda it_ds: it_ds.random_map(Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi))
+            mixup = lambda it_ds: it_ds.random_map(
+                Mixup(augment_cfg.mixup_alpha), seed=_seed(seed, 2, pi)
+            )
         self.dataset = self._iter_dataset(ds, mixup)
         self.iterator = iter(self.dataset)
 
@@ -345,11 +435,17 @@ class EvalLoader(_SplitLoader):
     once; all processes yield `num_batches` batches, padded ones with `mask` False."""
 
     def __init__(self, split_dir, *, global_batch_size: int, image_size: int, **kwargs):
-        super().__init__(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                         **kwargs)
+        super().__init__(
+            split_dir, global_batch_size=global_batch_size, image_size=image_size, **kwargs
+        )
         self.num_batches = math.ceil(self.num_examples / global_batch_size)
-        decode = EvalDecodeBatch(self.source, self._fields, local_batch_size=self.local_batch_size,
-                                 process_index=self.process_index, process_count=self.process_count)
+        decode = EvalDecodeBatch(
+            self.source,
+            self._fields,
+            local_batch_size=self.local_batch_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
         local_batches = math.ceil(decode.num_local / self.local_batch_size)
         self.dataset = self._iter_dataset(grain.MapDataset.range(local_batches).map(decode))
 
@@ -383,30 +479,44 @@ class EvalLoader(_SplitLoader):
         process p reads records p, p + process_count, ... (EvalDecodeBatch)."""
         local, pc = self.local_batch_size, self.process_count
         per_process = [np.arange(p, self.num_examples, pc) for p in range(pc)]
-        return np.concatenate([rows[b * local:(b + 1) * local]
-                               for b in range(self.num_batches) for rows in per_process])
+        return np.concatenate(
+            [
+                rows[b * local : (b + 1) * local]
+                for b in range(self.num_batches)
+                for rows in per_process
+            ]
+        )
 
     def record_ids(self, labels: np.ndarray, where: str) -> np.ndarray:
         """str [num_examples]: the ids of the records in `record_order()`, read from the split.
         `labels` (first class id of each real row of a pass, in row order) must be theirs."""
         order, ids, got = self.record_order(), [], []
         for i in range(0, len(order), 1024):
-            for raw in self.source.__getitems__(order[i:i + 1024].tolist()):
+            for raw in self.source.__getitems__(order[i : i + 1024].tolist()):
                 rec = records.decode(raw)
                 ids.append(rec.id)
                 got.append(rec.label[0] if rec.label else -1)
         if not np.array_equal(np.asarray(got), labels):
-            raise RuntimeError(f"{where}: rows and records are out of order (the loader's row "
-                               "order changed?)")
+            raise RuntimeError(
+                f"{where}: rows and records are out of order (the loader's row order changed?)"
+            )
         return np.asarray(ids, dtype=np.str_)
 
 
-def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: int,
-                 sharding: NamedSharding,
-                 augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
-                 worker_count: int = 0, read_threads: int = READ_THREADS,
-                 process_index: int | None = None, process_count: int | None = None,
-                 tokenizer: Any = None) -> TrainLoader:
+def train_loader(
+    split_dir,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    sharding: NamedSharding,
+    augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
+    worker_count: int = 0,
+    read_threads: int = READ_THREADS,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    tokenizer: Any = None,
+) -> TrainLoader:
     """Training batches of `split_dir` (a prepared split). `augment`: None = Inception crop +
     flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
     `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
@@ -416,22 +526,44 @@ def train_loader(split_dir, *, global_batch_size: int, image_size: int, seed: in
     (data/tokenizer.py; the split must have text): tokens int32 [B,L] + text_mask bool [B,L] of one
     caption per example, drawn per stream position like the crop. `sharding`: every batch array's
     layout, `trainer.sharding.batch_sharding(mesh)` (the train step's batch in_sharding)."""
-    return TrainLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                       seed=seed, sharding=sharding,
-                       augment_cfg=augment_lib.AugmentConfig.from_any(augment),
-                       worker_count=worker_count, read_threads=read_threads,
-                       process_index=process_index, process_count=process_count,
-                       tokenizer=tokenizer)
+    return TrainLoader(
+        split_dir,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        seed=seed,
+        sharding=sharding,
+        augment_cfg=augment_lib.AugmentConfig.from_any(augment),
+        worker_count=worker_count,
+        read_threads=read_threads,
+        process_index=process_index,
+        process_count=process_count,
+        tokenizer=tokenizer,
+    )
 
 
-def eval_loader(split_dir, *, global_batch_size: int, image_size: int, sharding: NamedSharding,
-                worker_count: int = 0, read_threads: int = READ_THREADS,
-                process_index: int | None = None, process_count: int | None = None,
-                tokenizer: Any = None) -> EvalLoader:
+def eval_loader(
+    split_dir,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    sharding: NamedSharding,
+    worker_count: int = 0,
+    read_threads: int = READ_THREADS,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    tokenizer: Any = None,
+) -> EvalLoader:
     """Evaluation batches of `split_dir`: resize shorter side + central crop to image_size,
     deterministic order, last batch padded; same keys as training plus `mask` bool [B] (with a
     `tokenizer`: the first caption's tokens). `sharding`: as for `train_loader`."""
-    return EvalLoader(split_dir, global_batch_size=global_batch_size, image_size=image_size,
-                      sharding=sharding, worker_count=worker_count, read_threads=read_threads,
-                      process_index=process_index, process_count=process_count,
-                      tokenizer=tokenizer)
+    return EvalLoader(
+        split_dir,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        sharding=sharding,
+        worker_count=worker_count,
+        read_threads=read_threads,
+        process_index=process_index,
+        process_count=process_count,
+        tokenizer=tokenizer,
+    )

@@ -8,6 +8,7 @@ copied as a unit. Readers call `validate()` before training: every error is one 
 file and the field that disagrees. A split dir may be a remote URI (data/paths.py); `local_split`
 gives the local copy that ArrayRecord readers need.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -34,7 +35,7 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    path: str          # relative to the split dir
+    path: str  # relative to the split dir
     num_records: int
     sha256: str
 
@@ -46,8 +47,8 @@ class Manifest:
     num_records: int
     num_classes: int
     class_names: list[str]
-    image_size: int | None      # shorter side the images were resized to; None = kept as is
-    features: list[str]         # schema keys present in the records (data.records)
+    image_size: int | None  # shorter side the images were resized to; None = kept as is
+    features: list[str]  # schema keys present in the records (data.records)
     shards: list[Shard]
     dead_letters: str
     num_dead_letters: int
@@ -60,11 +61,21 @@ class Manifest:
     def from_json(cls, obj: Any, where: str = MANIFEST_NAME) -> "Manifest":
         """Builds a Manifest from parsed JSON, checking every field's type."""
         if not isinstance(obj, dict):
-            raise ManifestError(f"{where}: top level must be a JSON object, got {type(obj).__name__}")
+            raise ManifestError(
+                f"{where}: top level must be a JSON object, got {type(obj).__name__}"
+            )
         expect = {
-            "dataset": str, "split": str, "num_records": int, "num_classes": int,
-            "class_names": list, "image_size": (int, type(None)), "features": list, "shards": list,
-            "dead_letters": str, "num_dead_letters": int, "source": dict,
+            "dataset": str,
+            "split": str,
+            "num_records": int,
+            "num_classes": int,
+            "class_names": list,
+            "image_size": (int, type(None)),
+            "features": list,
+            "shards": list,
+            "dead_letters": str,
+            "num_dead_letters": int,
+            "source": dict,
         }
         for key, typ in expect.items():
             if key not in obj:
@@ -76,21 +87,31 @@ class Manifest:
             raise ManifestError(f"{where}: unknown field(s) {unknown}")
         shards = []
         for i, s in enumerate(obj["shards"]):
-            if (not isinstance(s, dict) or set(s) != {"path", "num_records", "sha256"}
-                    or not isinstance(s["path"], str) or not isinstance(s["num_records"], int)
-                    or not isinstance(s["sha256"], str)):
-                raise ManifestError(f"{where}: field 'shards[{i}]' must be {{path: str, num_records: int, sha256: str}}, got {s!r}")
+            if (
+                not isinstance(s, dict)
+                or set(s) != {"path", "num_records", "sha256"}
+                or not isinstance(s["path"], str)
+                or not isinstance(s["num_records"], int)
+                or not isinstance(s["sha256"], str)
+            ):
+                raise ManifestError(
+                    f"{where}: field 'shards[{i}]' must be {{path: str, num_records: int, sha256: str}}, got {s!r}"
+                )
             shards.append(Shard(**s))
         bad = [f for f in obj["features"] if f not in records.FEATURE_KINDS]
         if bad:
             raise ManifestError(f"{where}: field 'features' names unknown feature(s) {bad}")
         if obj["num_classes"] != len(obj["class_names"]):
-            raise ManifestError(f"{where}: field 'num_classes' is {obj['num_classes']} but "
-                                f"'class_names' has {len(obj['class_names'])} entries")
+            raise ManifestError(
+                f"{where}: field 'num_classes' is {obj['num_classes']} but "
+                f"'class_names' has {len(obj['class_names'])} entries"
+            )
         total = sum(s.num_records for s in shards)
         if total != obj["num_records"]:
-            raise ManifestError(f"{where}: field 'num_records' is {obj['num_records']} but the shards "
-                                f"sum to {total}")
+            raise ManifestError(
+                f"{where}: field 'num_records' is {obj['num_records']} but the shards "
+                f"sum to {total}"
+            )
         return cls(**{**obj, "shards": shards})
 
     def shard_paths(self, split_dir: str | os.PathLike) -> list[str]:
@@ -164,7 +185,9 @@ def count_records(path: str | os.PathLike) -> tuple[int, str]:
         result = (reader.num_records(), reader.writer_options_string()) if ok else None
         reader.close()
     except RuntimeError as e:  # riegeli reports corruption as RuntimeError, often at close()
-        raise ManifestError(f"{path}: not a readable ArrayRecord file: {str(e).splitlines()[0]}") from e
+        raise ManifestError(
+            f"{path}: not a readable ArrayRecord file: {str(e).splitlines()[0]}"
+        ) from e
     if result is None:
         raise ManifestError(f"{path}: not a readable ArrayRecord file")
     return result
@@ -182,11 +205,15 @@ def _check_shard(split_dir: Path, where: Path, i: int, shard: Shard, check_check
         raise ManifestError(f"{where}: shards[{i}].path {shard.path!r} does not exist")
     n, options = count_records(path)
     if n != shard.num_records:
-        raise ManifestError(f"{path}: has {n} records but {where} field "
-                            f"shards[{i}].num_records says {shard.num_records}")
+        raise ManifestError(
+            f"{path}: has {n} records but {where} field "
+            f"shards[{i}].num_records says {shard.num_records}"
+        )
     if "group_size:1," not in options + ",":
-        raise ManifestError(f"{path}: written with options {options!r}; Grain random access "
-                            f"needs {ARRAY_RECORD_OPTIONS!r}")
+        raise ManifestError(
+            f"{path}: written with options {options!r}; Grain random access "
+            f"needs {ARRAY_RECORD_OPTIONS!r}"
+        )
     if check_checksums:
         st = path.stat()
         key = (os.fspath(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256)
@@ -195,14 +222,17 @@ def _check_shard(split_dir: Path, where: Path, i: int, shard: Shard, check_check
         if not known:
             digest = sha256_file(path)
             if digest != shard.sha256:
-                raise ManifestError(f"{path}: sha256 {digest[:16]}... does not match {where} field "
-                                    f"shards[{i}].sha256 {shard.sha256[:16]}...")
+                raise ManifestError(
+                    f"{path}: sha256 {digest[:16]}... does not match {where} field "
+                    f"shards[{i}].sha256 {shard.sha256[:16]}..."
+                )
             with _VERIFIED_LOCK:
                 _VERIFIED.add(key)
 
 
-def validate(split_dir: str | os.PathLike, *, check_checksums: bool = True,
-             threads: int | None = None) -> Manifest:
+def validate(
+    split_dir: str | os.PathLike, *, check_checksums: bool = True, threads: int | None = None
+) -> Manifest:
     """Reads the manifest and checks every shard's existence, record count, options and sha256,
     and the dead-letter count. Returns the Manifest; raises ManifestError (one line) otherwise.
     Shards are checked by `threads` threads (default: one per CPU, at most 16; hashlib releases
@@ -217,8 +247,10 @@ def validate(split_dir: str | os.PathLike, *, check_checksums: bool = True,
     where = split_dir / MANIFEST_NAME
     threads = threads or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(m.shards)))) as pool:
-        checks = [pool.submit(_check_shard, split_dir, where, i, shard, check_checksums)
-                  for i, shard in enumerate(m.shards)]
+        checks = [
+            pool.submit(_check_shard, split_dir, where, i, shard, check_checksums)
+            for i, shard in enumerate(m.shards)
+        ]
         try:
             for check in checks:
                 check.result()  # re-raises this shard's ManifestError
@@ -233,6 +265,8 @@ def validate(split_dir: str | os.PathLike, *, check_checksums: bool = True,
         with open(dl, "rb") as f:
             lines = sum(1 for line in f if line.strip())
         if lines != m.num_dead_letters:
-            raise ManifestError(f"{dl}: has {lines} entries but {where} field 'num_dead_letters' "
-                                f"says {m.num_dead_letters}")
+            raise ManifestError(
+                f"{dl}: has {lines} entries but {where} field 'num_dead_letters' "
+                f"says {m.num_dead_letters}"
+            )
     return m

@@ -14,6 +14,7 @@ Committing a directory (a stage output, a prepared split), docs/DESIGN.md §2.4:
   trust a dir only when its marker is there; replacing a dir deletes its marker first. A single
   object write is atomic on GCS/S3 (readers see the old object or the whole new one).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,20 +58,22 @@ def as_path(path: Any, where: str = "") -> Any:
     if kind is None:
         return path if isinstance(path, Path) else Path(text)
     if kind == "file":
-        return Path(text[len("file://"):])
+        return Path(text[len("file://") :])
     from etils import epath  # lazy: local-only runs never import it
 
     # epath turns some URIs it has no backend for into a local path ("xx:/bucket") and raises
     # KeyError on others: check the round trip.
-    rest = re.sub("/+", "/", text[len(kind) + 3:]).rstrip("/")
+    rest = re.sub("/+", "/", text[len(kind) + 3 :]).rstrip("/")
     try:
         result = epath.Path(text)
     except KeyError:
         result = None
     if result is None or os.fspath(result) != f"{kind}://{rest}":
-        raise UnsupportedPath(f"{where + ': ' if where else ''}{text}: unsupported storage scheme "
-                              f"'{kind}://' (epath handles gs://, s3://, az://; or give a local or "
-                              "mounted path, e.g. a gcsfuse mount)")
+        raise UnsupportedPath(
+            f"{where + ': ' if where else ''}{text}: unsupported storage scheme "
+            f"'{kind}://' (epath handles gs://, s3://, az://; or give a local or "
+            "mounted path, e.g. a gcsfuse mount)"
+        )
     return result
 
 
@@ -160,7 +163,7 @@ def files_under(root: Any) -> list[str]:
     """Relative paths (with '/') of every file below `root`, sorted."""
     p = as_path(root)
     out = []
-    for top, _, names in (os.walk(p) if isinstance(p, Path) else p.walk()):
+    for top, _, names in os.walk(p) if isinstance(p, Path) else p.walk():
         rel = os.path.relpath(os.fspath(top), os.fspath(p))
         out.extend(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in names)
     return sorted(out)
@@ -217,8 +220,10 @@ def fetch(src: Any, dst: Path, *, sha256: str | None = None) -> Path:
                 h.update(chunk)
                 fout.write(chunk)
         if sha256 is not None and h.hexdigest() != sha256:
-            raise ChecksumMismatch(f"{os.fspath(src)}: sha256 {h.hexdigest()[:16]}... does not match "
-                                   f"the manifest's {sha256[:16]}...")
+            raise ChecksumMismatch(
+                f"{os.fspath(src)}: sha256 {h.hexdigest()[:16]}... does not match "
+                f"the manifest's {sha256[:16]}..."
+            )
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -244,7 +249,9 @@ class LocalFile:
     def __init__(self, dest: str):
         self.dest = dest
         self._tmpdir = None if not is_remote(dest) else tempfile.mkdtemp(prefix="vit22b-shard-")
-        self.path = dest if self._tmpdir is None else os.path.join(self._tmpdir, os.path.basename(dest))
+        self.path = (
+            dest if self._tmpdir is None else os.path.join(self._tmpdir, os.path.basename(dest))
+        )
 
     def commit(self) -> None:
         if self._tmpdir is not None:

@@ -16,6 +16,7 @@ The Example/Feature messages are rebuilt here from their descriptors in a privat
 serialized by the same protobuf runtime TF uses; with `deterministic=True` (map keys sorted) the
 bytes are identical to `tf.train.Example(...).SerializeToString(deterministic=True)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,12 @@ class RecordError(ValueError):
 
 # --- tf.train.Example without TensorFlow -------------------------------------------------------
 
+
 def _build_example_classes():
     """Returns (Example, Feature) message classes equivalent to tensorflow/core/example/*.proto."""
     fdp = descriptor_pb2.FileDescriptorProto(
-        name="vit22b/data/tf_example.proto", package="tensorflow", syntax="proto3")
+        name="vit22b/data/tf_example.proto", package="tensorflow", syntax="proto3"
+    )
     F = descriptor_pb2.FieldDescriptorProto
     packed = descriptor_pb2.FieldOptions(packed=True)
 
@@ -48,41 +51,74 @@ def _build_example_classes():
     add_list("FloatList", F.TYPE_FLOAT, packed)
     # TF's Int64List also carries jstype=JS_STRING; it changes no wire bytes but keeps the
     # descriptor an exact copy.
-    add_list("Int64List", F.TYPE_INT64,
-             descriptor_pb2.FieldOptions(packed=True, jstype=descriptor_pb2.FieldOptions.JS_STRING))
+    add_list(
+        "Int64List",
+        F.TYPE_INT64,
+        descriptor_pb2.FieldOptions(packed=True, jstype=descriptor_pb2.FieldOptions.JS_STRING),
+    )
 
     feature = fdp.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, (fname, tname) in enumerate(
-            [("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")], 1):
-        feature.field.add(name=fname, number=number, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                          type_name=f".tensorflow.{tname}", oneof_index=0)
+        [("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")], 1
+    ):
+        feature.field.add(
+            name=fname,
+            number=number,
+            label=F.LABEL_OPTIONAL,
+            type=F.TYPE_MESSAGE,
+            type_name=f".tensorflow.{tname}",
+            oneof_index=0,
+        )
 
     features = fdp.message_type.add(name="Features")
     entry = features.nested_type.add(name="FeatureEntry")
     entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_STRING)
-    entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                    type_name=".tensorflow.Feature")
+    entry.field.add(
+        name="value",
+        number=2,
+        label=F.LABEL_OPTIONAL,
+        type=F.TYPE_MESSAGE,
+        type_name=".tensorflow.Feature",
+    )
     entry.options.map_entry = True
-    features.field.add(name="feature", number=1, label=F.LABEL_REPEATED, type=F.TYPE_MESSAGE,
-                       type_name=".tensorflow.Features.FeatureEntry")
+    features.field.add(
+        name="feature",
+        number=1,
+        label=F.LABEL_REPEATED,
+        type=F.TYPE_MESSAGE,
+        type_name=".tensorflow.Features.FeatureEntry",
+    )
 
     example = fdp.message_type.add(name="Example")
-    example.field.add(name="features", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                      type_name=".tensorflow.Features")
+    example.field.add(
+        name="features",
+        number=1,
+        label=F.LABEL_OPTIONAL,
+        type=F.TYPE_MESSAGE,
+        type_name=".tensorflow.Features",
+    )
 
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example")),
-            message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Feature")))
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Feature")),
+    )
 
 
 Example, Feature = _build_example_classes()
 
 # kind of every schema key; "int64" keys holding a single value are marked in _SCALAR_KEYS.
 FEATURE_KINDS: dict[str, str] = {
-    "image": "bytes", "label": "int64", "id": "bytes", "real_labels": "int64",
-    "attributes": "int64", "text": "bytes", "shape_label": "int64", "texture_label": "int64",
+    "image": "bytes",
+    "label": "int64",
+    "id": "bytes",
+    "real_labels": "int64",
+    "attributes": "int64",
+    "text": "bytes",
+    "shape_label": "int64",
+    "texture_label": "int64",
 }
 REQUIRED_FEATURES = ("image", "label", "id")
 OPTIONAL_FEATURES = tuple(k for k in FEATURE_KINDS if k not in REQUIRED_FEATURES)
@@ -126,9 +162,11 @@ def serialize_example(features: Mapping[str, tuple[str, Iterable[Any]]]) -> byte
 
 # --- the schema ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One example of any prepared dataset; optional fields are None when absent."""
+
     image: bytes
     label: tuple[int, ...]
     id: str
@@ -144,14 +182,18 @@ class Record:
 
     def features(self) -> tuple[str, ...]:
         """The schema keys this record carries."""
-        return REQUIRED_FEATURES + tuple(k for k in OPTIONAL_FEATURES if getattr(self, k) is not None)
+        return REQUIRED_FEATURES + tuple(
+            k for k in OPTIONAL_FEATURES if getattr(self, k) is not None
+        )
 
 
 def _int_list(name: str, values: Sequence[Any], rid: str) -> list[int]:
     try:
         return [int(v) for v in values]
     except (TypeError, ValueError) as e:
-        raise RecordError(f"record {rid!r}: field {name!r} must hold integers, got {values!r}") from e
+        raise RecordError(
+            f"record {rid!r}: field {name!r} must hold integers, got {values!r}"
+        ) from e
 
 
 def encode(record: Record) -> bytes:
@@ -171,9 +213,15 @@ def encode(record: Record) -> bytes:
         if value is not None:
             feats[key] = ("int64", _int_list(key, value, rid))
     if record.text is not None:
-        if not isinstance(record.text, tuple) or not record.text or not all(isinstance(t, str) for t in record.text):
-            raise RecordError(f"record {rid!r}: field 'text' must be a caption (str) or a non-empty tuple of "
-                              f"them, got {record.text!r:.80}")
+        if (
+            not isinstance(record.text, tuple)
+            or not record.text
+            or not all(isinstance(t, str) for t in record.text)
+        ):
+            raise RecordError(
+                f"record {rid!r}: field 'text' must be a caption (str) or a non-empty tuple of "
+                f"them, got {record.text!r:.80}"
+            )
         feats["text"] = ("bytes", [t.encode("utf-8") for t in record.text])
     for key in _SCALAR_KEYS:
         value = getattr(record, key)
@@ -185,7 +233,11 @@ def encode(record: Record) -> bytes:
 def decode(data: bytes) -> Record:
     """Serialized tf.train.Example -> Record; a clear RecordError names the offending field."""
     fmap = _parse(data).features.feature
-    rid = fmap["id"].bytes_list.value[0].decode("utf-8") if "id" in fmap and fmap["id"].bytes_list.value else "?"
+    rid = (
+        fmap["id"].bytes_list.value[0].decode("utf-8")
+        if "id" in fmap and fmap["id"].bytes_list.value
+        else "?"
+    )
 
     def get(key: str):
         if key not in fmap:
@@ -205,14 +257,23 @@ def decode(data: bytes) -> Record:
         raise RecordError(f"record {rid!r}: feature 'text' holds no caption")
     for key, value in (("image", image), ("id", ident)):
         if value is not None and len(value) != 1:
-            raise RecordError(f"record {rid!r}: feature {key!r} must hold exactly one value, got {len(value)}")
+            raise RecordError(
+                f"record {rid!r}: feature {key!r} must hold exactly one value, got {len(value)}"
+            )
     scalars = {}
     for key in _SCALAR_KEYS:
         value = get(key)
         if value is not None and len(value) != 1:
-            raise RecordError(f"record {rid!r}: feature {key!r} must hold exactly one value, got {len(value)}")
+            raise RecordError(
+                f"record {rid!r}: feature {key!r} must hold exactly one value, got {len(value)}"
+            )
         scalars[key] = None if value is None else int(value[0])
     return Record(
-        image=image[0], label=get("label"), id=ident[0].decode("utf-8"),
-        real_labels=get("real_labels"), attributes=get("attributes"),
-        text=None if text is None else tuple(t.decode("utf-8") for t in text), **scalars)
+        image=image[0],
+        label=get("label"),
+        id=ident[0].decode("utf-8"),
+        real_labels=get("real_labels"),
+        attributes=get("attributes"),
+        text=None if text is None else tuple(t.decode("utf-8") for t in text),
+        **scalars,
+    )

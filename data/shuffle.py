@@ -8,6 +8,7 @@ JFT-scale datasets need: a materialised permutation of 4B indices does not fit a
 version is scalar (~18 us a call, as much as the rest of a record's read); this one is numpy
 over a batch (~1.7 us a position for ImageNet's 1.28M records, ~0.7 us for 4B).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,9 @@ class EpochShuffle:
         cached = self._keys_cache
         if cached is None or cached[0] != epoch:
             cached = self._keys_cache = (
-                epoch, np.random.SeedSequence([self.seed, epoch]).generate_state(self.rounds, np.uint64))
+                epoch,
+                np.random.SeedSequence([self.seed, epoch]).generate_state(self.rounds, np.uint64),
+            )
         return cached[1]
 
     def _permute(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ given (the 99th percentile + BOS/EOS, capped), so that the text tower's sequence
 the data needs. Sequences are `BOS bytes... EOS PAD...`, truncated to `max_len` (EOS kept).
 Picklable: the loader tokenizes in its decode threads / Grain workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,15 @@ class ByteTokenizer:
         return VOCAB_SIZE
 
     @classmethod
-    def fit(cls, captions: Iterable[str], max_len: int = 0, where: str = "captions") -> "ByteTokenizer":
+    def fit(
+        cls, captions: Iterable[str], max_len: int = 0, where: str = "captions"
+    ) -> "ByteTokenizer":
         """A tokenizer for these captions; `max_len=0` sizes it from them."""
         lengths = [len(c.encode("utf-8")) for c in captions if c]
         if not lengths:
-            raise ValueError(f"{where}: no captions to build a tokenizer from (does the split have a `text` field?)")
+            raise ValueError(
+                f"{where}: no captions to build a tokenizer from (does the split have a `text` field?)"
+            )
         if not max_len:
             max_len = min(MAX_LEN_CAP, int(np.ceil(np.percentile(lengths, 99))) + 2)
         return cls(max(3, max_len))
@@ -53,7 +58,10 @@ class ByteTokenizer:
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.full((len(texts), self.max_len), PAD, np.int32)
         for i, text in enumerate(texts):
-            ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)[: self.max_len - 2] + OFFSET
+            ids = (
+                np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)[: self.max_len - 2]
+                + OFFSET
+            )
             row = np.concatenate([[BOS], ids, [EOS]])
             tokens[i, : len(row)] = row
         return tokens, tokens != PAD
@@ -63,8 +71,20 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps({"kind": self.kind, "max_len": self.max_len, "vocab_size": VOCAB_SIZE,
-                                          "pad": PAD, "bos": BOS, "eos": EOS}, indent=2) + "\n")
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "kind": self.kind,
+                    "max_len": self.max_len,
+                    "vocab_size": VOCAB_SIZE,
+                    "pad": PAD,
+                    "bos": BOS,
+                    "eos": EOS,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def load(path: Path) -> ByteTokenizer:

@@ -8,6 +8,7 @@ decode state (`complete`, `naturalWidth`/`naturalHeight`: 0 = a broken image), e
 error, uncaught exception and browser log error, and a full-page PNG screenshot. Nothing leaves the
 machine: the page is a local file and the protocol runs on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,10 @@ import urllib.request
 from pathlib import Path
 
 BINARIES = ("chromium", "chromium-browser", "google-chrome")
-_IMAGES_JS = ("JSON.stringify(Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, "
-              "width: i.naturalWidth, height: i.naturalHeight})))")
+_IMAGES_JS = (
+    "JSON.stringify(Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, "
+    "width: i.naturalWidth, height: i.naturalHeight})))"
+)
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class _DevTools:
 
     def __init__(self, url: str, timeout: float):
         import websocket
+
         self.ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True)
         self.next_id = 0
         self.events: list[dict] = []
@@ -78,36 +82,62 @@ def _errors(events: list[dict]) -> list[str]:
     for e in events:
         method, params = e.get("method"), e.get("params", {})
         if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            found.append("console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+            found.append(
+                "console: "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in params["args"])
+            )
         elif method == "Runtime.exceptionThrown":
             found.append("exception: " + params["exceptionDetails"].get("text", ""))
         elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-            found.append(f"log: {params['entry'].get('text', '')} {params['entry'].get('url', '')}".strip())
+            found.append(
+                f"log: {params['entry'].get('text', '')} {params['entry'].get('url', '')}".strip()
+            )
     return found
 
 
-def check_page(html_path: Path, screenshot: Path | None = None, *, timeout: float = 60.0) -> PageCheck:
+def check_page(
+    html_path: Path, screenshot: Path | None = None, *, timeout: float = 60.0
+) -> PageCheck:
     """Loads `html_path` in headless Chromium; see the module docstring."""
     binary = find_chromium()
     if binary is None:
-        raise FileNotFoundError(f"no Chromium binary on PATH ({', '.join(BINARIES)}); install the Debian "
-                                "`chromium` package")
+        raise FileNotFoundError(
+            f"no Chromium binary on PATH ({', '.join(BINARIES)}); install the Debian "
+            "`chromium` package"
+        )
     url = Path(html_path).resolve().as_uri()
     deadline = time.monotonic() + timeout
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     try:
         # Own session: Chromium's helpers (zygote, renderers, crashpad) join its process group, so
         # shutdown can end all of them, not only the browser process.
-        proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                 "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
-                                 "--window-size=1280,900", "--remote-debugging-address=127.0.0.1",
-                                 "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--hide-scrollbars",
+                "--window-size=1280,900",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             while not port_file.exists() or not port_file.read_text().strip():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{binary} exited with {proc.returncode} before opening DevTools")
+                    raise RuntimeError(
+                        f"{binary} exited with {proc.returncode} before opening DevTools"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{binary}: no DevToolsActivePort after {timeout:.0f} s")
                 time.sleep(0.05)
@@ -120,13 +150,25 @@ def check_page(html_path: Path, screenshot: Path | None = None, *, timeout: floa
                     client.call(f"{domain}.enable")
                 client.call("Page.navigate", url=url)
                 client.wait_for("Page.loadEventFired", deadline)
-                images = json.loads(client.call("Runtime.evaluate", expression=_IMAGES_JS,
-                                                returnByValue=True)["result"]["value"])
+                images = json.loads(
+                    client.call("Runtime.evaluate", expression=_IMAGES_JS, returnByValue=True)[
+                        "result"
+                    ]["value"]
+                )
                 if screenshot is not None:
                     size = client.call("Page.getLayoutMetrics")["cssContentSize"]
-                    shot = client.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                                       clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"],
-                                             "scale": 1})
+                    shot = client.call(
+                        "Page.captureScreenshot",
+                        format="png",
+                        captureBeyondViewport=True,
+                        clip={
+                            "x": 0,
+                            "y": 0,
+                            "width": size["width"],
+                            "height": size["height"],
+                            "scale": 1,
+                        },
+                    )
                     Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
                 return PageCheck(images, _errors(client.events), screenshot)
             finally:
@@ -171,7 +213,9 @@ def main(argv=None) -> int:
         print("usage: python -m eval.browser <report.html> [screenshot.png]", file=sys.stderr)
         return 2
     result = check_page(Path(args[0]), Path(args[1]) if len(args) > 1 else None)
-    print(f"{len(result.images)} images, {len(result.broken_images)} broken, {len(result.errors)} errors")
+    print(
+        f"{len(result.images)} images, {len(result.broken_images)} broken, {len(result.errors)} errors"
+    )
     for line in result.errors:
         print(f"  {line}")
     return 1 if result.broken_images or result.errors else 0

@@ -15,6 +15,7 @@ bins, the fairness frontier, model-vs-human tables) and `files` (name -> text, e
 trials in the toolbox's CSV layout) after `run`, which the evaluate stage writes next to
 metrics.json and the report draws from. `observer` names the model in those tables.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,6 @@ ACTIVATIONS = ("softmax", "sigmoid")
 EPSILONS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.0)  # DP tolerances swept by `fairness` (our choice)
 
 
-
 def _check_map(cfg: dict, where: str, default: str = "") -> None:
     """`map` (a shipped map's name or a JSON path), `labels` and `reduce`. A path that does not exist
     where the plan runs (a bucket only the workers mount) is read when the stage starts instead."""
@@ -49,9 +49,9 @@ def _human_dir(human_data: str, experiment: str) -> Path:
     return Path(human_data) / experiment
 
 
-
 class HostEvaluator(base.Evaluator):
     """An evaluator over a split's host-side outputs (eval/outputs.py)."""
+
     pred = "logits"
     observer = "model"
 
@@ -66,13 +66,17 @@ class HostEvaluator(base.Evaluator):
         return f"{type(self).__name__} on {self.dataset}/{self.split}"
 
     def outputs(self, params, frozen, split: str | None = None, **kwargs) -> outputs.SplitOutputs:
-        return outputs.collect(self.ctx, self.predict_fn, params, frozen, split or self.split, self.dataset, **kwargs)
+        return outputs.collect(
+            self.ctx, self.predict_fn, params, frozen, split or self.split, self.dataset, **kwargs
+        )
 
     def same_classes(self, out: outputs.SplitOutputs) -> None:
         """The scores must be over the split's own classes (else a label map is needed)."""
         if out.scores.shape[1] != out.labels.shape[1]:
-            raise ValueError(f"{self.where}: the model has {out.scores.shape[1]} classes, the split "
-                             f"{out.labels.shape[1]}; score it through a label map (type 'ood')")
+            raise ValueError(
+                f"{self.where}: the model has {out.scores.shape[1]} classes, the split "
+                f"{out.labels.shape[1]}; score it through a label map (type 'ood')"
+            )
 
 
 def probabilities(scores: np.ndarray, activation: str) -> np.ndarray:
@@ -80,6 +84,7 @@ def probabilities(scores: np.ndarray, activation: str) -> np.ndarray:
 
 
 # --- accuracy --------------------------------------------------------------------------------------
+
 
 class Accuracy(HostEvaluator):
     """`accuracy`: top-1, top-k ("any correct" on multi-label splits) and, when the split has ReaL
@@ -97,13 +102,17 @@ class Accuracy(HostEvaluator):
         out = self.outputs(params, frozen)
         self.same_classes(out)
         yield "top1", acc_lib.accuracy(out.scores, out.labels, 1)
-        yield f"top{self.k}", acc_lib.accuracy(out.scores, out.labels, min(self.k, out.scores.shape[1]))
+        yield (
+            f"top{self.k}",
+            acc_lib.accuracy(out.scores, out.labels, min(self.k, out.scores.shape[1])),
+        )
         if out.real_labels is not None and out.real_labels.any():
             yield "real_top1", acc_lib.real_accuracy(out.scores, out.real_labels)
         yield "count", float(out.labels.any(axis=1).sum())
 
 
 # --- OOD through label maps ------------------------------------------------------------------------
+
 
 class LabelMapOOD(HostEvaluator):
     """`ood`: top-1 in a label map's target space (eval/metrics/ood.py: `data.label_maps.correct`,
@@ -114,13 +123,32 @@ class LabelMapOOD(HostEvaluator):
     classes (`softmax=True` first turns logits into probabilities, for mean); `restrict=False` takes
     the argmax over all the model's classes instead (the other public convention)."""
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, map: str, dataset: str = "",
-                 labels: str = "target", reduce: str = "max", restrict: bool = True, border: int = 0,
-                 softmax: bool = False):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        map: str,
+        dataset: str = "",
+        labels: str = "target",
+        reduce: str = "max",
+        restrict: bool = True,
+        border: int = 0,
+        softmax: bool = False,
+    ):
         super().__init__(predict_fn, ctx=ctx, split=split, dataset=dataset)
         self.map = label_maps.load(map)
-        self.membership = self.map.membership(ctx.class_names)  # unknown classes fail before any pass
-        self.labels, self.reduce, self.restrict, self.border, self.softmax = labels, reduce, restrict, border, softmax
+        self.membership = self.map.membership(
+            ctx.class_names
+        )  # unknown classes fail before any pass
+        self.labels, self.reduce, self.restrict, self.border, self.softmax = (
+            labels,
+            reduce,
+            restrict,
+            border,
+            softmax,
+        )
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
@@ -136,8 +164,10 @@ class LabelMapOOD(HostEvaluator):
         to_targets = self.map.to_targets(self.membership, out.class_names, self.labels, self.where)
         scores = calibration.softmax(out.scores) if self.softmax else out.scores
         truth = ood.target_truth(out.labels, to_targets)
-        correct, scored = map(np.asarray, ood.label_map_correct(scores, truth, self.membership,
-                                                                self.reduce, self.restrict))
+        correct, scored = map(
+            np.asarray,
+            ood.label_map_correct(scores, truth, self.membership, self.reduce, self.restrict),
+        )
         if not scored.any():
             raise ValueError(f"{self.where}: no example's label is a target of {self.map.name}")
         yield "top1", float(correct[scored].mean())
@@ -145,6 +175,7 @@ class LabelMapOOD(HostEvaluator):
 
 
 # --- model-vs-human --------------------------------------------------------------------------------
+
 
 class ModelVsHuman(HostEvaluator):
     """`model_vs_human` (eval/metrics/model_vs_human.py): 16-class decisions through `map` (the
@@ -155,9 +186,19 @@ class ModelVsHuman(HostEvaluator):
     names); conditions come from the human trials of the same image, else from the file name.
     `exclude_conditions`: None = the toolbox's list for the experiment."""
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, dataset: str = "", map: str = "imagenet_16",
-                 labels: str = "target", experiment: str = "", human_data: str = "",
-                 exclude_conditions: Sequence[str] | None = None):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        dataset: str = "",
+        map: str = "imagenet_16",
+        labels: str = "target",
+        experiment: str = "",
+        human_data: str = "",
+        exclude_conditions: Sequence[str] | None = None,
+    ):
         super().__init__(predict_fn, ctx=ctx, split=split, dataset=dataset)
         self.map = label_maps.load(map)
         self.membership = self.map.membership(ctx.class_names)
@@ -165,47 +206,67 @@ class ModelVsHuman(HostEvaluator):
         self.experiment = experiment or self.dataset
         self.exclude = None if exclude_conditions is None else tuple(exclude_conditions)
         if human_data and not _human_dir(human_data, self.experiment).is_dir():
-            raise ValueError(f"model_vs_human: human_data {human_data!r} has no dir {self.experiment!r} (the "
-                             "toolbox's raw-data/<experiment>/*.csv)")
+            raise ValueError(
+                f"model_vs_human: human_data {human_data!r} has no dir {self.experiment!r} (the "
+                "toolbox's raw-data/<experiment>/*.csv)"
+            )
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
         _check_map(cfg, where, default="imagenet_16")
-        human, experiment = cfg.get("human_data", ""), cfg.get("experiment") or cfg.get("dataset") or ""
+        human, experiment = (
+            cfg.get("human_data", ""),
+            cfg.get("experiment") or cfg.get("dataset") or "",
+        )
         if not isinstance(human, str):
             raise checks.fail(f"{where}.human_data", f"must be a path or '', got {human!r}")
-        if human and Path(human).is_dir() and not _human_dir(human, experiment).is_dir():  # else: at start
-            raise checks.fail(f"{where}.human_data", f"{human!r} has no dir for the experiment "
-                                                     f"{experiment or '(the dataset)'!r}")
+        if (
+            human and Path(human).is_dir() and not _human_dir(human, experiment).is_dir()
+        ):  # else: at start
+            raise checks.fail(
+                f"{where}.human_data",
+                f"{human!r} has no dir for the experiment {experiment or '(the dataset)'!r}",
+            )
         exclude = cfg.get("exclude_conditions")
         if exclude is not None:
-            checks.names(f"{where}.exclude_conditions", exclude,
-                         "None or a tuple of condition names")
+            checks.names(
+                f"{where}.exclude_conditions", exclude, "None or a tuple of condition names"
+            )
 
     def trials(self, out: outputs.SplitOutputs, decided: np.ndarray) -> mvh.Trials:
         """The model's trials in the toolbox's layout (category = the image's true category)."""
         to_targets = self.map.to_targets(self.membership, out.class_names, self.labels, self.where)
         truth = np.asarray(label_maps.target_truth(out.labels, to_targets))
         if not truth.any(axis=1).all():
-            raise ValueError(f"{self.where}: {int((~truth.any(axis=1)).sum())} images have no category of {self.map.name}")
+            raise ValueError(
+                f"{self.where}: {int((~truth.any(axis=1)).sum())} images have no category of {self.map.name}"
+            )
         names = np.asarray(self.map.targets, dtype=object)
         imagenames = [str(i).rsplit("/", 1)[-1] for i in out.ids]
-        return mvh.Trials.of(subj=[self.observer] * len(out), condition=[mvh.condition_from_name(n) for n in imagenames],
-                             imagename=imagenames, category=names[np.argmax(truth, axis=1)],
-                             object_response=names[decided])
+        return mvh.Trials.of(
+            subj=[self.observer] * len(out),
+            condition=[mvh.condition_from_name(n) for n in imagenames],
+            imagename=imagenames,
+            category=names[np.argmax(truth, axis=1)],
+            object_response=names[decided],
+        )
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         out = self.outputs(params, frozen)
         decided = mvh.decisions(calibration.softmax(out.scores), self.membership)
         trials = self.trials(out, decided)
         details: dict[str, Any] = {"experiment": self.experiment, "observer": self.observer}
-        humans = mvh.read_raw_data(Path(self.human_data), self.experiment) if self.human_data else None
+        humans = (
+            mvh.read_raw_data(Path(self.human_data), self.experiment) if self.human_data else None
+        )
         if humans is not None:
             raw, summary, reference = mvh.benchmark(trials, humans, self.experiment, self.exclude)
             details.update(summary=summary, humans=reference, raw=raw)
         else:
             conditions = mvh.included_conditions(trials, self.experiment, self.exclude)
-            summary = {"OOD accuracy": mvh.accuracy(trials.select(np.isin(trials.condition, conditions)))}
+            summary = {
+                "OOD accuracy": mvh.accuracy(trials.select(np.isin(trials.condition, conditions)))
+            }
             details["summary"] = summary
         for column, value in summary.items():
             yield column.lower().replace(" ", "_"), value
@@ -225,7 +286,9 @@ class ModelVsHuman(HostEvaluator):
         per_category = {}
         for category in sorted(set(shape)):
             sel = shape == category
-            per_category[category] = mvh.shape_bias(decision[sel], shape[sel], texture[sel])["shape-bias"]
+            per_category[category] = mvh.shape_bias(decision[sel], shape[sel], texture[sel])[
+                "shape-bias"
+            ]
         details["shape_bias"] = {**result, "per_category": per_category}
         if humans is not None:
             details["human_shape_bias"] = mvh.human_shape_bias(humans)
@@ -238,13 +301,23 @@ class ModelVsHuman(HostEvaluator):
 
 # --- calibration -----------------------------------------------------------------------------------
 
+
 class Calibration(HostEvaluator):
     """`calibration`: top-label ECE (15 equal-width bins; `scheme="mass"` for equal-mass) of the
     softmax (or, for sigmoid-trained models, `activation="sigmoid"`) probabilities, and the
     reliability diagram's bins in `details` (eval/metrics/calibration.py)."""
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, dataset: str = "", bins: int = calibration.BINS,
-                 scheme: str = "width", activation: str = "softmax"):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        dataset: str = "",
+        bins: int = calibration.BINS,
+        scheme: str = "width",
+        activation: str = "softmax",
+    ):
         super().__init__(predict_fn, ctx=ctx, split=split, dataset=dataset)
         self.bins, self.scheme, self.activation = bins, scheme, activation
 
@@ -260,8 +333,12 @@ class Calibration(HostEvaluator):
         labelled = out.labels.any(axis=1)
         conf, pred = calibration.top_label(probabilities(out.scores[labelled], self.activation))
         correct = out.labels[labelled][np.arange(len(pred)), pred]
-        self.details = {"bins": self.bins, "scheme": self.scheme, "activation": self.activation,
-                        "reliability": calibration.reliability(conf, correct, self.bins, self.scheme)}
+        self.details = {
+            "bins": self.bins,
+            "scheme": self.scheme,
+            "activation": self.activation,
+            "reliability": calibration.reliability(conf, correct, self.bins, self.scheme),
+        }
         yield "ece", calibration.ece(conf, correct, self.bins, self.scheme)
         yield "top1", float(correct.mean())
         yield "mean_confidence", float(conf.mean())
@@ -269,6 +346,7 @@ class Calibration(HostEvaluator):
 
 
 # --- fairness --------------------------------------------------------------------------------------
+
 
 class Fairness(HostEvaluator):
     """`fairness` (eval/metrics/fairness.py) on a split with an `attributes` field: groups = the
@@ -278,16 +356,29 @@ class Fairness(HostEvaluator):
     group, DP gap, binary top-1; then randomized-threshold debiasing fitted on `fit_split` for each
     eps in `epsilons`: the frontier's accuracy, DP gap and ECE on `split` as `eps<e>/...`."""
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, fit_split: str, positive: Sequence[str],
-                 dataset: str = "", attribute: int | str = 0, epsilons: Sequence[float] = EPSILONS,
-                 gamma: float = fairness.GAMMA, bins: int = calibration.BINS):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        fit_split: str,
+        positive: Sequence[str],
+        dataset: str = "",
+        attribute: int | str = 0,
+        epsilons: Sequence[float] = EPSILONS,
+        gamma: float = fairness.GAMMA,
+        bins: int = calibration.BINS,
+    ):
         super().__init__(predict_fn, ctx=ctx, split=split, dataset=dataset)
         self.fit_split, self.attribute = fit_split, attribute
         self.epsilons, self.gamma, self.bins = tuple(float(e) for e in epsilons), float(gamma), bins
         missing = [p for p in positive if p not in ctx.class_names]
         if missing:
-            raise ValueError(f"fairness: positive class {missing[0]!r} is not one of the model's classes "
-                             f"({', '.join(ctx.class_names[:12])})")
+            raise ValueError(
+                f"fairness: positive class {missing[0]!r} is not one of the model's classes "
+                f"({', '.join(ctx.class_names[:12])})"
+            )
         self.positive = tuple(positive)
         self.model_positive = np.asarray([ctx.class_names.index(p) for p in positive])
 
@@ -296,12 +387,16 @@ class Fairness(HostEvaluator):
         positive = cfg["positive"]
         checks.names(f"{where}.positive", positive, "a non-empty tuple of class names", empty=False)
         if cfg["fit_split"] == cfg["split"]:
-            raise checks.fail(f"{where}.fit_split",
-                              "must differ from split: the thresholds are fitted on held-out data")
+            raise checks.fail(
+                f"{where}.fit_split",
+                "must differ from split: the thresholds are fitted on held-out data",
+            )
         attribute = cfg.get("attribute", 0)
         if not (checks.is_int(attribute, 0) or (isinstance(attribute, str) and attribute)):
-            raise checks.fail(f"{where}.attribute",
-                              f"must be an index >= 0 or an attribute name, got {attribute!r}")
+            raise checks.fail(
+                f"{where}.attribute",
+                f"must be an index >= 0 or an attribute name, got {attribute!r}",
+            )
         checks.number_tuple(f"{where}.epsilons", cfg.get("epsilons", EPSILONS), ge=0)
         checks.number(f"{where}.gamma", cfg.get("gamma", fairness.GAMMA), gt=0, what="a number")
         checks.positive_int(f"{where}.bins", cfg.get("bins", calibration.BINS))
@@ -313,40 +408,58 @@ class Fairness(HostEvaluator):
         names = list(out.manifest.source.get("attribute_names") or ())
         if isinstance(self.attribute, str):
             if self.attribute not in names:
-                raise ValueError(f"{self.where}: attribute {self.attribute!r} is not one of the split's "
-                                 f"attribute_names ({', '.join(names) or 'none recorded'})")
+                raise ValueError(
+                    f"{self.where}: attribute {self.attribute!r} is not one of the split's "
+                    f"attribute_names ({', '.join(names) or 'none recorded'})"
+                )
             index = names.index(self.attribute)
         else:
             index = int(self.attribute)
         if index >= out.attributes.shape[1]:
-            raise ValueError(f"{self.where}: attribute index {index} >= the {out.attributes.shape[1]} attributes")
+            raise ValueError(
+                f"{self.where}: attribute index {index} >= the {out.attributes.shape[1]} attributes"
+            )
         return index, names[index] if index < len(names) else f"attribute {index}"
 
     def _binary(self, out: outputs.SplitOutputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P(positive), bool label, group) of the labelled rows."""
         missing = [p for p in self.positive if p not in out.class_names]
         if missing:
-            raise ValueError(f"{self.where}: positive class {missing[0]!r} is not a class of the split")
+            raise ValueError(
+                f"{self.where}: positive class {missing[0]!r} is not a class of the split"
+            )
         labelled = out.labels.any(axis=1)
         index, _ = self._column(out)
         p = calibration.softmax(out.scores[labelled])[:, self.model_positive].sum(axis=1)
         split_positive = [out.class_names.index(name) for name in self.positive]
-        return p, out.labels[labelled][:, split_positive].any(axis=1), out.attributes[labelled, index]
+        return (
+            p,
+            out.labels[labelled][:, split_positive].any(axis=1),
+            out.attributes[labelled, index],
+        )
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         out = self.outputs(params, frozen)
         fit = self._binary(self.outputs(params, frozen, split=self.fit_split))
         p, label, group = evaluated = self._binary(out)
         _, attribute_name = self._column(out)
-        details: dict[str, Any] = {"attribute": attribute_name, "positive": list(self.positive),
-                                   "fit_split": self.fit_split, "gamma": self.gamma}
-        if out.scores.shape[1] == out.labels.shape[1]:  # multi-class metrics need the split's classes
+        details: dict[str, Any] = {
+            "attribute": attribute_name,
+            "positive": list(self.positive),
+            "fit_split": self.fit_split,
+            "gamma": self.gamma,
+        }
+        if (
+            out.scores.shape[1] == out.labels.shape[1]
+        ):  # multi-class metrics need the split's classes
             labelled = out.labels.any(axis=1)
             correct = acc_lib.topk_correct(out.scores[labelled], out.labels[labelled], 1)
             per_group = fairness.subgroup_accuracy(correct, group)
             conf, pred = calibration.top_label(calibration.softmax(out.scores[labelled]))
             hit = out.labels[labelled][np.arange(len(pred)), pred]
-            eces = {g: calibration.ece(conf[group == g], hit[group == g], self.bins) for g in per_group}
+            eces = {
+                g: calibration.ece(conf[group == g], hit[group == g], self.bins) for g in per_group
+            }
             details.update(top1=per_group, ece=eces)
             yield from ((f"top1/{g}", v) for g, v in per_group.items())
             yield "top1_gap", fairness.largest_gap(per_group)
@@ -361,7 +474,10 @@ class Fairness(HostEvaluator):
         details["frontier"] = rows
         for row in rows:
             for metric in ("accuracy", "dp_gap", "ece"):
-                yield f"eps{row['eps']:g}/{'top1' if metric == 'accuracy' else metric}", row["frontier"]["eval"][metric]
+                yield (
+                    f"eps{row['eps']:g}/{'top1' if metric == 'accuracy' else metric}",
+                    row["frontier"]["eval"][metric],
+                )
         self.details = details
 
 

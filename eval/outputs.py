@@ -13,6 +13,7 @@ padding dropped. Inside the evaluate stage, ctx is an `EvalContext` whose cache 
 cost one pass. Inside training (a plain `Context`) nothing is cached: the params change between
 evaluations.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from trainer import evaluators
 @dataclasses.dataclass(frozen=True)
 class EvalContext(evaluators.Context):
     """The evaluators' Context with a per-model cache of collected outputs (the evaluate stage)."""
+
     outputs_cache: dict = dataclasses.field(default_factory=dict)
 
 
@@ -59,8 +61,17 @@ class SplitOutputs:
 _OPTIONAL = ("real_labels", "attributes", "shape_label", "texture_label")
 
 
-def collect(ctx: evaluators.Context, predict_fn: Callable, params, frozen, split: str, dataset: str = "", *,
-            transform: Callable | None = None, transform_key: Hashable = None) -> SplitOutputs:
+def collect(
+    ctx: evaluators.Context,
+    predict_fn: Callable,
+    params,
+    frozen,
+    split: str,
+    dataset: str = "",
+    *,
+    transform: Callable | None = None,
+    transform_key: Hashable = None,
+) -> SplitOutputs:
     """The outputs of `predict_fn` over `dataset/split` (module docstring). `transform` maps the
     batch's images before the model sees them (jitted with it, e.g. a border crop); give it a
     `transform_key` so the cache can tell transformed passes apart."""
@@ -74,7 +85,11 @@ def collect(ctx: evaluators.Context, predict_fn: Callable, params, frozen, split
     def fn(params, frozen, batch):
         images = batch["image"] if transform is None else transform(batch["image"])
         scores = predict_fn(params, frozen, {**batch, "image": images})
-        return {"scores": scores.astype(jnp.float32), **{k: v for k, v in batch.items() if k != "image"}}
+        return {
+            "scores": scores.astype(jnp.float32),
+            **{k: v for k, v in batch.items() if k != "image"},
+        }
+
     step = ctx.jit(fn)
 
     parts: list[dict[str, np.ndarray]] = []
@@ -89,9 +104,17 @@ def collect(ctx: evaluators.Context, predict_fn: Callable, params, frozen, split
     parts.append(_host(pending))
     host = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     manifest = loader.manifest
-    result = SplitOutputs(dataset=dataset, split=split, class_names=tuple(manifest.class_names), manifest=manifest,
-                          scores=host["scores"], labels=host["labels"] > 0, label=host["label"].astype(np.int64),
-                          **{k: host[k] for k in _OPTIONAL if k in host}, _loader=loader)
+    result = SplitOutputs(
+        dataset=dataset,
+        split=split,
+        class_names=tuple(manifest.class_names),
+        manifest=manifest,
+        scores=host["scores"],
+        labels=host["labels"] > 0,
+        label=host["label"].astype(np.int64),
+        **{k: host[k] for k in _OPTIONAL if k in host},
+        _loader=loader,
+    )
     if cache is not None:
         cache[key] = result
     return result

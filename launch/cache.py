@@ -13,6 +13,7 @@ A directory without `_SUCCESS` is never reused (launch/produce.py writes them).
 `workdir` may be a bucket URI (data/paths.py): completed outputs then live there as `epath.Path`s,
 while the temp/partial dirs and locks live in a local staging dir (launch/produce.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,6 @@ def load_output(name: str, fp: str, path: Path) -> StageOutput:
     return StageOutput(name=name, fingerprint=fp, path=path, outputs=outputs)
 
 
-
 def latest_completed_components(stage_root: Path) -> dict | None:
     """fingerprint.json of the most recently completed run of a stage, if any."""
     candidates = []
@@ -51,4 +51,3 @@ def latest_completed_components(stage_root: Path) -> dict | None:
         return None
     _, _, record = max(candidates, key=lambda item: item[:2])
     return json.loads(record.read_text())["components"]
-

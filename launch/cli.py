@@ -4,6 +4,7 @@ Imported only by entry modules: defining absl flags is their import-time side ef
 library (dag.py) stays flag-free. Defining them once here lets the three entries coexist in one
 process (tests, `xmanager launch`).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,20 +26,27 @@ FLAGS = flags.FLAGS
 # (docs/DESIGN.md §6: set before JAX initializes, hence here in the entry module). It only affects
 # JAX's CPU backend; an explicit setting in XLA_FLAGS wins.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
+    "config",
+    None,
     "Pipeline config file PATH[:ARG] (get_config(ARG)); override fields with "
     "--config.<stage>.<key>=VALUE (unknown keys are rejected).",
-    lock_config=True)
+    lock_config=True,
+)
 WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Cache root: <workdir>/<stage>/<fp16>/.")
 STAGES = flags.DEFINE_list(
-    "stages", [], "Run only these stages (comma-separated); their upstream must be in the cache.")
+    "stages", [], "Run only these stages (comma-separated); their upstream must be in the cache."
+)
 FORCE = flags.DEFINE_list("force", [], "Rerun these stages (comma-separated) even on a cache hit.")
 REGISTRY = flags.DEFINE_string(
-    "registry", "launch.dag:STAGES",
-    "The stage table as module:attribute (a launch.dag.Registry); tests pass their own.")
+    "registry",
+    "launch.dag:STAGES",
+    "The stage table as module:attribute (a launch.dag.Registry); tests pass their own.",
+)
 
 flags.mark_flag_as_required("config")
 
@@ -55,8 +63,11 @@ def _unknown_key_message(error: Exception, argv: Sequence[str]) -> str:
     suggestion = re.search(r'Did you mean "([\w-]+)" instead of "([\w-]+)"', raw)
     words = re.sub(r"[\\'\"]|\\n", " ", raw).split()
     name = suggestion.group(2) if suggestion else (words[0] if words else raw)
-    culprits = [arg.split("=", 1)[0] for arg in argv
-                if arg.startswith("--config.") and name in arg.split("=", 1)[0].split(".")]
+    culprits = [
+        arg.split("=", 1)[0]
+        for arg in argv
+        if arg.startswith("--config.") and name in arg.split("=", 1)[0].split(".")
+    ]
     hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
     return f"{culprits[0] if culprits else '--config'}: unknown config key {name!r}{hint}"
 

@@ -19,6 +19,7 @@ hosts of a multi-host TPU slice. This module closes the gap:
 The tables below follow Google's Vertex AI and GKE TPU documentation; they are checked here only
 against the installed client libraries, not against live APIs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,18 @@ class _Generation:
 
 
 GENERATIONS = {
-    "v4": _Generation(xm.ResourceType.TPU_V4, 3, "tpu-v4-podslice", "TPU_V4_POD",
-                      "ct4p-hightpu-4t", 4, 4),
-    "v5e": _Generation(xm.ResourceType.TPU_V5E, 2, "tpu-v5-lite-podslice", "TPU_V5_LITEPOD",
-                       "ct5lp-hightpu-4t", 4, 8),
+    "v4": _Generation(
+        xm.ResourceType.TPU_V4, 3, "tpu-v4-podslice", "TPU_V4_POD", "ct4p-hightpu-4t", 4, 4
+    ),
+    "v5e": _Generation(
+        xm.ResourceType.TPU_V5E,
+        2,
+        "tpu-v5-lite-podslice",
+        "TPU_V5_LITEPOD",
+        "ct5lp-hightpu-4t",
+        4,
+        8,
+    ),
     "v5p": _Generation(xm.ResourceType.TPU_V5P, 3, "tpu-v5p-slice", None, "ct5p-hightpu-4t", 4, 4),
 }
 
@@ -55,6 +64,7 @@ GENERATIONS = {
 @dataclasses.dataclass(frozen=True)
 class TpuSlice:
     """One TPU slice: generation ("v4", "v5e", "v5p") and chip topology ("8x8x16")."""
+
     version: str
     topology: str
 
@@ -63,9 +73,11 @@ class TpuSlice:
             raise ValueError(f"TPU type {self.version!r}: expected one of {', '.join(GENERATIONS)}")
         dims = self.topology.split("x")
         if len(dims) != self.generation.dims or not all(d.isdigit() and int(d) > 0 for d in dims):
-            raise ValueError(f"TPU {self.version} topology {self.topology!r}: expected "
-                             f"{self.generation.dims} positive dims like "
-                             f"{'x'.join(['2'] * self.generation.dims)}")
+            raise ValueError(
+                f"TPU {self.version} topology {self.topology!r}: expected "
+                f"{self.generation.dims} positive dims like "
+                f"{'x'.join(['2'] * self.generation.dims)}"
+            )
 
     @property
     def generation(self) -> _Generation:
@@ -86,8 +98,10 @@ class TpuSlice:
 
     @property
     def gke_node_selector(self) -> dict[str, str]:
-        return {"cloud.google.com/gke-tpu-accelerator": self.generation.gke_accelerator,
-                "cloud.google.com/gke-tpu-topology": self.topology}
+        return {
+            "cloud.google.com/gke-tpu-accelerator": self.generation.gke_accelerator,
+            "cloud.google.com/gke-tpu-topology": self.topology,
+        }
 
     @property
     def gke_limits(self) -> dict[str, str]:
@@ -96,7 +110,9 @@ class TpuSlice:
 
     def requirements(self, **resources: Any) -> xm.JobRequirements:
         """XManager requirements carrying the slice (`tpu_v4='8x8x16'`): chips + topology."""
-        return xm.JobRequirements({self.generation.resource: xm.Topology(self.topology)}, **resources)
+        return xm.JobRequirements(
+            {self.generation.resource: xm.Topology(self.topology)}, **resources
+        )
 
 
 def slice_of(requirements: xm.JobRequirements) -> TpuSlice | None:
@@ -110,6 +126,7 @@ def slice_of(requirements: xm.JobRequirements) -> TpuSlice | None:
 # ---------------------------------------------------------------------------------------------
 # Vertex AI
 
+
 def vertex_machine_spec(requirements: xm.JobRequirements, machine_type: str = "") -> dict:
     """MachineSpec fields for a TPU v4 / v5e slice (TPU v5p is not an aiplatform_v1 accelerator)."""
     tpu = slice_of(requirements)
@@ -117,9 +134,12 @@ def vertex_machine_spec(requirements: xm.JobRequirements, machine_type: str = ""
         raise ValueError(f"{requirements!r} has no TPU v4/v5e/v5p slice")
     gen = tpu.generation
     if gen.vertex_accelerator is None:
-        raise ValueError(f"TPU {tpu.version} has no Vertex AI accelerator type in aiplatform_v1; "
-                         "use --xm_target=gke")
+        raise ValueError(
+            f"TPU {tpu.version} has no Vertex AI accelerator type in aiplatform_v1; "
+            "use --xm_target=gke"
+        )
     from google.cloud import aiplatform_v1
+
     return {
         "machine_type": machine_type or gen.vertex_machine_type,
         "accelerator_type": aiplatform_v1.AcceleratorType[gen.vertex_accelerator],
@@ -135,35 +155,61 @@ def _machine_spec(requirements: xm.JobRequirements, machine_type: str = "") -> d
     # CPU/GPU stages: XManager's own mapping is complete (and reads only the requirements).
     from xmanager.cloud import vertex
     from xmanager.xm_local import executors
+
     xm_machine_spec = _ORIGINAL.get("vertex", vertex.get_machine_spec)
-    return xm_machine_spec(xm.Job(executable=None, executor=executors.Vertex(  # type: ignore[arg-type]
-        requirements=requirements)))
+    return xm_machine_spec(
+        xm.Job(
+            executable=None,
+            executor=executors.Vertex(  # type: ignore[arg-type]
+                requirements=requirements
+            ),
+        )
+    )
 
 
-def vertex_worker_pool_specs(*, image_uri: str, args: Sequence[str], env: Mapping[str, str],
-                             requirements: xm.JobRequirements, machine_type: str = "") -> list[dict]:
+def vertex_worker_pool_specs(
+    *,
+    image_uri: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    requirements: xm.JobRequirements,
+    machine_type: str = "",
+) -> list[dict]:
     """The CustomJob `worker_pool_specs` for one stage, validated through the aiplatform_v1 protos."""
     from google.cloud import aiplatform_v1
+
     pool = aiplatform_v1.WorkerPoolSpec(
         machine_spec=_machine_spec(requirements, machine_type),
         replica_count=1,  # a TPU slice is one replica: Vertex provisions all of its hosts
         container_spec=aiplatform_v1.ContainerSpec(
-            image_uri=image_uri, args=list(args),
-            env=[{"name": k, "value": v} for k, v in env.items()]),
+            image_uri=image_uri,
+            args=list(args),
+            env=[{"name": k, "value": v} for k, v in env.items()],
+        ),
     )
-    return [type(pool).to_dict(pool, preserving_proto_field_name=True, use_integers_for_enums=False)]
+    return [
+        type(pool).to_dict(pool, preserving_proto_field_name=True, use_integers_for_enums=False)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # GKE
 
+
 def _k8s_name(text: str) -> str:
     return text.lower().replace("_", "-")
 
 
-def gke_manifests(*, name: str, image: str, command: Sequence[str], args: Sequence[str],
-                  env: Mapping[str, str], requirements: xm.JobRequirements,
-                  namespace: str = "default") -> list[dict]:
+def gke_manifests(
+    *,
+    name: str,
+    image: str,
+    command: Sequence[str],
+    args: Sequence[str],
+    env: Mapping[str, str],
+    requirements: xm.JobRequirements,
+    namespace: str = "default",
+) -> list[dict]:
     """Kubernetes objects for one stage: a headless Service + an Indexed Job (one pod per host).
 
     Multi-host TPU slices need every host to run the same program (JAX multi-controller); an
@@ -191,25 +237,42 @@ def gke_manifests(*, name: str, image: str, command: Sequence[str], args: Sequen
         elif resource == xm.ResourceType.RAM:
             limits["memory"] = f"{int(value)}"
     container = k8s.V1Container(
-        name="stage", image=image, command=list(command), args=list(args),
+        name="stage",
+        image=image,
+        command=list(command),
+        args=list(args),
         env=[k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
         ports=ports or None,
-        resources=k8s.V1ResourceRequirements(limits=limits or None, requests=limits or None))
+        resources=k8s.V1ResourceRequirements(limits=limits or None, requests=limits or None),
+    )
     labels = {"app.kubernetes.io/part-of": "vit22b", "vit22b/stage": job_name}
     job = k8s.V1Job(
-        api_version="batch/v1", kind="Job",
+        api_version="batch/v1",
+        kind="Job",
         metadata=k8s.V1ObjectMeta(name=job_name, namespace=namespace, labels=labels),
         spec=k8s.V1JobSpec(
-            completion_mode="Indexed", completions=hosts, parallelism=hosts, backoff_limit=0,
+            completion_mode="Indexed",
+            completions=hosts,
+            parallelism=hosts,
+            backoff_limit=0,
             template=k8s.V1PodTemplateSpec(
                 metadata=k8s.V1ObjectMeta(labels=labels),
                 spec=k8s.V1PodSpec(
-                    subdomain=job_name, restart_policy="Never", containers=[container],
-                    node_selector=node_selector or None, tolerations=tolerations or None))))
+                    subdomain=job_name,
+                    restart_policy="Never",
+                    containers=[container],
+                    node_selector=node_selector or None,
+                    tolerations=tolerations or None,
+                ),
+            ),
+        ),
+    )
     service = k8s.V1Service(
-        api_version="v1", kind="Service",
+        api_version="v1",
+        kind="Service",
         metadata=k8s.V1ObjectMeta(name=job_name, namespace=namespace, labels=labels),
-        spec=k8s.V1ServiceSpec(cluster_ip="None", selector=labels))
+        spec=k8s.V1ServiceSpec(cluster_ip="None", selector=labels),
+    )
     api = k8s.ApiClient()
     return [api.sanitize_for_serialization(service), api.sanitize_for_serialization(job)]
 
@@ -223,8 +286,10 @@ _ORIGINAL: dict[str, Any] = {}
 
 
 def _vertex_get_machine_spec(job: xm.Job) -> dict:
-    return _machine_spec(job.executor.requirements,  # type: ignore[attr-defined]
-                         _ORIGINAL.get("vertex_machine_type", ""))
+    return _machine_spec(
+        job.executor.requirements,  # type: ignore[attr-defined]
+        _ORIGINAL.get("vertex_machine_type", ""),
+    )
 
 
 def _k8s_requirements(executor) -> Any:
@@ -244,7 +309,8 @@ def _k8s_node_selector(executor) -> dict[str, str]:
         raise ValueError(
             f"TPU {tpu.version} {tpu.topology} spans {tpu.hosts} hosts; XManager's Kubernetes "
             "executor creates one non-indexed pod per job, which cannot run it. Apply the "
-            "Indexed Job printed by --xm_dry_run with kubectl instead.")
+            "Indexed Job printed by --xm_dry_run with kubectl instead."
+        )
     return tpu.gke_node_selector
 
 
@@ -257,6 +323,7 @@ def install_xmanager_adapters(machine_type: str = "") -> None:
     """
     from xmanager.cloud import kubernetes
     from xmanager.cloud import vertex
+
     _ORIGINAL["vertex_machine_type"] = machine_type
     if _ORIGINAL.get("installed"):
         return

@@ -12,6 +12,7 @@ Not seen by the walk: modules imported by computed strings (`importlib.import_mo
 non-Python files a stage reads (label maps, templates). A stage lists the latter as
 `Stage.extra_sources` globs.
 """
+
 from __future__ import annotations
 
 import ast

@@ -10,6 +10,7 @@ value is a checkpoint file from elsewhere (timm / big_vision; its identity is in
 Planning fingerprints every active stage (launch/fingerprint.py) and looks its output up in the
 cache (launch/cache.py has the layout); launch/produce.py runs the misses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,21 @@ from launch import produce
 from launch.stage_types import Log, PlanError, Stage, StageOutput, StagePlan
 from trainer.interop import weights_import
 
-__all__ = ["REPO_ROOT", "STAGES", "Log", "PlanError", "Registry", "Stage", "StageOutput",
-           "StagePlan", "format_plan", "load_registry", "plan", "run_pipeline", "run_stage"]
+__all__ = [
+    "REPO_ROOT",
+    "STAGES",
+    "Log",
+    "PlanError",
+    "Registry",
+    "Stage",
+    "StageOutput",
+    "StagePlan",
+    "format_plan",
+    "load_registry",
+    "plan",
+    "run_pipeline",
+    "run_stage",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +59,13 @@ class Registry:
                 raise ValueError(f"stage {stage.name!r} registered twice")
             module, sep, function = stage.target.partition(":")
             if not (sep and module and function.isidentifier()):
-                raise ValueError(f"stage {stage.name!r}: target {stage.target!r} is not 'module:function'")
+                raise ValueError(
+                    f"stage {stage.name!r}: target {stage.target!r} is not 'module:function'"
+                )
             if stage.validate and not all(stage.validate.partition(":")[::2]):
-                raise ValueError(f"stage {stage.name!r}: validate {stage.validate!r} is not 'module:function'")
+                raise ValueError(
+                    f"stage {stage.name!r}: validate {stage.validate!r} is not 'module:function'"
+                )
             if not all(key.isidentifier() for key in stage.upstream_from):
                 raise ValueError(f"stage {stage.name!r}: upstream_from keys must be identifiers")
             self._stages[stage.name] = stage
@@ -80,18 +98,26 @@ class Registry:
                 continue
             group = config[stage.name]
             if not isinstance(group, ml_collections.ConfigDict):
-                raise PlanError(f"config.{stage.name} must be a ConfigDict (the stage's config group), "
-                                f"got {type(group).__name__}")
+                raise PlanError(
+                    f"config.{stage.name} must be a ConfigDict (the stage's config group), "
+                    f"got {type(group).__name__}"
+                )
             if stage.instances:
                 runs = group.get("runs")
                 if set(group.keys()) != {"runs"} or not isinstance(runs, ml_collections.ConfigDict):
-                    raise PlanError(f"config.{stage.name} must hold only `runs`: one config group per "
-                                    f"{stage.name} instance (config.{stage.name}.runs.<name>)")
+                    raise PlanError(
+                        f"config.{stage.name} must hold only `runs`: one config group per "
+                        f"{stage.name} instance (config.{stage.name}.runs.<name>)"
+                    )
                 members = []
                 for run, run_group in runs.items():
-                    if not run.isidentifier() or not isinstance(run_group, ml_collections.ConfigDict):
-                        raise PlanError(f"config.{stage.name}.runs.{run}: run names must be identifiers "
-                                        "and each run a ConfigDict")
+                    if not run.isidentifier() or not isinstance(
+                        run_group, ml_collections.ConfigDict
+                    ):
+                        raise PlanError(
+                            f"config.{stage.name}.runs.{run}: run names must be identifiers "
+                            "and each run a ConfigDict"
+                        )
                     members.append(dataclasses.replace(stage, name=f"{stage.name}/{run}", run=run))
             else:
                 members = [stage]
@@ -102,19 +128,27 @@ class Registry:
             upstream = []
             for up in stage.upstream:
                 if up not in by_type:
-                    raise PlanError(f"stage {name!r} needs upstream {up}, which has no config group; "
-                                    f"add config.{up}")
+                    raise PlanError(
+                        f"stage {name!r} needs upstream {up}, which has no config group; "
+                        f"add config.{up}"
+                    )
                 upstream += by_type[up]
             for up in stage.optional_upstream:
                 upstream += by_type.get(up, [])
             group = stage.group(config)
             for key in stage.upstream_from:
                 target = group.get(key) if key in group else None
-                if isinstance(target, str) and target not in found and weights_import.is_foreign(target):
+                if (
+                    isinstance(target, str)
+                    and target not in found
+                    and weights_import.is_foreign(target)
+                ):
                     continue  # a checkpoint file from elsewhere (timm / big_vision): no DAG edge
                 if target not in found or target == name:
-                    raise PlanError(f"{stage.config_path}.{key}: {target!r} is not another stage of this "
-                                    f"config (stages: {', '.join(found)})")
+                    raise PlanError(
+                        f"{stage.config_path}.{key}: {target!r} is not another stage of this "
+                        f"config (stages: {', '.join(found)})"
+                    )
                 upstream.append(target)
             resolved[name] = dataclasses.replace(stage, upstream=tuple(dict.fromkeys(upstream)))
         return _toposort(resolved)
@@ -154,21 +188,59 @@ def _closure(stages: dict[str, Stage], names: Iterable[str]) -> set[str]:
 
 # The stage table (INTERFACES.md). Later stages (finetune, distill, probe, lit, evaluate) are added
 # here by module path; each activates when a config has its group.
-STAGES = Registry([
-    Stage("prepare", "pipelines.prepare:run", validate="pipelines.prepare:validate"),
-    Stage("pretrain", "trainer.pretrain:run", upstream=("prepare",), resumable=True,
-          validate="trainer.pretrain:validate"),
-    Stage("finetune", "trainer.finetune:run", upstream=("prepare",), upstream_from=("init_from",),
-          instances=True, resumable=True, validate="trainer.finetune:validate"),
-    Stage("distill", "trainer.distill:run", upstream=("prepare",), upstream_from=("teacher",),
-          instances=True, resumable=True, validate="trainer.distill:validate"),
-    Stage("lit", "trainer.lit:run", upstream=("prepare",), upstream_from=("image_from",), resumable=True,
-          validate="trainer.lit:validate"),
-    Stage("probe", "eval.probe:run", upstream=("prepare",), upstream_from=("model_from",), resumable=True,
-          validate="eval.probe:validate"),
-    Stage("evaluate", "eval.evaluate:run", upstream=("prepare",),
-          optional_upstream=("pretrain", "finetune", "distill", "lit", "probe"), validate="eval.evaluate:validate"),
-])
+STAGES = Registry(
+    [
+        Stage("prepare", "pipelines.prepare:run", validate="pipelines.prepare:validate"),
+        Stage(
+            "pretrain",
+            "trainer.pretrain:run",
+            upstream=("prepare",),
+            resumable=True,
+            validate="trainer.pretrain:validate",
+        ),
+        Stage(
+            "finetune",
+            "trainer.finetune:run",
+            upstream=("prepare",),
+            upstream_from=("init_from",),
+            instances=True,
+            resumable=True,
+            validate="trainer.finetune:validate",
+        ),
+        Stage(
+            "distill",
+            "trainer.distill:run",
+            upstream=("prepare",),
+            upstream_from=("teacher",),
+            instances=True,
+            resumable=True,
+            validate="trainer.distill:validate",
+        ),
+        Stage(
+            "lit",
+            "trainer.lit:run",
+            upstream=("prepare",),
+            upstream_from=("image_from",),
+            resumable=True,
+            validate="trainer.lit:validate",
+        ),
+        Stage(
+            "probe",
+            "eval.probe:run",
+            upstream=("prepare",),
+            upstream_from=("model_from",),
+            resumable=True,
+            validate="eval.probe:validate",
+        ),
+        Stage(
+            "evaluate",
+            "eval.evaluate:run",
+            upstream=("prepare",),
+            optional_upstream=("pretrain", "finetune", "distill", "lit", "probe"),
+            validate="eval.evaluate:validate",
+        ),
+    ]
+)
 
 
 def load_registry(spec: str) -> Registry:
@@ -181,11 +253,15 @@ def load_registry(spec: str) -> Registry:
     except (ImportError, AttributeError) as e:
         raise PlanError(f"--registry {spec!r}: {e}") from e
     if not isinstance(registry, Registry):
-        raise PlanError(f"--registry {spec!r} is a {type(registry).__name__}, not a launch.dag.Registry")
+        raise PlanError(
+            f"--registry {spec!r} is a {type(registry).__name__}, not a launch.dag.Registry"
+        )
     return registry
 
 
-def _select(flag: str, names: Sequence[str], stages: dict[str, Stage], registry: Registry) -> list[str]:
+def _select(
+    flag: str, names: Sequence[str], stages: dict[str, Stage], registry: Registry
+) -> list[str]:
     """Stage names for --stages/--force: an instance (`finetune/r48`), a plain stage, or a type
     with instances (all of them)."""
     selected: list[str] = []
@@ -193,15 +269,25 @@ def _select(flag: str, names: Sequence[str], stages: dict[str, Stage], registry:
         members = [s for s in stages if s == name or s.partition("/")[0] == name and "/" in s]
         if not members:
             if name.partition("/")[0] not in registry:
-                raise PlanError(f"{flag}: unknown stage {name!r} (registered: {', '.join(registry.names)})")
-            raise PlanError(f"{flag}: stage {name!r} has no config group in this config "
-                            f"(active stages: {', '.join(stages) or 'none'})")
+                raise PlanError(
+                    f"{flag}: unknown stage {name!r} (registered: {', '.join(registry.names)})"
+                )
+            raise PlanError(
+                f"{flag}: stage {name!r} has no config group in this config "
+                f"(active stages: {', '.join(stages) or 'none'})"
+            )
         selected += members
     return selected
 
 
-def plan(config, workdir: Path, registry: Registry = STAGES, *,
-         only: Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StagePlan]:
+def plan(
+    config,
+    workdir: Path,
+    registry: Registry = STAGES,
+    *,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+) -> list[StagePlan]:
     """Validates and fingerprints every stage of the config and decides run / reuse / skip for each.
 
     only: run just these stages (`--stages`; a type name selects all its instances); their
@@ -215,10 +301,14 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
         raise PlanError(str(e)) from None
     stages = registry.expand(config)
     if not stages:
-        raise PlanError(f"the config has no group for any registered stage "
-                        f"(registered: {', '.join(registry.names)}; config keys: {', '.join(config)})")
+        raise PlanError(
+            f"the config has no group for any registered stage "
+            f"(registered: {', '.join(registry.names)}; config keys: {', '.join(config)})"
+        )
     by_name = {stage.name: stage for stage in stages}
-    for stage in stages:  # every stage of the config, selected or not: a bad group fails before any work
+    for (
+        stage
+    ) in stages:  # every stage of the config, selected or not: a bad group fails before any work
         stage.check(stage.group(config), {up: by_name[up].group(config) for up in stage.upstream})
     active = list(by_name)
     chosen = _select("--stages", only or (), by_name, registry)
@@ -234,8 +324,12 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
     missing: list[tuple[str, Path]] = []  # upstream of --stages that is not in the cache
     for stage in stages:
         components = fingerprint.fingerprint_components(
-            stage, stage.group(config), {up: fingerprints[up] for up in stage.upstream},
-            registry.root, versions)
+            stage,
+            stage.group(config),
+            {up: fingerprints[up] for up in stage.upstream},
+            registry.root,
+            versions,
+        )
         fp = fingerprints[stage.name] = fingerprint.fingerprint(components)
         path = cache.stage_dir(workdir, stage.name, fp)
         complete = cache.is_complete(path)
@@ -248,20 +342,25 @@ def plan(config, workdir: Path, registry: Registry = STAGES, *,
         elif stage.name in selected:
             previous = cache.latest_completed_components(workdir / stage.name)
             action = "run"
-            reason = ("no cached output" if previous is None
-                      else fingerprint.explain_change(previous, components))
+            reason = (
+                "no cached output"
+                if previous is None
+                else fingerprint.explain_change(previous, components)
+            )
         else:
             missing.append((stage.name, path))
             continue
-        plans.append(StagePlan(stage, fp, components, path, action, reason,
-                               forced=stage.name in forced))
+        plans.append(
+            StagePlan(stage, fp, components, path, action, reason, forced=stage.name in forced)
+        )
     if missing:
         names = [name for name, _ in missing]
         wanted = ",".join(name for name in active if name in selected)
         raise PlanError(
             f"--stages {wanted} needs upstream {', '.join(names)}, not in the cache (expected "
             f"{', '.join(str(path) for _, path in missing)}); run "
-            f"{'it' if len(names) == 1 else 'them'} first, e.g. --stages {','.join(names + [wanted])}")
+            f"{'it' if len(names) == 1 else 'them'} first, e.g. --stages {','.join(names + [wanted])}"
+        )
     return plans
 
 
@@ -277,16 +376,30 @@ def format_plan(plans: Sequence[StagePlan]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config, workdir: Path, *, registry: Registry = STAGES,
-                 only: Sequence[str] | None = None, force: Sequence[str] = (),
-                 log: Log = print) -> dict[str, StageOutput]:
+def run_pipeline(
+    config,
+    workdir: Path,
+    *,
+    registry: Registry = STAGES,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    log: Log = print,
+) -> dict[str, StageOutput]:
     """Plans and executes the DAG in this process; returns every non-skipped stage's output."""
     return produce.execute(plan(config, workdir, registry, only=only, force=force), config, log=log)
 
 
-def run_stage(name: str, config, workdir: Path, *, registry: Registry = STAGES,
-              force: bool = False, expect_fingerprint: str | None = None,
-              run_id: str | None = None, log: Log = print) -> StageOutput:
+def run_stage(
+    name: str,
+    config,
+    workdir: Path,
+    *,
+    registry: Registry = STAGES,
+    force: bool = False,
+    expect_fingerprint: str | None = None,
+    run_id: str | None = None,
+    log: Log = print,
+) -> StageOutput:
     """Runs (or reuses) one stage as its own process does; its upstream must be in the cache.
 
     expect_fingerprint: what the launcher planned. A mismatch (sources edited after launch, an
@@ -297,6 +410,8 @@ def run_stage(name: str, config, workdir: Path, *, registry: Registry = STAGES,
     plans = plan(config, workdir, registry, only=[name], force=[name] if force else [])
     mine = next(p for p in plans if p.name == name)
     if expect_fingerprint and mine.fingerprint != expect_fingerprint:
-        raise PlanError(f"stage {name!r}: fingerprint {mine.fingerprint[:16]} differs from the "
-                        f"launcher's {expect_fingerprint[:16]}; its inputs changed since launch")
+        raise PlanError(
+            f"stage {name!r}: fingerprint {mine.fingerprint[:16]} differs from the "
+            f"launcher's {expect_fingerprint[:16]}; its inputs changed since launch"
+        )
     return produce.execute(plans, config, log=log, run_id=run_id)[name]

@@ -4,6 +4,7 @@ A fingerprint covers the stage's name and target, its resolved config minus `run
 fingerprints, the hashes of its sources (static import closure, launch/code_hashes.py) and
 VERSIONED_DISTRIBUTIONS.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,9 @@ def canonical_config(cfg) -> dict:
     try:
         data = json.loads(cfg.to_json(sort_keys=True))
     except TypeError as e:
-        raise PlanError(f"config is not JSON-serialisable, so it cannot be fingerprinted: {e}") from e
+        raise PlanError(
+            f"config is not JSON-serialisable, so it cannot be fingerprinted: {e}"
+        ) from e
     data.pop(RUNTIME, None)
     return data
 
@@ -50,8 +53,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def fingerprint_components(stage: Stage, cfg, upstream: Mapping[str, str], root: Path,
-                           versions: Mapping[str, str]) -> dict:
+def fingerprint_components(
+    stage: Stage, cfg, upstream: Mapping[str, str], root: Path, versions: Mapping[str, str]
+) -> dict:
     """Everything a stage's output depends on; stored as fingerprint.json to explain misses."""
     try:
         source_files = code_hashes.source_hashes(root, stage.module, stage.extra_sources)
@@ -74,14 +78,18 @@ def file_inputs(stage: Stage, cfg) -> dict:
     replacing the file reruns the stage. Size + mtime, not a hash: hashing a multi-GB checkpoint at
     every plan would cost more than the plan."""
     from trainer.interop import weights_import  # NumPy only
+
     found = {}
     for key in (*stage.upstream_from, "init_params"):
         value = cfg.get(key) if key in cfg else None
         if isinstance(value, str) and value and weights_import.is_foreign(value):
             path = weights_import.checkpoint_file(value)
             st = path.stat() if path.is_file() else None
-            found[key] = {"path": str(path.resolve()), "bytes": st.st_size if st else None,
-                          "mtime_ns": st.st_mtime_ns if st else None}
+            found[key] = {
+                "path": str(path.resolve()),
+                "bytes": st.st_size if st else None,
+                "mtime_ns": st.st_mtime_ns if st else None,
+            }
     return found
 
 
@@ -98,9 +106,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def _describe_dict_change(label: str, old: Mapping, new: Mapping, *, show_values: bool,
-                          limit: int = 3) -> str | None:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+def _describe_dict_change(
+    label: str, old: Mapping, new: Mapping, *, show_values: bool, limit: int = 3
+) -> str | None:
+    keys = sorted(
+        k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>")
+    )
     if not keys:
         return None
     parts = []
@@ -123,14 +134,19 @@ def explain_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     if old.get("target") != new.get("target"):
         reasons.append(f"function changed: {old.get('target')} -> {new.get('target')}")
     config = _describe_dict_change(
-        "config", _flatten(old.get("config", {}), new["stage"]),
-        _flatten(new["config"], new["stage"]), show_values=True)
-    upstream = _describe_dict_change("upstream", old.get("upstream", {}), new["upstream"],
-                                     show_values=False)
-    source = _describe_dict_change("source", old.get("sources", {}), new["sources"],
-                                   show_values=False)
-    versions = _describe_dict_change("versions", old.get("versions", {}), new["versions"],
-                                     show_values=True)
+        "config",
+        _flatten(old.get("config", {}), new["stage"]),
+        _flatten(new["config"], new["stage"]),
+        show_values=True,
+    )
+    upstream = _describe_dict_change(
+        "upstream", old.get("upstream", {}), new["upstream"], show_values=False
+    )
+    source = _describe_dict_change(
+        "source", old.get("sources", {}), new["sources"], show_values=False
+    )
+    versions = _describe_dict_change(
+        "versions", old.get("versions", {}), new["versions"], show_values=True
+    )
     reasons += [r for r in (config, upstream, source, versions) if r]
     return "; ".join(reasons) or "fingerprint format changed"
-

@@ -33,6 +33,7 @@ this machine's devices:
 Exit status: 0 go, 1 no-go (each no-go row says why), 2 usage error. Importing this module is
 cheap (no JAX): launch.run imports it for `--preflight`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,27 +51,44 @@ from launch import cli
 from launch import dag
 from launch import produce
 from trainer import aot  # standard library only at import; JAX loads inside its functions
+
 # The per-chip tables and the AOT pieces live in trainer/aot.py (benchmarks/aot.py uses them too).
 from trainer.aot import TPU_CHIP_CONFIG, TPU_HBM_BYTES_PER_S, TPU_HBM_GIB, TPU_PEAK_KEY  # noqa: F401
 
 flags.adopt_module_key_flags(cli)
 
 TOPOLOGY = flags.DEFINE_string(
-    "topology", "", "Target TPU slice as TYPE:TOPOLOGY, e.g. v4:8x8x16 (default: each stage's "
-    "config.xm.resources slice, else this machine's devices).")
+    "topology",
+    "",
+    "Target TPU slice as TYPE:TOPOLOGY, e.g. v4:8x8x16 (default: each stage's "
+    "config.xm.resources slice, else this machine's devices).",
+)
 STEP_TIME = flags.DEFINE_float(
-    "step_time", 0.0, "Target seconds per training step the loader must keep up with (default: "
-    "measured here for a local target, else estimated from the compiled cost).")
+    "step_time",
+    0.0,
+    "Target seconds per training step the loader must keep up with (default: "
+    "measured here for a local target, else estimated from the compiled cost).",
+)
 CHECKSUM_SHARDS = flags.DEFINE_integer(
-    "checksum_shards", 0, "sha256 of this many randomly chosen shards per split (0 = all); counts "
-    "and options are checked for every shard.")
-LOADER_BATCHES = flags.DEFINE_integer("loader_batches", 4, "Timed loader batches per training split.")
+    "checksum_shards",
+    0,
+    "sha256 of this many randomly chosen shards per split (0 = all); counts "
+    "and options are checked for every shard.",
+)
+LOADER_BATCHES = flags.DEFINE_integer(
+    "loader_batches", 4, "Timed loader batches per training split."
+)
 DEVICE_MEMORY_GIB = flags.DEFINE_float(
-    "device_memory_gib", 0.0, "Memory per device in GiB (default: the TPU's HBM, or this machine's).")
+    "device_memory_gib",
+    0.0,
+    "Memory per device in GiB (default: the TPU's HBM, or this machine's).",
+)
 MEMORY_HEADROOM = flags.DEFINE_float(
-    "memory_headroom", 0.1, "Fraction of device memory kept free (fragmentation, runtime buffers).")
+    "memory_headroom", 0.1, "Fraction of device memory kept free (fragmentation, runtime buffers)."
+)
 NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", 1000, "Classes to compile with while the training split is not prepared yet.")
+    "num_classes", 1000, "Classes to compile with while the training split is not prepared yet."
+)
 
 GO, NO_GO, WARN, SKIP = "go", "NO-GO", "warn", "skip"
 
@@ -92,8 +110,15 @@ class Options:
 
     @classmethod
     def from_flags(cls) -> "Options":
-        return cls(TOPOLOGY.value, STEP_TIME.value, CHECKSUM_SHARDS.value, LOADER_BATCHES.value,
-                   DEVICE_MEMORY_GIB.value, MEMORY_HEADROOM.value, NUM_CLASSES.value)
+        return cls(
+            TOPOLOGY.value,
+            STEP_TIME.value,
+            CHECKSUM_SHARDS.value,
+            LOADER_BATCHES.value,
+            DEVICE_MEMORY_GIB.value,
+            MEMORY_HEADROOM.value,
+            NUM_CLASSES.value,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +132,7 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Where a stage trains: a TPU slice (`tpu` set) or this machine's JAX devices."""
+
     name: str
     devices: int
     hosts: int
@@ -121,6 +147,7 @@ def is_training(group) -> bool:
 
 # --- target ---------------------------------------------------------------------------------------
 
+
 def _local_target(memory_gib: float) -> Target:
     import jax
     import psutil
@@ -129,10 +156,15 @@ def _local_target(memory_gib: float) -> Target:
 
     devices = jax.local_devices()
     limit = (devices[0].memory_stats() or {}).get("bytes_limit")
-    memory = memory_gib * 2 ** 30 or limit or psutil.virtual_memory().total / len(devices)
+    memory = memory_gib * 2**30 or limit or psutil.virtual_memory().total / len(devices)
     peak, source = flops.peak_flops_per_device(devices)
-    return Target(f"this machine: {len(devices)} x {devices[0].device_kind} (peak {source})",
-                  jax.device_count(), jax.process_count(), memory, peak)
+    return Target(
+        f"this machine: {len(devices)} x {devices[0].device_kind} (peak {source})",
+        jax.device_count(),
+        jax.process_count(),
+        memory,
+        peak,
+    )
 
 
 def target_for(stage: dag.Stage, config, options: Options) -> Target:
@@ -148,16 +180,24 @@ def target_for(stage: dag.Stage, config, options: Options) -> Target:
     from launch import cloud_tpu  # imports xmanager: only for TPU targets
 
     from trainer import flops
+
     version, sep, topology = spec.partition(":")
     if not sep:
         raise ValueError(f"{where}={spec!r}: expected TYPE:TOPOLOGY, e.g. v4:8x8x16")
     tpu = cloud_tpu.TpuSlice(version, topology)  # validates the type and the topology's rank
-    memory = options.device_memory_gib * 2 ** 30 or TPU_HBM_GIB[version] * 2 ** 30
-    return Target(f"TPU {spec} ({tpu.chips} chips, {tpu.hosts} hosts)", tpu.chips, tpu.hosts, memory,
-                  flops.PEAK_FLOPS[TPU_PEAK_KEY[version]], tpu)
+    memory = options.device_memory_gib * 2**30 or TPU_HBM_GIB[version] * 2**30
+    return Target(
+        f"TPU {spec} ({tpu.chips} chips, {tpu.hosts} hosts)",
+        tpu.chips,
+        tpu.hosts,
+        memory,
+        flops.PEAK_FLOPS[TPU_PEAK_KEY[version]],
+        tpu,
+    )
 
 
 # --- config ---------------------------------------------------------------------------------------
+
 
 def _architecture(stage: dag.Stage, groups: dict, config) -> dict | None:
     """The ViT fields this stage trains (variant defaults + every set model.* override, following
@@ -180,8 +220,9 @@ def _architecture(stage: dag.Stage, groups: dict, config) -> dict | None:
     return fields
 
 
-def config_rows(stage: dag.Stage, group, target: Target, arch: dict | None,
-                upstream: dict) -> list[Row]:
+def config_rows(
+    stage: dag.Stage, group, target: Target, arch: dict | None, upstream: dict
+) -> list[Row]:
     from trainer import sharding
 
     where = stage.config_path
@@ -196,9 +237,14 @@ def config_rows(stage: dag.Stage, group, target: Target, arch: dict | None,
     except dag.PlanError as e:
         row("config", str(e), "")
     try:
-        replica, data, model = sharding.mesh_shape(target.devices, group.mesh.data, group.mesh.model,
-                                                   group.mesh.replica)
-        row("mesh", "", f"replica {replica} x data {data} x model {model} on {target.devices} devices")
+        replica, data, model = sharding.mesh_shape(
+            target.devices, group.mesh.data, group.mesh.model, group.mesh.replica
+        )
+        row(
+            "mesh",
+            "",
+            f"replica {replica} x data {data} x model {model} on {target.devices} devices",
+        )
     except ValueError as e:
         replica, data, model = None, None, group.mesh.model
         row("mesh", f"{where}.{e} (target: {target.name})", "")
@@ -207,39 +253,65 @@ def config_rows(stage: dag.Stage, group, target: Target, arch: dict | None,
     for key in ("batch_size", "eval_batch_size"):
         microbatches = group.get("microbatches", 1) if key == "batch_size" else 1
         # the stage's own run-time check, once per divisor so that both reasons show
-        for kw in (dict(mesh=dp, microbatches=microbatches), dict(mesh=None, processes=target.hosts)):
+        for kw in (
+            dict(mesh=dp, microbatches=microbatches),
+            dict(mesh=None, processes=target.hosts),
+        ):
             try:
                 sharding.check_batch(group[key], key=f"{where}.{key}", **kw)
             except ValueError as e:
                 problems += [str(e)] if str(e) not in problems else []
-    row("batch", "; ".join(problems),
-        f"{group.batch_size} = {group.batch_size // target.hosts} per host" +
-        (f", {group.batch_size // (replica * data)} per data shard" if replica else ""))
+    row(
+        "batch",
+        "; ".join(problems),
+        f"{group.batch_size} = {group.batch_size // target.hosts} per host"
+        + (f", {group.batch_size // (replica * data)} per data shard" if replica else ""),
+    )
     if arch is None:
         rows.append(Row(stage.name, "head_dim", SKIP, "architecture comes from an upstream export"))
-        rows.append(Row(stage.name, "image vs patch", SKIP, "architecture comes from an upstream export"))
+        rows.append(
+            Row(stage.name, "image vs patch", SKIP, "architecture comes from an upstream export")
+        )
         return rows
     width, heads, mlp = arch["width"], arch["num_heads"], arch["mlp_dim"]
-    problems = [] if width % heads == 0 else [f"width {width} is not divisible by num_heads {heads}"]
+    problems = (
+        [] if width % heads == 0 else [f"width {width} is not divisible by num_heads {heads}"]
+    )
     if isinstance(model, int) and model > 1:
-        problems += [f"{name} {value} is not divisible by the model axis {model} (its weights would be "
-                     f"replicated on every device)" for name, value in (("num_heads", heads), ("mlp_dim", mlp))
-                     if value % model]
+        problems += [
+            f"{name} {value} is not divisible by the model axis {model} (its weights would be "
+            f"replicated on every device)"
+            for name, value in (("num_heads", heads), ("mlp_dim", mlp))
+            if value % model
+        ]
     head_dim = width // heads
     if problems:
         row("head_dim", f"{where}.model: " + "; ".join(problems), "")
     elif target.tpu is not None and head_dim % 128:
-        rows.append(Row(stage.name, "head_dim", WARN, f"head_dim {head_dim} is not a multiple of 128: "
-                                                      "the TPU matrix units run partly empty"))
+        rows.append(
+            Row(
+                stage.name,
+                "head_dim",
+                WARN,
+                f"head_dim {head_dim} is not a multiple of 128: "
+                "the TPU matrix units run partly empty",
+            )
+        )
     else:
         row("head_dim", "", f"{width} / {heads} heads = {head_dim}")
     image, patch = arch["image_size"], arch["patch_size"]
-    row("image vs patch", f"{where}.data.image_size={image} is not divisible by the patch size {patch}"
-        if image % patch else "", f"{image} px / {patch} = {(image // patch) ** 2} tokens")
+    row(
+        "image vs patch",
+        f"{where}.data.image_size={image} is not divisible by the patch size {patch}"
+        if image % patch
+        else "",
+        f"{image} px / {patch} = {(image // patch) ** 2} tokens",
+    )
     return rows
 
 
 # --- data -----------------------------------------------------------------------------------------
+
 
 def splits_read(group) -> list[tuple[str, str]]:
     """(dataset, split) of the training split and of every evaluator's split."""
@@ -265,9 +337,12 @@ def check_split(split_dir: Path, checksum_shards: int):
         if digest != shard.sha256:
             raise manifest_lib.ManifestError(
                 f"{split_dir / shard.path}: sha256 {digest[:16]}... does not match "
-                f"{split_dir / manifest_lib.MANIFEST_NAME} field shards[{i}].sha256 {shard.sha256[:16]}...")
-    return m, (f"{m.num_records} records in {len(m.shards)} shards, group_size:1, "
-               f"{m.num_dead_letters} dead letters, sha256 {len(chosen)}/{len(m.shards)} shards")
+                f"{split_dir / manifest_lib.MANIFEST_NAME} field shards[{i}].sha256 {shard.sha256[:16]}..."
+            )
+    return m, (
+        f"{m.num_records} records in {len(m.shards)} shards, group_size:1, "
+        f"{m.num_dead_letters} dead letters, sha256 {len(chosen)}/{len(m.shards)} shards"
+    )
 
 
 def loader_rate(split_dir: Path, group, per_host_batch: int, batches: int) -> float:
@@ -279,10 +354,18 @@ def loader_rate(split_dir: Path, group, per_host_batch: int, batches: int) -> fl
 
     batch = min(per_host_batch, LOADER_MAX_BATCH)
     bsh = sharding.batch_sharding(sharding.make_mesh(1, 1, devices=jax.local_devices()[:1]))
-    train = loader.train_loader(split_dir, global_batch_size=batch, image_size=group.data.image_size,
-                                seed=group.seed, sharding=bsh, augment=group.data.augment.to_dict(),
-                                worker_count=group.runtime.worker_count,
-                                read_threads=group.runtime.read_threads, process_index=0, process_count=1)
+    train = loader.train_loader(
+        split_dir,
+        global_batch_size=batch,
+        image_size=group.data.image_size,
+        seed=group.seed,
+        sharding=bsh,
+        augment=group.data.augment.to_dict(),
+        worker_count=group.runtime.worker_count,
+        read_threads=group.runtime.read_threads,
+        process_index=0,
+        process_count=1,
+    )
     try:
         next(train.iterator)  # start-up (and Grain workers) not counted
         start = time.perf_counter()
@@ -295,11 +378,13 @@ def loader_rate(split_dir: Path, group, per_host_batch: int, batches: int) -> fl
 
 # --- compile --------------------------------------------------------------------------------------
 
+
 def make_task(stage: dag.Stage, group, num_classes: int):
     """The stage's own Task when it is built from its config alone (today: pretrain); None when
     it starts from an upstream export, which preflight does not read."""
     if stage.type_name == "pretrain":
         from trainer import pretrain
+
         return pretrain.make_task(group, num_classes)
     return None
 
@@ -315,8 +400,9 @@ class Compiled:
     step_time_source: str = ""
 
 
-def compile_step(task, group, target: Target, num_classes: int, total_steps: int,
-                 options: Options) -> Compiled:
+def compile_step(
+    task, group, target: Target, num_classes: int, total_steps: int, options: Options
+) -> Compiled:
     """Lowers and compiles the stage's train step for the target; on a local target also runs it
     a few steps (unless --step_time is given) to measure the step time."""
     import jax
@@ -325,43 +411,74 @@ def compile_step(task, group, target: Target, num_classes: int, total_steps: int
     from trainer import sharding
 
     args = (group.optim, total_steps)
-    shapes = dict(seed=group.seed, batch_size=group.batch_size, image_size=group.data.image_size,
-                  num_classes=num_classes)
+    shapes = dict(
+        seed=group.seed,
+        batch_size=group.batch_size,
+        image_size=group.data.image_size,
+        num_classes=num_classes,
+    )
     if target.tpu is not None and not libtpu_installed():
         # eval_shape only: params + optimizer state + batch per device; activations not counted
-        r, d, m = sharding.mesh_shape(target.devices, group.mesh.data, group.mesh.model, group.mesh.replica)
+        r, d, m = sharding.mesh_shape(
+            target.devices, group.mesh.data, group.mesh.model, group.mesh.replica
+        )
         memory = aot.estimate_bytes(task, *args, data=d, model=m, replica=r, **shapes)
-        return Compiled(memory, "AOT skipped: libtpu is not installed (pip install -c constraints.txt "
-                                "'.[tpu]'); jax.eval_shape estimate of params + optimizer state + batch, "
-                                "activations not counted")
-    devices = aot.tpu_devices(target.tpu.version, target.tpu.topology) if target.tpu is not None else jax.devices()
-    mesh = sharding.make_mesh(group.mesh.data, group.mesh.model, group.mesh.replica, devices=devices)
-    result = aot.compile_train_step(task, *args, mesh, microbatches=group.get("microbatches", 1), **shapes)
-    compiled, frozen = result.compiled, {}  # Tasks preflight builds have no frozen params (see make_task)
+        return Compiled(
+            memory,
+            "AOT skipped: libtpu is not installed (pip install -c constraints.txt "
+            "'.[tpu]'); jax.eval_shape estimate of params + optimizer state + batch, "
+            "activations not counted",
+        )
+    devices = (
+        aot.tpu_devices(target.tpu.version, target.tpu.topology)
+        if target.tpu is not None
+        else jax.devices()
+    )
+    mesh = sharding.make_mesh(
+        group.mesh.data, group.mesh.model, group.mesh.replica, devices=devices
+    )
+    result = aot.compile_train_step(
+        task, *args, mesh, microbatches=group.get("microbatches", 1), **shapes
+    )
+    compiled, frozen = (
+        result.compiled,
+        {},
+    )  # Tasks preflight builds have no frozen params (see make_task)
     memory = result.memory
     flops_, bytes_ = aot.cost(compiled)
     where = "AOT for " + target.name if target.tpu is not None else "compiled for " + target.name
-    out = Compiled(memory, f"{where}: XLA memory analysis; {flops_:.3g} FLOP and {bytes_:.3g} bytes "
-                           f"accessed per device and step")
+    out = Compiled(
+        memory,
+        f"{where}: XLA memory analysis; {flops_:.3g} FLOP and {bytes_:.3g} bytes "
+        f"accessed per device and step",
+    )
     model_flops = task.flops_per_example * group.batch_size / target.devices  # per device and step
     if target.tpu is not None and flops_ < ROOFLINE_MIN_COUNTED * model_flops:
         # XLA's cost analysis counts a while-loop body once (scanned layers, microbatches), so
         # its FLOPs and bytes undercount the step: a roofline from them would claim > 100% MFU.
-        out.how += (f" (XLA counts {flops_ / model_flops:.1%} of the model's FLOPs: loop bodies once, "
-                    "so no roofline step time)")
+        out.how += (
+            f" (XLA counts {flops_ / model_flops:.1%} of the model's FLOPs: loop bodies once, "
+            "so no roofline step time)"
+        )
     elif target.tpu is not None:
         out.step_time = max(flops_ / target.peak, bytes_ / TPU_HBM_BYTES_PER_S[target.tpu.version])
         out.step_time_source = "roofline of the compiled cost (no communication)"
     elif not options.step_time:
         st = result.setup.init()
-        arrays = {k: jax.device_put(np.zeros(v.shape, v.dtype), result.batch_sharding) for k, v in result.batch.items()}
+        arrays = {
+            k: jax.device_put(np.zeros(v.shape, v.dtype), result.batch_sharding)
+            for k, v in result.batch.items()
+        }
         times = []
         for _ in range(4):  # the first call pays for transfers: not counted
             start = time.perf_counter()
             st, metrics = compiled(st, frozen, arrays)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-        out.step_time, out.step_time_source = statistics.median(times[1:]), "measured here (median of 3 steps)"
+        out.step_time, out.step_time_source = (
+            statistics.median(times[1:]),
+            "measured here (median of 3 steps)",
+        )
     return out
 
 
@@ -370,19 +487,25 @@ def _total_steps(group, num_examples: int | None) -> int:
     counts 1000 batches an epoch."""
     from trainer import cadence
 
-    return cadence.total_steps(steps=group.steps, epochs=group.epochs, examples=group.examples,
-                               num_examples=num_examples or 1000 * group.batch_size,
-                               batch_size=group.batch_size)
+    return cadence.total_steps(
+        steps=group.steps,
+        epochs=group.epochs,
+        examples=group.examples,
+        num_examples=num_examples or 1000 * group.batch_size,
+        batch_size=group.batch_size,
+    )
 
 
 # --- the table ------------------------------------------------------------------------------------
 
+
 def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.3g} GiB" if n >= 2 ** 26 else f"{n / 2 ** 20:.3g} MiB"
+    return f"{n / 2**30:.3g} GiB" if n >= 2**26 else f"{n / 2**20:.3g} MiB"
 
 
-def stage_rows(stage: dag.Stage, config, groups: dict, prepared: Path | str, options: Options,
-               upstream: dict) -> list[Row]:
+def stage_rows(
+    stage: dag.Stage, config, groups: dict, prepared: Path | str, options: Options, upstream: dict
+) -> list[Row]:
     """All rows of one training stage; `prepared` is the prepared-data root, or why there is none."""
     group = stage.group(config)
     name = stage.name
@@ -410,23 +533,44 @@ def stage_rows(stage: dag.Stage, config, groups: dict, prepared: Path | str, opt
         rows.append(Row(name, key, GO, detail))
         shards = len(manifests[dataset, split].shards)
         if shards < target.hosts:
-            rows.append(Row(name, f"shards {dataset}/{split}", WARN,
-                            f"{shards} shards for {target.hosts} hosts: every host reads records from all "
-                            f"of them (strided), so it works, but re-prepare with smaller "
-                            f"records_per_shard to spread the reads"))
+            rows.append(
+                Row(
+                    name,
+                    f"shards {dataset}/{split}",
+                    WARN,
+                    f"{shards} shards for {target.hosts} hosts: every host reads records from all "
+                    f"of them (strided), so it works, but re-prepare with smaller "
+                    f"records_per_shard to spread the reads",
+                )
+            )
         else:
-            rows.append(Row(name, f"shards {dataset}/{split}", GO, f"{shards} shards >= {target.hosts} hosts"))
+            rows.append(
+                Row(
+                    name,
+                    f"shards {dataset}/{split}",
+                    GO,
+                    f"{shards} shards >= {target.hosts} hosts",
+                )
+            )
     train_key = (group.data.dataset, group.data.train_split)
     train_manifest = manifests.get(train_key)
 
     skip = "the config is no-go" if not config_ok else ""
     task = None
     num_classes = group.model.num_classes or (train_manifest.num_classes if train_manifest else 0)
-    assumed = "" if num_classes else f"; num_classes={options.num_classes} assumed (--num_classes) until prepared"
+    assumed = (
+        ""
+        if num_classes
+        else f"; num_classes={options.num_classes} assumed (--num_classes) until prepared"
+    )
     num_classes = num_classes or options.num_classes
     if not skip:
         task = make_task(stage, group, num_classes)
-        skip = "" if task is not None else "its Task starts from an upstream export, which preflight does not read"
+        skip = (
+            ""
+            if task is not None
+            else "its Task starts from an upstream export, which preflight does not read"
+        )
     compiled = None
     if skip:
         rows += [Row(name, check, SKIP, skip) for check in ("compile", "memory")]
@@ -434,8 +578,14 @@ def stage_rows(stage: dag.Stage, config, groups: dict, prepared: Path | str, opt
         try:
             total = _total_steps(group, train_manifest.num_records if train_manifest else None)
             compiled = compile_step(task, group, target, num_classes, total, options)
-            rows.append(Row(name, "compile", SKIP if compiled.how.startswith("AOT skipped") else GO,
-                            compiled.how + assumed))
+            rows.append(
+                Row(
+                    name,
+                    "compile",
+                    SKIP if compiled.how.startswith("AOT skipped") else GO,
+                    compiled.how + assumed,
+                )
+            )
         except Exception as e:  # XLA: out of memory at compile time, unsupported ops, ...
             error = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             if "RESOURCE_EXHAUSTED" in error:  # XLA's own memory verdict for the target
@@ -446,9 +596,15 @@ def stage_rows(stage: dag.Stage, config, groups: dict, prepared: Path | str, opt
         if compiled is not None:
             usable = target.memory * (1 - options.memory_headroom)
             status = GO if compiled.memory <= usable else NO_GO
-            rows.append(Row(name, "memory", status,
-                            f"{_gib(compiled.memory)} per device {'<=' if status == GO else '>'} {_gib(usable)} "
-                            f"({_gib(target.memory)} less {options.memory_headroom:.0%} headroom)"))
+            rows.append(
+                Row(
+                    name,
+                    "memory",
+                    status,
+                    f"{_gib(compiled.memory)} per device {'<=' if status == GO else '>'} {_gib(usable)} "
+                    f"({_gib(target.memory)} less {options.memory_headroom:.0%} headroom)",
+                )
+            )
 
     # Step time: --step_time > measured here > roofline of the compiled cost > the paper's MFU.
     flops_per_step = task.flops_per_example * group.batch_size if task is not None else 0.0
@@ -463,30 +619,48 @@ def stage_rows(stage: dag.Stage, config, groups: dict, prepared: Path | str, opt
         step_time, source = 0.0, ""
     if flops_per_step and step_time:
         mfu = flops_per_step / (step_time * target.devices * target.peak)
-        rows.append(Row(name, "MFU", SKIP if source.startswith("model FLOPs") else GO,
-                        f"{mfu:.1%} at {step_time * 1e3:.4g} ms/step ({source}); "
-                        f"{flops_per_step:.3g} model FLOP/step"))
+        rows.append(
+            Row(
+                name,
+                "MFU",
+                SKIP if source.startswith("model FLOPs") else GO,
+                f"{mfu:.1%} at {step_time * 1e3:.4g} ms/step ({source}); "
+                f"{flops_per_step:.3g} model FLOP/step",
+            )
+        )
     else:
         rows.append(Row(name, "MFU", SKIP, skip or "no step time: give --step_time"))
 
     per_host = group.batch_size // target.hosts
     if train_manifest is None or not config_ok:
-        rows.append(Row(name, "loader", SKIP, "the training split is not readable" if config_ok else skip))
+        rows.append(
+            Row(name, "loader", SKIP, "the training split is not readable" if config_ok else skip)
+        )
     elif not step_time:
         rows.append(Row(name, "loader", SKIP, "no step time to compare with: give --step_time"))
     else:
         try:
-            rate = loader_rate(prepared / train_key[0] / train_key[1], group, per_host, options.loader_batches)
-        except Exception as e:  # a record the manifest check could not see (bad image bytes, labels)
+            rate = loader_rate(
+                prepared / train_key[0] / train_key[1], group, per_host, options.loader_batches
+            )
+        except (
+            Exception
+        ) as e:  # a record the manifest check could not see (bad image bytes, labels)
             rate = 0.0
             source = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         need = per_host / step_time
         status = GO if rate >= need else NO_GO
-        rows.append(Row(name, "loader", status,
-                        f"{rate:.0f} img/s per host measured here (read_threads={group.runtime.read_threads}, "
-                        f"worker_count={group.runtime.worker_count}) {'>=' if status == GO else '<'} {need:.0f} "
-                        f"needed ({per_host} per host every {step_time * 1e3:.4g} ms, {source})"
-                        + ("" if status == GO else ": the run would be input-bound")))
+        rows.append(
+            Row(
+                name,
+                "loader",
+                status,
+                f"{rate:.0f} img/s per host measured here (read_threads={group.runtime.read_threads}, "
+                f"worker_count={group.runtime.worker_count}) {'>=' if status == GO else '<'} {need:.0f} "
+                f"needed ({per_host} per host every {step_time * 1e3:.4g} ms, {source})"
+                + ("" if status == GO else ": the run would be input-bound"),
+            )
+        )
     return rows
 
 
@@ -504,8 +678,14 @@ def prepared_root(stage: dag.Stage, group, plans: dict) -> Path | str:
     return f"no prepared data: add a prepare stage or set {stage.config_path}.data.prepared_dir"
 
 
-def run_checks(config, workdir: Path, registry: dag.Registry = dag.STAGES, options: Options = Options(),
-               only: Sequence[str] | None = None, plans: Sequence[dag.StagePlan] | None = None) -> list[Row]:
+def run_checks(
+    config,
+    workdir: Path,
+    registry: dag.Registry = dag.STAGES,
+    options: Options = Options(),
+    only: Sequence[str] | None = None,
+    plans: Sequence[dag.StagePlan] | None = None,
+) -> list[Row]:
     """The go/no-go rows for every training stage of the config (or of `only`)."""
     try:
         stages = registry.expand(config)
@@ -519,24 +699,41 @@ def run_checks(config, workdir: Path, registry: dag.Registry = dag.STAGES, optio
         except dag.PlanError:
             plans = []  # the stage rows name the failing key
     plans_by_name = {p.name: p for p in plans}
-    chosen = [s for s in stages if is_training(groups[s.name])
-              and (not only or s.name in only or s.type_name in only)]
+    chosen = [
+        s
+        for s in stages
+        if is_training(groups[s.name]) and (not only or s.name in only or s.type_name in only)
+    ]
     if not chosen:
-        return [Row("plan", "stages", NO_GO, f"no training stage to check among {', '.join(groups)}")]
+        return [
+            Row("plan", "stages", NO_GO, f"no training stage to check among {', '.join(groups)}")
+        ]
     rows = []
     for stage in chosen:
         upstream = {up: groups[up] for up in stage.upstream if up in by_name}
-        rows += stage_rows(stage, config, groups, prepared_root(stage, groups[stage.name], plans_by_name),
-                           options, upstream)
+        rows += stage_rows(
+            stage,
+            config,
+            groups,
+            prepared_root(stage, groups[stage.name], plans_by_name),
+            options,
+            upstream,
+        )
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
     widths = [max(len(getattr(r, f)) for r in rows) for f in ("stage", "check", "status")]
-    lines = [f"{r.stage:<{widths[0]}}  {r.check:<{widths[1]}}  {r.status:<{widths[2]}}  {r.detail}" for r in rows]
+    lines = [
+        f"{r.stage:<{widths[0]}}  {r.check:<{widths[1]}}  {r.status:<{widths[2]}}  {r.detail}"
+        for r in rows
+    ]
     no_go = [r for r in rows if r.status == NO_GO]
-    verdict = (f"preflight: NO-GO ({len(no_go)} reason{'s' * (len(no_go) != 1)})" if no_go
-               else "preflight: GO")
+    verdict = (
+        f"preflight: NO-GO ({len(no_go)} reason{'s' * (len(no_go) != 1)})"
+        if no_go
+        else "preflight: GO"
+    )
     return "\n".join(lines + [verdict])
 
 
@@ -546,8 +743,19 @@ def is_go(rows: Sequence[Row]) -> bool:
 
 # --- the DAG hook (launch.run --preflight) --------------------------------------------------------
 
-def gate(config, plans: list[dag.StagePlan], workdir: Path, registry: dag.Registry, *, only, force,
-         options: Options, execute: Callable = produce.execute, log: Callable = print) -> list[dag.StagePlan]:
+
+def gate(
+    config,
+    plans: list[dag.StagePlan],
+    workdir: Path,
+    registry: dag.Registry,
+    *,
+    only,
+    force,
+    options: Options,
+    execute: Callable = produce.execute,
+    log: Callable = print,
+) -> list[dag.StagePlan]:
     """Runs the stages before the first training stage to run (prepare), then the checks for the
     training stages about to run; returns the plans left to execute (re-planned: what ran is now
     a cache hit), or exits 1 on no-go with the table."""
@@ -559,8 +767,12 @@ def gate(config, plans: list[dag.StagePlan], workdir: Path, registry: dag.Regist
     if before:
         execute(plans[:first], config)
         done = {p.name for p in before}
-        plans = dag.plan(config, workdir, registry, only=only, force=[f for f in force if f not in done])
-    rows = run_checks(config, workdir, registry, options, only=[p.name for p in training], plans=plans)
+        plans = dag.plan(
+            config, workdir, registry, only=only, force=[f for f in force if f not in done]
+        )
+    rows = run_checks(
+        config, workdir, registry, options, only=[p.name for p in training], plans=plans
+    )
     log(format_table(rows))
     if not is_go(rows):
         sys.exit(1)
@@ -569,10 +781,13 @@ def gate(config, plans: list[dag.StagePlan], workdir: Path, registry: dag.Regist
 
 # --- CLI ------------------------------------------------------------------------------------------
 
+
 def main(argv):
     cli.no_positional(argv)
     config = cli.config()
-    rows = run_checks(config, cli.workdir(), cli.registry(), Options.from_flags(), only=cli.STAGES.value or None)
+    rows = run_checks(
+        config, cli.workdir(), cli.registry(), Options.from_flags(), only=cli.STAGES.value or None
+    )
     print(format_table(rows))
     sys.exit(0 if is_go(rows) else 1)
 

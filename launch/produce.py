@@ -10,6 +10,7 @@ have no directory rename). The lock and a resumable stage's `.partial-<fp16>/` l
 dir, so they serialise runs and resume only on this machine; multi-host runs need a workdir every
 host mounts (e.g. a gcsfuse `/gcs/BUCKET/...`), since the hosts write one checkpoint together.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,12 +66,16 @@ def _json_default(value: Any) -> Any:
 
 def _validate_result(name: str, result: Any, out: Path) -> dict:
     if not isinstance(result, dict):
-        raise TypeError(f"stage {name!r} returned {type(result).__name__}, expected a dict "
-                        "({'artifacts': {...}, 'metrics': {...}})")
+        raise TypeError(
+            f"stage {name!r} returned {type(result).__name__}, expected a dict "
+            "({'artifacts': {...}, 'metrics': {...}})"
+        )
     for artifact, rel in result.get("artifacts", {}).items():
         if Path(rel).is_absolute() or not (out / rel).exists():
-            raise ValueError(f"stage {name!r}: artifact {artifact!r} -> {rel!r} must be a path "
-                             "relative to the stage's out dir that exists")
+            raise ValueError(
+                f"stage {name!r}: artifact {artifact!r} -> {rel!r} must be a path "
+                "relative to the stage's out dir that exists"
+            )
     for metric, value in result.get("metrics", {}).items():
         number = value.item() if hasattr(value, "item") and callable(value.item) else value
         if isinstance(number, bool) or not isinstance(number, (int, float)):
@@ -81,10 +86,15 @@ def _validate_result(name: str, result: Any, out: Path) -> dict:
 def _write_framework_files(p: StagePlan, result: dict, out: Path, cfg) -> None:
     (out / "outputs.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     # The whole group as run, `runtime` included (the fingerprint leaves that out).
-    (out / "config.json").write_text(json.dumps(json.loads(cfg.to_json(sort_keys=True)), indent=2,
-                                                sort_keys=True) + "\n")
-    (out / FINGERPRINT_FILE).write_text(json.dumps(
-        {"fingerprint": p.fingerprint, "components": p.components}, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(json.loads(cfg.to_json(sort_keys=True)), indent=2, sort_keys=True) + "\n"
+    )
+    (out / FINGERPRINT_FILE).write_text(
+        json.dumps(
+            {"fingerprint": p.fingerprint, "components": p.components}, indent=2, sort_keys=True
+        )
+        + "\n"
+    )
     metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
     # Stages that log per-step metrics write metrics.jsonl and tb/ themselves (INTERFACES.md).
     if not (out / "metrics.jsonl").exists():
@@ -98,6 +108,7 @@ def _write_framework_files(p: StagePlan, result: dict, out: Path, cfg) -> None:
 def _write_tensorboard(logdir: Path, metrics: Mapping[str, float]) -> None:
     """The returned metrics as one TensorBoard step via CLU (imported here: it imports TensorFlow)."""
     from clu import metric_writers
+
     writer = metric_writers.create_default_writer(str(logdir), just_logging=False)
     if metrics:
         writer.write_scalars(0, dict(metrics))
@@ -136,7 +147,9 @@ def _commit(p: StagePlan, result: dict, tmp: Path, cfg) -> StageOutput:
     # Local: rename (an existing forced/incomplete dir is swapped out). Bucket: copy, _SUCCESS last.
     paths.install_dir(tmp, p.path, last=(SUCCESS,))
     # Equal to load_output's, key order included: outputs.json is written with sorted keys.
-    return StageOutput(p.name, p.fingerprint, p.path, json.loads(json.dumps(result, sort_keys=True)))
+    return StageOutput(
+        p.name, p.fingerprint, p.path, json.loads(json.dumps(result, sort_keys=True))
+    )
 
 
 def jax_process() -> tuple[int, int]:
@@ -151,8 +164,15 @@ def jax_process() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = print,
-            run_id: str | None = None, card: dict | None = None) -> StageOutput:
+def produce(
+    p: StagePlan,
+    cfg,
+    inputs: Mapping[str, StageOutput],
+    *,
+    log: Log = print,
+    run_id: str | None = None,
+    card: dict | None = None,
+) -> StageOutput:
     """Runs one stage into a sibling temp dir and renames it into place.
 
     Single process (run_id None): under the stage lock, in a private temp dir.
@@ -168,9 +188,11 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
     stage_root.mkdir(parents=True, exist_ok=True)
     partial = stage_root / f".partial-{fp16}"
     if run_id is not None and paths.is_remote(p.path):
-        raise ValueError(f"[{p.name}] multi-host runs need a workdir every host mounts (e.g. a "
-                         f"gcsfuse /gcs/BUCKET/... path), not the URI {p.path.parent}: the hosts "
-                         "write one checkpoint into one shared directory")
+        raise ValueError(
+            f"[{p.name}] multi-host runs need a workdir every host mounts (e.g. a "
+            f"gcsfuse /gcs/BUCKET/... path), not the URI {p.path.parent}: the hosts "
+            "write one checkpoint into one shared directory"
+        )
     if run_id is not None:
         if is_complete(p.path) and not p.forced:
             return load_output(p.name, p.fingerprint, p.path)
@@ -182,8 +204,10 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
             return _commit(p, result, tmp, cfg)
         log(f"[{p.name}] process {index}/{count} done; process 0 commits {p.path}")
         return StageOutput(p.name, p.fingerprint, p.path, result)
-    with _exclusive(stage_root / ".locks" / f"{fp16}.lock",
-                    lambda: log(f"[{p.name}] waiting for another process producing {p.path}")):
+    with _exclusive(
+        stage_root / ".locks" / f"{fp16}.lock",
+        lambda: log(f"[{p.name}] waiting for another process producing {p.path}"),
+    ):
         if is_complete(p.path) and not p.forced:
             log(f"[{p.name}] produced meanwhile by another process; reusing it")
             return load_output(p.name, p.fingerprint, p.path)
@@ -205,8 +229,9 @@ def produce(p: StagePlan, cfg, inputs: Mapping[str, StageOutput], *, log: Log = 
             raise
 
 
-def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
-            run_id: str | None = None) -> dict[str, StageOutput]:
+def execute(
+    plans: Sequence[StagePlan], config, *, log: Log = print, run_id: str | None = None
+) -> dict[str, StageOutput]:
     """Runs the plan in order, printing one progress line per stage with its elapsed time."""
     outputs: dict[str, StageOutput] = {}
     todo = [p for p in plans if p.action != "skip"]
@@ -220,8 +245,14 @@ def execute(plans: Sequence[StagePlan], config, *, log: Log = print,
         start = time.monotonic()
         inputs = {up: outputs[up] for up in p.stage.upstream}
         try:
-            outputs[p.name] = produce(p, p.stage.group(config), inputs, log=log, run_id=run_id,
-                                      card=recipe.for_stage(config, p.stage))
+            outputs[p.name] = produce(
+                p,
+                p.stage.group(config),
+                inputs,
+                log=log,
+                run_id=run_id,
+                card=recipe.for_stage(config, p.stage),
+            )
         except BaseException:
             log(f"{prefix}: FAILED after {time.monotonic() - start:.1f}s")
             raise

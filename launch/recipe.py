@@ -24,6 +24,7 @@ docs/DESIGN.md §4 lists as unconfirmed are marked False); a user value is what 
 (True); a default is our code's choice (False). The `runtime` subgroup (cannot change results)
 is left out.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -40,8 +41,10 @@ RUNTIME = "runtime"
 def mark(source: str, confirmed: bool, note: str = "") -> dict:
     """A config file's mark for one value (module docstring)."""
     if source not in ("paper", "reference", "user"):
-        raise ValueError(f"recipe mark source {source!r} must be 'paper', 'reference' or 'user' (an assumption "
-                         "the config makes; unmarked values are inferred as default / user)")
+        raise ValueError(
+            f"recipe mark source {source!r} must be 'paper', 'reference' or 'user' (an assumption "
+            "the config makes; unmarked values are inferred as default / user)"
+        )
     return {"source": source, "confirmed": bool(confirmed), "note": note}
 
 
@@ -76,8 +79,11 @@ def attach(config: ml_collections.ConfigDict, marks: Mapping[str, dict]) -> None
         group = pattern.split(".", 1)[0]
         if group not in config:
             continue  # the config arg left that stage out
-        hits = [key for key in flat if fnmatch.fnmatchcase(key, pattern) and
-                len(key.split(".")) == len(pattern.split("."))]
+        hits = [
+            key
+            for key in flat
+            if fnmatch.fnmatchcase(key, pattern) and len(key.split(".")) == len(pattern.split("."))
+        ]
         if not hits:
             raise ValueError(f"RECIPE[{pattern!r}]: no such config value")
         for key in hits:
@@ -103,8 +109,12 @@ def card(group: Any, marks: Mapping[str, dict], defaults: Mapping[str, Any]) -> 
             if m.get("note"):
                 entry["note"] = m["note"]
         elif m is not None:
-            entry = {"value": value, "source": "user", "confirmed": True,
-                     "note": f"overrides the {m['source']} value {json.dumps(m['value'])}"}
+            entry = {
+                "value": value,
+                "source": "user",
+                "confirmed": True,
+                "note": f"overrides the {m['source']} value {json.dumps(m['value'])}",
+            }
         elif key in defaults and defaults[key] == value:
             entry = {"value": value, "source": "default", "confirmed": False}
         else:
@@ -117,7 +127,7 @@ def for_stage(config: ml_collections.ConfigDict, stage) -> dict[str, dict]:
     """The recipe card of `stage` (a launch.stage_types.Stage) in the pipeline `config`."""
     path = stage.config_path + "."
     text = config.get("recipe") if "recipe" in config else None
-    marks = {k[len(path):]: v for k, v in json.loads(text or "{}").items() if k.startswith(path)}
+    marks = {k[len(path) :]: v for k, v in json.loads(text or "{}").items() if k.startswith(path)}
     return card(stage.group(config), marks, stage_defaults(stage))
 
 

@@ -7,6 +7,7 @@ Same fingerprint / cache / atomic-rename logic as `launch.run` (launch.dag.run_s
 stage's upstream outputs must already be in the cache. --log_file tees this process's stdout and
 stderr (file-descriptor level, so output of native code and child processes is captured too).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,15 @@ flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
 
 STAGE = flags.DEFINE_string("stage", None, "Name of the stage to run.", required=True)
 EXPECT_FINGERPRINT = flags.DEFINE_string(
-    "expect_fingerprint", None, "Fail unless the stage's fingerprint is this (set by launchers).")
+    "expect_fingerprint", None, "Fail unless the stage's fingerprint is this (set by launchers)."
+)
 LOG_FILE = flags.DEFINE_string("log_file", None, "Also append stdout+stderr to this file.")
 RUN_ID = flags.DEFINE_string(
-    "run_id", None, "Same on every host of a multi-host job: all hosts run the stage into one "
-    "shared temp dir and JAX process 0 commits it (set by launchers).")
+    "run_id",
+    None,
+    "Same on every host of a multi-host job: all hosts run the stage into one "
+    "shared temp dir and JAX process 0 commits it (set by launchers).",
+)
 
 
 @contextlib.contextmanager
@@ -87,7 +92,9 @@ def main(argv):
     cli.no_positional(argv)
     name = STAGE.value
     if any(forced != name for forced in cli.FORCE.value):
-        cli.fail(f"--force {','.join(cli.FORCE.value)}: launch.stage can only force its own --stage {name}")
+        cli.fail(
+            f"--force {','.join(cli.FORCE.value)}: launch.stage can only force its own --stage {name}"
+        )
     config = cli.config()
     registry = cli.registry()
     apply_xla_flags(config, registry, name)
@@ -95,10 +102,15 @@ def main(argv):
     # sys.exit inside the tee is safe: SystemExit runs tee_output's finally (flush, close log).
     with log_context:
         try:
-            output = dag.run_stage(name, config, cli.workdir(), registry=registry,
-                                   force=bool(cli.FORCE.value),
-                                   expect_fingerprint=EXPECT_FINGERPRINT.value,
-                                   run_id=RUN_ID.value)
+            output = dag.run_stage(
+                name,
+                config,
+                cli.workdir(),
+                registry=registry,
+                force=bool(cli.FORCE.value),
+                expect_fingerprint=EXPECT_FINGERPRINT.value,
+                run_id=RUN_ID.value,
+            )
             print(f"{name}: {output.path}")
         except dag.PlanError as e:
             print(f"error: {e}", file=sys.stderr)

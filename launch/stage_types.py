@@ -3,6 +3,7 @@
 Kept apart from launch/dag.py so launch/fingerprint.py and launch/produce.py can use them without
 importing the planner (launch.dag re-exports every name here).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ class PlanError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class StageOutput:
     """A completed stage: what downstream stages receive in `inputs[name]`."""
+
     name: str
     fingerprint: str
     path: Path
@@ -50,6 +52,7 @@ class Stage:
       each; none when absent), e.g. `evaluate` scores whatever models the run made.
     run: set on an expanded instance (Registry.expand); "" for a plain stage and for a type.
     """
+
     name: str
     target: str
     upstream: tuple[str, ...] = ()
@@ -99,7 +102,6 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     """What one invocation will do with one stage.
@@ -109,6 +111,7 @@ class StagePlan:
     reason: why — "cache hit", "forced", or which fingerprint input changed since the last
       completed run ("config changed: pretrain.steps 5 -> 10", "upstream changed: prepare", ...).
     """
+
     stage: Stage
     fingerprint: str
     components: dict

@@ -17,6 +17,7 @@ runs it as a subprocess: no Docker, no Bazel). --xm_target=vertex|gke packages t
 topology); --xm_dry_run prints the job specs instead of building and submitting. See
 launch/cloud_tpu.py for what XManager's cloud executors lack and how it is bridged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,15 +47,20 @@ from launch import dag
 flags.adopt_module_key_flags(cli)
 
 TARGET = flags.DEFINE_enum(
-    "xm_target", "local", ["local", "vertex", "gke"],
-    "Where work units run: local subprocesses (current interpreter), Vertex AI, or GKE.")
+    "xm_target",
+    "local",
+    ["local", "vertex", "gke"],
+    "Where work units run: local subprocesses (current interpreter), Vertex AI, or GKE.",
+)
 DRY_RUN = flags.DEFINE_bool(
-    "xm_dry_run", False, "Print the plan and each work unit's job spec; build and submit nothing.")
+    "xm_dry_run", False, "Print the plan and each work unit's job spec; build and submit nothing."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """What one stage's work unit asks for on a cloud target."""
+
     tpu: cloud_tpu.TpuSlice | None
     cpu: float
     ram_gib: float
@@ -78,12 +84,18 @@ def stage_resources(config, registry: dag.Registry) -> dict[str, Resources]:
     resources = {}
     for name, spec in dict(table).items():
         if name not in registry:
-            raise ValueError(f"config.xm.resources.{name}: no such stage (registered: "
-                             f"{', '.join(registry.names)})")
-        tpu = (cloud_tpu.TpuSlice(spec["tpu_type"], spec["tpu_topology"])
-               if spec.get("tpu_type") else None)
-        resources[name] = Resources(tpu=tpu, cpu=float(spec.get("cpu", 0)),
-                                    ram_gib=float(spec.get("ram_gib", 0)))
+            raise ValueError(
+                f"config.xm.resources.{name}: no such stage (registered: "
+                f"{', '.join(registry.names)})"
+            )
+        tpu = (
+            cloud_tpu.TpuSlice(spec["tpu_type"], spec["tpu_topology"])
+            if spec.get("tpu_type")
+            else None
+        )
+        resources[name] = Resources(
+            tpu=tpu, cpu=float(spec.get("cpu", 0)), ram_gib=float(spec.get("ram_gib", 0))
+        )
     return resources
 
 
@@ -100,6 +112,7 @@ class Invocation:
     launch_id names this launch; multi-host stages get `--run_id=<launch_id>` so all hosts of
     the slice share one temp dir (launch.produce.produce).
     """
+
     config_argument: str
     overrides: tuple[str, ...]
     workdir: str
@@ -110,11 +123,17 @@ class Invocation:
         multi_host = resources.tpu is not None and resources.tpu.hosts > 1
         return self.stage_args(p, run_id=self.launch_id if multi_host else None)
 
-    def stage_args(self, p: dag.StagePlan, *, log_file: Path | None = None,
-                   run_id: str | None = None) -> list[str]:
-        args = [f"--stage={p.name}", f"--config={self.config_argument}", *self.overrides,
-                f"--workdir={self.workdir}", f"--registry={self.registry}",
-                f"--expect_fingerprint={p.fingerprint}"]
+    def stage_args(
+        self, p: dag.StagePlan, *, log_file: Path | None = None, run_id: str | None = None
+    ) -> list[str]:
+        args = [
+            f"--stage={p.name}",
+            f"--config={self.config_argument}",
+            *self.overrides,
+            f"--workdir={self.workdir}",
+            f"--registry={self.registry}",
+            f"--expect_fingerprint={p.fingerprint}",
+        ]
         if p.forced:
             args.append(f"--force={p.name}")
         if log_file is not None:
@@ -127,10 +146,14 @@ class Invocation:
 # ---------------------------------------------------------------------------------------------
 # Work-unit scheduling (shared by every target)
 
-async def run_work_units(experiment: xm.Experiment, plans: Sequence[dag.StagePlan],
-                         make_job: Callable[[dag.StagePlan], xm.Job],
-                         describe_failure: Callable[[dag.StagePlan], str],
-                         log: Callable[[str], None] = print) -> list[str]:
+
+async def run_work_units(
+    experiment: xm.Experiment,
+    plans: Sequence[dag.StagePlan],
+    make_job: Callable[[dag.StagePlan], xm.Job],
+    describe_failure: Callable[[dag.StagePlan], str],
+    log: Callable[[str], None] = print,
+) -> list[str]:
     """Adds one work unit per plan, each after its upstream units succeeded; returns failures."""
     tasks: dict[str, asyncio.Task] = {}
     failures: list[str] = []
@@ -156,9 +179,13 @@ async def run_work_units(experiment: xm.Experiment, plans: Sequence[dag.StagePla
     return failures
 
 
-def run_experiment(title: str, plans: Sequence[dag.StagePlan], packageable: xm.Packageable,
-                   make_job: Callable[[xm.Experiment, xm.Executable, dag.StagePlan], xm.Job],
-                   describe_failure: Callable[[xm.Experiment, dag.StagePlan], str]) -> int:
+def run_experiment(
+    title: str,
+    plans: Sequence[dag.StagePlan],
+    packageable: xm.Packageable,
+    make_job: Callable[[xm.Experiment, xm.Executable, dag.StagePlan], xm.Job],
+    describe_failure: Callable[[xm.Experiment, dag.StagePlan], str],
+) -> int:
     """One XManager experiment: package once, one work unit per plan; returns an exit code."""
     failures: list[str] = []
 
@@ -166,9 +193,14 @@ def run_experiment(title: str, plans: Sequence[dag.StagePlan], packageable: xm.P
         async with xm_local.create_experiment(experiment_title=title) as experiment:
             print(f"XManager experiment {experiment.experiment_id}: {title}")
             [executable] = experiment.package([packageable])
-            failures.extend(await run_work_units(
-                experiment, plans, lambda p: make_job(experiment, executable, p),
-                lambda p: describe_failure(experiment, p)))
+            failures.extend(
+                await run_work_units(
+                    experiment,
+                    plans,
+                    lambda p: make_job(experiment, executable, p),
+                    lambda p: describe_failure(experiment, p),
+                )
+            )
 
     try:
         asyncio.run(main())
@@ -188,21 +220,34 @@ def _python_path() -> str:
 
 def launch_local(plans: Sequence[dag.StagePlan], invocation: Invocation, title: str) -> int:
     """Runs the work units as local subprocesses of the current interpreter."""
+
     def log_file(experiment: xm.Experiment, p: dag.StagePlan) -> Path:
-        return Path(invocation.workdir) / ".xm" / str(experiment.experiment_id) / f"{p.name.replace('/', '-')}.log"
+        return (
+            Path(invocation.workdir)
+            / ".xm"
+            / str(experiment.experiment_id)
+            / f"{p.name.replace('/', '-')}.log"
+        )
 
     def make_job(experiment: xm.Experiment, executable: xm.Executable, p: dag.StagePlan) -> xm.Job:
         args = ["-m", "launch.stage", *invocation.stage_args(p, log_file=log_file(experiment, p))]
-        return xm.Job(executable, executor=xm_local.Local(), name=p.name.replace("/", "-"), args=args)
+        return xm.Job(
+            executable, executor=xm_local.Local(), name=p.name.replace("/", "-"), args=args
+        )
 
-    packageable = xm.binary(executor_spec=xm_local.LocalSpec(), path=sys.executable,
-                            env_vars={"PYTHONPATH": _python_path()})
-    return run_experiment(title, plans, packageable, make_job,
-                          lambda experiment, p: f"log: {log_file(experiment, p)}")
+    packageable = xm.binary(
+        executor_spec=xm_local.LocalSpec(),
+        path=sys.executable,
+        env_vars={"PYTHONPATH": _python_path()},
+    )
+    return run_experiment(
+        title, plans, packageable, make_job, lambda experiment, p: f"log: {log_file(experiment, p)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Cloud targets
+
 
 def repo_relative_config(config_argument: str, root: Path) -> str:
     """The config as the image sees it: relative to the project root, the image's workdir."""
@@ -216,8 +261,9 @@ def repo_relative_config(config_argument: str, root: Path) -> str:
 
 def image_packages(root: Path) -> list[str]:
     """Top-level packages under the project root (what the image needs; .venv/, workdir/ stay out)."""
-    return sorted(p.name for p in root.iterdir()
-                  if (p / "__init__.py").is_file() and p.name != "tests")
+    return sorted(
+        p.name for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"
+    )
 
 
 def docker_instructions(root: Path) -> list[str]:
@@ -232,13 +278,22 @@ def docker_instructions(root: Path) -> list[str]:
         "RUN mkdir -p -m 775 /workdir/vit22b && chown 1000:root /workdir/vit22b",
         "WORKDIR /workdir/vit22b",
         f"COPY --chown=1000:root {repo}/pyproject.toml {repo}/constraints.txt {repo}/README.md ./",
-        *(f"COPY --chown=1000:root {repo}/{package} ./{package}" for package in image_packages(root)),
+        *(
+            f"COPY --chown=1000:root {repo}/{package} ./{package}"
+            for package in image_packages(root)
+        ),
         "RUN python -m pip install --no-cache-dir -c constraints.txt -e '.[tpu]'",
     ]
 
 
-def cloud_job_specs(plans: Sequence[dag.StagePlan], invocation: Invocation, config,
-                    resources: dict[str, Resources], target: str, root: Path) -> list[dict]:
+def cloud_job_specs(
+    plans: Sequence[dag.StagePlan],
+    invocation: Invocation,
+    config,
+    resources: dict[str, Resources],
+    target: str,
+    root: Path,
+) -> list[dict]:
     """What --xm_dry_run prints for vertex/gke: per work unit, requirements + full job spec."""
     image = _xm_setting(config, "image", "gcr.io/YOUR_PROJECT/vit22b:latest")
     base_image = _xm_setting(config, "base_image", "python:3.11-slim")
@@ -249,52 +304,89 @@ def cloud_job_specs(plans: Sequence[dag.StagePlan], invocation: Invocation, conf
         requirements = res.requirements()
         args = invocation.cloud_args(p, res)
         spec: dict[str, Any] = {
-            "stage": p.name, "fingerprint": p.fingerprint, "reason": p.reason,
+            "stage": p.name,
+            "fingerprint": p.fingerprint,
+            "reason": p.reason,
             "requirements": repr(requirements),
             "tpu": dataclasses.asdict(res.tpu) | {"chips": res.tpu.chips, "hosts": res.tpu.hosts}
-            if res.tpu else None,
+            if res.tpu
+            else None,
             "command": shlex.join(["python", "-m", "launch.stage", *args]),
-            "image": {"push_tag": image, "base_image": base_image, "path": str(root),
-                      "entrypoint": "python -m launch.stage",
-                      "docker_instructions": docker_instructions(root)},
+            "image": {
+                "push_tag": image,
+                "base_image": base_image,
+                "path": str(root),
+                "entrypoint": "python -m launch.stage",
+                "docker_instructions": docker_instructions(root),
+            },
         }
         if target == "vertex":
             spec["worker_pool_specs"] = cloud_tpu.vertex_worker_pool_specs(
-                image_uri=image, args=args, env={}, requirements=requirements,
-                machine_type=machine_type)
+                image_uri=image,
+                args=args,
+                env={},
+                requirements=requirements,
+                machine_type=machine_type,
+            )
         else:
             spec["manifests"] = cloud_tpu.gke_manifests(
-                name=f"vit22b-{p.name.replace('/', '-')}-{p.fingerprint[:8]}", image=image,
-                command=["python", "-m", "launch.stage"], args=args, env={},
-                requirements=requirements)
+                name=f"vit22b-{p.name.replace('/', '-')}-{p.fingerprint[:8]}",
+                image=image,
+                command=["python", "-m", "launch.stage"],
+                args=args,
+                env={},
+                requirements=requirements,
+            )
         specs.append(spec)
     return specs
 
 
-def launch_cloud(plans: Sequence[dag.StagePlan], invocation: Invocation, config,
-                 resources: dict[str, Resources], target: str, title: str, root: Path) -> int:
+def launch_cloud(
+    plans: Sequence[dag.StagePlan],
+    invocation: Invocation,
+    config,
+    resources: dict[str, Resources],
+    target: str,
+    title: str,
+    root: Path,
+) -> int:
     """Builds the image and submits the work units through XManager's Vertex/Kubernetes executors."""
     cloud_tpu.install_xmanager_adapters(_xm_setting(config, "vertex_machine_type", ""))
     image = _xm_setting(config, "image", "")
     if not image or "YOUR_PROJECT" in image:
-        raise ValueError(f"config.xm.image={image!r}: set the registry tag to push, e.g. "
-                         "--config.xm.image=us-docker.pkg.dev/PROJECT/REPO/vit22b:TAG")
+        raise ValueError(
+            f"config.xm.image={image!r}: set the registry tag to push, e.g. "
+            "--config.xm.image=us-docker.pkg.dev/PROJECT/REPO/vit22b:TAG"
+        )
     executor_type = xm_local.Vertex if target == "vertex" else xm_local.Kubernetes
     packageable = xm.python_container(
-        executor_spec=executor_type.Spec(push_image_tag=image), path=str(root),
+        executor_spec=executor_type.Spec(push_image_tag=image),
+        path=str(root),
         base_image=_xm_setting(config, "base_image", "python:3.11-slim"),
-        docker_instructions=docker_instructions(root), entrypoint=xm.ModuleName("launch.stage"))
+        docker_instructions=docker_instructions(root),
+        entrypoint=xm.ModuleName("launch.stage"),
+    )
 
     def make_job(experiment: xm.Experiment, executable: xm.Executable, p: dag.StagePlan) -> xm.Job:
         res = resources.get(p.stage.type_name, DEFAULT_RESOURCES)
-        return xm.Job(executable, executor=executor_type(requirements=res.requirements()),
-                      name=p.name.replace("/", "-"), args=invocation.cloud_args(p, res))
+        return xm.Job(
+            executable,
+            executor=executor_type(requirements=res.requirements()),
+            name=p.name.replace("/", "-"),
+            args=invocation.cloud_args(p, res),
+        )
 
-    return run_experiment(title, plans, packageable, make_job,
-                          lambda experiment, p: f"see the {target} logs of work unit '{p.name}'")
+    return run_experiment(
+        title,
+        plans,
+        packageable,
+        make_job,
+        lambda experiment, p: f"see the {target} logs of work unit '{p.name}'",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def main(argv):
     cli.no_positional(argv)
@@ -302,8 +394,9 @@ def main(argv):
     registry = cli.registry()
     target = TARGET.value
     try:
-        plans = dag.plan(config, cli.workdir(), registry,
-                         only=cli.STAGES.value or None, force=cli.FORCE.value)
+        plans = dag.plan(
+            config, cli.workdir(), registry, only=cli.STAGES.value or None, force=cli.FORCE.value
+        )
         resources = stage_resources(config, registry)
         config_argument = cli.config_argument()
         if target != "local":
@@ -315,9 +408,12 @@ def main(argv):
     if not to_run:
         print("Nothing to launch: every stage is a cache hit.")
         return
-    invocation = Invocation(config_argument, tuple(cli.override_arguments()),
-                            str(cli.workdir()), cli.REGISTRY.value)
-    title = f"vit22b {Path(config_argument.partition(':')[0]).stem} " + ",".join(p.name for p in to_run)
+    invocation = Invocation(
+        config_argument, tuple(cli.override_arguments()), str(cli.workdir()), cli.REGISTRY.value
+    )
+    title = f"vit22b {Path(config_argument.partition(':')[0]).stem} " + ",".join(
+        p.name for p in to_run
+    )
     if target == "local":
         if DRY_RUN.value:
             for p in to_run:

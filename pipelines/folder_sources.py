@@ -10,6 +10,7 @@ wrong label):
                                            only when no split of the dataset has class dirs
     <root>[/<split>]/<shape>/<shape>N-<texture>M.png   cue conflict
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,23 +54,29 @@ def detect_splits(root: str) -> dict[str, str]:
     others = [d.name for d in dirs if not _is_split_name(d.name)]
     loose = image_files(root_path, recursive=False)
     if others or loose:
-        what = f"dirs {others[:3]}" if others else f"{len(loose)} image(s) such as {loose[0].name!r}"
+        what = (
+            f"dirs {others[:3]}" if others else f"{len(loose)} image(s) such as {loose[0].name!r}"
+        )
         raise SourceError(
             f"folder: root {str(root_path)!r} mixes split dirs {splits} with {what}: arrange it as "
             f"<root>/<split>/<class>/ or <root>/<class>/, or name the splits (e.g. --splits "
-            f"train=train,val=val; --splits train= reads the root itself as one split)")
+            f"train=train,val=val; --splits train= reads the root itself as one split)"
+        )
     names: dict[str, str] = {}
     for name in splits:
         ours = SPLIT_DIRS[name.lower()]
         if ours in names:  # e.g. val/ and validation/, or Train/ and train/
-            raise SourceError(f"folder: root {str(root_path)!r} has two dirs for split {ours!r} "
-                              f"({names[ours]!r}, {name!r}): name the splits with --splits")
+            raise SourceError(
+                f"folder: root {str(root_path)!r} has two dirs for split {ours!r} "
+                f"({names[ours]!r}, {name!r}): name the splits with --splits"
+            )
         names[ours] = name
     return names
 
 
 class _DirectorySource:
     """A root dir whose split selectors are sub-dirs ("" = the root) holding one dir per class."""
+
     kind = ""
 
     def __init__(self, root: str, selectors: Iterable[str]):
@@ -96,12 +103,15 @@ class _DirectorySource:
                 raise SourceError(
                     f"{self.kind}: {str(split_dir)!r} holds split dirs {[c.name for c in classes]}, "
                     f"not class dirs: select them as splits (e.g. --splits "
-                    f"{','.join(f'{c.name}={(Path(sel) / c.name).as_posix()}' for c in classes)})")
+                    f"{','.join(f'{c.name}={(Path(sel) / c.name).as_posix()}' for c in classes)})"
+                )
             for c in classes[:_SAMPLED_CLASS_DIRS]:
                 inner = [d.name for d in _subdirs(c)]
                 if inner and all(_is_split_name(n) for n in inner):
-                    raise SourceError(f"{self.kind}: {str(c)!r} holds split dirs {inner}: the layout "
-                                      f"must be <split>/<class>/, not <class>/<split>/")
+                    raise SourceError(
+                        f"{self.kind}: {str(c)!r} holds split dirs {inner}: the layout "
+                        f"must be <split>/<class>/, not <class>/<split>/"
+                    )
             names.update(c.name for c in classes)
         return names
 
@@ -111,6 +121,7 @@ class _DirectorySource:
 
 
 # --- image folder -------------------------------------------------------------------------------
+
 
 class FolderSource(_DirectorySource):
     """`<root>/<selector>/<class>/*.{jpg,png,...}` (selector "" = root itself). Without a CSV,
@@ -124,6 +135,7 @@ class FolderSource(_DirectorySource):
     inputs (a row whose file is missing is dead-lettered as "unreadable"); an empty label cell
     falls back to the class dir.
     """
+
     kind = "folder"
 
     def __init__(self, root: str, selectors: Iterable[str], csv_path: str = ""):
@@ -155,7 +167,8 @@ class FolderSource(_DirectorySource):
                 raise SourceError(
                     f"folder: {str(split_dir)!r} holds {len(loose)} image(s) outside class dirs (e.g. "
                     f"{loose[0].name!r}) while the dataset has class dirs {sorted(class_names)[:3]}: they "
-                    f"would get no label; move them into <class>/ dirs or label them with --csv")
+                    f"would get no label; move them into <class>/ dirs or label them with --csv"
+                )
             if not loose and not _subdirs(split_dir):
                 raise SourceError(f"folder: {str(split_dir)!r} holds no images and no class dirs")
 
@@ -189,8 +202,11 @@ class FolderSource(_DirectorySource):
 
     def info(self) -> SourceInfo:
         feats = tuple(k for k in ("attributes", "text") if k in self._columns)
-        return SourceInfo(self.class_names, feats,
-                          {"type": "folder", "root": str(self.root.resolve()), "csv": self.csv_path})
+        return SourceInfo(
+            self.class_names,
+            feats,
+            {"type": "folder", "root": str(self.root.resolve()), "csv": self.csv_path},
+        )
 
     def tasks(self, selector: str) -> list[tuple]:
         split_dir = self._split_dir(selector)
@@ -198,8 +214,11 @@ class FolderSource(_DirectorySource):
             # one task: its expand parses the CSV once, and the Reshuffle after Expand spreads the rows
             return [("csv", selector, "")]
         dirs = [("dir", selector, "")]
-        dirs += [("dir", selector, p.name) for p in sorted(split_dir.iterdir())
-                 if p.is_dir() and not p.name.startswith(".")]
+        dirs += [
+            ("dir", selector, p.name)
+            for p in sorted(split_dir.iterdir())
+            if p.is_dir() and not p.name.startswith(".")
+        ]
         return dirs
 
     def expand(self, task: tuple) -> Iterator[tuple]:
@@ -233,7 +252,11 @@ class FolderSource(_DirectorySource):
 
     def _dir_label(self, rel: str) -> list[int]:
         parts = rel.split("/")
-        return [self._class_index[parts[0]]] if len(parts) > 1 and parts[0] in self._class_index else []
+        return (
+            [self._class_index[parts[0]]]
+            if len(parts) > 1 and parts[0] in self._class_index
+            else []
+        )
 
     def read(self, ref: tuple) -> Iterator[RawExample]:
         kind, selector, rel, row = ref
@@ -246,13 +269,18 @@ class FolderSource(_DirectorySource):
         # the same file may be listed twice: the source names the CSV line to tell them apart
         source = f"{path} ({csv_file.name} line {line})"
         if not rel:
-            yield RawExample(id=f"{csv_file.name}:{line}", source=source,
-                             error=("bad_metadata", "empty 'id' cell"))
+            yield RawExample(
+                id=f"{csv_file.name}:{line}",
+                source=source,
+                error=("bad_metadata", "empty 'id' cell"),
+            )
             return
         try:
             fields = self._parse_row(row, rel)
         except (ValueError, KeyError) as e:
-            yield RawExample(id=rel, source=source, error=("bad_metadata", f"csv line {line} {row}: {e}"))
+            yield RawExample(
+                id=rel, source=source, error=("bad_metadata", f"csv line {line} {row}: {e}")
+            )
             return
         yield read_file(path, source, rel, **fields)
 
@@ -266,6 +294,7 @@ class CueConflictSource(_DirectorySource):
     """Geirhos et al. stimuli: `<root>/<selector>/<shape>/<shape>N-<texture>M.png`; label and
     shape_label are the shape's class id, texture_label the texture's (class ids = sorted shape
     dirs, i.e. the 16 model-vs-human classes)."""
+
     kind = "cue_conflict"
 
     def __init__(self, root: str, selectors: Iterable[str]):
@@ -276,18 +305,26 @@ class CueConflictSource(_DirectorySource):
         for sel in self.selectors:  # e.g. root one level too high: <root>/cue-conflict/<shape>/
             for shape_dir in _subdirs(self._split_dir(sel)):
                 if not image_files(shape_dir, recursive=False) and _subdirs(shape_dir):
-                    raise SourceError(f"cue_conflict: {str(shape_dir)!r} holds dirs, not "
-                                      f"<shape>N-<texture>M.png images: point root at the dir "
-                                      f"that holds the <shape>/ dirs")
+                    raise SourceError(
+                        f"cue_conflict: {str(shape_dir)!r} holds dirs, not "
+                        f"<shape>N-<texture>M.png images: point root at the dir "
+                        f"that holds the <shape>/ dirs"
+                    )
         self._set_classes(sorted(names))
 
     def info(self) -> SourceInfo:
-        return SourceInfo(self.class_names, ("shape_label", "texture_label"),
-                          {"type": "cue_conflict", "root": str(self.root.resolve())})
+        return SourceInfo(
+            self.class_names,
+            ("shape_label", "texture_label"),
+            {"type": "cue_conflict", "root": str(self.root.resolve())},
+        )
 
     def tasks(self, selector: str) -> list[tuple[str, str]]:
-        return [(selector, name) for name in self.class_names
-                if (self._split_dir(selector) / name).is_dir()]
+        return [
+            (selector, name)
+            for name in self.class_names
+            if (self._split_dir(selector) / name).is_dir()
+        ]
 
     def expand(self, task: tuple[str, str]) -> Iterator[tuple[str, str]]:
         selector, shape = task
@@ -302,11 +339,21 @@ class CueConflictSource(_DirectorySource):
         m = _CUE_NAME.match(name)
         index = self._class_index
         if not m or m["shape"] != shape_dir or m["texture"] not in index:
-            why = ("name is not <shape>N-<texture>M.png" if not m else
-                   f"shape {m['shape']!r} is not its dir {shape_dir!r}" if m["shape"] != shape_dir else
-                   f"texture {m['texture']!r} is not a class")
+            why = (
+                "name is not <shape>N-<texture>M.png"
+                if not m
+                else f"shape {m['shape']!r} is not its dir {shape_dir!r}"
+                if m["shape"] != shape_dir
+                else f"texture {m['texture']!r} is not a class"
+            )
             yield RawExample(id=rel, source=str(path), error=("bad_name", why))
             return
         shape = index[shape_dir]
-        yield read_file(path, str(path), rel, label=(shape,), shape_label=shape,
-                         texture_label=index[m["texture"]])
+        yield read_file(
+            path,
+            str(path),
+            rel,
+            label=(shape,),
+            shape_label=shape,
+            texture_label=index[m["texture"]],
+        )

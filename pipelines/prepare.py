@@ -33,6 +33,7 @@ normally never) and dead-lettered as "duplicate_id".
 Modules: this one holds the config, planning, library entry (`prepare`), DAG stage entry (`run`)
 and CLI; pipelines/transforms.py the DoFns and `build`; pipelines/shards.py the shard files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,24 +64,25 @@ LOCAL_RUNNER = "FnApiRunner"
 
 # --- config -------------------------------------------------------------------------------------
 
+
 def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
     """One dataset: where it comes from, which splits, and how images are normalised."""
     cfg = ml_collections.ConfigDict()
-    cfg.source = "digits"            # digits | tfds | folder | cue_conflict
+    cfg.source = "digits"  # digits | tfds | folder | cue_conflict
     # our split name -> source selector: digits train/val/test/all; a TFDS split spec
     # ("train[:99%]", "validation"); a sub-dir of `root` for folder/cue_conflict ("" = root).
     # Empty = the source's natural splits (digits: train/val/test; tfds: all; folder: its
     # train/val/validation(-> val)/test sub-dirs if it has them, else train = root; cue_conflict: test).
     cfg.splits = ml_collections.ConfigDict()
-    cfg.image_size = 32              # shorter side after resize (downscale only); 0 keeps size.
+    cfg.image_size = 32  # shorter side after resize (downscale only); 0 keeps size.
     #                                   digits: the size they are rendered at.
-    cfg.lossless = False             # PNG instead of JPEG
+    cfg.lossless = False  # PNG instead of JPEG
     cfg.jpeg_quality = 95
     cfg.records_per_shard = 1024
-    cfg.tfds_name = ""               # default: the dataset's name; "name[/config][:version]"
-    cfg.tfds_data_dir = ""           # local TFDS data_dir (never downloads)
-    cfg.root = ""                    # folder / cue_conflict root dir
-    cfg.csv = ""                     # folder: CSV of id,label(s),attributes,text
+    cfg.tfds_name = ""  # default: the dataset's name; "name[/config][:version]"
+    cfg.tfds_data_dir = ""  # local TFDS data_dir (never downloads)
+    cfg.root = ""  # folder / cue_conflict root dir
+    cfg.csv = ""  # folder: CSV of id,label(s),attributes,text
     cfg.min_side = images.Limits.min_side
     cfg.max_side = images.Limits.max_side
     cfg.max_pixels = images.Limits.max_pixels
@@ -96,14 +98,19 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
 def default_config() -> ml_collections.ConfigDict:
     """The stage's config group (`config.prepare`): the tiny dry-run's digits at 32 px."""
     cfg = ml_collections.ConfigDict()
-    cfg.datasets = ml_collections.ConfigDict({
-        "digits": dataset_config(source="digits", image_size=32,
-                                 splits={"train": "train", "val": "val", "test": "test"}),
-    })
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            "digits": dataset_config(
+                source="digits",
+                image_size=32,
+                splits={"train": "train", "val": "val", "test": "test"},
+            ),
+        }
+    )
     cfg.runner = LOCAL_RUNNER
-    cfg.direct_num_workers = 1                  # FnApiRunner workers (local runs)
-    cfg.direct_running_mode = "in_memory"       # in_memory | multi_threading | multi_processing
-    cfg.beam_args = ()                          # extra Beam PipelineOptions, passed unchanged
+    cfg.direct_num_workers = 1  # FnApiRunner workers (local runs)
+    cfg.direct_running_mode = "in_memory"  # in_memory | multi_threading | multi_processing
+    cfg.beam_args = ()  # extra Beam PipelineOptions, passed unchanged
     return cfg
 
 
@@ -115,8 +122,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if not len(cfg.datasets):
         raise ValueError("prepare.datasets is empty: nothing to prepare")
     if cfg.direct_running_mode not in ("in_memory", "multi_threading", "multi_processing"):
-        raise ValueError(f"prepare.direct_running_mode={cfg.direct_running_mode!r} is not one of "
-                         "in_memory, multi_threading, multi_processing")
+        raise ValueError(
+            f"prepare.direct_running_mode={cfg.direct_running_mode!r} is not one of "
+            "in_memory, multi_threading, multi_processing"
+        )
     if cfg.direct_num_workers < 1:
         raise ValueError(f"prepare.direct_num_workers must be >= 1, got {cfg.direct_num_workers}")
     for name, d in cfg.datasets.items():
@@ -125,18 +134,25 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{where}: dataset names must be plain directory names")
         unknown = set(d.keys()) - _DATASET_KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_DATASET_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_DATASET_KEYS)}"
+            )
         if d.source not in sources.SOURCE_KINDS:
             raise ValueError(f"{where}.source={d.source!r}; choose from {sources.SOURCE_KINDS}")
         if d.source == "tfds" and not d.tfds_data_dir:
-            raise ValueError(f"{where}.tfds_data_dir is required for source 'tfds' (local data only)")
+            raise ValueError(
+                f"{where}.tfds_data_dir is required for source 'tfds' (local data only)"
+            )
         if d.source in ("folder", "cue_conflict") and not d.root:
             raise ValueError(f"{where}.root is required for source {d.source!r}")
         if d.source == "digits" and d.image_size < max(8, d.min_side):
-            raise ValueError(f"{where}.image_size={d.image_size}: digits need >= max(8, min_side={d.min_side})")
+            raise ValueError(
+                f"{where}.image_size={d.image_size}: digits need >= max(8, min_side={d.min_side})"
+            )
         if d.image_size < 0 or d.records_per_shard < 1 or not 1 <= d.jpeg_quality <= 100:
-            raise ValueError(f"{where}: need image_size >= 0, records_per_shard >= 1, "
-                             f"1 <= jpeg_quality <= 100")
+            raise ValueError(
+                f"{where}: need image_size >= 0, records_per_shard >= 1, 1 <= jpeg_quality <= 100"
+            )
         for split in d.splits.keys():
             if not split or "/" in split or split.startswith("."):
                 raise ValueError(f"{where}.splits: {split!r} is not a plain directory name")
@@ -153,6 +169,7 @@ def validate(cfg: ml_collections.ConfigDict, upstream=None, where: str = "prepar
 
 
 # --- planning (driver side) ---------------------------------------------------------------------
+
 
 def _natural_splits(d: ml_collections.ConfigDict) -> dict[str, str]:
     """Non-tfds only: a tfds source's natural splits come from the source itself (see _plan).
@@ -179,30 +196,48 @@ def _plan(cfg: ml_collections.ConfigDict, out):
         for split, selector in splits.items():
             final = out / name / split
             tmp = final.parent / f".{split}.tmp-{uuid.uuid4().hex[:12]}"
-            plan = SplitPlan(f"{name}/{split}", name, split, selector, str(tmp), str(final),
-                             d.image_size, d.lossless, d.jpeg_quality, d.records_per_shard, limits,
-                             info.class_names, {**info.description, "selector": selector})
+            plan = SplitPlan(
+                f"{name}/{split}",
+                name,
+                split,
+                selector,
+                str(tmp),
+                str(final),
+                d.image_size,
+                d.lossless,
+                d.jpeg_quality,
+                d.records_per_shard,
+                limits,
+                info.class_names,
+                {**info.description, "selector": selector},
+            )
             plans.append(plan)
             srcs[plan.key] = src
             tasks[plan.key] = src.tasks(selector)
     return plans, srcs, tasks
 
 
-def pipeline_options(cfg: ml_collections.ConfigDict, extra_args: Sequence[str] = ()) -> PipelineOptions:
+def pipeline_options(
+    cfg: ml_collections.ConfigDict, extra_args: Sequence[str] = ()
+) -> PipelineOptions:
     """Runner flags from the config, then any other Beam options unchanged (so the same job
     runs on Dataflow/Flink/Spark); explicit args win over the config."""
-    args = [f"--runner={cfg.runner}", f"--direct_num_workers={cfg.direct_num_workers}",
-            f"--direct_running_mode={cfg.direct_running_mode}"]
+    args = [
+        f"--runner={cfg.runner}",
+        f"--direct_num_workers={cfg.direct_num_workers}",
+        f"--direct_running_mode={cfg.direct_running_mode}",
+    ]
     return PipelineOptions(args + list(cfg.beam_args) + list(extra_args))
 
 
 # --- library entry ------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class PrepareResult:
-    split_dirs: dict[str, str]                 # "<dataset>/<split>" -> split dir
+    split_dirs: dict[str, str]  # "<dataset>/<split>" -> split dir
     manifests: dict[str, manifest_lib.Manifest]
-    counters: dict[str, int]                   # read, accepted, rejected, rejected.<reason>
+    counters: dict[str, int]  # read, accepted, rejected, rejected.<reason>
 
 
 def _counters(result) -> dict[str, int]:
@@ -216,8 +251,9 @@ def _counters(result) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
-            beam_args: Sequence[str] = ()) -> PrepareResult:
+def prepare(
+    cfg: ml_collections.ConfigDict, out: str | os.PathLike, beam_args: Sequence[str] = ()
+) -> PrepareResult:
     """Runs the prepare job for every dataset/split in `cfg` into `out`."""
     validate_config(cfg)
     out = paths.as_path(out, "--out")  # local dir or bucket URI (data/paths.py)
@@ -238,8 +274,10 @@ def prepare(cfg: ml_collections.ConfigDict, out: str | os.PathLike,
     accepted = sum(m.num_records for m in manifests.values())
     rejected = sum(m.num_dead_letters for m in manifests.values())
     if accepted + rejected != counters["read"]:
-        raise RuntimeError(f"prepare: accepted {accepted} + rejected {rejected} != read "
-                           f"{counters['read']} (lost inputs; this is a bug)")
+        raise RuntimeError(
+            f"prepare: accepted {accepted} + rejected {rejected} != read "
+            f"{counters['read']} (lost inputs; this is a bug)"
+        )
     return PrepareResult({p.key: p.final_dir for p in plans}, manifests, counters)
 
 
@@ -248,8 +286,10 @@ def summary(result: PrepareResult) -> str:
     lines = ["prepare counters: " + "  ".join(f"{k}={v}" for k, v in result.counters.items())]
     width = max(len(k) for k in result.manifests)
     for key, m in result.manifests.items():
-        lines.append(f"  {key:<{width}}  accepted {m.num_records:>8}  rejected {m.num_dead_letters:>6}"
-                     f"  shards {len(m.shards):>4}  -> {result.split_dirs[key]}")
+        lines.append(
+            f"  {key:<{width}}  accepted {m.num_records:>8}  rejected {m.num_dead_letters:>6}"
+            f"  shards {len(m.shards):>4}  -> {result.split_dirs[key]}"
+        )
     return "\n".join(lines)
 
 
@@ -267,8 +307,9 @@ def run(cfg: ml_collections.ConfigDict, inputs: dict, out: Path) -> dict:
 
 # --- CLI ----------------------------------------------------------------------------------------
 
+
 def _parse_splits(text: str) -> dict[str, str]:
-    """"train,val=validation" -> {"train": "train", "val": "validation"}."""
+    """ "train,val=validation" -> {"train": "train", "val": "validation"}."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, selector = item.partition("=")
@@ -276,21 +317,32 @@ def _parse_splits(text: str) -> dict[str, str]:
     return out
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, str, list[str]]:
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ml_collections.ConfigDict, str, list[str]]:
     """CLI flags -> (stage config with one dataset, out dir, pass-through Beam args)."""
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.prepare",
         description="Prepare images into ArrayRecord shards + manifest.json (+ dead_letters.jsonl). "
-                    "Unknown flags are passed to Beam unchanged.")
+        "Unknown flags are passed to Beam unchanged.",
+    )
     d = dataset_config()
     ap.add_argument("--source", required=True, choices=sources.SOURCE_KINDS)
     ap.add_argument("--out", required=True, help="output root: <out>/<dataset>/<split>/")
     ap.add_argument("--dataset", default="", help="dataset dir name (default: tfds name or source)")
-    ap.add_argument("--splits", default="", help="comma list of split[=selector] (default: the "
-                    "source's natural splits; digits: train,val,test; folder: its train/val/"
-                    "validation/test sub-dirs, else the root as train)")
-    ap.add_argument("--image_size", type=int, default=d.image_size,
-                    help="shorter side to downscale to; 0 keeps the size (digits: render size)")
+    ap.add_argument(
+        "--splits",
+        default="",
+        help="comma list of split[=selector] (default: the "
+        "source's natural splits; digits: train,val,test; folder: its train/val/"
+        "validation/test sub-dirs, else the root as train)",
+    )
+    ap.add_argument(
+        "--image_size",
+        type=int,
+        default=d.image_size,
+        help="shorter side to downscale to; 0 keeps the size (digits: render size)",
+    )
     ap.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
     ap.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
     ap.add_argument("--records_per_shard", type=int, default=d.records_per_shard)
@@ -302,19 +354,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ml_collections.Config
         ap.add_argument(f"--{key}", type=int, default=d[key], help="acceptance limit")
     ap.add_argument("--runner", default=LOCAL_RUNNER)
     ap.add_argument("--direct_num_workers", type=int, default=1)
-    ap.add_argument("--direct_running_mode", default="in_memory",
-                    choices=("in_memory", "multi_threading", "multi_processing"))
+    ap.add_argument(
+        "--direct_running_mode",
+        default="in_memory",
+        choices=("in_memory", "multi_threading", "multi_processing"),
+    )
     args, beam_args = ap.parse_known_args(argv)
     if args.source == "tfds" and not (args.tfds_name or args.dataset):
         ap.error("--source tfds needs --tfds_name (or --dataset naming the TFDS dataset)")
-    name = args.dataset or (args.tfds_name.split("/")[0].split(":")[0] if args.tfds_name else args.source)
+    name = args.dataset or (
+        args.tfds_name.split("/")[0].split(":")[0] if args.tfds_name else args.source
+    )
     cfg = default_config()
-    cfg.datasets = ml_collections.ConfigDict({name: dataset_config(
-        source=args.source, splits=_parse_splits(args.splits), image_size=args.image_size,
-        lossless=args.lossless, jpeg_quality=args.jpeg_quality, records_per_shard=args.records_per_shard,
-        tfds_name=args.tfds_name, tfds_data_dir=args.tfds_data_dir, root=args.root, csv=args.csv,
-        min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels,
-        max_bytes=args.max_bytes)})
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            name: dataset_config(
+                source=args.source,
+                splits=_parse_splits(args.splits),
+                image_size=args.image_size,
+                lossless=args.lossless,
+                jpeg_quality=args.jpeg_quality,
+                records_per_shard=args.records_per_shard,
+                tfds_name=args.tfds_name,
+                tfds_data_dir=args.tfds_data_dir,
+                root=args.root,
+                csv=args.csv,
+                min_side=args.min_side,
+                max_side=args.max_side,
+                max_pixels=args.max_pixels,
+                max_bytes=args.max_bytes,
+            )
+        }
+    )
     cfg.runner = args.runner
     cfg.direct_num_workers = args.direct_num_workers
     cfg.direct_running_mode = args.direct_running_mode
@@ -337,4 +408,5 @@ if __name__ == "__main__":
     # Run the importable module, not this __main__ copy: Beam pickles the DoFns and their types,
     # and SDK worker processes (multi_processing, Dataflow) can only find `pipelines.prepare.*`.
     from pipelines import prepare as _prepare
+
     sys.exit(_prepare.main())

@@ -6,6 +6,7 @@ the surviving ones to `<dataset>-<split>.array_record-NNNNN-of-NNNNN` once all a
 that temp dir is in a bucket, ArrayRecord's writer (local files only) writes to a worker-local
 temp file that is uploaded when the shard closes (data/paths.LocalFile: what works on Dataflow).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,9 @@ class OpenShard:
         self.key = key
         self.path = paths.join(directory, f"part-{uuid.uuid4().hex}.array_record")  # final place
         self._file = paths.LocalFile(self.path)
-        self._writer = array_record_module.ArrayRecordWriter(self._file.path, manifest_lib.ARRAY_RECORD_OPTIONS)
+        self._writer = array_record_module.ArrayRecordWriter(
+            self._file.path, manifest_lib.ARRAY_RECORD_OPTIONS
+        )
         self.count = 0
         self.min_id = None
         self.features: set[str] = set()
@@ -50,16 +53,19 @@ class OpenShard:
         self._writer.close()
         digest = manifest_lib.sha256_file(self._file.path)
         self._file.commit()
-        return ShardInfo(self.key, self.path, self.count, digest, self.min_id, tuple(sorted(self.features)))
+        return ShardInfo(
+            self.key, self.path, self.count, digest, self.min_id, tuple(sorted(self.features))
+        )
 
 
 def write_shard(key: str, directory: str, raws: Sequence[bytes]) -> ShardInfo:
     shard = OpenShard(key, directory)
     for raw in raws:
         ex = records.parse_example(raw)
-        shard.add(raw, ex["id"][0].decode("utf-8"), tuple(k for k in ex if k in records.FEATURE_KINDS))
+        shard.add(
+            raw, ex["id"][0].decode("utf-8"), tuple(k for k in ex if k in records.FEATURE_KINDS)
+        )
     return shard.close()
-
 
 
 def apply_drops(element):

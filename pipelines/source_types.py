@@ -2,6 +2,7 @@
 tasks -> expand -> read protocol): `RawExample`, `SourceInfo`, `SourceError`, and the file
 helpers the file-based sources share.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ class SourceError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RawExample:
     """One input before validation; `error` set means it could not even be read."""
+
     id: str
     source: str
     image: bytes = b""
@@ -33,16 +35,19 @@ class RawExample:
 @dataclasses.dataclass(frozen=True)
 class SourceInfo:
     """What the manifest says about the data: classes, optional features, provenance."""
+
     class_names: tuple[str, ...]
-    features: tuple[str, ...]        # optional record features this source fills
-    description: dict[str, Any]     # the manifest's "source" object
+    features: tuple[str, ...]  # optional record features this source fills
+    description: dict[str, Any]  # the manifest's "source" object
 
 
 def read_file(path: Path, source_id: str, rel: str, **fields) -> RawExample:
     try:
         data = path.read_bytes()
     except OSError as e:
-        return RawExample(id=rel, source=source_id, error=("unreadable", f"{type(e).__name__}: {e}"))
+        return RawExample(
+            id=rel, source=source_id, error=("unreadable", f"{type(e).__name__}: {e}")
+        )
     return RawExample(id=rel, source=source_id, image=data, **fields)
 
 

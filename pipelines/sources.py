@@ -11,6 +11,7 @@ Modules: this one holds the digits source and `make_source` (config -> source);
 pipelines/source_types.py the shared types; pipelines/tfds_source.py the TFDS reader;
 pipelines/folder_sources.py the image-folder and cue-conflict sources.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,9 +29,11 @@ SOURCE_KINDS = ("digits", "tfds", "folder", "cue_conflict")
 
 # --- scikit-learn digits ------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
     d = load_digits()
     return d.images, d.target
 
@@ -49,8 +52,16 @@ def _heavy_ink() -> np.ndarray:
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Caption templates for the digits (LiT's text on the offline data): {w} = the digit in words,
 # {d} = as a numeral. Each image gets three of them, chosen by its index.
-CAPTION_TEMPLATES = ("a handwritten {w}", "the digit {d}", "a photo of the number {w}", "a {w} written by hand",
-                     "the number {d}, handwritten", "an image of a {w}", "a blurry {w}", "a small {d}")
+CAPTION_TEMPLATES = (
+    "a handwritten {w}",
+    "the digit {d}",
+    "a photo of the number {w}",
+    "a {w} written by hand",
+    "the number {d}, handwritten",
+    "an image of a {w}",
+    "a blurry {w}",
+    "a small {d}",
+)
 
 
 def digit_captions(label: int, index: int) -> tuple[str, ...]:
@@ -64,6 +75,7 @@ class DigitsSource:
     decode/validate path as real files). Splits are a fixed permutation (seed 0): 80% train,
     10% val, 10% test; "all" is everything. One binary attribute per record, `heavy_ink`
     (`_heavy_ink`), for the fairness metrics, and three captions (`digit_captions`) for LiT."""
+
     ATTRIBUTES = ("heavy_ink",)
     kind = "digits"
     FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0), "all": (0.0, 1.0)}
@@ -71,42 +83,58 @@ class DigitsSource:
 
     def __init__(self, image_size: int = 32):
         if image_size < 8:
-            raise SourceError(f"digits: image_size must be >= 8 (the native size), got {image_size}")
+            raise SourceError(
+                f"digits: image_size must be >= 8 (the native size), got {image_size}"
+            )
         self.image_size = image_size
 
     def info(self) -> SourceInfo:
-        return SourceInfo(tuple(str(i) for i in range(10)), ("attributes", "text"),
-                          {"type": "digits", "library": "sklearn.datasets.load_digits",
-                           "image_size": self.image_size, "split_seed": 0,
-                           "attribute_names": list(self.ATTRIBUTES)})
+        return SourceInfo(
+            tuple(str(i) for i in range(10)),
+            ("attributes", "text"),
+            {
+                "type": "digits",
+                "library": "sklearn.datasets.load_digits",
+                "image_size": self.image_size,
+                "split_seed": 0,
+                "attribute_names": list(self.ATTRIBUTES),
+            },
+        )
 
     def _indices(self, selector: str) -> np.ndarray:
         if selector not in self.FRACTIONS:
-            raise SourceError(f"digits: unknown split {selector!r}; choose from {sorted(self.FRACTIONS)}")
+            raise SourceError(
+                f"digits: unknown split {selector!r}; choose from {sorted(self.FRACTIONS)}"
+            )
         n = len(_digits()[1])
         lo, hi = self.FRACTIONS[selector]
-        return np.sort(np.random.default_rng(0).permutation(n)[round(lo * n):round(hi * n)])
+        return np.sort(np.random.default_rng(0).permutation(n)[round(lo * n) : round(hi * n)])
 
     def tasks(self, selector: str) -> list[tuple[int, ...]]:
         idx = self._indices(selector).tolist()
-        return [tuple(idx[i:i + self.CHUNK]) for i in range(0, len(idx), self.CHUNK)]
+        return [tuple(idx[i : i + self.CHUNK]) for i in range(0, len(idx), self.CHUNK)]
 
     def expand(self, task: tuple[int, ...]) -> Iterable[int]:
         return task
 
     def read(self, index: int) -> Iterator[RawExample]:
         import cv2
+
         imgs, target = _digits()
         gray = np.round(imgs[index] * (255 / 16)).astype(np.uint8)
         gray = cv2.resize(gray, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
-        yield RawExample(id=f"digits/{index:04d}", source=f"sklearn.digits[{index}]",
-                         image=images.encode_png(np.repeat(gray[..., None], 3, axis=-1)),
-                         label=(int(target[index]),), attributes=(int(_heavy_ink()[index]),),
-                         text=digit_captions(int(target[index]), index))
-
+        yield RawExample(
+            id=f"digits/{index:04d}",
+            source=f"sklearn.digits[{index}]",
+            image=images.encode_png(np.repeat(gray[..., None], 3, axis=-1)),
+            label=(int(target[index]),),
+            attributes=(int(_heavy_ink()[index]),),
+            text=digit_captions(int(target[index]), index),
+        )
 
 
 # --- construction from a dataset config -----------------------------------------------------------
+
 
 def make_source(dataset: str, dcfg, selectors: Iterable[str]):
     """Builds the source for one dataset config group (see pipelines.prepare.dataset_config).

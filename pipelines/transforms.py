@@ -5,6 +5,7 @@ and `build`, which wires them into one pipeline for all datasets and splits.
 The DoFns live in this importable module (not in a `__main__` copy) so Beam can pickle them by
 reference into SDK worker processes (multi_processing, Dataflow).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,8 @@ _IDS = "ids"
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
     """One split's settings, made in the driver (pipelines.prepare._plan) and shipped in the DoFns."""
-    key: str                      # "<dataset>/<split>"
+
+    key: str  # "<dataset>/<split>"
     dataset: str
     split: str
     selector: str
@@ -108,10 +110,21 @@ class _ProcessFn(_PlanFn):
             img = images.decode_rgb(ex.image, plan.limits)
             if plan.image_size:
                 img = images.resize_shorter(img, plan.image_size)
-            data = images.encode_png(img) if plan.lossless else images.encode_jpeg(img, plan.jpeg_quality)
-            rec = records.Record(image=data, label=ex.label, id=ex.id, real_labels=ex.real_labels,
-                                 attributes=ex.attributes, text=ex.text, shape_label=ex.shape_label,
-                                 texture_label=ex.texture_label)
+            data = (
+                images.encode_png(img)
+                if plan.lossless
+                else images.encode_jpeg(img, plan.jpeg_quality)
+            )
+            rec = records.Record(
+                image=data,
+                label=ex.label,
+                id=ex.id,
+                real_labels=ex.real_labels,
+                attributes=ex.attributes,
+                text=ex.text,
+                shape_label=ex.shape_label,
+                texture_label=ex.texture_label,
+            )
             encoded = records.encode(rec)
         except images.ImageRejected as e:
             yield _reject(key, _dead(ex.id, ex.source, e.reason, e.detail))
@@ -123,7 +136,6 @@ class _ProcessFn(_PlanFn):
             yield _reject(key, _dead(ex.id, ex.source, "undecodable", f"{type(e).__name__}: {e}"))
             return
         yield key, ex.id, ex.source, encoded, rec.features()
-
 
 
 class _WriteShardsFn(_PlanFn):
@@ -167,10 +179,10 @@ def _resolve_duplicates(element):
     (key, rid), locations = element
     locations = sorted(locations, key=lambda loc: (_natural_key(loc[0]), loc[1], loc[2]))
     for source, path, position in locations[1:]:
-        yield _reject(key, _dead(rid, source, "duplicate_id",
-                                 f"id also read from {locations[0][0]} (kept)"))
+        yield _reject(
+            key, _dead(rid, source, "duplicate_id", f"id also read from {locations[0][0]} (kept)")
+        )
         yield path, position
-
 
 
 class _FinalizeFn(_PlanFn):
@@ -192,14 +204,26 @@ class _FinalizeFn(_PlanFn):
             for letter in letters:
                 f.write(json.dumps(letter, sort_keys=True) + "\n")
         present = set().union(*(s.features for s in shard_infos)) if shard_infos else set()
-        features = [k for k in records.FEATURE_KINDS if k in present or k in records.REQUIRED_FEATURES]
+        features = [
+            k for k in records.FEATURE_KINDS if k in present or k in records.REQUIRED_FEATURES
+        ]
         num_records = sum(s.num_records for s in shards)
-        manifest_lib.write(tmp, manifest_lib.Manifest(
-            dataset=plan.dataset, split=plan.split, num_records=num_records,
-            num_classes=len(plan.class_names), class_names=list(plan.class_names),
-            image_size=plan.image_size or None, features=features, shards=shards,
-            dead_letters=manifest_lib.DEAD_LETTERS_NAME, num_dead_letters=len(letters),
-            source=plan.source_desc))
+        manifest_lib.write(
+            tmp,
+            manifest_lib.Manifest(
+                dataset=plan.dataset,
+                split=plan.split,
+                num_records=num_records,
+                num_classes=len(plan.class_names),
+                class_names=list(plan.class_names),
+                image_size=plan.image_size or None,
+                features=features,
+                shards=shards,
+                dead_letters=manifest_lib.DEAD_LETTERS_NAME,
+                num_dead_letters=len(letters),
+                source=plan.source_desc,
+            ),
+        )
         # Local: rename into place. Bucket: copy, manifest.json last (readers need it).
         paths.install_dir(tmp, plan.final_dir, last=(manifest_lib.MANIFEST_NAME,))
         Metrics.counter(NAMESPACE, "accepted").inc(num_records)
@@ -216,16 +240,25 @@ def build(p: beam.Pipeline, plans: Sequence[SplitPlan], srcs: dict, tasks: dict)
         | "Expand" >> beam.ParDo(_ExpandFn(srcs))
         | "Redistribute" >> beam.Reshuffle()
         | "Read" >> beam.ParDo(_ReadFn(srcs))
-        | "Process" >> beam.ParDo(_ProcessFn(by_key)).with_outputs(_DEAD, main="ok"))
-    written = processed.ok | "WriteShards" >> beam.ParDo(_WriteShardsFn(by_key)).with_outputs(_IDS, main="shards")
-    dups = (written[_IDS]
-            | "GroupIds" >> beam.GroupByKey()
-            | "ResolveDuplicates" >> beam.FlatMap(_resolve_duplicates).with_outputs(_DEAD, main="drops"))
-    shards = ({"shards": written.shards, "drops": dups.drops}
-              | "JoinDrops" >> beam.CoGroupByKey()
-              | "ApplyDrops" >> beam.FlatMap(shards_lib.apply_drops))
+        | "Process" >> beam.ParDo(_ProcessFn(by_key)).with_outputs(_DEAD, main="ok")
+    )
+    written = processed.ok | "WriteShards" >> beam.ParDo(_WriteShardsFn(by_key)).with_outputs(
+        _IDS, main="shards"
+    )
+    dups = (
+        written[_IDS]
+        | "GroupIds" >> beam.GroupByKey()
+        | "ResolveDuplicates" >> beam.FlatMap(_resolve_duplicates).with_outputs(_DEAD, main="drops")
+    )
+    shards = (
+        {"shards": written.shards, "drops": dups.drops}
+        | "JoinDrops" >> beam.CoGroupByKey()
+        | "ApplyDrops" >> beam.FlatMap(shards_lib.apply_drops)
+    )
     dead = (processed[_DEAD], dups[_DEAD]) | "AllDeadLetters" >> beam.Flatten()
     splits = p | "ListSplits" >> beam.Create([(key, None) for key in by_key])
-    _ = ({"split": splits, "shards": shards, "dead": dead}
-         | "JoinSplit" >> beam.CoGroupByKey()
-         | "Finalize" >> beam.ParDo(_FinalizeFn(by_key)))
+    _ = (
+        {"split": splits, "shards": shards, "dead": dead}
+        | "JoinSplit" >> beam.CoGroupByKey()
+        | "Finalize" >> beam.ParDo(_FinalizeFn(by_key))
+    )

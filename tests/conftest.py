@@ -1,11 +1,13 @@
 """Test set-up: 8 simulated CPU devices, set before anything imports jax (docs/DESIGN.md §6)."""
+
 import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f
-) + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -27,9 +29,14 @@ def pytest_collection_modifyitems(config, items):
     if not getattr(config.option, "loadgroup", False):  # set in xdist workers under loadgroup
         return
     from _pytest.nodeid import NodeId
+
     for item in items:
-        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-                         for mark in item.iter_markers("xdist_group")})
+        groups = sorted(
+            {
+                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                for mark in item.iter_markers("xdist_group")
+            }
+        )
         suffix = "@" + "_".join(groups)
         if groups and not item.nodeid.endswith(suffix):
             item._id = NodeId.parse(item.nodeid + suffix)
@@ -49,6 +56,7 @@ def prepare_output(stage_cache):
     """The tiny config's prepare output (digits train/val/test at 32 px, the real Beam job) as the
     DAG hands it to downstream stages: inputs["prepare"]. Made once per test run."""
     from benchmarks import digits_run
+
     return digits_run.stages(stage_cache)["prepare"]
 
 
@@ -62,6 +70,7 @@ def prepare_into(prepare_output):
     def copy(workdir: Path) -> Path:
         dest = Path(workdir) / "prepare" / prepare_output.path.name
         return Path(shutil.copytree(prepare_output.path, dest))
+
     return copy
 
 
@@ -74,6 +83,7 @@ def prepared_digits(prepare_output):
 def tiny_pretrain_group():
     """The pretrain group of the shared export: mu/4 on 32 px digits, 60 steps, no checkpoints."""
     from launch.configs import tiny
+
     cfg = tiny.pretrain_config()
     cfg.steps, cfg.checkpoint_every, cfg.evals.val.every = 60, 0, 0
     # Few-shot has its own tests (and costs).
@@ -88,4 +98,5 @@ def pretrain_export(stage_cache):
     """ONE tiny pretrain export (`tiny_pretrain_group`: params/ + model.json + outputs.json)
     shared by every downstream-stage test: inputs["pretrain"]. Made once per test run."""
     from benchmarks import digits_run
+
     return digits_run.stages(stage_cache, tiny_pretrain_group())["pretrain"]

@@ -1,4 +1,5 @@
 """Reading the markdown tables the benchmark scripts print (shared by their smoke tests)."""
+
 import math
 import re
 

@@ -9,6 +9,7 @@ the tf backend (it reads etils' gpath/backend internals, etils 1.15). What it do
 the fsspec backend (gcsfs, used where TF is absent) and tensorstore's gcs driver (Orbax's array
 I/O, reached only by `gs://`).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ class RamPath(gpath.PosixGPath):
     def __new__(cls, *parts):
         full = "/".join(os.fspath(p) for p in parts)
         if full.startswith(f"{SCHEME}://"):
-            full = f"/{SCHEME}/" + full[len(SCHEME) + 3:]
+            full = f"/{SCHEME}/" + full[len(SCHEME) + 3 :]
         return super().__new__(cls, full)
 
     @property

@@ -1,12 +1,15 @@
 """AOT tier: the ViT-22B train step at its true width/heads/MLP (2 layers) compiled by libtpu for a
 small TPU v4 slice on this CPU host (trainer/aot.py, benchmarks/aot.py). The compile needs the
 [tpu] extra, which `make` installs; skipped with a reason without it."""
+
 import pytest
 
 from trainer import aot
 
-needs_libtpu = pytest.mark.skipif(not aot.libtpu_installed(),
-                                  reason="AOT for a TPU topology needs libtpu (pip install -c constraints.txt '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_installed(),
+    reason="AOT for a TPU topology needs libtpu (pip install -c constraints.txt '.[tpu]')",
+)
 
 HLO = """HloModule m, is_scheduled=true
 
@@ -32,7 +35,10 @@ ENTRY %main (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
 def test_permute_overlap_reads_the_schedule():
     """A dot fusion between a start and its done counts; an empty window does not."""
     assert (aot.permute_overlap(HLO).pairs, aot.permute_overlap(HLO).overlapped) == (2, 1)
-    ours = HLO.replace("source_target_pairs={{0,1},{1,0}}\n  %f", 'metadata={op_name="jit(f)/shard_map/ppermute"}\n  %f')
+    ours = HLO.replace(
+        "source_target_pairs={{0,1},{1,0}}\n  %f",
+        'metadata={op_name="jit(f)/shard_map/ppermute"}\n  %f',
+    )
     assert aot.permute_overlap(ours) == aot.Overlap(2, 1, 0, 1, 1)
 
 
@@ -56,8 +62,10 @@ def test_22b_width_fits_v4_and_the_rings_overlap():
     between start and done. (Memory vs XLA's matmul at the real 22B config: benchmarks/aot.py.)"""
     from benchmarks import aot as bench
 
-    group = bench.pretrain_group("launch/configs/vit22b.py", {"model.depth": 2, "batch_size": 8, "mesh.model": 4,
-                                                              "microbatches": 1})
+    group = bench.pretrain_group(
+        "launch/configs/vit22b.py",
+        {"model.depth": 2, "batch_size": 8, "mesh.model": 4, "microbatches": 1},
+    )
     row = bench.compile_row(group, "v4:2x2x1", "collective", "default", 1000, 0.1)
     assert "error" not in row, row
     assert (row["devices"], row["mesh"], row["depth"]) == (4, "1x4", 2)

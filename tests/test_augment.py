@@ -1,4 +1,5 @@
 """data/augment.py: crops, reduced-scale decode, flip, normalize, mixup."""
+
 import cv2
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ def test_inception_crop_falls_back_to_central_crop():
 
         def integers(self, lo, hi):
             raise AssertionError("unused")
+
     assert augment.sample_inception_crop(NoLuck(), 100, 400) == (0, 133, 100, 133)
     assert augment.sample_inception_crop(NoLuck(), 100, 100) == (0, 0, 100, 100)
 
@@ -44,14 +46,19 @@ def test_reduced_scale_decode_matches_full_decode():
 
 
 def test_decode_scale_is_a_power_of_two_eighth_that_keeps_enough_pixels(monkeypatch):
-    assert [augment.decode_scale(f) for f in (0.05, 0.125, 0.13, 0.3, 0.5, 0.51, 0.7, 1.0, 3.0)] \
-        == [1, 1, 2, 4, 4, 8, 8, 8, 8]
+    assert [
+        augment.decode_scale(f) for f in (0.05, 0.125, 0.13, 0.3, 0.5, 0.51, 0.7, 1.0, 3.0)
+    ] == [1, 1, 2, 4, 4, 8, 8, 8, 8]
     seen = []
     real = images.decode_crop
     monkeypatch.setattr(images, "decode_crop", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     data = images.encode_jpeg(_photo(640, 800), 95)
     out = augment.decode_crop_resize(data, (0, 0, 300, 300), (640, 800), 112)  # needs 112/300
-    assert seen[-1]["min_height"] == 320 and seen[-1]["min_width"] == 400 and out.shape == (112, 112, 3)
+    assert (
+        seen[-1]["min_height"] == 320
+        and seen[-1]["min_width"] == 400
+        and out.shape == (112, 112, 3)
+    )
 
 
 def test_train_and_eval_image_shapes_and_determinism():
@@ -70,9 +77,16 @@ def test_flip_mirrors_half_the_time_and_writes_into_out():
     data = images.encode_jpeg(_photo(), 95)
     cfg = augment.AugmentConfig(inception_crop=False)  # the rng then only decides the flip
     plain = augment.eval_image(data, 48)
-    outs = {augment.train_image(data, np.random.default_rng(s), 48, cfg).tobytes() for s in range(20)}
-    plain_fast = augment.decode_crop_resize(data, augment.central_square(*images.image_size(data)),
-                                            images.image_size(data), 48, fast=True)
+    outs = {
+        augment.train_image(data, np.random.default_rng(s), 48, cfg).tobytes() for s in range(20)
+    }
+    plain_fast = augment.decode_crop_resize(
+        data,
+        augment.central_square(*images.image_size(data)),
+        images.image_size(data),
+        48,
+        fast=True,
+    )
     assert outs == {plain_fast.tobytes(), plain_fast[:, ::-1].tobytes()}
     assert np.abs(plain_fast.astype(int) - plain.astype(int)).mean() < 2.0  # fast DCT: close
     batch = np.zeros((3, 48, 48, 3), np.uint8)
@@ -90,7 +104,9 @@ def test_normalize_mixup():
     np.testing.assert_allclose(my.sum(-1), 1, rtol=1e-6)
     a = my[1, 1]
     assert a >= 0.5 and np.isclose(my[1, 0], 1 - a)  # mixed with its neighbour (roll by 1)
-    np.testing.assert_allclose(mx[1], a * augment.normalize(x[1]) + (1 - a) * augment.normalize(x[0]), atol=1e-5)
+    np.testing.assert_allclose(
+        mx[1], a * augment.normalize(x[1]) + (1 - a) * augment.normalize(x[0]), atol=1e-5
+    )
 
 
 def test_config_from_any():

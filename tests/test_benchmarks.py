@@ -2,6 +2,7 @@
 
 No timing assertions: numbers only have to be finite and positive where they are rates.
 """
+
 import pytest
 
 from benchmarks import harness, mfu, model
@@ -17,10 +18,15 @@ def test_model_smoke(capsys):
     numeric = model.COLUMNS.index("params M")
     for r in tab[1:]:
         values = dict(zip(model.COLUMNS[numeric:], map(_number, r[numeric:])))
-        assert all(values[k] > 0 for k in ("params M", "step ms", "ex/s", "model TFLOP/s", "MFU %")), r
+        assert all(
+            values[k] > 0 for k in ("params M", "step ms", "ex/s", "model TFLOP/s", "MFU %")
+        ), r
     assert float(tab[2][-1]) == 1.0  # the sequential baseline against itself
     assert "~15% faster" in out and "+3% utilization" in out
-    assert "parallel + fused block vs sequential" in out and "dropping biases (vit22b vs bias): MFU" in out
+    assert (
+        "parallel + fused block vs sequential" in out
+        and "dropping biases (vit22b vs bias): MFU" in out
+    )
     assert {r["variant"] for r in rows} == {"vit22b", "sequential", "bias"}
 
 
@@ -36,7 +42,8 @@ def test_model_rejects_unknown_override():
 
 def test_parse_overrides():
     assert harness.parse_overrides(["depth=8", "dtype=bfloat16", "qk_norm=False"]) == dict(
-        depth=8, dtype="bfloat16", qk_norm=False)
+        depth=8, dtype="bfloat16", qk_norm=False
+    )
     with pytest.raises(ValueError, match="KEY=VALUE"):
         harness.parse_overrides(["depth"])
 
@@ -51,7 +58,9 @@ def test_mfu_smoke(capsys):
     (row,) = step[1:]
     assert row[:2] == ["mu/8", "4 x 2"]
     values = dict(zip(mfu.STEP_COLUMNS[2:], map(_number, row[2:])))
-    assert all(values[k] > 0 for k in ("model GFLOP/step", "step ms", "achieved TFLOP/s", "MFU %")), row
+    assert all(
+        values[k] > 0 for k in ("model GFLOP/step", "step ms", "achieved TFLOP/s", "MFU %")
+    ), row
     assert "54.9%" in out
 
 
@@ -59,8 +68,22 @@ def test_data_benchmark_smoke(capsys):
     """The data benchmark runs end to end on a few images (real Beam job, Grain, tf.data)."""
     from benchmarks import data
 
-    data.main(["--num_images", "96", "--batch_size", "16", "--batches", "1", "--warmup", "1",
-               "--rounds", "1", "--workers", "1"])
+    data.main(
+        [
+            "--num_images",
+            "96",
+            "--batch_size",
+            "16",
+            "--batches",
+            "1",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "FnApiRunner in_memory x1 |     96 |" in out
     row = [line for line in out.splitlines() if line.startswith("|       1 |")]

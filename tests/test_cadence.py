@@ -1,20 +1,24 @@
 """trainer.cadence: durations -> steps, and when periodic actions run."""
+
 import pytest
 
 from trainer import cadence
 
 
-@pytest.mark.parametrize("kw, want", [
-    (dict(steps=500), 500),
-    (dict(steps=0), 0),  # explicit zero: evaluation-only run
-    (dict(steps=1e4), 10_000),  # whole floats (1e4 from a config) are fine
-    (dict(examples=10_000), 39),  # 10_000 / 256 = 39.06 -> nearest
-    (dict(examples=10_000 - 150), 38),  # 38.48 -> 38
-    (dict(epochs=3, num_examples=1000), 12),  # 3 * 1000 / 256 = 11.72 -> 12
-    (dict(epochs=1e-6, num_examples=1000), 1),  # non-zero never rounds to 0 steps
-    (dict(epochs=0, num_examples=1000), 0),
-    (dict(examples=0), 0),
-])
+@pytest.mark.parametrize(
+    "kw, want",
+    [
+        (dict(steps=500), 500),
+        (dict(steps=0), 0),  # explicit zero: evaluation-only run
+        (dict(steps=1e4), 10_000),  # whole floats (1e4 from a config) are fine
+        (dict(examples=10_000), 39),  # 10_000 / 256 = 39.06 -> nearest
+        (dict(examples=10_000 - 150), 38),  # 38.48 -> 38
+        (dict(epochs=3, num_examples=1000), 12),  # 3 * 1000 / 256 = 11.72 -> 12
+        (dict(epochs=1e-6, num_examples=1000), 1),  # non-zero never rounds to 0 steps
+        (dict(epochs=0, num_examples=1000), 0),
+        (dict(examples=0), 0),
+    ],
+)
 def test_total_steps_units(kw, want):
     assert cadence.total_steps(batch_size=256, **kw) == want
 
@@ -23,15 +27,18 @@ def test_total_steps_returns_python_int():
     assert type(cadence.total_steps(epochs=2.5, num_examples=100, batch_size=10)) is int
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(), "exactly one of steps/epochs/examples.*none"),
-    (dict(steps=10, epochs=1, num_examples=10), "exactly one.*steps=10, epochs=1"),
-    (dict(epochs=1), "num_examples"),
-    (dict(steps=-1), "steps must be >= 0"),
-    (dict(steps=2.5), "whole number"),
-    (dict(examples="10"), "examples must be a number"),
-    (dict(epochs=1, num_examples=0), "num_examples must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(), "exactly one of steps/epochs/examples.*none"),
+        (dict(steps=10, epochs=1, num_examples=10), "exactly one.*steps=10, epochs=1"),
+        (dict(epochs=1), "num_examples"),
+        (dict(steps=-1), "steps must be >= 0"),
+        (dict(steps=2.5), "whole number"),
+        (dict(examples="10"), "examples must be a number"),
+        (dict(epochs=1, num_examples=0), "num_examples must be > 0"),
+    ],
+)
 def test_total_steps_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         cadence.total_steps(batch_size=32, **kw)

@@ -6,6 +6,7 @@ gfile filesystem. Nothing here talks to real cloud storage (no network); Orbax's
 (tensorstore's gcs driver, reached only by gs://) is not exercised: stages write Orbax files into a
 local staging dir that the DAG then copies to the bucket, which these tests check byte for byte.
 """
+
 import contextlib
 import io
 import pathlib
@@ -34,6 +35,7 @@ def _png(seed: int) -> bytes:
 def _records(split_dir) -> dict[str, bytes]:
     """id -> image bytes of every record of a (local) split."""
     from array_record.python import array_record_module
+
     out = {}
     for path in manifest_lib.validate(split_dir).shard_paths(split_dir):
         reader = array_record_module.ArrayRecordReader(path)
@@ -59,11 +61,21 @@ def remote_prepared(tmp_path_factory):
         (root / rel).write_bytes(_png(seed))
     (root / "labels.csv").write_text("id,labels\na/1.png,a\na/2.png,a\nb/3.png,b\na/1.png,b\n")
     cfg = prepare.default_config()
-    cfg.datasets = ml_collections.ConfigDict({
-        "digits": prepare.dataset_config(source="digits", image_size=32, records_per_shard=64,
-                                         splits={"val": "val"}),
-        "dups": prepare.dataset_config(source="folder", root=str(root), csv="labels.csv",
-                                       records_per_shard=2, image_size=0, lossless=True)})
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            "digits": prepare.dataset_config(
+                source="digits", image_size=32, records_per_shard=64, splits={"val": "val"}
+            ),
+            "dups": prepare.dataset_config(
+                source="folder",
+                root=str(root),
+                csv="labels.csv",
+                records_per_shard=2,
+                image_size=0,
+                lossless=True,
+            ),
+        }
+    )
     out = remote_fs.bucket() + "/prepared"
     result = prepare.prepare(cfg, out)
     return out, result
@@ -73,11 +85,16 @@ def test_local_paths_unchanged_and_unknown_scheme_is_one_line(capsys, tmp_path):
     assert paths.as_path("rel/dir") == pathlib.Path("rel/dir")
     assert paths.as_path(f"file://{tmp_path}") == tmp_path
     assert str(paths.as_path("gs://bucket//a/b/")) == "gs://bucket/a/b"  # no network: naming only
-    with pytest.raises(paths.UnsupportedPath, match=r"^--out: foo://b/x: unsupported storage scheme 'foo://'"):
+    with pytest.raises(
+        paths.UnsupportedPath, match=r"^--out: foo://b/x: unsupported storage scheme 'foo://'"
+    ):
         paths.as_path("foo://b/x", "--out")
     assert prepare.main(["--source", "digits", "--out", "s4://bucket/x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("prepare: error: --out: s4://bucket/x: unsupported storage scheme") and "\n" not in err
+    assert (
+        err.startswith("prepare: error: --out: s4://bucket/x: unsupported storage scheme")
+        and "\n" not in err
+    )
     with pytest.raises(dag.PlanError, match="^--workdir: zz://w: unsupported storage scheme"):
         dag.plan(ml_collections.ConfigDict({"export": {"scale": 1.0}}), "zz://w", _registry())
 
@@ -90,7 +107,9 @@ def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_dig
     assert result.counters["read"] == 179 + 4 and result.counters["rejected"] == 1
     digits = manifest_lib.read(f"{out}/digits/val")
     assert len(digits.shards) == 3 and digits.num_records == 179
-    assert _records(manifest_lib.local_split(f"{out}/digits/val")) == _records(prepared_digits / "digits" / "val")
+    assert _records(manifest_lib.local_split(f"{out}/digits/val")) == _records(
+        prepared_digits / "digits" / "val"
+    )
     dups = manifest_lib.validate(f"{out}/dups/train")  # remote -> verified local copy -> checks
     assert dups.num_records == 3 and dups.num_dead_letters == 1
     assert all(s.num_records <= 2 for s in dups.shards)
@@ -99,8 +118,11 @@ def test_prepare_to_bucket_writes_the_same_records(remote_prepared, prepared_dig
 @pytest.mark.xdist_group("cloud_paths")
 def test_loader_reads_a_bucket_split_through_the_cache(remote_prepared, tmp_path, monkeypatch):
     out, _ = remote_prepared
-    args = dict(global_batch_size=64, image_size=32,
-                sharding=sharding.batch_sharding(sharding.make_mesh(data=8, model=1)))
+    args = dict(
+        global_batch_size=64,
+        image_size=32,
+        sharding=sharding.batch_sharding(sharding.make_mesh(data=8, model=1)),
+    )
     remote = list(loader.eval_loader(f"{out}/digits/val", **args))
     local_dir = manifest_lib.local_split(f"{out}/digits/val")
     assert local_dir.parent == tmp_path / "cache"
@@ -166,13 +188,19 @@ class _Dies(io.BytesIO):
 
 def _registry():
     from pathlib import Path
-    return dag.Registry([dag.Stage("export", "tests.cloud_stages:run_export"),
-                         dag.Stage("consume", "tests.cloud_stages:run_consume", upstream=("export",))],
-                        root=Path(__file__).resolve().parents[1])
+
+    return dag.Registry(
+        [
+            dag.Stage("export", "tests.cloud_stages:run_export"),
+            dag.Stage("consume", "tests.cloud_stages:run_consume", upstream=("export",)),
+        ],
+        root=Path(__file__).resolve().parents[1],
+    )
 
 
 def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
     from trainer import checkpoint
+
     workdir = remote_fs.bucket() + "/work"
     config = ml_collections.ConfigDict({"export": {"scale": 2.0}, "consume": {"unused": 0}})
     registry = _registry()
@@ -185,7 +213,9 @@ def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
 
     moves = []
     real_move = paths.move_file
-    monkeypatch.setattr(paths, "move_file", lambda s, d: (moves.append(os.fspath(d)), real_move(s, d)))
+    monkeypatch.setattr(
+        paths, "move_file", lambda s, d: (moves.append(os.fspath(d)), real_move(s, d))
+    )
     outputs = dag.run_pipeline(config, workdir, registry=registry, log=lambda _: None)
     export = outputs["export"]
     assert str(export.path).startswith(workdir + "/export/") and cache.is_complete(export.path)
@@ -193,7 +223,9 @@ def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
     assert export_moves[-1].endswith("/_SUCCESS") and len(export_moves) > 5  # marker copied last
     seen = (outputs["consume"].path / "seen.txt").read_text()
     assert seen.startswith(f"RamPath {export.path}\n") and '"variant": "test"' in seen
-    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file() and "locks" not in str(p)]
+    assert not [
+        p for p in (tmp_path / "staging").rglob("*") if p.is_file() and "locks" not in str(p)
+    ]
 
     # The uploaded Orbax export is complete: copied back, it restores the exact values.
     back = tmp_path / "back"
@@ -205,13 +237,18 @@ def test_dag_commits_stage_outputs_to_a_bucket_workdir(tmp_path, monkeypatch):
     # Cached: the next plan reuses both; a forced rerun replaces the bucket dir.
     plans = dag.plan(config, workdir, registry)
     assert [p.action for p in plans] == ["reuse", "reuse"]
-    forced = dag.run_pipeline(config, workdir, registry=registry, force=["export"], log=lambda _: None)
+    forced = dag.run_pipeline(
+        config, workdir, registry=registry, force=["export"], log=lambda _: None
+    )
     assert forced["export"].path == export.path and cache.is_complete(export.path)
     # Multi-host hosts must share one checkpoint dir: a bucket URI workdir is refused, one line.
-    with pytest.raises(ValueError, match=r"^\[export\] multi-host runs need a workdir every host mounts"):
+    with pytest.raises(
+        ValueError, match=r"^\[export\] multi-host runs need a workdir every host mounts"
+    ):
         dag.run_stage("export", config, workdir, registry=registry, force=True, run_id="job-1")
 
 
 def remote_fs_params():
     from tests import cloud_stages
+
     return cloud_stages.PARAMS

@@ -4,6 +4,7 @@ Tests use a tiny fake pipeline written into tmp_path (`fakepipe`), registered in
 explicitly. Every stage call appends its name to a calls file named in the config, so "did it run"
 is checked by counting, not by timing; the calls file also works across processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -145,7 +146,9 @@ class FakePipeline:
         (package / "registry.py").write_text(textwrap.dedent(_REGISTRY_PY))
         self.calls_file = root / "calls.txt"
         self.config_path = root / "fake_config.py"
-        self.config_path.write_text(_CONFIG_PY.format(path=self.config_path, calls=str(self.calls_file)))
+        self.config_path.write_text(
+            _CONFIG_PY.format(path=self.config_path, calls=str(self.calls_file))
+        )
         self.workdir = root / "workdir"
         self.registry_spec = "fakepipe.registry:REGISTRY"
         if str(root) not in sys.path:
@@ -153,6 +156,7 @@ class FakePipeline:
         for name in [m for m in sys.modules if m == "fakepipe" or m.startswith("fakepipe.")]:
             del sys.modules[name]  # each test gets its own copy of the package
         from fakepipe import registry
+
         self.registry: dag.Registry = registry.REGISTRY
 
     def config(self, stages: str = "a,b,c", **values) -> ml_collections.ConfigDict:
@@ -174,14 +178,26 @@ class FakePipeline:
         return env
 
     def run(self, config=None, **kwargs) -> dict[str, dag.StageOutput]:
-        return dag.run_pipeline(config or self.config(), self.workdir, registry=self.registry,
-                                log=lambda line: None, **kwargs)
+        return dag.run_pipeline(
+            config or self.config(),
+            self.workdir,
+            registry=self.registry,
+            log=lambda line: None,
+            **kwargs,
+        )
 
     def stage_command(self, stage: str, *extra: str) -> list[str]:
         groups = "slow" if stage == "slow" else "a,b,c"
-        return [sys.executable, "-m", "launch.stage", f"--stage={stage}",
-                f"--config={self.config_path}:{groups}", f"--workdir={self.workdir}",
-                f"--registry={self.registry_spec}", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "launch.stage",
+            f"--stage={stage}",
+            f"--config={self.config_path}:{groups}",
+            f"--workdir={self.workdir}",
+            f"--registry={self.registry_spec}",
+            *extra,
+        ]
 
 
 @pytest.fixture
@@ -198,7 +214,9 @@ def test_registry_validates_and_orders():
     with pytest.raises(ValueError, match="unknown upstream"):
         dag.Registry([dag.Stage("b", "m:f", upstream=("zz",))])
     with pytest.raises(ValueError, match="cycle"):
-        dag.Registry([dag.Stage("a", "m:f", upstream=("b",)), dag.Stage("b", "m:f", upstream=("a",))])
+        dag.Registry(
+            [dag.Stage("a", "m:f", upstream=("b",)), dag.Stage("b", "m:f", upstream=("a",))]
+        )
     with pytest.raises(ValueError, match="module:function"):
         dag.Registry([dag.Stage("a", "no_colon")])
 
@@ -211,10 +229,14 @@ def test_registered_stage_table():
 
 
 def test_importing_launch_is_cheap():
-    code = ("import sys, launch.dag, launch.run, launch.stage; "
-            "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax', 'grain') if m in sys.modules]; "
-            "print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    code = (
+        "import sys, launch.dag, launch.run, launch.stage; "
+        "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax', 'grain') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -224,8 +246,18 @@ def test_run_writes_stage_dirs(fake):
     b = outputs["b"]
     assert b.path == fake.workdir / "b" / b.fingerprint[:16]
     assert sorted(p.name for p in b.path.iterdir()) == [
-        "_SUCCESS", "b.txt", "config.json", "fingerprint.json", "metrics.jsonl", "outputs.json", "tb"]
-    assert {k: v for k, v in b.outputs.items() if k != "recipe"} == {"artifacts": {"b": "b.txt"}, "metrics": {"total": 3}}
+        "_SUCCESS",
+        "b.txt",
+        "config.json",
+        "fingerprint.json",
+        "metrics.jsonl",
+        "outputs.json",
+        "tb",
+    ]
+    assert {k: v for k, v in b.outputs.items() if k != "recipe"} == {
+        "artifacts": {"b": "b.txt"},
+        "metrics": {"total": 3},
+    }
     # The recipe card (launch/recipe.py); stage_b.py has no default_config(): every value is the config's.
     assert b.outputs["recipe"]["value"] == {"value": 1, "source": "user", "confirmed": True}
     assert json.loads((b.path / "config.json").read_text())["value"] == 1
@@ -242,7 +274,10 @@ def test_identical_rerun_is_all_cache_hits(fake):
     assert {k: v.path for k, v in first.items()} == {k: v.path for k, v in second.items()}
     plans = dag.plan(fake.config(), fake.workdir, fake.registry)
     assert [(p.name, p.action, p.reason) for p in plans] == [
-        ("a", "reuse", "cache hit"), ("b", "reuse", "cache hit"), ("c", "reuse", "cache hit")]
+        ("a", "reuse", "cache hit"),
+        ("b", "reuse", "cache hit"),
+        ("c", "reuse", "cache hit"),
+    ]
 
 
 def test_config_change_reruns_stage_and_dependents_only(fake):
@@ -258,7 +293,10 @@ def test_config_change_reruns_stage_and_dependents_only(fake):
 
 def test_source_edit_invalidates_only_stages_importing_it(fake):
     fake.run()
-    assert "fakepipe/helpers.py" in dag.plan(fake.config(), fake.workdir, fake.registry)[1].components["sources"]
+    assert (
+        "fakepipe/helpers.py"
+        in dag.plan(fake.config(), fake.workdir, fake.registry)[1].components["sources"]
+    )
     (fake.root / "fakepipe" / "helpers.py").write_text("def double(x):\n    return x + x\n")
     plans = {p.name: p for p in dag.plan(fake.config(), fake.workdir, fake.registry)}
     assert plans["a"].action == "reuse"  # stage a does not import helpers
@@ -284,10 +322,16 @@ def test_import_closure_follows_relative_and_lazy_imports(tmp_path):
     (pkg / "other.py").write_text("import json\n")
     (pkg / "unused.py").write_text("")
     (pkg / "main.py").write_text("from .sub import leaf\n\ndef f():\n    from pkg import other\n")
-    files = [p.relative_to(tmp_path).as_posix()
-             for p in code_hashes.import_closure(tmp_path, "pkg.main")]
-    assert files == ["pkg/__init__.py", "pkg/main.py", "pkg/other.py", "pkg/sub/__init__.py",
-                     "pkg/sub/leaf.py"]
+    files = [
+        p.relative_to(tmp_path).as_posix() for p in code_hashes.import_closure(tmp_path, "pkg.main")
+    ]
+    assert files == [
+        "pkg/__init__.py",
+        "pkg/main.py",
+        "pkg/other.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/leaf.py",
+    ]
 
 
 def test_force_reruns_just_that_stage(fake):
@@ -308,16 +352,22 @@ def test_stages_reuses_cached_upstream(fake):
 
 
 def test_stages_with_missing_upstream_errors_clearly(fake):
-    with pytest.raises(dag.PlanError, match=r"--stages c needs upstream a, b, not in the cache .*e\.g\. --stages a,b,c"):
+    with pytest.raises(
+        dag.PlanError,
+        match=r"--stages c needs upstream a, b, not in the cache .*e\.g\. --stages a,b,c",
+    ):
         fake.run(only=["c"])
     assert fake.calls() == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"only": ["zz"]}, "unknown stage 'zz'"),
-    ({"only": ["slow"]}, "no config group"),
-    ({"only": ["a"], "force": ["b"]}, "not among --stages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"only": ["zz"]}, "unknown stage 'zz'"),
+        ({"only": ["slow"]}, "no config group"),
+        ({"only": ["a"], "force": ["b"]}, "not among --stages"),
+    ],
+)
 def test_bad_stage_names_error(fake, kwargs, message):
     with pytest.raises(dag.PlanError, match=message):
         fake.run(**kwargs)
@@ -341,9 +391,13 @@ def test_failing_stage_leaves_nothing_complete(fake, monkeypatch):
 
 def test_stage_killed_midway_is_rerun(fake):
     started = fake.root / "started.txt"
-    proc = subprocess.Popen(fake.stage_command("slow"), cwd=fake.root,
-                            env=fake.env(FAKE_SLEEP="60", FAKE_STARTED=str(started)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        fake.stage_command("slow"),
+        cwd=fake.root,
+        env=fake.env(FAKE_SLEEP="60", FAKE_STARTED=str(started)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -358,7 +412,9 @@ def test_stage_killed_midway_is_rerun(fake):
     config = fake.config("slow")
     [p] = dag.plan(config, fake.workdir, fake.registry)
     assert p.action == "run"
-    output = dag.run_pipeline(config, fake.workdir, registry=fake.registry, log=lambda _: None)["slow"]
+    output = dag.run_pipeline(config, fake.workdir, registry=fake.registry, log=lambda _: None)[
+        "slow"
+    ]
     assert fake.calls() == ["slow", "slow"]
     assert (output.path / "done.txt").read_text() == "done" and cache.is_complete(output.path)
     assert not [p for p in stage_root.iterdir() if p.name.startswith(".tmp-")]  # debris cleaned
@@ -367,9 +423,17 @@ def test_stage_killed_midway_is_rerun(fake):
 def test_concurrent_runs_of_one_stage_do_not_corrupt(fake):
     started = fake.root / "started.txt"
     env = fake.env(FAKE_SLEEP="1", FAKE_STARTED=str(started))
-    procs = [subprocess.Popen(fake.stage_command("slow"), cwd=fake.root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            fake.stage_command("slow"),
+            cwd=fake.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], results
     assert fake.calls() == ["slow"]  # the second process waited on the lock, then reused
@@ -380,18 +444,33 @@ def test_concurrent_runs_of_one_stage_do_not_corrupt(fake):
 
 
 def test_stage_entry_requires_cached_upstream_and_checks_fingerprint(fake):
-    out = subprocess.run(fake.stage_command("b"), cwd=fake.root, env=fake.env(),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        fake.stage_command("b"), cwd=fake.root, env=fake.env(), capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "--stages b needs upstream a, not in the cache" in out.stderr
-    assert subprocess.run(fake.stage_command("a"), cwd=fake.root, env=fake.env(),
-                          capture_output=True).returncode == 0
-    out = subprocess.run(fake.stage_command("b", "--expect_fingerprint=0123"), cwd=fake.root,
-                         env=fake.env(), capture_output=True, text=True)
+    assert (
+        subprocess.run(
+            fake.stage_command("a"), cwd=fake.root, env=fake.env(), capture_output=True
+        ).returncode
+        == 0
+    )
+    out = subprocess.run(
+        fake.stage_command("b", "--expect_fingerprint=0123"),
+        cwd=fake.root,
+        env=fake.env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "differs from the launcher's 0123" in out.stderr
     log = fake.root / "logs" / "b.log"
-    out = subprocess.run(fake.stage_command("b", f"--log_file={log}"), cwd=fake.root,
-                         env=fake.env(FAKE_FAIL="b"), capture_output=True, text=True)
+    out = subprocess.run(
+        fake.stage_command("b", f"--log_file={log}"),
+        cwd=fake.root,
+        env=fake.env(FAKE_FAIL="b"),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert "stage b failed on purpose" in log.read_text()  # the traceback lands in the log
 
@@ -406,20 +485,27 @@ def test_framework_tb_events_are_readable_by_tensorflow(fake):
             for v in e.summary.value:
                 print(e.step, v.tag, float(tf.make_ndarray(v.tensor)))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "value", "4.0"]
 
 
 # --- stage instances: <type>/<run> from config.<type>.runs.<run> ---------------------------------
 
+
 def _with_runs(fake: FakePipeline, **runs: tuple[int, str]) -> ml_collections.ConfigDict:
     config = fake.config()
     config.unlock()
     groups = {}
     for run, (value, extra) in runs.items():
-        group = ml_collections.ConfigDict({"value": value, "calls_file": str(fake.calls_file), "extra": extra})
+        group = ml_collections.ConfigDict(
+            {"value": value, "calls_file": str(fake.calls_file), "extra": extra}
+        )
         groups[run] = group
     config.d = ml_collections.ConfigDict({"runs": groups})
     config.lock()
@@ -439,25 +525,37 @@ def test_instances_are_dag_nodes_with_their_own_cache_entries(fake):
     # --stages d/one reruns that instance alone; the type name selects every instance.
     fake.run(config, only=["d/one"], force=["d/one"])
     assert fake.calls()[-1] == "d1:a+b" and fake.calls().count("d2:a") == 1
-    assert [p.action for p in dag.plan(config, fake.workdir, fake.registry, only=["d"])
-            if p.name.startswith("d/")] == ["reuse", "reuse"]
+    assert [
+        p.action
+        for p in dag.plan(config, fake.workdir, fake.registry, only=["d"])
+        if p.name.startswith("d/")
+    ] == ["reuse", "reuse"]
 
     # Adding a run reruns nothing else; changing one run's group invalidates that run only.
     bigger = _with_runs(fake, one=(1, "b"), two=(2, "a"), three=(3, "c"))
     actions = {p.name: p.action for p in dag.plan(bigger, fake.workdir, fake.registry)}
-    assert actions == {"a": "reuse", "b": "reuse", "c": "reuse", "d/one": "reuse", "d/two": "reuse",
-                       "d/three": "run"}
+    assert actions == {
+        "a": "reuse",
+        "b": "reuse",
+        "c": "reuse",
+        "d/one": "reuse",
+        "d/two": "reuse",
+        "d/three": "run",
+    }
     changed = _with_runs(fake, one=(5, "b"), two=(2, "a"))
     plans = {p.name: p for p in dag.plan(changed, fake.workdir, fake.registry)}
     assert plans["d/two"].action == "reuse" and plans["d/one"].action == "run"
     assert "config changed: d/one.value 1 -> 5" in plans["d/one"].reason
 
 
-@pytest.mark.parametrize("runs,message", [
-    (dict(one=(1, "zz")), "d.runs.one.extra: 'zz' is not another stage of this config"),
-    (dict(one=(1, "d/one")), "d.runs.one.extra: 'd/one' is not another stage"),
-    (dict(one=(1, "d/two"), two=(2, "d/one")), "stage dependency cycle"),
-])
+@pytest.mark.parametrize(
+    "runs,message",
+    [
+        (dict(one=(1, "zz")), "d.runs.one.extra: 'zz' is not another stage of this config"),
+        (dict(one=(1, "d/one")), "d.runs.one.extra: 'd/one' is not another stage"),
+        (dict(one=(1, "d/two"), two=(2, "d/one")), "stage dependency cycle"),
+    ],
+)
 def test_instance_upstream_errors(fake, runs, message):
     with pytest.raises(dag.PlanError, match=message.replace("(", r"\(")):
         dag.plan(_with_runs(fake, **runs), fake.workdir, fake.registry)
@@ -482,4 +580,6 @@ def test_optional_upstream_follows_what_the_config_has(fake):
     alone = fake.config("a")
     alone.unlock()
     alone.e = fake.config()["a"]
-    assert {p.name: p.stage.upstream for p in dag.plan(alone, fake.workdir, fake.registry)}["e"] == ()
+    assert {p.name: p.stage.upstream for p in dag.plan(alone, fake.workdir, fake.registry)}[
+        "e"
+    ] == ()

@@ -1,5 +1,6 @@
 """The cache key holds results only: every `runtime` knob of a training stage is a cache hit, and a
 rerun with all of them changed produces bit-identical artifacts (docs/DESIGN.md §2.5)."""
+
 import json
 import time
 
@@ -66,19 +67,25 @@ def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(prepare_into,
     # Every runtime knob changed at once (distributed ones aside: one process here), rerun for real.
     local = {k: v for k, v in KNOBS.items() if not k.startswith("distributed.")}
     before = set(psutil.Process().children(recursive=True))  # other tests' processes in this worker
-    second = dag.run_pipeline(_config(**local), tmp_path, only=["pretrain"], force=["pretrain"],
-                              log=_silent)["pretrain"]
+    second = dag.run_pipeline(
+        _config(**local), tmp_path, only=["pretrain"], force=["pretrain"], log=_silent
+    )["pretrain"]
     assert second.path == first.path
+
     # worker_count=1 started Grain worker processes; the loop closed the loader, so none outlives it.
     def workers():  # Python's multiprocessing resource tracker lives as long as this process, by design
         new = set(psutil.Process().children(recursive=True)) - before
         return [p for p in new if "resource_tracker" not in " ".join(p.cmdline())]
+
     deadline = time.time() + 30
     while workers() and time.time() < deadline:
         time.sleep(0.2)
     assert not workers(), [p.cmdline() for p in workers()]
-    jax.tree_util.tree_map(np.testing.assert_array_equal,
-                           jax.device_get(checkpoint.load_params(second.path / "params")), params)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        jax.device_get(checkpoint.load_params(second.path / "params")),
+        params,
+    )
     again = json.loads((second.path / "outputs.json").read_text())["metrics"]
     for key in ("val/top1", "val/top5", "val/loss", "steps"):
         assert again[key] == metrics[key], key

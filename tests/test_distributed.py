@@ -1,4 +1,5 @@
 """trainer/distributed.py: settings from config/env, and no second initialisation of a live runtime."""
+
 import jax
 import ml_collections
 import pytest
@@ -25,14 +26,20 @@ def test_auto_initializes_once_and_single_process_not_at_all(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     assert distributed.initialize(_cfg()) is False and calls == []
-    assert distributed.initialize(_cfg(auto=True)) is True and distributed.initialize(_cfg(auto=True)) is True
+    assert (
+        distributed.initialize(_cfg(auto=True)) is True
+        and distributed.initialize(_cfg(auto=True)) is True
+    )
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(num_processes=2, process_id=0), "distributed.coordinator"),
-    (dict(num_processes=2, process_id=2, coordinator="h:1"), "process_id=2 must be in [0, 2)"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(num_processes=2, process_id=0), "distributed.coordinator"),
+        (dict(num_processes=2, process_id=2, coordinator="h:1"), "process_id=2 must be in [0, 2)"),
+    ],
+)
 def test_bad_settings_are_one_line(kw, message):
     with pytest.raises(ValueError) as e:
         distributed.settings(_cfg(**kw))

@@ -1,5 +1,6 @@
 """The repo documents itself: code and docs cite only files inside it, and every `docs/DESIGN.md §N`
 they cite exists. Reads text files only (no JAX), so it runs in well under a second."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -19,13 +20,23 @@ HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", re.M)
 def _files() -> list[Path]:
     """Tracked and untracked-but-not-ignored text files (git), else a walk of the repo."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split("\n")
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
         paths = [REPO / line for line in out if line]
     except (OSError, subprocess.CalledProcessError):
         paths = [p for p in REPO.rglob("*") if not SKIP_DIRS & set(p.relative_to(REPO).parts)]
-    return sorted(p for p in paths if p.is_file() and not SKIP_DIRS & set(p.relative_to(REPO).parts)
-                  and (p.suffix in SUFFIXES or p.name in NAMES))
+    return sorted(
+        p
+        for p in paths
+        if p.is_file()
+        and not SKIP_DIRS & set(p.relative_to(REPO).parts)
+        and (p.suffix in SUFFIXES or p.name in NAMES)
+    )
 
 
 def _sections() -> set[str]:
@@ -56,11 +67,17 @@ def test_every_design_citation_names_the_file_and_an_existing_section():
         for number, line in enumerate(text.splitlines(), 1):
             for match in CITE.finditer(line):
                 prefix, section = match.group(1), match.group(2)
-                named = prefix or (match.group(0).startswith("DESIGN.md") and rel.startswith("docs/"))
+                named = prefix or (
+                    match.group(0).startswith("DESIGN.md") and rel.startswith("docs/")
+                )
                 if not named:
-                    bad.append(f"{rel}:{number}: {match.group(0)!r}: write docs/DESIGN.md §{section}")
+                    bad.append(
+                        f"{rel}:{number}: {match.group(0)!r}: write docs/DESIGN.md §{section}"
+                    )
                 elif section not in sections:
-                    bad.append(f"{rel}:{number}: {match.group(0)!r}: docs/DESIGN.md has no §{section}")
+                    bad.append(
+                        f"{rel}:{number}: {match.group(0)!r}: docs/DESIGN.md has no §{section}"
+                    )
     # docs/DESIGN.md's own cross-references (bare `§N`) must resolve too.
     for number, line in enumerate(DESIGN.read_text().splitlines(), 1):
         for section in re.findall(r"§(\d+(?:\.\d+)?)", line):

@@ -5,6 +5,7 @@ The checkpoint is the loop's own layout (`checkpoints/<step>/{state,data}` via
 checkpoint.Checkpoints), written from the real pretrain Task's train step on the tiny config's
 4 x 2 mesh over the shared prepared digits.
 """
+
 import json
 import os
 import shutil
@@ -39,10 +40,16 @@ def _parts(mesh, split_dir, *, process_index=None, process_count=None):
     cfg = _cfg()
     task = pretrain.make_task(cfg, 10)
     setup = step_lib.setup(task, cfg.optim, 20, mesh, cfg.seed)
-    train = loader.train_loader(split_dir, global_batch_size=cfg.batch_size, image_size=cfg.data.image_size,
-                                seed=cfg.seed, sharding=sharding.batch_sharding(mesh),
-                                augment=cfg.data.augment.to_dict(), process_index=process_index,
-                                process_count=process_count)
+    train = loader.train_loader(
+        split_dir,
+        global_batch_size=cfg.batch_size,
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+        sharding=sharding.batch_sharding(mesh),
+        augment=cfg.data.augment.to_dict(),
+        process_index=process_index,
+        process_count=process_count,
+    )
     step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, train.sharding)
     return setup, step, train
 
@@ -70,30 +77,41 @@ def written(prepared_digits, tmp_path_factory):
     saved = jax.device_get(st)
     st, losses = _train(step, st, train, MORE)
     train.close()
-    return dict(dir=out, split=split, saved=saved, losses=losses, params=jax.device_get(st["params"]))
+    return dict(
+        dir=out, split=split, saved=saved, losses=losses, params=jax.device_get(st["params"])
+    )
 
 
 @pytest.mark.parametrize("data,model,devices", [(2, 4, 8), (8, 1, 8), (2, 2, 4)])
-def test_checkpoint_from_4x2_restores_on_another_mesh_and_training_continues(written, data, model, devices):
+def test_checkpoint_from_4x2_restores_on_another_mesh_and_training_continues(
+    written, data, model, devices
+):
     mesh = sharding.make_mesh(data, model, devices=jax.devices()[:devices])
     setup, step, train = _parts(mesh, written["split"])
     ckpts = checkpoint.Checkpoints(written["dir"] / "checkpoints", async_save=False)
     try:
-        st, at = ckpts.restore(checkpoint.abstract_with_shardings(setup.abstract, setup.shardings), train.iterator)
+        st, at = ckpts.restore(
+            checkpoint.abstract_with_shardings(setup.abstract, setup.shardings), train.iterator
+        )
     finally:
         ckpts.close()
     assert at == SAVED_AT
     # identical values, laid out as this mesh's rules say
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(st), written["saved"])
-    for leaf, want in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(setup.shardings)):
+    for leaf, want in zip(
+        jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(setup.shardings)
+    ):
         assert leaf.sharding == want and len(leaf.sharding.device_set) == devices
     # training continues from the same batches: the same losses and parameters up to the float
     # summation order, which the mesh shape changes
     st, losses = _train(step, st, train, MORE)
     train.close()
     np.testing.assert_allclose(losses, written["losses"], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           jax.device_get(st["params"]), written["params"])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        jax.device_get(st["params"]),
+        written["params"],
+    )
 
 
 def _host_batches(train, n):
@@ -117,7 +135,9 @@ def test_iterator_state_maps_to_another_process_count(written, tmp_path):
     # Written by 2 processes, resumed by 1: the same next global batch as the 1-process run.
     setup, _, train = _parts(mesh, written["split"])
     ckpts = checkpoint.Checkpoints(two, async_save=False)
-    ckpts.restore(checkpoint.abstract_with_shardings(setup.abstract, setup.shardings), train.iterator)
+    ckpts.restore(
+        checkpoint.abstract_with_shardings(setup.abstract, setup.shardings), train.iterator
+    )
     _, _, fresh = _parts(mesh, written["split"])
     want = _host_batches(fresh, SAVED_AT + 1)[-1]
     got = next(train.iterator)
@@ -132,10 +152,14 @@ def test_iterator_state_maps_to_another_process_count(written, tmp_path):
 
     # Processes that disagree, or a missing file, are reported naming the files; never guessed.
     (data / "process_1-of-2.json").write_text(json.dumps({"next_index": SAVED_AT + 5}))
-    with pytest.raises(ValueError, match=r"the 2 processes' iterator states differ .*cannot map them to 1"):
+    with pytest.raises(
+        ValueError, match=r"the 2 processes' iterator states differ .*cannot map them to 1"
+    ):
         ckpts.data_state(SAVED_AT)
     (data / "process_1-of-2.json").unlink()
-    with pytest.raises(ValueError, match=rf"{data}: written by 2 processes but process_1-of-2.json is missing"):
+    with pytest.raises(
+        ValueError, match=rf"{data}: written by 2 processes but process_1-of-2.json is missing"
+    ):
         ckpts.data_state(SAVED_AT)
     ckpts.close()
 
@@ -150,14 +174,23 @@ def test_exported_params_load_as_numpy_on_one_cpu_without_a_mesh(written, tmp_pa
         "params = checkpoint.load_params(sys.argv[1])\n"
         "leaves = jax.tree_util.tree_flatten_with_path(params)[0]\n"
         "assert all(type(v) is np.ndarray for _, v in leaves), {type(v) for _, v in leaves}\n"
-        "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in leaves})\n")
+        "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in leaves})\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, "-c", script, str(written["dir"] / "params"), str(tmp_path / "p.npz")],
-                         cwd=REPO, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(written["dir"] / "params"), str(tmp_path / "p.npz")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = np.load(tmp_path / "p.npz")
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(written["saved"]["params"])[0]}
+    want = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(written["saved"]["params"])[0]
+    }
     assert sorted(loaded.files) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(loaded[key], value)

@@ -2,6 +2,7 @@
 export): every evaluator type on three models (the export under two names and a probe-style head),
 cross-checked against the training stage's own evaluators and hand formulas; metrics.json layout,
 details, the report, the digits fairness attribute, and plan-time errors."""
+
 import csv
 import json
 import os
@@ -21,6 +22,7 @@ def _records(split_dir):
     import grain
 
     from data import manifest, records
+
     m = manifest.read(split_dir)
     source = grain.sources.ArrayRecordDataSource(m.shard_paths(split_dir))
     return m, [records.decode(source[i]) for i in range(len(source))]
@@ -35,12 +37,33 @@ def _human_raw_data(root, prepared, pairs):
     for subject in ("subject-01", "subject-02"):
         with open(directory / f"digits-pairs_{subject}_session_1.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename"])
+            writer.writerow(
+                [
+                    "subj",
+                    "session",
+                    "trial",
+                    "rt",
+                    "object_response",
+                    "category",
+                    "condition",
+                    "imagename",
+                ]
+            )
             for i, rec in enumerate(recs):
                 category = pairs[rec.label[0]]
                 right = subject == "subject-01" or i % 2 == 0
-                writer.writerow([subject, 1, i + 1, 800, category if right else "na", category, f"c{i % 2 + 1}",
-                                 rec.id.rsplit("/", 1)[-1]])
+                writer.writerow(
+                    [
+                        subject,
+                        1,
+                        i + 1,
+                        800,
+                        category if right else "na",
+                        category,
+                        f"c{i % 2 + 1}",
+                        rec.id.rsplit("/", 1)[-1],
+                    ]
+                )
     return recs
 
 
@@ -48,18 +71,37 @@ def make_config(human_data: str) -> ml_collections.ConfigDict:
     c = evaluate.default_config()
     c.batch_size = 64
     c.mesh.data, c.mesh.model = 4, 2
-    c.evals = ml_collections.ConfigDict({
-        "val": dict(type="accuracy", split="val"),
-        "test": dict(type="accuracy", split="test"),
-        "val_cls": dict(type="classification", split="val"),  # the training table's evaluator, reused
-        "pairs": dict(type="ood", split="val", map="digits_pairs", labels="source"),
-        "pairs_mean": dict(type="ood", split="val", map="digits_pairs", labels="source", reduce="mean",
-                           softmax=True, models=("pretrain",)),  # scores only the pretrain
-        "calib": dict(type="calibration", split="test"),
-        "fair": dict(type="fairness", split="test", fit_split="val", attribute="heavy_ink", positive=EVEN),
-        "mvh": dict(type="model_vs_human", split="val", map="digits_pairs", labels="source",
-                    experiment="digits-pairs", human_data=human_data),
-    })
+    c.evals = ml_collections.ConfigDict(
+        {
+            "val": dict(type="accuracy", split="val"),
+            "test": dict(type="accuracy", split="test"),
+            "val_cls": dict(
+                type="classification", split="val"
+            ),  # the training table's evaluator, reused
+            "pairs": dict(type="ood", split="val", map="digits_pairs", labels="source"),
+            "pairs_mean": dict(
+                type="ood",
+                split="val",
+                map="digits_pairs",
+                labels="source",
+                reduce="mean",
+                softmax=True,
+                models=("pretrain",),
+            ),  # scores only the pretrain
+            "calib": dict(type="calibration", split="test"),
+            "fair": dict(
+                type="fairness", split="test", fit_split="val", attribute="heavy_ink", positive=EVEN
+            ),
+            "mvh": dict(
+                type="model_vs_human",
+                split="val",
+                map="digits_pairs",
+                labels="source",
+                experiment="digits-pairs",
+                human_data=human_data,
+            ),
+        }
+    )
     c.lock()
     return c
 
@@ -71,21 +113,38 @@ def _cue_conflict(root, prepared_digits):
     from data import images
     from pipelines import prepare
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     rng = np.random.default_rng(0)
     for n in range(12):
-        shape, texture = ("low", "high")[n % 2], ("low", "high")[(n // 2) % 2]  # 3 of each (shape, texture)
+        shape, texture = (
+            ("low", "high")[n % 2],
+            ("low", "high")[(n // 2) % 2],
+        )  # 3 of each (shape, texture)
         index = int(rng.choice(np.flatnonzero((digits.target >= 5) == (shape == "high"))))
-        gray = np.kron(np.round(digits.images[index] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))
+        gray = np.kron(
+            np.round(digits.images[index] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8)
+        )
         path = root / "stimuli" / shape / f"{shape}{n}-{texture}{n}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(images.encode_png(np.repeat(gray[..., None], 3, axis=-1)))
     cfg = prepare.default_config()
-    cfg.datasets = ml_collections.ConfigDict({"cue": prepare.dataset_config(
-        source="cue_conflict", root=str(root / "stimuli"), splits={"test": ""}, image_size=32, lossless=True)})
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            "cue": prepare.dataset_config(
+                source="cue_conflict",
+                root=str(root / "stimuli"),
+                splits={"test": ""},
+                image_size=32,
+                lossless=True,
+            )
+        }
+    )
     prepare.prepare(cfg, root / "prepared")
     (root / "prepared" / "digits").symlink_to(prepared_digits / "digits")
-    (root / "low_high.json").write_text(json.dumps({"high": ["5", "6", "7", "8", "9"], "low": ["0", "1", "2", "3", "4"]}))
+    (root / "low_high.json").write_text(
+        json.dumps({"high": ["5", "6", "7", "8", "9"], "low": ["0", "1", "2", "3", "4"]})
+    )
     return root / "prepared"
 
 
@@ -95,6 +154,7 @@ def evaluated(prepared_digits, prepare_output, pretrain_export, tmp_path_factory
     own head on its pre-logits (so it must score exactly like the export)."""
     from data import label_maps
     from trainer import checkpoint
+
     root = tmp_path_factory.mktemp("evaluate")
     pairs_map = label_maps.load("digits_pairs")
     pairs = {int(s): t for t, members in zip(pairs_map.targets, pairs_map.sources) for s in members}
@@ -102,18 +162,31 @@ def evaluated(prepared_digits, prepare_output, pretrain_export, tmp_path_factory
     probe_dir = root / "probe"
     probe_dir.mkdir()
     params = checkpoint.load_params(pretrain_export.path / "params")
-    checkpoint.save_params(probe_dir / "head", {"kernel": np.asarray(params["head_kernel"]),
-                                                "bias": np.asarray(params["head_bias"])})
-    (probe_dir / "head.json").write_text(json.dumps({"model_from": "pretrain", "class_names": [str(i) for i in range(10)]}))
+    checkpoint.save_params(
+        probe_dir / "head",
+        {"kernel": np.asarray(params["head_kernel"]), "bias": np.asarray(params["head_bias"])},
+    )
+    (probe_dir / "head.json").write_text(
+        json.dumps({"model_from": "pretrain", "class_names": [str(i) for i in range(10)]})
+    )
     prepared = _cue_conflict(root, prepared_digits)
-    inputs = {"prepare": StageOutput("prepare", prepare_output.fingerprint, prepared, {}), "pretrain": pretrain_export,
-              "probe": StageOutput("probe", "3" * 64, probe_dir, {"metrics": {"linear/test_top1": 0.5}})}
+    inputs = {
+        "prepare": StageOutput("prepare", prepare_output.fingerprint, prepared, {}),
+        "pretrain": pretrain_export,
+        "probe": StageOutput("probe", "3" * 64, probe_dir, {"metrics": {"linear/test_top1": 0.5}}),
+    }
     out = root / "out"
     out.mkdir()
     cfg = make_config(str(root / "raw-data"))
     with cfg.unlocked():
-        cfg.evals.cue = dict(type="model_vs_human", dataset="cue", split="test", map=str(root / "low_high.json"),
-                             experiment="cue-conflict", models=("pretrain",))
+        cfg.evals.cue = dict(
+            type="model_vs_human",
+            dataset="cue",
+            split="test",
+            map=str(root / "low_high.json"),
+            experiment="cue-conflict",
+            models=("pretrain",),
+        )
     result = evaluate.run(cfg, inputs, out)
     return out, result, recs, pairs
 
@@ -130,15 +203,27 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
     assert pre["digits/val"]["val/top1"] == pytest.approx(trained["val/top1"], abs=1e-6)
     assert pre["digits/val"]["val_cls/top1"] == pytest.approx(trained["val/top1"], abs=1e-6)
     assert pre["digits/val"]["pairs/top1"] == pytest.approx(trained["pairs/top1"], abs=1e-6)
-    assert pre["digits/val"]["val/count"] == len(recs) == 179 and pre["digits/test"]["calib/count"] == 180
+    assert (
+        pre["digits/val"]["val/count"] == len(recs) == 179
+        and pre["digits/test"]["calib/count"] == 180
+    )
     # model-vs-human decisions = mean of softmax probabilities per category = the ood eval with reduce=mean
-    assert pre["digits/val"]["mvh/ood_accuracy"] == pytest.approx(pre["digits/val"]["pairs_mean/top1"])
+    assert pre["digits/val"]["mvh/ood_accuracy"] == pytest.approx(
+        pre["digits/val"]["pairs_mean/top1"]
+    )
     for key in ("val/top1", "val/top5"):  # a head equal to the model's own scores like the model
-        assert metrics["probe"]["digits/val"][key] == pytest.approx(pre["digits/val"][key], abs=1e-6)
-    assert "pairs_mean/top1" not in metrics["probe"]["digits/val"]  # that eval names only the pretrain
+        assert metrics["probe"]["digits/val"][key] == pytest.approx(
+            pre["digits/val"][key], abs=1e-6
+        )
+    assert (
+        "pairs_mean/top1" not in metrics["probe"]["digits/val"]
+    )  # that eval names only the pretrain
     assert result["artifacts"]["report"] == "report.html"
     assert result["metrics"]["pretrain/digits/test/test/top1"] == pre["digits/test"]["test/top1"]
-    assert result["metrics"]["pretrain/model-vs-human/error_consistency"] == pre["model-vs-human"]["error consistency"]
+    assert (
+        result["metrics"]["pretrain/model-vs-human/error_consistency"]
+        == pre["model-vs-human"]["error consistency"]
+    )
     assert "pretrain/digits/test/test/count" not in result["metrics"]  # headline metrics only
 
 
@@ -146,7 +231,9 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
 def test_model_vs_human_against_hand_formulas(evaluated):
     out, _, recs, pairs = evaluated
     with open(out / "details" / "pretrain" / "digits-pairs_pretrain_session_1.csv") as f:
-        model = {row["imagename"]: row["object_response"] == row["category"] for row in csv.DictReader(f)}
+        model = {
+            row["imagename"]: row["object_response"] == row["category"] for row in csv.DictReader(f)
+        }
     names = [r.id.rsplit("/", 1)[-1] for r in recs]
     assert set(model) == set(names)
     diff, obs, kappa = [], [], []
@@ -181,12 +268,15 @@ def test_shape_bias_of_cue_conflict_records(evaluated):
     out, _, _, _ = evaluated
     with open(out / "details" / "pretrain" / "cue-conflict_pretrain_session_1.csv") as f:
         trials = list(csv.DictReader(f))
-    assert len(trials) == 12 and all(t["category"] == t["imagename"].split("-")[0].rstrip("0123456789")
-                                     for t in trials)
+    assert len(trials) == 12 and all(
+        t["category"] == t["imagename"].split("-")[0].rstrip("0123456789") for t in trials
+    )
     texture = [t["imagename"].split("-")[1].rstrip(".png").rstrip("0123456789") for t in trials]
     conflict = [t for t, x in zip(trials, texture) if t["category"] != x]
     shape_hits = sum(t["object_response"] == t["category"] for t in conflict)
-    texture_hits = sum(t["object_response"] != t["category"] for t in conflict)  # two categories: the other one
+    texture_hits = sum(
+        t["object_response"] != t["category"] for t in conflict
+    )  # two categories: the other one
     cue = json.loads((out / "metrics.json").read_text())["pretrain"]["cue/test"]
     assert len(conflict) == 6 and shape_hits + texture_hits == 6
     assert cue["cue/shape_bias"] == pytest.approx(shape_hits / 6)
@@ -216,9 +306,13 @@ def test_calibration_and_fairness_details(evaluated, prepared_digits):
 @pytest.mark.xdist_group("evaluate")
 def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
     from eval import browser
+
     out, _, _, _ = evaluated
     md = (out / "report.md").read_text()
-    assert "_no distill stage in this run_" in md and "_no LiT stage (zero-shot metrics) in this run_" in md
+    assert (
+        "_no distill stage in this run_" in md
+        and "_no LiT stage (zero-shot metrics) in this run_" in md
+    )
     assert "| humans | digits-pairs |" in md
     figures = len(list((out / "figures").iterdir()))
     assert figures == 5  # training curves, shape bias (cue), reliability, subgroups, frontier
@@ -234,22 +328,52 @@ def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
 
 def _upstream_groups():
     from pipelines import prepare
+
     return {"prepare": prepare.default_config(), "pretrain": ml_collections.ConfigDict()}
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.evals.val.update(type="nope"), r"evaluate\.evals\.val\.type='nope' is not an evaluator"),
-    (lambda c: c.evals.val.update(split="dev"), r"evaluate\.evals\.val\.split: 'dev' is not a split of prepared"),
-    (lambda c: c.evals.fair.update(fit_split="test"), r"evaluate\.evals\.fair\.fit_split: must differ from split"),
-    (lambda c: c.evals.calib.update(scheme="quantile"), r"evaluate\.evals\.calib\.scheme: 'quantile' is not one of"),
-    (lambda c: c.evals.pairs.update(map="no_such_map"), r"evaluate\.evals\.pairs\.map: label map .*no_such_map\.json"),
-    (lambda c: c.evals.mvh.update(experiment="sketch"), r"evaluate\.evals\.mvh\.human_data: '.*' has no dir for the "
-                                                       r"experiment 'sketch'"),
-    (lambda c: c.update(models=("distill/s",)), r"evaluate\.models: 'distill/s' is not upstream"),
-    (lambda c: c.evals.test.update(models=("lit",)), r"evaluate\.evals\.test\.models: 'lit' is not upstream"),
-    (lambda c: c.update(batch_size=30),
-     r"evaluate\.batch_size: 30 is not divisible by the data-parallel size 4"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c.evals.val.update(type="nope"),
+            r"evaluate\.evals\.val\.type='nope' is not an evaluator",
+        ),
+        (
+            lambda c: c.evals.val.update(split="dev"),
+            r"evaluate\.evals\.val\.split: 'dev' is not a split of prepared",
+        ),
+        (
+            lambda c: c.evals.fair.update(fit_split="test"),
+            r"evaluate\.evals\.fair\.fit_split: must differ from split",
+        ),
+        (
+            lambda c: c.evals.calib.update(scheme="quantile"),
+            r"evaluate\.evals\.calib\.scheme: 'quantile' is not one of",
+        ),
+        (
+            lambda c: c.evals.pairs.update(map="no_such_map"),
+            r"evaluate\.evals\.pairs\.map: label map .*no_such_map\.json",
+        ),
+        (
+            lambda c: c.evals.mvh.update(experiment="sketch"),
+            r"evaluate\.evals\.mvh\.human_data: '.*' has no dir for the "
+            r"experiment 'sketch'",
+        ),
+        (
+            lambda c: c.update(models=("distill/s",)),
+            r"evaluate\.models: 'distill/s' is not upstream",
+        ),
+        (
+            lambda c: c.evals.test.update(models=("lit",)),
+            r"evaluate\.evals\.test\.models: 'lit' is not upstream",
+        ),
+        (
+            lambda c: c.update(batch_size=30),
+            r"evaluate\.batch_size: 30 is not divisible by the data-parallel size 4",
+        ),
+    ],
+)
 def test_plan_time_errors_name_the_key(edit, message, tmp_path):
     cfg = make_config(str(tmp_path))
     (tmp_path / "digits-pairs").mkdir()
@@ -265,6 +389,7 @@ def test_files_the_planning_machine_cannot_see_are_read_when_the_stage_starts(tm
     from types import SimpleNamespace
 
     from eval import evaluators
+
     cfg = make_config("/bucket/raw-data")
     with cfg.unlocked():
         cfg.evals.pairs.map = "/bucket/maps/objectnet.json"
@@ -272,6 +397,15 @@ def test_files_the_planning_machine_cannot_see_are_read_when_the_stage_starts(tm
     ctx = SimpleNamespace(dataset="digits", class_names=tuple(str(i) for i in range(10)))
     with pytest.raises(ValueError, match=r"label map /bucket/maps/objectnet\.json: cannot read"):
         evaluators.LabelMapOOD(None, ctx=ctx, split="test", map="/bucket/maps/objectnet.json")
-    with pytest.raises(ValueError, match=r"human_data '/bucket/raw-data' has no dir 'digits-pairs'"):
-        evaluators.ModelVsHuman(None, ctx=ctx, split="test", map="digits_pairs", labels="source",
-                                experiment="digits-pairs", human_data="/bucket/raw-data")
+    with pytest.raises(
+        ValueError, match=r"human_data '/bucket/raw-data' has no dir 'digits-pairs'"
+    ):
+        evaluators.ModelVsHuman(
+            None,
+            ctx=ctx,
+            split="test",
+            map="digits_pairs",
+            labels="source",
+            experiment="digits-pairs",
+            human_data="/bucket/raw-data",
+        )

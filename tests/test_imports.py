@@ -1,5 +1,6 @@
 """Import hygiene: no cycles among the repo's modules, and the model's closure free of optimizer and
 checkpoint code (the cache hashes closures). `launch` without JAX/Beam/TF: tests/test_dag.py."""
+
 from pathlib import Path
 
 from launch import code_hashes
@@ -45,7 +46,7 @@ def test_the_static_import_graph_has_no_cycle():
         if state.get(node) == "done":
             return
         if state.get(node) == "open":
-            cycles.append(path[path.index(node):] + [node])
+            cycles.append(path[path.index(node) :] + [node])
             return
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
@@ -58,10 +59,18 @@ def test_the_static_import_graph_has_no_cycle():
 
 
 def test_the_model_closure_has_no_optimizer_checkpoint_or_stage_code():
-    closure = {p.relative_to(REPO).as_posix()
-               for p in code_hashes.import_closure(REPO, "trainer.models.vit")}
+    closure = {
+        p.relative_to(REPO).as_posix()
+        for p in code_hashes.import_closure(REPO, "trainer.models.vit")
+    }
     assert "trainer/models/vit.py" in closure and "trainer/sharding.py" in closure
-    for banned in ("trainer/optim.py", "trainer/checkpoint.py", "trainer/loop.py", "trainer/pretrain.py",
-                   "trainer/memory.py", "trainer/step.py"):
+    for banned in (
+        "trainer/optim.py",
+        "trainer/checkpoint.py",
+        "trainer/loop.py",
+        "trainer/pretrain.py",
+        "trainer/memory.py",
+        "trainer/step.py",
+    ):
         assert banned not in closure, banned
     assert not [f for f in closure if f.startswith(("launch/", "eval/", "pipelines/", "data/"))]

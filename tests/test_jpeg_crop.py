@@ -9,6 +9,7 @@ both (their SIMD versions are bit-exact with C), so the max abs difference is 0 
 fast=True (ifast + merged upsampling). images.decode_crop must equal decode_scaled + slice
 exactly, whichever path it takes.
 """
+
 import io
 import math
 import os
@@ -37,8 +38,10 @@ def jc():
     silently fall back), a skip elsewhere."""
     if _jpeg_crop is None:
         if HAS_HEADERS:
-            pytest.fail("/usr/include/jpeglib.h exists but data._jpeg_crop is not built: "
-                        "reinstall (make venv / pip install -e .) and read the compiler output")
+            pytest.fail(
+                "/usr/include/jpeglib.h exists but data._jpeg_crop is not built: "
+                "reinstall (make venv / pip install -e .) and read the compiler output"
+            )
         pytest.skip("no libjpeg headers: data._jpeg_crop is not built here")
     return _jpeg_crop
 
@@ -46,9 +49,12 @@ def jc():
 def _digits(height, width):
     """Three sklearn digits (8x8) upscaled into the R, G and B channels."""
     from sklearn.datasets import load_digits
+
     d = load_digits().images[:3]  # values 0..16
-    chans = [cv2.resize((d[i] * 15).astype(np.uint8), (width, height),
-                        interpolation=cv2.INTER_CUBIC) for i in range(3)]
+    chans = [
+        cv2.resize((d[i] * 15).astype(np.uint8), (width, height), interpolation=cv2.INTER_CUBIC)
+        for i in range(3)
+    ]
     return np.ascontiguousarray(np.stack(chans, -1))
 
 
@@ -63,8 +69,16 @@ def _photo(height, width, seed=0):
     for _ in range(5):
         centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         axes = (int(rng.integers(5, width // 3)), int(rng.integers(5, height // 3)))
-        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360,
-                    rng.uniform(0, 255, 3).tolist(), -1)
+        cv2.ellipse(
+            img,
+            centre,
+            axes,
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            rng.uniform(0, 255, 3).tolist(),
+            -1,
+        )
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -85,13 +99,17 @@ def _pillow(img, **kwargs):
 def _jpegs():
     """name -> JPEG bytes: 3 images x {4:2:0, 4:4:4, 4:2:2, gray} at q95, plus progressive."""
     out = {}
-    for name, img in [("digits", _digits(120, 96)), ("photo224", _photo(224, 224)),
-                      ("photo173x251", _photo(173, 251, seed=1))]:
+    for name, img in [
+        ("digits", _digits(120, 96)),
+        ("photo224", _photo(224, 224)),
+        ("photo173x251", _photo(173, 251, seed=1)),
+    ]:
         for sub in ("420", "444", "422", "gray"):
             out[f"{name}-{sub}"] = _encode(img, sub)
     out["photo224-progressive"] = _pillow(_photo(224, 224, seed=2), progressive=True)
-    out["photo173x251-progressive444"] = _pillow(_photo(173, 251, seed=3), progressive=True,
-                                                 subsampling=0)
+    out["photo173x251-progressive444"] = _pillow(
+        _photo(173, 251, seed=3), progressive=True, subsampling=0
+    )
     return out
 
 
@@ -100,11 +118,19 @@ JPEGS = _jpegs()
 
 def _random_boxes(rng, height, width, n):
     """n random boxes plus the awkward ones: corners, 1-pixel, full rows/columns, whole image."""
-    boxes = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1),
-             (0, width - 1, height, 1), (height - 1, 0, 1, width), (height // 2, 16 % width, 1, 1)]
+    boxes = [
+        (0, 0, height, width),
+        (0, 0, 1, 1),
+        (height - 1, width - 1, 1, 1),
+        (0, width - 1, height, 1),
+        (height - 1, 0, 1, width),
+        (height // 2, 16 % width, 1, 1),
+    ]
     for _ in range(n):
         y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
-        boxes.append((y, x, int(rng.integers(1, height - y + 1)), int(rng.integers(1, width - x + 1))))
+        boxes.append(
+            (y, x, int(rng.integers(1, height - y + 1)), int(rng.integers(1, width - x + 1)))
+        )
     return boxes
 
 
@@ -144,8 +170,11 @@ def test_extension_crop_is_bit_identical_to_its_full_decode(jc, name):
             full = _ext(jc, data, (0, 0, oh, ow), k, fast)
             for y, x, h, w in _random_boxes(rng, oh, ow, 25):
                 crop = _ext(jc, data, (y, x, h, w), k, fast)
-                np.testing.assert_array_equal(crop, full[y:y + h, x:x + w],
-                                              err_msg=f"{name} k={k} fast={fast} box={(y, x, h, w)}")
+                np.testing.assert_array_equal(
+                    crop,
+                    full[y : y + h, x : x + w],
+                    err_msg=f"{name} k={k} fast={fast} box={(y, x, h, w)}",
+                )
 
 
 @pytest.mark.parametrize("name", sorted(JPEGS))
@@ -155,12 +184,15 @@ def test_extension_full_decode_equals_simplejpeg(jc, name):
     for k in range(1, 9):
         oh, ow = math.ceil(height * k / 8), math.ceil(width * k / 8)
         for fast in (False, True):
-            ref = simplejpeg.decode_jpeg(data, "RGB", fastdct=fast, fastupsample=fast,
-                                         min_height=oh, min_width=ow)
+            ref = simplejpeg.decode_jpeg(
+                data, "RGB", fastdct=fast, fastupsample=fast, min_height=oh, min_width=ow
+            )
             assert ref.shape == (oh, ow, 3)
             ours = _ext(jc, data, (0, 0, oh, ow), k, fast)
             diff = int(np.abs(ours.astype(np.int16) - ref).max())
-            assert diff == 0, f"{name} k={k} fast={fast}: max abs difference {diff} (see module doc)"
+            assert diff == 0, (
+                f"{name} k={k} fast={fast}: max abs difference {diff} (see module doc)"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(JPEGS))
@@ -172,15 +204,19 @@ def test_decode_crop_equals_oracle(name):
         _, _, h, w = box
         # the loader's minimums (output size s), none, and arbitrary ones
         s = int(rng.choice([16, 32, 64, 112, 224]))
-        minimums = [(min(height, math.ceil(height * s / h)), min(width, math.ceil(width * s / w))),
-                    (0, 0), (int(rng.integers(-2, height + 3)), int(rng.integers(-2, width + 3)))]
+        minimums = [
+            (min(height, math.ceil(height * s / h)), min(width, math.ceil(width * s / w))),
+            (0, 0),
+            (int(rng.integers(-2, height + 3)), int(rng.integers(-2, width + 3))),
+        ]
         for min_height, min_width in minimums:
             for fast in (False, True):
                 got = images.decode_crop(data, box, min_height, min_width, fast=fast)
                 want = _oracle(data, box, min_height, min_width, fast)
                 assert got.dtype == np.uint8 and got.flags.c_contiguous
-                np.testing.assert_array_equal(got, want, err_msg=f"{name} box={box} "
-                                              f"min={min_height, min_width} fast={fast}")
+                np.testing.assert_array_equal(
+                    got, want, err_msg=f"{name} box={box} min={min_height, min_width} fast={fast}"
+                )
 
 
 def test_scale_choice_matches_simplejpeg():
@@ -210,7 +246,8 @@ def test_scale_choice_on_tiny_images_uses_the_largest_factor_of_that_size():
                         np.testing.assert_array_equal(
                             images.decode_crop(data, box, mh, mw, fast=fast),
                             images.decode_scaled(data, mh, mw, fast=fast),
-                            err_msg=f"{height}x{width} {sub} min={mh, mw} fast={fast}")
+                            err_msg=f"{height}x{width} {sub} min={mh, mw} fast={fast}",
+                        )
     assert images._jpeg_scale_num(5, 5, 5, 5) == 8  # not 7, although 7/8 is 5x5 too
 
 
@@ -237,18 +274,20 @@ def test_cmyk_jpeg(jc):
     with pytest.raises(ValueError, match="CMYK JPEG"):
         jc.decode_crop(data, 0, 0, 8, 8)
     box = (3, 4, 30, 20)  # images.decode_crop hands CMYK to simplejpeg, which converts it
-    np.testing.assert_array_equal(images.decode_crop(data, box, 16, 16),
-                                  _oracle(data, box, 16, 16, False))
+    np.testing.assert_array_equal(
+        images.decode_crop(data, box, 16, 16), _oracle(data, box, 16, 16, False)
+    )
 
 
 def test_truncated_jpeg_decodes_with_a_warning_only(jc):
-    data = JPEGS["photo224-420"][:len(JPEGS["photo224-420"]) // 2]
+    data = JPEGS["photo224-420"][: len(JPEGS["photo224-420"]) // 2]
     out = _ext(jc, data, (150, 20, 60, 100), 8, False)  # rows past the cut: libjpeg's filler
     assert out.shape == (60, 100, 3)
     box = (100, 10, 110, 200)
     for fast in (False, True):
-        np.testing.assert_array_equal(images.decode_crop(data, box, fast=fast),
-                                      _oracle(data, box, 0, 0, fast))
+        np.testing.assert_array_equal(
+            images.decode_crop(data, box, fast=fast), _oracle(data, box, 0, 0, fast)
+        )
 
 
 @pytest.mark.parametrize("fraction", [0.15, 0.5])
@@ -259,23 +298,27 @@ def test_truncated_progressive_crop_equals_its_full_decode(jc, fraction):
     its libjpeg-turbo 3.1.2 smooths truncated 4:2:0 progressive files differently from 2.1.5
     (max abs difference 13 at 15% of this file, 1 at 50%; complete files: 0)."""
     data = JPEGS["photo224-progressive"]
-    data = data[:int(len(data) * fraction)]
+    data = data[: int(len(data) * fraction)]
     rng = np.random.default_rng(11)
     for k in (2, 5, 8):
         oh = ow = 28 * k
         for fast in (False, True):
             full = _ext(jc, data, (0, 0, oh, ow), k, fast)
             for y, x, h, w in _random_boxes(rng, oh, ow, 20):
-                np.testing.assert_array_equal(_ext(jc, data, (y, x, h, w), k, fast),
-                                              full[y:y + h, x:x + w])
+                np.testing.assert_array_equal(
+                    _ext(jc, data, (y, x, h, w), k, fast), full[y : y + h, x : x + w]
+                )
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "Empty input"),
-    (b"hello, world", "Not a JPEG file"),
-    (b"\xff\xd8\xff\xe0" + bytes(200), ""),
-    (b"\xff\xd8\xff" + np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes(), ""),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "Empty input"),
+        (b"hello, world", "Not a JPEG file"),
+        (b"\xff\xd8\xff\xe0" + bytes(200), ""),
+        (b"\xff\xd8\xff" + np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes(), ""),
+    ],
+)
 def test_garbage_raises_value_error_with_libjpeg_message(jc, data, message):
     with pytest.raises(ValueError, match=f"^decode_crop: .*{message}") as info:
         jc.decode_crop(data, 0, 0, 1, 1)
@@ -345,8 +388,11 @@ def test_no_leak_on_success_and_error_paths(jc):
         for _ in range(n):
             jc.decode_crop(good, 50, 60, 100, 90, 8, True)
             jc.decode_crop(cut, 0, 0, 200, 200)  # "premature end" warning
-            for args in [(b"\xff\xd8\xff" + bytes(64), 0, 0, 1, 1), (cmyk.getvalue(), 0, 0, 1, 1),
-                         (good, 200, 0, 30, 5)]:
+            for args in [
+                (b"\xff\xd8\xff" + bytes(64), 0, 0, 1, 1),
+                (cmyk.getvalue(), 0, 0, 1, 1),
+                (good, 200, 0, 30, 5),
+            ]:
                 with pytest.raises(ValueError):
                     jc.decode_crop(*args)
 

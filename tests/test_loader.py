@@ -1,4 +1,5 @@
 """data/loader.py on digits prepared by the real Beam job, on 8 simulated CPU devices."""
+
 import json
 import shutil
 
@@ -61,7 +62,9 @@ def test_round_trip_image_record_eval_batch(digits):
         expected = images.decode_scaled(next(src.read(index)).image)
         np.testing.assert_allclose(batch["image"][row], expected / 127.5 - 1, atol=1e-6)
         assert batch["label"][row] == index_label(index)
-        assert batch["labels"][row].argmax() == batch["label"][row] and batch["labels"][row].sum() == 1
+        assert (
+            batch["labels"][row].argmax() == batch["label"][row] and batch["labels"][row].sum() == 1
+        )
 
 
 def index_label(index):
@@ -97,8 +100,10 @@ def _rows(images_):
 
 
 def test_two_processes_read_disjoint_parts_covering_the_split(digits):
-    parts = [_train(digits / "train", process_index=i, process_count=2, augment={"flip": False})
-             for i in range(2)]
+    parts = [
+        _train(digits / "train", process_index=i, process_count=2, augment={"flip": False})
+        for i in range(2)
+    ]
     single = _train(digits / "train", augment={"flip": False})
     # one epoch of 1438 = 22 global batches of 64 (+ 30 examples into the next epoch)
     halves = [[next(p.iterator)["image"] for _ in range(22)] for p in parts]
@@ -110,8 +115,17 @@ def test_two_processes_read_disjoint_parts_covering_the_split(digits):
     assert not set(seen[0]) & set(seen[1])  # disjoint within the epoch
     with pytest.raises(RuntimeError, match="process_count=2 but jax.process_count\\(\\)=1"):
         next(parts[0])
-    evals = [loader.eval_loader(digits / "val", global_batch_size=64, image_size=32, sharding=_bsh(),
-                                process_index=i, process_count=2) for i in range(2)]
+    evals = [
+        loader.eval_loader(
+            digits / "val",
+            global_batch_size=64,
+            image_size=32,
+            sharding=_bsh(),
+            process_index=i,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
     batches = [list(e.host_batches()) for e in evals]
     assert len(batches[0]) == len(batches[1]) == evals[0].num_batches == 3
     assert sum(int(b["mask"].sum()) for bs in batches for b in bs) == 179
@@ -122,8 +136,10 @@ def test_eval_record_order_and_ids_follow_the_rows_of_two_processes(digits):
     """EvalLoader.record_order / record_ids: the record behind each real row of a pass in global
     row order (batch b = process 0's b-th local batch, then process 1's), whatever the count."""
     args = dict(global_batch_size=64, image_size=32, sharding=_bsh())
-    evals = [loader.eval_loader(digits / "val", **args, process_index=i, process_count=2)
-             for i in range(2)]
+    evals = [
+        loader.eval_loader(digits / "val", **args, process_index=i, process_count=2)
+        for i in range(2)
+    ]
     batches = [list(e.host_batches()) for e in evals]
     rows = [b["label"][b["mask"]] for step in zip(*batches) for b in step]  # global row order
     labels = np.concatenate(rows)
@@ -184,8 +200,9 @@ def test_augmentation_is_per_record_not_per_batch_or_thread_count(digits):
     """A record's crop/flip depend only on the seed and its stream position: two batches of 32
     equal one batch of 64, whatever the number of decode threads."""
     big = _host(next(_train(digits / "train", seed=3, read_threads=1)))
-    small = _train(digits / "train", seed=3, global_batch_size=32, sharding=_bsh((4, 2)),
-                   read_threads=3)
+    small = _train(
+        digits / "train", seed=3, global_batch_size=32, sharding=_bsh((4, 2)), read_threads=3
+    )
     halves = [_host(next(small)) for _ in range(2)]
     for key in ("image", "labels", "label"):
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), big[key])
@@ -206,7 +223,9 @@ def test_eval_pads_last_batch_and_is_reiterable(digits):
 
 
 def test_mixup_and_no_inception_crop(digits):
-    tl = _train(digits / "train", augment={"mixup_alpha": 0.4, "inception_crop": False, "flip": False})
+    tl = _train(
+        digits / "train", augment={"mixup_alpha": 0.4, "inception_crop": False, "flip": False}
+    )
     b = _host(next(tl))
     np.testing.assert_allclose(b["labels"].sum(-1), 1.0, rtol=1e-6)
     assert (b["labels"].max(-1) >= 0.5).all() and (b["labels"].max(-1) < 1).any()
@@ -233,7 +252,9 @@ def test_bad_inputs_fail_clearly(digits, tmp_path):
         _train(digits / "train", global_batch_size=60)
     with pytest.raises(ValueError, match="unknown key"):
         _train(digits / "train", augment={"mixup": 0.2})
-    with pytest.raises(ValueError, match="global_batch_size=64 must be divisible by process_count=3"):
+    with pytest.raises(
+        ValueError, match="global_batch_size=64 must be divisible by process_count=3"
+    ):
         _train(digits / "train", process_index=0, process_count=3)
     for not_a_batch_sharding in (_mesh(), NamedSharding(_mesh((4, 2)), P("data", "model"))):
         with pytest.raises(ValueError, match=r"NamedSharding of the batch \(leading\) axis only"):

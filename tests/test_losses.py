@@ -1,4 +1,5 @@
 """trainer.losses against float64 numpy references."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,8 +87,11 @@ def test_softmax_xent_large_logits_and_bf16():
     got = losses.softmax_xent(logits, labels)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, [2048.0], rtol=1e-6)
-    np.testing.assert_allclose(losses.softmax_xent(logits, labels, 0.3),
-                               [0.7 * 2048.0 + 0.1 * (0.0 + 2048.0 + 4096.0)], rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.softmax_xent(logits, labels, 0.3),
+        [0.7 * 2048.0 + 0.1 * (0.0 + 2048.0 + 4096.0)],
+        rtol=1e-6,
+    )
 
 
 def test_softmax_xent_bad_smoothing():

@@ -1,5 +1,6 @@
 """eval/metrics: every metric against values computed by hand in the test (not by the function under
 test), the model-vs-human edge cases, and the debiasing frontier's guarantees."""
+
 import numpy as np
 import pytest
 
@@ -8,10 +9,14 @@ from eval.metrics import model_vs_human as mvh
 
 # --- accuracy --------------------------------------------------------------------------------------
 
-SCORES = np.array([[0.1, 0.7, 0.2],    # top-1 class 1, top-2 {1, 2}
-                   [0.5, 0.2, 0.3],    # top-1 0, top-2 {0, 2}
-                   [0.3, 0.3, 0.4],    # top-1 2, top-2 {2, 0} (0 beats 1 on the tie: lower index)
-                   [0.6, 0.3, 0.1]])   # top-1 0, top-2 {0, 1}
+SCORES = np.array(
+    [
+        [0.1, 0.7, 0.2],  # top-1 class 1, top-2 {1, 2}
+        [0.5, 0.2, 0.3],  # top-1 0, top-2 {0, 2}
+        [0.3, 0.3, 0.4],  # top-1 2, top-2 {2, 0} (0 beats 1 on the tie: lower index)
+        [0.6, 0.3, 0.1],
+    ]
+)  # top-1 0, top-2 {0, 1}
 
 
 def test_topk_accuracy_by_hand():
@@ -24,7 +29,9 @@ def test_topk_accuracy_by_hand():
 
 
 def test_multilabel_any_correct_and_unlabelled_rows():
-    labels = np.array([[0, 1, 1], [0, 1, 1], [0, 0, 0], [1, 0, 0]])  # row 2: no label -> not counted
+    labels = np.array(
+        [[0, 1, 1], [0, 1, 1], [0, 0, 0], [1, 0, 0]]
+    )  # row 2: no label -> not counted
     # top-1 in the label set: row0 (1 in {1,2}) yes, row1 (0) no, row3 (0) yes -> 2/3
     assert accuracy.accuracy(SCORES, labels, 1) == pytest.approx(2 / 3)
     assert accuracy.accuracy(SCORES, np.array([1, -1, -1, 0]), 1) == 1.0  # ids: -1 = no label
@@ -42,9 +49,13 @@ def test_real_accuracy_leaves_out_empty_sets():
 
 # 4 source classes -> 2 targets: t0 = {s0, s1}, t1 = {s2}; s3 belongs to no target.
 MEMBERSHIP = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], bool)
-OOD_SCORES = np.array([[1.0, 4.0, 3.0, 0.0],   # max: t0=4, t1=3 -> t0; mean: t0=2.5, t1=3 -> t1
-                       [0.0, 0.0, 1.0, 9.0],   # restricted: t1; unrestricted argmax s3 (no target)
-                       [5.0, 0.0, 1.0, 0.0]])  # t0 under both reductions
+OOD_SCORES = np.array(
+    [
+        [1.0, 4.0, 3.0, 0.0],  # max: t0=4, t1=3 -> t0; mean: t0=2.5, t1=3 -> t1
+        [0.0, 0.0, 1.0, 9.0],  # restricted: t1; unrestricted argmax s3 (no target)
+        [5.0, 0.0, 1.0, 0.0],
+    ]
+)  # t0 under both reductions
 OOD_TRUTH = np.array([[1, 0], [0, 1], [0, 0]], bool)  # row 2: no target label -> not scored
 
 
@@ -52,8 +63,12 @@ def test_label_map_conventions_by_hand():
     correct, scored = ood.label_map_correct(OOD_SCORES, OOD_TRUTH, MEMBERSHIP, reduce="max")
     assert scored.tolist() == [True, True, False]
     assert correct.tolist() == [True, True, False]
-    assert ood.label_map_accuracy(OOD_SCORES, OOD_TRUTH, MEMBERSHIP, reduce="mean") == 0.5  # row0 -> t1: wrong
-    assert ood.label_map_accuracy(OOD_SCORES, OOD_TRUTH, MEMBERSHIP, restrict=False) == 0.5  # row1: s3 is wrong
+    assert (
+        ood.label_map_accuracy(OOD_SCORES, OOD_TRUTH, MEMBERSHIP, reduce="mean") == 0.5
+    )  # row0 -> t1: wrong
+    assert (
+        ood.label_map_accuracy(OOD_SCORES, OOD_TRUTH, MEMBERSHIP, restrict=False) == 0.5
+    )  # row1: s3 is wrong
 
 
 def test_max_reduction_equals_argmax_over_the_mapped_union():
@@ -82,6 +97,7 @@ def test_crop_border_keeps_the_interior():
 
 # --- calibration -----------------------------------------------------------------------------------
 
+
 def test_ece_equal_width_by_hand():
     conf = np.array([0.95, 0.95, 0.65, 0.62, 0.30])
     correct = np.array([1, 0, 1, 1, 0], bool)
@@ -89,7 +105,12 @@ def test_ece_equal_width_by_hand():
     # |0.5 - 0.95| * 2/5 + |1 - 0.635| * 2/5 + |0 - 0.30| * 1/5 = 0.18 + 0.146 + 0.06
     assert calibration.ece(conf, correct) == pytest.approx(0.386)
     rel = calibration.reliability(conf, correct)
-    assert rel["count"][14] == 2 and rel["count"][9] == 2 and rel["count"][4] == 1 and sum(rel["count"]) == 5
+    assert (
+        rel["count"][14] == 2
+        and rel["count"][9] == 2
+        and rel["count"][4] == 1
+        and sum(rel["count"]) == 5
+    )
     assert rel["accuracy"][0] is None  # empty bin
 
 
@@ -99,7 +120,9 @@ def test_ece_bin_edges_and_equal_mass():
     conf = np.array([0.9, 0.2, 0.6, 0.8])
     correct = np.array([1, 0, 0, 1], bool)
     # 2 equal-mass bins: {0.2, 0.6} (acc 0, conf 0.4) and {0.8, 0.9} (acc 1, conf 0.85)
-    assert calibration.ece(conf, correct, bins=2, scheme="mass") == pytest.approx(0.5 * 0.4 + 0.5 * 0.15)
+    assert calibration.ece(conf, correct, bins=2, scheme="mass") == pytest.approx(
+        0.5 * 0.4 + 0.5 * 0.15
+    )
 
 
 def test_top_label_and_binary_confidence():
@@ -111,6 +134,7 @@ def test_top_label_and_binary_confidence():
 
 # --- fairness --------------------------------------------------------------------------------------
 
+
 def test_subgroup_accuracy_and_dp_gap_by_hand():
     group = np.array([0, 0, 0, 1, 1])
     correct = np.array([1, 1, 0, 1, 0], bool)
@@ -119,7 +143,9 @@ def test_subgroup_accuracy_and_dp_gap_by_hand():
     positive = np.array([1, 0, 0, 1, 1], bool)  # rates 1/3 and 1
     assert fairness.demographic_parity_gap(positive, group) == pytest.approx(2 / 3)
     # randomized: x = P(positive); expected accuracy = mean(x where label else 1 - x)
-    assert fairness.expected_accuracy(np.array([0.8, 0.3]), np.array([True, False])) == pytest.approx(0.75)
+    assert fairness.expected_accuracy(
+        np.array([0.8, 0.3]), np.array([True, False])
+    ) == pytest.approx(0.75)
 
 
 def test_randomized_threshold_by_hand():
@@ -159,7 +185,9 @@ def test_debiasing_frontier_guarantees():
     assert original > 0.2  # the fixture is biased
     accs = [r["frontier"]["fit"]["accuracy"] for r in rows]
     for row in rows:
-        assert row["fit"]["dp_gap"] <= row["eps"] + 1e-9  # the rule fitted at eps meets it on the fit split
+        assert (
+            row["fit"]["dp_gap"] <= row["eps"] + 1e-9
+        )  # the rule fitted at eps meets it on the fit split
         assert row["frontier"]["fit"]["dp_gap"] <= row["eps"] + 1e-9
         assert row["frontier_eps"] <= row["eps"]
         assert 0.0 <= row["eval"]["ece"] <= 1.0
@@ -168,6 +196,7 @@ def test_debiasing_frontier_guarantees():
 
 
 # --- model-vs-human --------------------------------------------------------------------------------
+
 
 def test_image_ids_and_texture_names():
     assert mvh.image_id("0000_cl_s01_bw_boat_40_n02951358_5952.JPEG") == "n02951358_5952.JPEG"
@@ -180,30 +209,52 @@ def test_image_ids_and_texture_names():
 
 
 def test_decisions_average_probabilities_per_category():
-    membership = np.array([[1, 0], [1, 0], [0, 1]], bool)  # category 0 = classes {0, 1}, category 1 = {2}
-    probs = np.array([[0.5, 0.1, 0.4],    # means 0.3 vs 0.4 -> category 1 (max would say 0)
-                      [0.3, 0.3, 0.25]])  # 0.3 vs 0.25 -> category 0
+    membership = np.array(
+        [[1, 0], [1, 0], [0, 1]], bool
+    )  # category 0 = classes {0, 1}, category 1 = {2}
+    probs = np.array(
+        [
+            [0.5, 0.1, 0.4],  # means 0.3 vs 0.4 -> category 1 (max would say 0)
+            [0.3, 0.3, 0.25],
+        ]
+    )  # 0.3 vs 0.25 -> category 0
     assert mvh.decisions(probs, membership).tolist() == [1, 0]
 
 
 def _trials(subj, correct_pattern, names=("a.png", "b.png", "c.png", "d.png"), condition="c1"):
-    return mvh.Trials.of(subj=[subj] * len(names), condition=[condition] * len(names), imagename=list(names),
-                         category=["cat"] * len(names),
-                         object_response=["cat" if c else "dog" for c in correct_pattern])
+    return mvh.Trials.of(
+        subj=[subj] * len(names),
+        condition=[condition] * len(names),
+        imagename=list(names),
+        category=["cat"] * len(names),
+        object_response=["cat" if c else "dog" for c in correct_pattern],
+    )
 
 
 def test_error_consistency_by_hand():
     # observed 2/4 agree; p1 = p2 = 1/2 -> expected 1/2 -> kappa 0
     c = mvh.consistency(_trials("m", [1, 1, 0, 0]), _trials("subject-01", [1, 0, 0, 1]))
-    assert (c["observed-consistency"], c["expected-consistency"], c["error-consistency"]) == (0.5, 0.5, 0.0)
+    assert (c["observed-consistency"], c["expected-consistency"], c["error-consistency"]) == (
+        0.5,
+        0.5,
+        0.0,
+    )
     # observed 3/4; p1 = 3/4, p2 = 1/2 -> expected 3/8 + 1/8 = 1/2 -> kappa (3/4 - 1/2)/(1/2) = 1/2
     c = mvh.consistency(_trials("m", [1, 1, 1, 0]), _trials("subject-01", [1, 1, 0, 0]))
     assert c["error-consistency"] == pytest.approx(0.5)
     # perfect agreement -> kappa 1, also when both are always right (expected = 1: no 0/0)
-    assert mvh.consistency(_trials("m", [1, 0, 1, 0]), _trials("s", [1, 0, 1, 0]))["error-consistency"] == 1.0
-    assert mvh.consistency(_trials("m", [1, 1, 1, 1]), _trials("s", [1, 1, 1, 1]))["error-consistency"] == 1.0
+    assert (
+        mvh.consistency(_trials("m", [1, 0, 1, 0]), _trials("s", [1, 0, 1, 0]))["error-consistency"]
+        == 1.0
+    )
+    assert (
+        mvh.consistency(_trials("m", [1, 1, 1, 1]), _trials("s", [1, 1, 1, 1]))["error-consistency"]
+        == 1.0
+    )
     # pairing is by image id, not by row order
-    shuffled = _trials("s", [0, 1, 0, 0], names=("d.png", "c.png", "b.png", "a.png"))  # = [0, 0, 1, 0] in a..d
+    shuffled = _trials(
+        "s", [0, 1, 0, 0], names=("d.png", "c.png", "b.png", "a.png")
+    )  # = [0, 0, 1, 0] in a..d
     assert mvh.consistency(_trials("m", [0, 0, 1, 0]), shuffled)["error-consistency"] == 1.0
     with pytest.raises(ValueError, match="image 'e.png' seen by 's' has no trial"):
         mvh.consistency(_trials("m", [1, 1, 1, 1]), _trials("s", [1], names=("e.png",)))
@@ -215,7 +266,11 @@ def test_shape_bias_drops_no_conflict_rows():
     decision = ["cat", "dog", "dog", "boat", "car", "dog"]
     # conflict rows 0,1,2,3,5: shape hits rows 0, 2 = 2; texture hits rows 1, 5 = 2; row 3 neither
     result = mvh.shape_bias(decision, shape, texture)
-    assert result == {"fraction-correct-shape": 2 / 6, "fraction-correct-texture": 2 / 6, "shape-bias": 0.5}
+    assert result == {
+        "fraction-correct-shape": 2 / 6,
+        "fraction-correct-texture": 2 / 6,
+        "shape-bias": 0.5,
+    }
     assert mvh.shape_bias(["cat"], ["cat"], ["dog"])["shape-bias"] == 1.0
 
 
@@ -223,8 +278,10 @@ def _write_raw(root, dataset, subject, rows):
     directory = root / dataset
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["subj,session,trial,rt,object_response,category,condition,imagename"]
-    lines += [f"{subject},1,{i + 1},700,{resp},{cat},{cond},{i:04d}_x_{subject}_{cond}_{cat}_{name}"
-              for i, (name, cat, resp, cond) in enumerate(rows)]
+    lines += [
+        f"{subject},1,{i + 1},700,{resp},{cat},{cond},{i:04d}_x_{subject}_{cond}_{cat}_{name}"
+        for i, (name, cat, resp, cond) in enumerate(rows)
+    ]
     (directory / f"{dataset}_{subject}_session_1.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -232,29 +289,55 @@ def test_benchmark_aggregates_per_condition_then_subject(tmp_path):
     # contrast: c100 is excluded by the toolbox; conditions c50 and c10 count.
     images = [("i1.png", "cat"), ("i2.png", "cat"), ("i3.png", "dog"), ("i4.png", "dog")]
     conds = ["c50", "c50", "c10", "c10"]
-    _write_raw(tmp_path, "contrast", "subject-01",
-               [(n, c, c, k) for (n, c), k in zip(images, conds)] + [("i5.png", "cat", "dog", "c100")])
-    _write_raw(tmp_path, "contrast", "subject-02",
-               [(n, c, r, k) for (n, c), r, k in zip(images, ["cat", "dog", "dog", "na"], conds)])
+    _write_raw(
+        tmp_path,
+        "contrast",
+        "subject-01",
+        [(n, c, c, k) for (n, c), k in zip(images, conds)] + [("i5.png", "cat", "dog", "c100")],
+    )
+    _write_raw(
+        tmp_path,
+        "contrast",
+        "subject-02",
+        [(n, c, r, k) for (n, c), r, k in zip(images, ["cat", "dog", "dog", "na"], conds)],
+    )
     humans = mvh.read_raw_data(tmp_path, "contrast")
     assert len(humans) == 9 and humans.subjects(humans=True) == ["subject-01", "subject-02"]
     # the model: right on i1, i3; wrong on i2, i4 (its names carry no condition: taken from the humans)
-    model = mvh.Trials.of(subj=["vit"] * 5, condition=["NaN"] * 5,
-                          imagename=["i1.png", "i2.png", "i3.png", "i4.png", "i5.png"],
-                          category=["cat", "cat", "dog", "dog", "cat"],
-                          object_response=["cat", "dog", "dog", "cat", "cat"])
+    model = mvh.Trials.of(
+        subj=["vit"] * 5,
+        condition=["NaN"] * 5,
+        imagename=["i1.png", "i2.png", "i3.png", "i4.png", "i5.png"],
+        category=["cat", "cat", "dog", "dog", "cat"],
+        object_response=["cat", "dog", "dog", "cat", "cat"],
+    )
     rows, summary, reference = mvh.benchmark(model, humans, "contrast")
     assert {r["condition"] for r in rows} == {"c50", "c10"}
     # per condition (model acc 1/2 in both): vs subject-01 (acc 1): diff 1/4, obs 1/2, kappa 0;
     # vs subject-02: c50 (s02 = [1, 0]: acc 1/2) diff 0, obs 1, kappa 1; c10 (s02 = [1, 0]) the same.
     # means over conditions, then subjects: diff (1/4 + 0)/2; obs (1/2 + 1)/2 = 3/4; kappa (0 + 1)/2 = 1/2
-    assert summary == pytest.approx({"OOD accuracy": 0.5, "accuracy difference": 0.125,
-                                     "observed consistency": 0.75, "error consistency": 0.5})
+    assert summary == pytest.approx(
+        {
+            "OOD accuracy": 0.5,
+            "accuracy difference": 0.125,
+            "observed consistency": 0.75,
+            "error consistency": 0.5,
+        }
+    )
     # humans: the one pair (01, 02): per condition diff 1/4, obs 1/2, kappa 0; OOD accuracy pooled 6/8
-    assert reference == pytest.approx({"OOD accuracy": 0.75, "accuracy difference": 0.25,
-                                       "observed consistency": 0.5, "error consistency": 0.0})
+    assert reference == pytest.approx(
+        {
+            "OOD accuracy": 0.75,
+            "accuracy difference": 0.25,
+            "observed consistency": 0.5,
+            "error consistency": 0.0,
+        }
+    )
     assert set(rows[0]) == {"model", "human", "dataset", "metric", "condition", "value"}
-    assert mvh.mean_over_datasets({"a": {"x": 1.0}, "b": {"x": 0.0, "y": 2.0}}) == {"x": 0.5, "y": 2.0}
+    assert mvh.mean_over_datasets({"a": {"x": 1.0}, "b": {"x": 0.0, "y": 2.0}}) == {
+        "x": 0.5,
+        "y": 2.0,
+    }
 
 
 def test_raw_data_errors_name_the_file(tmp_path):

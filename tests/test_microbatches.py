@@ -1,4 +1,5 @@
 """Gradient accumulation (trainer/step.py `microbatches`): the same step as the full batch."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,21 +21,34 @@ def test_microbatched_step_equals_the_full_batch():
     setup = step_lib.setup(task, optim.default_config(), 10, mesh, seed=0)
     results = {}
     for m in (1, 4):
-        step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, bsh, microbatches=m)
+        step = step_lib.make_train_step(
+            task, setup.tx, setup.schedule, setup.shardings, bsh, microbatches=m
+        )
         results[m] = jax.device_get(step(setup.init(), {}, batch))
     (state, metrics), (ref_state, ref_metrics) = results[4], results[1]
     for key in ("loss", "grad_norm", "param_norm", "train_top1"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           state["params"], ref_state["params"])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        state["params"],
+        ref_state["params"],
+    )
     # bf16 momentum (optim default): one rounding step apart at most.
-    tol = lambda a: dict(rtol=2 ** -7, atol=2 ** -9) if a.dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **tol(a)), state["opt_state"],
-                           ref_state["opt_state"])
+    tol = lambda a: (
+        dict(rtol=2**-7, atol=2**-9) if a.dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, **tol(a)),
+        state["opt_state"],
+        ref_state["opt_state"],
+    )
 
-    step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, bsh, microbatches=3)
-    with pytest.raises(ValueError, match="^batch: 16 is not divisible by 3 microbatches x the "
-                                         "data-parallel size 4"):  # (jax appends a traceback note)
+    step = step_lib.make_train_step(
+        task, setup.tx, setup.schedule, setup.shardings, bsh, microbatches=3
+    )
+    with pytest.raises(
+        ValueError, match="^batch: 16 is not divisible by 3 microbatches x the data-parallel size 4"
+    ):  # (jax appends a traceback note)
         step(setup.init(), {}, batch)
 
 
@@ -45,8 +59,11 @@ def test_microbatches_checked_at_plan_time():
     group = tiny.get_config().pretrain
     with group.unlocked():
         group.mesh.data, group.batch_size, group.eval_batch_size, group.microbatches = 4, 64, 64, 32
-    with pytest.raises(ValueError, match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
-                                         r"microbatches x the data-parallel size 4$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
+        r"microbatches x the data-parallel size 4$",
+    ):
         stage_config.check(group, "pretrain")
 
 
@@ -59,6 +76,9 @@ def test_microbatches_checked_at_run_time_when_the_mesh_is_sized_from_the_device
         group.mesh.data, group.mesh.model, group.batch_size, group.eval_batch_size = -1, 2, 64, 64
         group.microbatches = 32
     stage_config.check(group, "pretrain")  # data = -1: the data-parallel size is not known yet
-    with pytest.raises(ValueError, match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
-                                         r"microbatches x the data-parallel size 4$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^pretrain\.batch_size: 64 is not divisible by 32 "
+        r"microbatches x the data-parallel size 4$",
+    ):
         loop.check_mesh(group, sharding.make_mesh(**group.mesh), "pretrain")

@@ -1,4 +1,5 @@
 """Multi-host: 2 CPU processes (gloo collectives) train exactly like 1 process on the same global batch."""
+
 import json
 import os
 import socket
@@ -46,10 +47,20 @@ def _free_port() -> int:
 
 
 def _spawn(digits, out, pid, nproc, port, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(digits), str(out), str(pid), str(nproc),
-                             str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(digits), str(out), str(pid), str(nproc), str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _losses(out):
@@ -60,8 +71,13 @@ def _losses(out):
 def test_two_process_slices_form_the_single_process_global_batch(digits):
     mesh = sharding.make_mesh(data=8, model=1)
     split = digits / "digits" / "train"
-    kw = dict(global_batch_size=32, image_size=32, seed=3, sharding=sharding.batch_sharding(mesh),
-              augment=dict(flip=True, area_min=0.3))
+    kw = dict(
+        global_batch_size=32,
+        image_size=32,
+        seed=3,
+        sharding=sharding.batch_sharding(mesh),
+        augment=dict(flip=True, area_min=0.3),
+    )
     single = loader.train_loader(split, **kw, process_index=0, process_count=1)
     parts = [loader.train_loader(split, **kw, process_index=i, process_count=2) for i in range(2)]
     for _ in range(3):
@@ -90,5 +106,9 @@ def test_two_processes_match_one_process(digits, tmp_path):
     assert len(ref) == len(multi) == 6
     # The global batch holds the same examples in a different row order: equal up to summation order.
     np.testing.assert_allclose(multi, ref, rtol=2e-5)
-    result = [json.loads(line.split(" ", 1)[1]) for line in outputs[0].splitlines() if line.startswith("RESULT")][0]
+    result = [
+        json.loads(line.split(" ", 1)[1])
+        for line in outputs[0].splitlines()
+        if line.startswith("RESULT")
+    ][0]
     assert result["val/top1"] >= 0.0 and (tmp_path / "multi" / "params").exists()

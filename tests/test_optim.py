@@ -1,4 +1,5 @@
 """trainer.optim: schedules, both optimizers, clipping, head/body weight decay, freezing, config errors."""
+
 import dataclasses
 import logging
 import math
@@ -50,6 +51,7 @@ def _step(tx, params, grads, state):
 # ----------------------------------------------------------------------------------------------
 # Schedules.
 
+
 def _lr(cfg, total, steps):
     schedule = jax.jit(optim.make_schedule(cfg, total))
     return np.array([float(schedule(jnp.int32(s))) for s in steps])
@@ -74,11 +76,16 @@ def test_cosine_linear_constant_schedules():
     total, warmup = 1100, 100
     steps = [0, 50, 100, 350, 600, 1100]
     cos = _lr(_cfg(schedule="cosine", lr=1.0, warmup_steps=warmup), total, steps)
-    np.testing.assert_allclose(cos, [0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        cos, [0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.0], atol=1e-6
+    )
     lin = _lr(_cfg(schedule="linear", lr=1.0, warmup_steps=warmup), total, steps)
     np.testing.assert_allclose(lin, [0, 0.5, 1.0, 0.75, 0.5, 0.0], atol=1e-6)
-    const = _lr(_cfg(schedule="constant", lr=0.3, warmup_steps=warmup, cooldown_steps=200), total,
-                [0, 50, 100, 900, 1000, 1100])
+    const = _lr(
+        _cfg(schedule="constant", lr=0.3, warmup_steps=warmup, cooldown_steps=200),
+        total,
+        [0, 50, 100, 900, 1000, 1100],
+    )
     np.testing.assert_allclose(const, [0, 0.15, 0.3, 0.3, 0.15, 0.0], atol=1e-7)
 
 
@@ -86,10 +93,13 @@ def test_schedule_without_warmup_starts_at_peak():
     np.testing.assert_allclose(_lr(_cfg(schedule="rsqrt", lr=1e-3), 10, [0]), [1e-3], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(warmup_steps=100), "warmup_steps"),
-    (dict(warmup_steps=60, cooldown_steps=50), "cooldown_steps"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(warmup_steps=100), "warmup_steps"),
+        (dict(warmup_steps=60, cooldown_steps=50), "cooldown_steps"),
+    ],
+)
 def test_schedule_durations_must_fit(kw, field):
     with pytest.raises(ValueError, match=f"'{field}'"):
         optim.make_schedule(_cfg(**kw), 100)
@@ -98,6 +108,7 @@ def test_schedule_durations_must_fit(kw, field):
 
 # ----------------------------------------------------------------------------------------------
 # Both optimizers train.
+
 
 @pytest.mark.parametrize("name, lr", [("adafactor", 0.02), ("adamw", 0.02)])
 def test_optimizer_reduces_linear_regression_loss(name, lr):
@@ -119,14 +130,21 @@ def test_optimizer_reduces_linear_regression_loss(name, lr):
             p, s = carry
             loss, g = jax.value_and_grad(loss_fn)(p)
             return _step(tx, p, g, s), loss
+
         (params, _), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=150)
         return params, losses
 
     params, losses = train(params)
-    assert float(loss_fn(params)) < 0.02 * float(losses[0]), (float(losses[0]), float(loss_fn(params)))
+    assert float(loss_fn(params)) < 0.02 * float(losses[0]), (
+        float(losses[0]),
+        float(loss_fn(params)),
+    )
     if name == "adafactor":  # factored second moment: row + column vectors, not a 64x32 matrix
         (fs,) = _find(tx.init(params), optax.FactoredState)
-        assert {fs.v_row["dense"]["kernel"].shape, fs.v_col["dense"]["kernel"].shape} == {(64,), (32,)}
+        assert {fs.v_row["dense"]["kernel"].shape, fs.v_col["dense"]["kernel"].shape} == {
+            (64,),
+            (32,),
+        }
         assert fs.v["dense"]["kernel"].shape == (1,)
 
 
@@ -134,13 +152,16 @@ def test_momentum_dtypes():
     params = {"w": jnp.zeros((8, 8))}
     af = optim.make_optimizer(_cfg(), params, 10)[0].init(params)
     assert _find(af, optax.EmaState)[0].ema["w"].dtype == jnp.bfloat16
-    adam = optim.make_optimizer(_cfg(optimizer="adamw", adamw=dict(mu_dtype="bfloat16")), params, 10)[0]
+    adam = optim.make_optimizer(
+        _cfg(optimizer="adamw", adamw=dict(mu_dtype="bfloat16")), params, 10
+    )[0]
     (st,) = _find(adam.init(params), optax.ScaleByAdamState)
     assert st.mu["w"].dtype == jnp.bfloat16 and st.nu["w"].dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
 # Gradient clipping: read the clipped gradient back from Adam's first moment, mu = (1 - b1) * g.
+
 
 def _adam_mu_after_one_step(grads, params, **cfg):
     tx, _ = optim.make_optimizer(_cfg(optimizer="adamw", **cfg), params, 10)
@@ -163,7 +184,9 @@ def test_grad_clipping_ignores_frozen_params():
     params = _params()
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     grads["Transformer"] = jax.tree.map(lambda p: jnp.full_like(p, 1e6), grads["Transformer"])
-    mu = _adam_mu_after_one_step(grads, params, grad_clip_norm=1.0, wd_rules=[("^Transformer/", None)])
+    mu = _adam_mu_after_one_step(
+        grads, params, grad_clip_norm=1.0, wd_rules=[("^Transformer/", None)]
+    )
     # The trainable gradients' norm is < 1: unclipped, despite huge frozen gradients.
     np.testing.assert_allclose(mu["head"]["kernel"], 0.1 * 1e-3, rtol=1e-5)
 
@@ -171,20 +194,31 @@ def test_grad_clipping_ignores_frozen_params():
 # ----------------------------------------------------------------------------------------------
 # Weight decay: p <- p - lr(t) * (u + wd * p); with zero gradients u = 0 for both optimizers.
 
+
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_head_and_body_weight_decay(name):
     params = _params()
     lr, wd_head, wd_body = 0.01, 3.0, 0.03
-    cfg = _cfg(optimizer=name, schedule="constant", lr=lr, wd=0.0,
-               wd_rules=[(optim.HEAD_KERNEL, wd_head), (optim.ANY_KERNEL, wd_body)])
+    cfg = _cfg(
+        optimizer=name,
+        schedule="constant",
+        lr=lr,
+        wd=0.0,
+        wd_rules=[(optim.HEAD_KERNEL, wd_head), (optim.ANY_KERNEL, wd_body)],
+    )
     tx, _ = optim.make_optimizer(cfg, params, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     new, _ = jax.jit(lambda p, s: _step(tx, p, zeros, s))(params, tx.init(params))
-    np.testing.assert_allclose(new["head"]["kernel"], params["head"]["kernel"] * (1 - lr * wd_head), rtol=1e-6)
+    np.testing.assert_allclose(
+        new["head"]["kernel"], params["head"]["kernel"] * (1 - lr * wd_head), rtol=1e-6
+    )
     block, new_block = params["Transformer"]["encoderblock_0"], new["Transformer"]["encoderblock_0"]
-    np.testing.assert_allclose(new_block["in_kernel"], block["in_kernel"] * (1 - lr * wd_body), rtol=1e-6)
-    np.testing.assert_allclose(new["embedding"]["kernel"], params["embedding"]["kernel"] * (1 - lr * wd_body),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        new_block["in_kernel"], block["in_kernel"] * (1 - lr * wd_body), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["embedding"]["kernel"], params["embedding"]["kernel"] * (1 - lr * wd_body), rtol=1e-6
+    )
     for path in (("head", "bias"), ("pos_embedding",)):  # unmatched -> cfg.wd = 0: untouched
         a, b = params, new
         for key in path:
@@ -210,6 +244,7 @@ def test_weight_decay_follows_the_lr_schedule():
 # ----------------------------------------------------------------------------------------------
 # Freezing.
 
+
 def _size(tree):
     return sum(x.size for x in jax.tree.leaves(tree))
 
@@ -217,7 +252,9 @@ def _size(tree):
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_frozen_params_are_bit_identical_and_stateless(name):
     params = _params()
-    cfg = _cfg(optimizer=name, lr=0.1, wd=0.5, wd_rules=[("^Transformer/", None), ("pos_embedding", None)])
+    cfg = _cfg(
+        optimizer=name, lr=0.1, wd=0.5, wd_rules=[("^Transformer/", None), ("pos_embedding", None)]
+    )
     tx, _ = optim.make_optimizer(cfg, params, 10)
     state, p = tx.init(params), params
     grad_fn = jax.jit(jax.grad(lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))))
@@ -232,24 +269,32 @@ def test_frozen_params_are_bit_identical_and_stateless(name):
     trainable = {k: v for k, v in params.items() if k not in ("Transformer", "pos_embedding")}
     cfg_trainable = _cfg(optimizer=name, lr=0.1, wd=0.5)
     alone = optim.make_optimizer(cfg_trainable, trainable, 10)[0].init(trainable)
-    assert _size(state) == _size(alone) < _size(optim.make_optimizer(cfg_trainable, params, 10)[0].init(params))
+    assert (
+        _size(state)
+        == _size(alone)
+        < _size(optim.make_optimizer(cfg_trainable, params, 10)[0].init(params))
+    )
 
 
 def test_state_structure_independent_of_values():
     cfg = optim.vit22b_config()
-    cfg.update(dict(warmup_steps=2, cooldown_steps=2, wd_rules=[("^Transformer/", None), *cfg.wd_rules]))
+    cfg.update(
+        dict(warmup_steps=2, cooldown_steps=2, wd_rules=[("^Transformer/", None), *cfg.wd_rules])
+    )
     tx, _ = optim.make_optimizer(cfg, _params(0), 10)
     concrete = tx.init(_params(0))
     abstract = jax.eval_shape(tx.init, _params(1))
     assert jax.tree.structure(concrete) == jax.tree.structure(abstract)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), concrete) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), abstract)
+        lambda x: (x.shape, x.dtype), abstract
+    )
     # Creating the state under jit (as with out_shardings) gives the same tree.
     assert jax.tree.structure(jax.jit(tx.init)(_params(2))) == jax.tree.structure(concrete)
 
 
 # ----------------------------------------------------------------------------------------------
 # Rules, paths, recipe.
+
 
 def test_wd_assignments_first_match_wins_and_boxed_params():
     cfg = optim.vit22b_config()
@@ -267,7 +312,10 @@ def test_wd_assignments_first_match_wins_and_boxed_params():
     }
     assert optim.wd_assignments(cfg, _params()) == want
     assert optim.wd_assignments(cfg, boxed) == want
-    assert optim.wd_assignments(cfg, {"head_kernel": 0, "out_kernel": 0}) == {"head_kernel": 3.0, "out_kernel": 0.03}
+    assert optim.wd_assignments(cfg, {"head_kernel": 0, "out_kernel": 0}) == {
+        "head_kernel": 3.0,
+        "out_kernel": 0.03,
+    }
 
 
 def test_unmatched_rule_is_logged(caplog):
@@ -278,37 +326,60 @@ def test_unmatched_rule_is_logged(caplog):
 
 def test_vit22b_recipe():
     cfg = optim.vit22b_config()
-    assert (cfg.optimizer, cfg.lr, cfg.schedule, cfg.timescale) == ("adafactor", 1e-3, "rsqrt", 10_000)
+    assert (cfg.optimizer, cfg.lr, cfg.schedule, cfg.timescale) == (
+        "adafactor",
+        1e-3,
+        "rsqrt",
+        10_000,
+    )
     assert (cfg.warmup_steps, cfg.grad_clip_norm, cfg.wd) == (10_000, 1.0, 0.0)
     assert [v for _, v in cfg.wd_rules] == [3.0, 0.03]
-    assert (cfg.adafactor.momentum, cfg.adafactor.momentum_dtype, cfg.adafactor.beta2_cap) == (0.9, "bfloat16", 0.999)
+    assert (cfg.adafactor.momentum, cfg.adafactor.momentum_dtype, cfg.adafactor.beta2_cap) == (
+        0.9,
+        "bfloat16",
+        0.999,
+    )
     assert optim.validate_config(cfg).to_dict() == cfg.to_dict()
 
 
 def test_default_config_key_set():
     assert set(optim.default_config().keys()) == {
-        "optimizer", "lr", "schedule", "warmup_steps", "cooldown_steps", "timescale",
-        "grad_clip_norm", "wd", "wd_rules", "adafactor", "adamw", "sgd"}
+        "optimizer",
+        "lr",
+        "schedule",
+        "warmup_steps",
+        "cooldown_steps",
+        "timescale",
+        "grad_clip_norm",
+        "wd",
+        "wd_rules",
+        "adafactor",
+        "adamw",
+        "sgd",
+    }
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(optimizer="lamb"), "optimizer"),
-    (dict(sgd=dict(momentum=1.5)), "sgd.momentum"),
-    (dict(schedule="step"), "schedule"),
-    (dict(wd_rules=[("head(", 1.0)]), r"wd_rules\[0\]"),
-    (dict(wd_rules=[(".*", 1.0), ("[", None)]), r"wd_rules\[1\]"),
-    (dict(wd_rules=[("/head", 1.0)]), r"wd_rules\[0\]"),
-    (dict(wd_rules=[("head", "big")]), r"wd_rules\[0\]"),
-    (dict(wd_rules=["head"]), r"wd_rules\[0\]"),
-    (dict(wd=-1.0), "wd"),
-    (dict(lr=float("nan")), "lr"),
-    (dict(grad_clip_norm=0.0), "grad_clip_norm"),
-    (dict(warmup_steps=-1), "warmup_steps"),
-    (dict(adafactor=dict(momentum_dtype="bf17")), "adafactor.momentum_dtype"),
-    (dict(adamw=dict(b2=1.0)), "adamw.b2"),
-    (dict(momentum=0.9), "momentum"),  # unknown top-level key
-    (dict(adamw=dict(beta1=0.9)), "adamw.beta1"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(optimizer="lamb"), "optimizer"),
+        (dict(sgd=dict(momentum=1.5)), "sgd.momentum"),
+        (dict(schedule="step"), "schedule"),
+        (dict(wd_rules=[("head(", 1.0)]), r"wd_rules\[0\]"),
+        (dict(wd_rules=[(".*", 1.0), ("[", None)]), r"wd_rules\[1\]"),
+        (dict(wd_rules=[("/head", 1.0)]), r"wd_rules\[0\]"),
+        (dict(wd_rules=[("head", "big")]), r"wd_rules\[0\]"),
+        (dict(wd_rules=["head"]), r"wd_rules\[0\]"),
+        (dict(wd=-1.0), "wd"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(grad_clip_norm=0.0), "grad_clip_norm"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(adafactor=dict(momentum_dtype="bf17")), "adafactor.momentum_dtype"),
+        (dict(adamw=dict(b2=1.0)), "adamw.b2"),
+        (dict(momentum=0.9), "momentum"),  # unknown top-level key
+        (dict(adamw=dict(beta1=0.9)), "adamw.beta1"),
+    ],
+)
 def test_bad_configs_raise_one_line_value_error(kw, field):
     with pytest.raises(ValueError, match=f"'{field}'") as err:
         optim.make_optimizer(kw, _params(), 10)
@@ -328,7 +399,9 @@ def test_optim_config_is_a_frozen_dataclass_built_from_a_partial_dict():
         cfg.lr = 1.0
     assert optim.default_config().to_dict() == optim.OptimConfig().to_dict()
     assert optim.OptimConfig.of(optim.vit22b_config()).wd_rules[0] == (optim.HEAD_KERNEL, 3.0)
-    for bad, message in (({"adafactor": 3}, "'adafactor': expected a mapping, got int$"),
-                         ({"sgd": {"nesterov": "yes"}}, "'sgd.nesterov': must be True or False")):
+    for bad, message in (
+        ({"adafactor": 3}, "'adafactor': expected a mapping, got int$"),
+        ({"sgd": {"nesterov": "yes"}}, "'sgd.nesterov': must be True or False"),
+    ):
         with pytest.raises(ValueError, match=r"^optim config field " + message):
             optim.OptimConfig.of(bad)

@@ -1,6 +1,7 @@
 """Configs are checked at plan time: `launch.run --dry_run` (and XManager before it submits) fails
 with one line naming the key, before any stage runs — one case per checked key, through
 `dag.plan` in this process; the CLI's exit code and one-line output in subprocesses."""
+
 import os
 import subprocess
 import sys
@@ -50,16 +51,35 @@ def test_plan_rejects_a_bad_key_naming_it(tmp_path, name, value, key):
 
 
 def _run(module, tmp_path, *flags):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, "--config", "launch/configs/tiny.py",
-                           "--workdir", str(tmp_path / "wd"), *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "--config",
+            "launch/configs/tiny.py",
+            "--workdir",
+            str(tmp_path / "wd"),
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    ("pretrain.loss=hinge", "pretrain.loss"),
-    ("prepare.direct_num_workers=0", "prepare.direct_num_workers"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("pretrain.loss=hinge", "pretrain.loss"),
+        ("prepare.direct_num_workers=0", "prepare.direct_num_workers"),
+    ],
+)
 def test_dry_run_rejects_a_bad_key_naming_it(tmp_path, override, key):
     result = _run("launch.run", tmp_path, "--dry_run", f"--config.{override}")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

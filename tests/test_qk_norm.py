@@ -3,6 +3,7 @@
 No outcome of the sweep is asserted: only that the logged stats exist per step and are finite, and
 that the option, off (the default), leaves the model exactly as it is.
 """
+
 import json
 import math
 
@@ -26,7 +27,9 @@ def test_attn_stats_off_by_default_costs_nothing_and_on_changes_no_param_or_outp
     on = vit.make_config("mu/4", **small, attn_stats=True)
     assert off.attn_stats is False and "attn_stats" not in off.to_json()["overrides"]
 
-    def everything(cfg):  # one compile per config: init, forward with "intermediates" mutable, the Task's loss
+    def everything(
+        cfg,
+    ):  # one compile per config: init, forward with "intermediates" mutable, the Task's loss
         # (XLA's lowest backend optimization level halves the compile; both configs get the same.)
         model, task = vit.ViT(cfg), classifier("t", vit.ViT(cfg), losses.softmax_xent)
 
@@ -35,12 +38,19 @@ def test_attn_stats_off_by_default_costs_nothing_and_on_changes_no_param_or_outp
             (y, _), sown = model.apply(params, x, mutable=["intermediates"])
             loss, aux = task.loss(params["params"], {}, batch, rng)
             return params, y, sown, loss, aux
+
         rng = jax.random.PRNGKey(0)
-        return jax.jit(f).lower(rng).compile(compiler_options={"xla_backend_optimization_level": 0})(rng)
+        return (
+            jax.jit(f)
+            .lower(rng)
+            .compile(compiler_options={"xla_backend_optimization_level": 0})(rng)
+        )
 
     p_off, y_off, sown_off, loss_off, aux_off = everything(off)
     p_on, y_on, sown_on, loss_on, aux_on = everything(on)
-    same = lambda a, b: jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))
+    same = lambda a, b: jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda u, v: bool(jnp.array_equal(u, v)), a, b)
+    )
     assert same(p_off, p_on)  # (the stats are stop_gradient: equal outputs mean equal gradients)
     np.testing.assert_array_equal(y_off, y_on)
     assert float(loss_off) == float(loss_on)
@@ -50,13 +60,30 @@ def test_attn_stats_off_by_default_costs_nothing_and_on_changes_no_param_or_outp
     assert layers["attn_logit_max"][0].shape == (off.depth,)
     assert layers["attn_entropy"][0].shape == (off.depth, off.num_heads)
     # Entropy of a softmax row over seq_len keys lies in [0, log seq_len].
-    assert np.all((layers["attn_entropy"][0] >= 0) & (layers["attn_entropy"][0] <= math.log(off.seq_len) + 1e-5))
+    assert np.all(
+        (layers["attn_entropy"][0] >= 0)
+        & (layers["attn_entropy"][0] <= math.log(off.seq_len) + 1e-5)
+    )
     assert float(aux_on["attn_logit_max"]) == float(jnp.max(layers["attn_logit_max"][0]))
 
 
-def test_qk_norm_micro_run_logs_finite_attention_stats_every_step(prepared_digits, tmp_path, capsys):
-    runs = qk_norm.main(["--preset", "micro", "--prepared", str(prepared_digits), "--workdir", str(tmp_path),
-                         "--steps", "3", "--variants", "no_qk_norm"])
+def test_qk_norm_micro_run_logs_finite_attention_stats_every_step(
+    prepared_digits, tmp_path, capsys
+):
+    runs = qk_norm.main(
+        [
+            "--preset",
+            "micro",
+            "--prepared",
+            str(prepared_digits),
+            "--workdir",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--variants",
+            "no_qk_norm",
+        ]
+    )
     assert [r["variant"] for r in runs] == ["no_qk_norm"]
     logs = sorted(tmp_path.glob("*/metrics.jsonl"))
     assert len(logs) == 1

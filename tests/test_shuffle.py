@@ -1,4 +1,5 @@
 """data/shuffle.py: per-epoch permutations of [0, n) evaluated on batches of stream positions."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,10 @@ def test_positions_in_any_order_or_grouping_give_the_same_records():
     whole = s(np.arange(2000))
     pos = np.random.default_rng(0).permutation(2000)
     np.testing.assert_array_equal(s(pos), whole[pos])  # mixed epochs in one call
-    np.testing.assert_array_equal(np.concatenate([EpochShuffle(777, 5)(pos[i:i + 64])
-                                                  for i in range(0, 2000, 64)]), whole[pos])
+    np.testing.assert_array_equal(
+        np.concatenate([EpochShuffle(777, 5)(pos[i : i + 64]) for i in range(0, 2000, 64)]),
+        whole[pos],
+    )
     assert not np.array_equal(EpochShuffle(777, seed=6)(np.arange(777)), whole[:777])
 
 

@@ -1,5 +1,6 @@
 """trainer/xla_flags.py: set lookup, merging into the environment, and that every flag is one the
 pinned runtimes know (GPU flags: jaxlib's XLA_FLAGS parser; TPU flags: libtpu's compile options)."""
+
 import os
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def test_every_set_exists_on_every_platform():
 
 
 def test_apply_merges_and_keeps_existing_flags():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=false"}
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=false"
+    }
     value = xla_flags.apply("gpu", "collective_matmul", env)
     flags = value.split()
     assert flags[0] == "--xla_force_host_platform_device_count=8"  # kept, in place
@@ -50,8 +53,13 @@ def test_gpu_flags_are_known_to_jaxlib():
     """jaxlib aborts on an unknown XLA_FLAGS entry; the GPU flags parse on any build (CPU here)."""
     every = sorted({f for flags in xla_flags.FLAG_SETS["gpu"].values() for f in flags})
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(every))
-    out = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -66,9 +74,13 @@ def test_tpu_flags_are_known_to_libtpu():
 
     mesh = Mesh(np.array(aot.tpu_devices("v4", "2x2x1")).reshape(-1), ("x",))
     s = NamedSharding(mesh, P("x"))
-    lowered = jax.jit(lambda a, b: a @ b.T).lower(*[jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=s)] * 2)
+    lowered = jax.jit(lambda a, b: a @ b.T).lower(
+        *[jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=s)] * 2
+    )
     for name in xla_flags.FLAG_SETS["tpu"]:
-        lowered.compile(compiler_options=xla_flags.compiler_options("tpu", name))  # raises on unknown names
+        lowered.compile(
+            compiler_options=xla_flags.compiler_options("tpu", name)
+        )  # raises on unknown names
     with pytest.raises(Exception, match="No such compile option"):
         lowered.compile(compiler_options={"xla_tpu_no_such_flag": "true"})
 
@@ -89,7 +101,10 @@ def test_stage_process_applies_its_configs_set(monkeypatch):
     assert "--xla_tpu_enable_windowed_einsum_for_all_gather=true" in os.environ["LIBTPU_INIT_ARGS"]
 
     from trainer import stage_config
+
     with config.unlocked():
         config.pretrain.xla_flags = "fastest"
-    with pytest.raises(ValueError, match=r"^pretrain.xla_flags: unknown flag set 'fastest' for tpu; known: default"):
+    with pytest.raises(
+        ValueError, match=r"^pretrain.xla_flags: unknown flag set 'fastest' for tpu; known: default"
+    ):
         stage_config.check(config.pretrain, "pretrain")

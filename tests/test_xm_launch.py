@@ -4,6 +4,7 @@ The local test runs `python -m launch.xm_launch` as a subprocess: XManager's loc
 one `python -m launch.stage` process per work unit, and the experiment lands in an XManager SQLite
 database pointed at tmp_path with `--xm_db_yaml_config_path`.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,22 +27,40 @@ from xmanager.cloud import vertex
 from xmanager.xm_local import executors
 
 
-def _launch(fake: FakePipeline, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _launch(
+    fake: FakePipeline, *flags: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     db_config = fake.root / "xm_db.yaml"
     db_config.write_text(
         "sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
-        f"  db_name: {fake.root / 'xm.sqlite3'}\n")
-    command = [sys.executable, "-m", "launch.xm_launch", f"--config={fake.config_path}:a,b,c",
-               f"--workdir={fake.workdir}", f"--registry={fake.registry_spec}",
-               f"--xm_db_yaml_config_path={db_config}", *flags]
-    return subprocess.run(command, cwd=fake.root, env=env or fake.env(HOME=str(fake.root)),
-                          capture_output=True, text=True, timeout=120)
+        f"  db_name: {fake.root / 'xm.sqlite3'}\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "launch.xm_launch",
+        f"--config={fake.config_path}:a,b,c",
+        f"--workdir={fake.workdir}",
+        f"--registry={fake.registry_spec}",
+        f"--xm_db_yaml_config_path={db_config}",
+        *flags,
+    ]
+    return subprocess.run(
+        command,
+        cwd=fake.root,
+        env=env or fake.env(HOME=str(fake.root)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _experiments(fake: FakePipeline) -> tuple[list, list]:
     with sqlite3.connect(fake.root / "xm.sqlite3") as db:
-        return (db.execute("SELECT experiment_id, experiment_title FROM experiment").fetchall(),
-                db.execute("SELECT experiment_id, work_unit_id FROM work_unit").fetchall())
+        return (
+            db.execute("SELECT experiment_id, experiment_title FROM experiment").fetchall(),
+            db.execute("SELECT experiment_id, work_unit_id FROM work_unit").fetchall(),
+        )
 
 
 def test_local_launch_runs_the_pipeline_as_work_units(fake):
@@ -86,7 +105,11 @@ def _specs(fake: FakePipeline, target: str) -> dict[str, dict]:
     plans = dag.plan(config, fake.workdir, fake.registry)
     invocation = xm_launch.Invocation(
         xm_launch.repo_relative_config(f"{fake.config_path}:a,b,c", fake.root),
-        ("--config.b.value=1",), "/gcs/bucket/run", fake.registry_spec, launch_id="L1")
+        ("--config.b.value=1",),
+        "/gcs/bucket/run",
+        fake.registry_spec,
+        launch_id="L1",
+    )
     resources = xm_launch.stage_resources(config, fake.registry)
     specs = xm_launch.cloud_job_specs(plans, invocation, config, resources, target, fake.root)
     return {spec["stage"]: spec for spec in specs}
@@ -96,18 +119,26 @@ def test_vertex_specs_carry_tpu_topology_and_command(fake):
     specs = _specs(fake, "vertex")
     [pool] = specs["b"]["worker_pool_specs"]
     assert pool["machine_spec"] == {
-        "machine_type": "ct4p-hightpu-4t", "accelerator_type": "TPU_V4_POD",
-        "accelerator_count": 4, "tpu_topology": "2x2x4", "gpu_partition_size": ""}
+        "machine_type": "ct4p-hightpu-4t",
+        "accelerator_type": "TPU_V4_POD",
+        "accelerator_count": 4,
+        "tpu_topology": "2x2x4",
+        "gpu_partition_size": "",
+    }
     args = pool["container_spec"]["args"]
     assert args[:3] == ["--stage=b", "--config=fake_config.py:a,b,c", "--config.b.value=1"]
     assert "--workdir=/gcs/bucket/run" in args and "--run_id=L1" in args  # 4 hosts share a run id
     assert f"--expect_fingerprint={specs['b']['fingerprint']}" in args
     assert specs["b"]["command"].startswith("python -m launch.stage --stage=b ")
     assert specs["b"]["tpu"] == {"version": "v4", "topology": "2x2x4", "chips": 16, "hosts": 4}
-    assert specs["c"]["worker_pool_specs"][0]["machine_spec"]["accelerator_type"] == "TPU_V5_LITEPOD"
+    assert (
+        specs["c"]["worker_pool_specs"][0]["machine_spec"]["accelerator_type"] == "TPU_V5_LITEPOD"
+    )
     assert "--run_id=L1" not in specs["c"]["command"]  # v5e 2x2 is one host
     cpu = specs["a"]["worker_pool_specs"][0]["machine_spec"]
-    assert cpu["accelerator_type"] == "ACCELERATOR_TYPE_UNSPECIFIED" and cpu["machine_type"].startswith("n1-")
+    assert cpu["accelerator_type"] == "ACCELERATOR_TYPE_UNSPECIFIED" and cpu[
+        "machine_type"
+    ].startswith("n1-")
     assert "COPY --chown=1000:root " in " ".join(specs["a"]["image"]["docker_instructions"])
 
 
@@ -118,8 +149,10 @@ def test_gke_specs_are_indexed_jobs_on_tpu_node_pools(fake):
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"]
-    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v4-podslice",
-                                   "cloud.google.com/gke-tpu-topology": "2x2x4"}
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v4-podslice",
+        "cloud.google.com/gke-tpu-topology": "2x2x4",
+    }
     assert pod["tolerations"] == [cloud_tpu.TPU_TOLERATION]
     [container] = pod["containers"]
     assert container["resources"]["limits"] == {"google.com/tpu": "4"}
@@ -130,24 +163,34 @@ def test_gke_specs_are_indexed_jobs_on_tpu_node_pools(fake):
 def test_cli_cloud_dry_run_prints_specs(fake):
     out = _launch(fake, "--xm_target=gke", "--xm_dry_run")
     assert out.returncode == 0, out.stderr
-    specs = json.loads(out.stdout[out.stdout.index("\n[") + 1:])
+    specs = json.loads(out.stdout[out.stdout.index("\n[") + 1 :])
     assert [s["stage"] for s in specs] == ["a", "b", "c"] and fake.calls() == []
-    assert specs[2]["manifests"][1]["spec"]["template"]["spec"]["nodeSelector"][
-        "cloud.google.com/gke-tpu-topology"] == "2x2"
+    assert (
+        specs[2]["manifests"][1]["spec"]["template"]["spec"]["nodeSelector"][
+            "cloud.google.com/gke-tpu-topology"
+        ]
+        == "2x2"
+    )
 
 
-@pytest.mark.parametrize("version, topology, message", [
-    ("v9", "2x2", "expected one of"),
-    ("v4", "2x2", "expected 3 positive dims"),
-    ("v5e", "4x0", "expected 2 positive dims"),
-])
+@pytest.mark.parametrize(
+    "version, topology, message",
+    [
+        ("v9", "2x2", "expected one of"),
+        ("v4", "2x2", "expected 3 positive dims"),
+        ("v5e", "4x0", "expected 2 positive dims"),
+    ],
+)
 def test_tpu_slice_validation(version, topology, message):
     with pytest.raises(ValueError, match=message):
         cloud_tpu.TpuSlice(version, topology)
 
 
 def test_tpu_slice_hosts():
-    assert (cloud_tpu.TpuSlice("v4", "8x8x16").chips, cloud_tpu.TpuSlice("v4", "8x8x16").hosts) == (1024, 256)
+    assert (cloud_tpu.TpuSlice("v4", "8x8x16").chips, cloud_tpu.TpuSlice("v4", "8x8x16").hosts) == (
+        1024,
+        256,
+    )
     assert cloud_tpu.TpuSlice("v5e", "2x4").hosts == 1
     assert cloud_tpu.TpuSlice("v5e", "16x16").hosts == 64
 
@@ -161,8 +204,11 @@ def test_unknown_stage_in_resources_is_rejected(fake):
 
 
 def test_xmanager_adapters_feed_xmanagers_own_executors(monkeypatch):
-    for module, name in [(vertex, "get_machine_spec"), (kubernetes, "requirements_from_executor"),
-                         (kubernetes, "node_selector_from_executor")]:
+    for module, name in [
+        (vertex, "get_machine_spec"),
+        (kubernetes, "requirements_from_executor"),
+        (kubernetes, "node_selector_from_executor"),
+    ]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     monkeypatch.setattr(cloud_tpu, "_ORIGINAL", {})
     v4 = cloud_tpu.TpuSlice("v4", "2x2x1").requirements()
@@ -172,7 +218,9 @@ def test_xmanager_adapters_feed_xmanagers_own_executors(monkeypatch):
     cloud_tpu.install_xmanager_adapters()
     assert vertex.get_machine_spec(job)["tpu_topology"] == "2x2x1"
     assert vertex.get_machine_spec(job)["machine_type"] == "ct4p-hightpu-4t"
-    cpu_job = xm.Job(executable=None, executor=executors.Vertex(requirements=xm.JobRequirements(cpu=4)))
+    cpu_job = xm.Job(
+        executable=None, executor=executors.Vertex(requirements=xm.JobRequirements(cpu=4))
+    )
     assert vertex.get_machine_spec(cpu_job)["machine_type"].startswith("n1-")
     cloud_tpu.install_xmanager_adapters(machine_type="ct4p-custom")  # config.xm.vertex_machine_type
     assert vertex.get_machine_spec(job)["machine_type"] == "ct4p-custom"
@@ -181,7 +229,8 @@ def test_xmanager_adapters_feed_xmanagers_own_executors(monkeypatch):
     single = executors.Kubernetes(requirements=v4)
     assert kubernetes.node_selector_from_executor(single) == {
         "cloud.google.com/gke-tpu-accelerator": "tpu-v4-podslice",
-        "cloud.google.com/gke-tpu-topology": "2x2x1"}
+        "cloud.google.com/gke-tpu-topology": "2x2x1",
+    }
     assert kubernetes.requirements_from_executor(single).limits == {"google.com/tpu": "4"}
     multi = executors.Kubernetes(requirements=cloud_tpu.TpuSlice("v4", "2x2x2").requirements())
     with pytest.raises(ValueError, match="spans 2 hosts"):
@@ -206,14 +255,28 @@ def test_local_launch_of_the_tiny_pipeline(tmp_path):
     """The real tiny config's prepare + pretrain (shortened) as XManager work units; the whole DAG
     runs through launch.run in tests/test_launch_cli.py."""
     db_config = tmp_path / "xm_db.yaml"
-    db_config.write_text("sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
-                         f"  db_name: {tmp_path / 'xm.sqlite3'}\n")
+    db_config.write_text(
+        "sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
+        f"  db_name: {tmp_path / 'xm.sqlite3'}\n"
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "launch.xm_launch", f"--config={REPO / 'launch/configs/tiny.py'}:prepare,pretrain",
-         f"--workdir={tmp_path / 'workdir'}", f"--xm_db_yaml_config_path={db_config}",
-         "--config.pretrain.steps=10", "--config.pretrain.checkpoint_every=5",
-         "--config.pretrain.optim.warmup_steps=2", "--config.pretrain.optim.cooldown_steps=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "launch.xm_launch",
+            f"--config={REPO / 'launch/configs/tiny.py'}:prepare,pretrain",
+            f"--workdir={tmp_path / 'workdir'}",
+            f"--xm_db_yaml_config_path={db_config}",
+            "--config.pretrain.steps=10",
+            "--config.pretrain.checkpoint_every=5",
+            "--config.pretrain.optim.warmup_steps=2",
+            "--config.pretrain.optim.cooldown_steps=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     with sqlite3.connect(tmp_path / "xm.sqlite3") as db:
         [(experiment_id,)] = db.execute("SELECT experiment_id FROM experiment").fetchall()

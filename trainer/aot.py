@@ -11,6 +11,7 @@ state's shapes come from `eval_shape`, and `jit(step).lower(ShapeDtypeStructs).c
 standard library at module level (launch/preflight.py stays cheap to import); JAX and trainer.step
 (with it the optimizer) are imported where they are used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,10 @@ TPU_HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12}
 TPU_PEAK_KEY = {"v4": "tpu v4", "v5e": "tpu v5e", "v5p": "tpu v5p"}
 TPU_CHIP_CONFIG = {"v4": "megacore", "v5e": "default", "v5p": "megacore"}
 
-LIBTPU_MISSING = ("libtpu is not installed (pip install -c constraints.txt '.[tpu]'): no AOT compile for TPU "
-                  "on this host")
+LIBTPU_MISSING = (
+    "libtpu is not installed (pip install -c constraints.txt '.[tpu]'): no AOT compile for TPU "
+    "on this host"
+)
 
 
 def libtpu_installed() -> bool:
@@ -40,6 +43,7 @@ def tpu_devices(version: str, topology: str) -> list:
     if not libtpu_installed():
         raise RuntimeError(LIBTPU_MISSING)
     from jax.experimental import topologies
+
     if version not in TPU_CHIP_CONFIG:
         raise ValueError(f"TPU type {version!r}: one of {', '.join(TPU_CHIP_CONFIG)}")
     # libtpu looks its (absent) worker hosts up at load time; on a CPU host say there is one.
@@ -47,8 +51,13 @@ def tpu_devices(version: str, topology: str) -> list:
     # libtpu takes a machine-wide lock file at load ("Internal error when accessing libtpu
     # multi-process lockfile"); compile-only processes (parallel tests, a benchmark) may share it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=f"{version}:{topology}",
-                                             chip_config_name=TPU_CHIP_CONFIG[version]).devices)
+    return list(
+        topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=f"{version}:{topology}",
+            chip_config_name=TPU_CHIP_CONFIG[version],
+        ).devices
+    )
 
 
 def abstract_batch(batch_size: int, image_size: int, num_classes: int, batch_sharding) -> dict:
@@ -56,16 +65,27 @@ def abstract_batch(batch_size: int, image_size: int, num_classes: int, batch_sha
     import jax
     import jax.numpy as jnp
 
-    spec = {"image": ((batch_size, image_size, image_size, 3), jnp.float32),
-            "labels": ((batch_size, num_classes), jnp.float32), "label": ((batch_size,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in spec.items()}
+    spec = {
+        "image": ((batch_size, image_size, image_size, 3), jnp.float32),
+        "labels": ((batch_size, num_classes), jnp.float32),
+        "label": ((batch_size,), jnp.int32),
+    }
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+        for k, (shape, dtype) in spec.items()
+    }
 
 
 def device_bytes(stats) -> int:
     """Per-device bytes a compiled program needs live: arguments + outputs (less the donated ones
     they alias) + temps + code."""
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.generated_code_size_in_bytes
+    )
 
 
 def cost(compiled) -> tuple[float, float]:
@@ -93,9 +113,19 @@ class CompiledStep:
         return device_bytes(self.stats)
 
 
-def compile_train_step(task, optim_cfg, total_steps: int, mesh, seed: int, batch_size: int, image_size: int,
-                       num_classes: int, *, microbatches: int = 1,
-                       compiler_options: dict | None = None) -> CompiledStep:
+def compile_train_step(
+    task,
+    optim_cfg,
+    total_steps: int,
+    mesh,
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    *,
+    microbatches: int = 1,
+    compiler_options: dict | None = None,
+) -> CompiledStep:
     """trainer/step.py's real train step over `task`, lowered on abstract state and batch with the
     state's shardings and compiled for `mesh`'s devices (a TPU topology's or this machine's)."""
     from trainer import checkpoint, sharding
@@ -103,20 +133,43 @@ def compile_train_step(task, optim_cfg, total_steps: int, mesh, seed: int, batch
 
     setup = step_lib.setup(task, optim_cfg, total_steps, mesh, seed)
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = step_lib.make_train_step(task, setup.tx, setup.schedule, setup.shardings, batch_sharding,
-                                          setup.frozen_shardings, microbatches=microbatches)
+    train_step = step_lib.make_train_step(
+        task,
+        setup.tx,
+        setup.schedule,
+        setup.shardings,
+        batch_sharding,
+        setup.frozen_shardings,
+        microbatches=microbatches,
+    )
     state = checkpoint.abstract_with_shardings(setup.abstract, setup.shardings)
     batch = abstract_batch(batch_size, image_size, num_classes, batch_sharding)
     start = time.perf_counter()
     lowered = train_step.lower(state, {}, batch)  # traced under the mesh (step.under_mesh)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()
-    return CompiledStep(compiled, setup, batch, batch_sharding, lower_s, time.perf_counter() - start)
+    compiled = (
+        lowered.compile(compiler_options=compiler_options)
+        if compiler_options
+        else lowered.compile()
+    )
+    return CompiledStep(
+        compiled, setup, batch, batch_sharding, lower_s, time.perf_counter() - start
+    )
 
 
-def estimate_bytes(task, optim_cfg, total_steps: int, data: int, model: int, replica: int, seed: int,
-                   batch_size: int, image_size: int, num_classes: int) -> int:
+def estimate_bytes(
+    task,
+    optim_cfg,
+    total_steps: int,
+    data: int,
+    model: int,
+    replica: int,
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+) -> int:
     """Without libtpu: jax.eval_shape's per-device bytes of params + optimizer state + batch on an
     abstract mesh (activations and temps not counted)."""
     from trainer import sharding
@@ -125,8 +178,9 @@ def estimate_bytes(task, optim_cfg, total_steps: int, data: int, model: int, rep
     mesh = sharding.abstract_mesh(data, model, replica)
     setup = step_lib.setup(task, optim_cfg, total_steps, mesh, seed)
     batch = abstract_batch(batch_size, image_size, num_classes, sharding.batch_sharding(mesh))
-    return (sharding.per_device_bytes(setup.abstract, setup.shardings)
-            + sharding.per_device_bytes(batch, {k: v.sharding for k, v in batch.items()}))
+    return sharding.per_device_bytes(setup.abstract, setup.shardings) + sharding.per_device_bytes(
+        batch, {k: v.sharding for k, v in batch.items()}
+    )
 
 
 # --- the optimized HLO: are the collective-permutes overlapped with dots? ------------------------
@@ -157,7 +211,8 @@ def _has_dot(name: str, comps: dict, memo: dict) -> bool:
         memo[name] = False
         lines = comps.get(name, [])
         memo[name] = any(re.search(r"\b(dot|convolution)\(", l) for l in lines) or any(
-            _has_dot(c, comps, memo) for l in lines for c in _CALLS.findall(l))
+            _has_dot(c, comps, memo) for l in lines for c in _CALLS.findall(l)
+        )
     return memo[name]
 
 
@@ -170,8 +225,10 @@ class Overlap:
     ring_overlapped: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.overlapped}/{self.pairs} (rings {self.ring_overlapped}/{self.ring_pairs})"
-                + (f" +{self.sync} sync" if self.sync else ""))
+        return (
+            f"{self.overlapped}/{self.pairs} (rings {self.ring_overlapped}/{self.ring_pairs})"
+            + (f" +{self.sync} sync" if self.sync else "")
+        )
 
 
 def permute_overlap(hlo: str) -> Overlap:
@@ -183,7 +240,9 @@ def permute_overlap(hlo: str) -> Overlap:
     pairs = overlapped = sync = ring_pairs = ring_overlapped = 0
     for lines in comps.values():
         open_starts: dict[str, bool] = {}  # start name -> a dot seen since
-        ours: set[str] = set()  # starts whose op_name ends in ppermute: jax.lax.ppermute in our rings
+        ours: set[str] = (
+            set()
+        )  # starts whose op_name ends in ppermute: jax.lax.ppermute in our rings
         for line in lines:
             m = _NAME.match(line)
             if not m:
@@ -206,8 +265,11 @@ def permute_overlap(hlo: str) -> Overlap:
                         ring_overlapped += hidden
             elif re.search(r"\bcollective-permute\(", rhs):
                 sync += 1
-            elif re.search(r"\b(dot|convolution)\(", rhs) or any(_has_dot(c, comps, memo) for c in _CALLS.findall(rhs)
-                                                               if "fusion" in rhs or "call(" in rhs):
+            elif re.search(r"\b(dot|convolution)\(", rhs) or any(
+                _has_dot(c, comps, memo)
+                for c in _CALLS.findall(rhs)
+                if "fusion" in rhs or "call(" in rhs
+            ):
                 for start in open_starts:
                     open_starts[start] = True
     return Overlap(pairs, overlapped, sync, ring_pairs, ring_overlapped)

@@ -10,6 +10,7 @@ Two helpers, after big_vision's `utils.steps` and `utils.itstime`:
 Steps are 1-based here: `step` is the number of optimizer updates applied so far, so the first
 update ends at step 1 and the last at step `total_steps`.
 """
+
 from __future__ import annotations
 
 from trainer import config_checks as checks
@@ -54,15 +55,19 @@ def total_steps(
     Raises:
       ValueError: if not exactly one of steps/epochs/examples is given, or a value is invalid.
     """
-    given = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("examples", examples))
-             if v is not None}
+    given = {
+        k: v
+        for k, v in (("steps", steps), ("epochs", epochs), ("examples", examples))
+        if v is not None
+    }
     if len(given) != 1:
         raise ValueError(
             "exactly one of steps/epochs/examples must be set, got "
-            + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"))
+            + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none")
+        )
     if not checks.is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    (unit, value), = given.items()
+    ((unit, value),) = given.items()
     _check_number(unit, value)
 
     if unit == "steps":

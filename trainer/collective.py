@@ -35,6 +35,7 @@ comes from the argument or from context (`sharding.activate(mesh)` / `jax.set_me
 mesh, with a ring axis of size 1, or with a batch the data axes do not divide (model.init's batch of
 1), both functions are the plain matmul XLA would do. Parameters are the model's either way.
 """
+
 from __future__ import annotations
 
 import jax
@@ -66,21 +67,30 @@ def _plan(mesh, batch_size: int, width: int, heads: int):
         return None
     rules = dict(sharding.logical_rules(mesh.axis_names))
     ring = rules["act_embed"]
-    if ring is None or ring != rules["heads"] or ring not in mesh.axis_names or mesh.shape[ring] == 1:
+    if (
+        ring is None
+        or ring != rules["heads"]
+        or ring not in mesh.axis_names
+        or mesh.shape[ring] == 1
+    ):
         return None
     if sharding.fit_dim(rules["act_batch"], batch_size, mesh) is None:
         return None
     for what, dim in (("width", width), ("heads", heads)):
         if dim % mesh.shape[ring]:
-            raise ValueError(f"collective matmul: {what}={dim} is not divisible by the {ring!r} mesh axis "
-                             f"(size {mesh.shape[ring]}); use matmul='xla' or another mesh")
+            raise ValueError(
+                f"collective matmul: {what}={dim} is not divisible by the {ring!r} mesh axis "
+                f"(size {mesh.shape[ring]}); use matmul='xla' or another mesh"
+            )
     return mesh, rules["act_batch"], ring, sharding.fit_dim(rules["embed"], width, mesh)
 
 
 def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     """x[..., *in] @ w[*in, *out], accumulated in float32 (what XLA's dot does for bf16 too)."""
     lhs = tuple(range(x.ndim - n_in, x.ndim))
-    return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        x, w, ((lhs, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def _saving_only_output(ring_fn):
@@ -120,13 +130,21 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
             # does not depend on this step's dot, so it runs while the dot does.
             nxt = jax.lax.ppermute(x, ring, perm) if i < n - 1 else None
             rows = jax.lax.dynamic_slice_in_dim(w, ((idx - i) % n) * chunk, chunk, axis=0)
-            part = _dot(x, rows, 1).astype(y_dtype)  # f32 within the dot, summed in y_dtype (docstring)
+            part = _dot(x, rows, 1).astype(
+                y_dtype
+            )  # f32 within the dot, summed in y_dtype (docstring)
             acc = part if acc is None else acc + part
             x = nxt
         return acc
 
-    return _saving_only_output(jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring), P(fsdp, ring, *rest)),
-                                             out_specs=P(batch, *middle, ring, *rest)))(x, w)
+    return _saving_only_output(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(batch, *middle, ring), P(fsdp, ring, *rest)),
+            out_specs=P(batch, *middle, ring, *rest),
+        )
+    )(x, w)
 
 
 def matmul_reduce_scatter(z: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
@@ -155,10 +173,18 @@ def matmul_reduce_scatter(z: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
             # The sum arriving here was started for output chunk idx + n - 1 - i; after the last
             # step each shard holds its own chunk (idx), summed over every shard's heads. This
             # step's dot does not depend on the arriving sum, so it runs while the sum travels.
-            cols = jax.lax.dynamic_slice_in_dim(w, ((idx + n - 1 - i) % n) * chunk, chunk, axis=n_in)
+            cols = jax.lax.dynamic_slice_in_dim(
+                w, ((idx + n - 1 - i) % n) * chunk, chunk, axis=n_in
+            )
             part = _dot(z, cols, n_in).astype(y_dtype)
             acc = part if acc is None else jax.lax.ppermute(acc, ring, perm) + part
         return acc
 
-    return _saving_only_output(jax.shard_map(body, mesh=mesh, in_specs=(P(batch, *middle, ring, *rest), P(ring, *rest, fsdp)),
-                                             out_specs=P(batch, *middle, ring)))(z, w)
+    return _saving_only_output(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(batch, *middle, ring, *rest), P(ring, *rest, fsdp)),
+            out_specs=P(batch, *middle, ring),
+        )
+    )(z, w)

@@ -12,6 +12,7 @@ Standard library only (planning imports every stage's `validate`; the model's im
 through trainer/sharding.py's `mesh_shape`). The prepare stage cannot use it: pipelines/ imports
 only data/. `is_int` / `is_number` are the predicates, for checks with messages of their own.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,11 @@ def fail(key: str, message: str) -> ValueError:
 
 def is_int(value, low: int | None = None) -> bool:
     """An integer (a bool is not one), >= `low` when given."""
-    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            and (low is None or value >= low))
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and (low is None or value >= low)
+    )
 
 
 def is_number(value) -> bool:
@@ -64,8 +68,9 @@ def _within(value, bounds: list) -> bool:
     return is_number(value) and all(_OPS[op](value, b) for op, b in bounds)
 
 
-def number(key: str, value, *, gt=None, ge=None, lt=None, le=None, none: bool = False,
-           what: str = "") -> None:
+def number(
+    key: str, value, *, gt=None, ge=None, lt=None, le=None, none: bool = False, what: str = ""
+) -> None:
     """A finite real number within the bounds given (`gt` >, `ge` >=, `lt` <, `le` <=); None too
     when `none`. The message says `must be [what ]<bounds>[ or None]`, e.g. "must be > 0", "must
     be a fraction in (0, 1)"; `what` defaults to "a finite number" when there are no bounds."""
@@ -80,8 +85,9 @@ def number(key: str, value, *, gt=None, ge=None, lt=None, le=None, none: bool = 
 def number_tuple(key: str, values, *, gt=None, ge=None) -> None:
     """A non-empty list or tuple of finite numbers, each within the bound."""
     bounds, text = _bounds(gt, ge, None, None)
-    if not (isinstance(values, (list, tuple)) and values
-            and all(_within(v, bounds) for v in values)):
+    if not (
+        isinstance(values, (list, tuple)) and values and all(_within(v, bounds) for v in values)
+    ):
         shown = tuple(values) if isinstance(values, list) else values
         raise fail(key, f"must be a non-empty tuple of numbers {text}, got {shown!r}")
 
@@ -104,8 +110,11 @@ def name(key: str, value, what: str = "a non-empty name") -> None:
 
 def names(key: str, values, what: str, *, empty: bool = True) -> None:
     """A list or tuple of non-empty strings; `empty=False`: at least one."""
-    if not (isinstance(values, (list, tuple)) and (empty or values)
-            and all(isinstance(v, str) and v for v in values)):
+    if not (
+        isinstance(values, (list, tuple))
+        and (empty or values)
+        and all(isinstance(v, str) and v for v in values)
+    ):
         raise fail(key, f"must be {what}, got {values!r}")
 
 
@@ -123,15 +132,19 @@ def mesh(key: str, sizes: Mapping[str, Any], axes: Sequence[str]) -> None:
 def upstream(key: str, stage: str, stages: Mapping) -> None:
     """`stage` is upstream of this one (when the upstream is known: `stages` non-empty)."""
     if stages and stage not in stages:
-        raise fail(key, f"{stage!r} is not upstream of this stage (upstream: "
-                        f"{', '.join(sorted(stages))})")
+        raise fail(
+            key, f"{stage!r} is not upstream of this stage (upstream: {', '.join(sorted(stages))})"
+        )
 
 
 def prepared(key: str, dataset: str, prepare) -> None:
     """`dataset` is one the prepare stage's config group (`prepare.datasets`) produces."""
     if dataset not in prepare.datasets:
-        raise fail(key, f"{dataset!r} is not prepared; prepare.datasets has "
-                        f"{', '.join(prepare.datasets) or 'nothing'}")
+        raise fail(
+            key,
+            f"{dataset!r} is not prepared; prepare.datasets has "
+            f"{', '.join(prepare.datasets) or 'nothing'}",
+        )
 
 
 def prepared_split(key: str, split: str, dataset: str, prepare) -> None:
@@ -139,5 +152,6 @@ def prepared_split(key: str, split: str, dataset: str, prepare) -> None:
     `splits` listed has its source's natural splits, known only when it runs: anything passes."""
     known = tuple(prepare.datasets[dataset].splits)
     if known and split not in known:
-        raise fail(key, f"{split!r} is not a split of prepared dataset {dataset!r} "
-                        f"({', '.join(known)})")
+        raise fail(
+            key, f"{split!r} is not a split of prepared dataset {dataset!r} ({', '.join(known)})"
+        )

@@ -5,6 +5,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID. On TPU pods / GKE, leaving all of them emp
 the cluster itself (`auto=True`). On CPU hosts the collectives go through gloo
 (docs/DESIGN.md §6). Must run before anything touches a JAX backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import jax
 
 def settings(cfg) -> dict:
     """Resolved {coordinator, num_processes, process_id, auto}; validates with one-line errors."""
-    coordinator = (cfg.get("coordinator") or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+    coordinator = cfg.get("coordinator") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num = int(cfg.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", 1))
     pid_raw = cfg.get("process_id")
     pid = int(pid_raw if pid_raw not in (None, -1) else os.environ.get("JAX_PROCESS_ID", 0))
@@ -24,7 +25,12 @@ def settings(cfg) -> dict:
         raise ValueError(f"distributed.process_id={pid} must be in [0, {num})")
     if num > 1 and not coordinator:
         raise ValueError("distributed.coordinator (host:port) is required when num_processes > 1")
-    return {"coordinator": coordinator, "num_processes": num, "process_id": pid, "auto": bool(cfg.get("auto"))}
+    return {
+        "coordinator": coordinator,
+        "num_processes": num,
+        "process_id": pid,
+        "auto": bool(cfg.get("auto")),
+    }
 
 
 def initialize(cfg) -> bool:
@@ -40,5 +46,7 @@ def initialize(cfg) -> bool:
         return True
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or cfg.get("cpu_collectives", False):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(s["coordinator"], num_processes=s["num_processes"], process_id=s["process_id"])
+    jax.distributed.initialize(
+        s["coordinator"], num_processes=s["num_processes"], process_id=s["process_id"]
+    )
     return True

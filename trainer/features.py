@@ -13,6 +13,7 @@ probe stage (eval/probe.py) streams them to a `.npy` cache.
 
 Imports only JAX and NumPy (the loader arrives through `ctx`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
@@ -25,9 +26,11 @@ import numpy as np
 def extractor(ctx, predict_fn: Callable) -> Callable:
     """`(params, frozen, batch) -> {"features" f32 [B, D], "label" [B], "mask" [B]}`, jitted with
     ctx's parameter and batch shardings; the outputs replicated."""
+
     def fn(params, frozen, batch):
         x = predict_fn(params, frozen, batch)
         return {"features": x.astype(jnp.float32), "label": batch["label"], "mask": batch["mask"]}
+
     return ctx.jit(fn)
 
 
@@ -37,7 +40,9 @@ def _host(out) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out["features"])[keep], np.asarray(out["label"], np.int64)[keep]
 
 
-def batches(extract: Callable, params, frozen, loader: Iterable) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    extract: Callable, params, frozen, loader: Iterable
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(features [n, D] float32, labels [n] int64) per eval batch, padded rows dropped.
 
     One batch of look-ahead: batch i+1 is dispatched before batch i is copied to the host, so the

@@ -4,6 +4,7 @@ MFU = model FLOPs per step / step time / (num devices x peak FLOP/s)  (docs/DESI
 Model FLOPs count what the model needs, not what the implementation does (no rematerialization).
 Importable without Beam, Grain or TensorFlow so that benchmarks run on accelerator hosts as-is.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,7 +52,7 @@ def block_params(cfg: ViTConfig) -> int:
 
 def encoder_matmul_params(cfg: ViTConfig) -> int:
     """The encoder's matmul weights: depth * (4 D^2 + 2 D M); 21,743,271,936 for ViT-22B/14."""
-    return cfg.depth * (4 * cfg.width ** 2 + 2 * cfg.width * cfg.mlp_dim)
+    return cfg.depth * (4 * cfg.width**2 + 2 * cfg.width * cfg.mlp_dim)
 
 
 def head_params(cfg: ViTConfig) -> int:
@@ -83,7 +84,7 @@ def param_count(cfg: ViTConfig) -> int:
 
 def matmul_params_per_token(cfg: ViTConfig) -> int:
     """Weights every token is multiplied with: the patch embedding and the encoder matmuls."""
-    return cfg.patch_size ** 2 * 3 * cfg.width + encoder_matmul_params(cfg)
+    return cfg.patch_size**2 * 3 * cfg.width + encoder_matmul_params(cfg)
 
 
 def head_flops_per_example(cfg: ViTConfig, train: bool = True) -> float:
@@ -117,7 +118,9 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def measure_matmul_peak(devices=None, size: int = 512, dtype=jnp.float32, repeats: int = 10) -> float:
+def measure_matmul_peak(
+    devices=None, size: int = 512, dtype=jnp.float32, repeats: int = 10
+) -> float:
     """Per-device FLOP/s of square matmuls run on all `devices` at once.
 
     Measured concurrently because simulated CPU devices share the host's cores: a one-device figure
@@ -134,7 +137,7 @@ def measure_matmul_peak(devices=None, size: int = 512, dtype=jnp.float32, repeat
         start = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def peak_flops_per_device(devices=None) -> tuple[float, str]:
@@ -146,7 +149,9 @@ def peak_flops_per_device(devices=None) -> tuple[float, str]:
     return measure_matmul_peak(devices), "measured"
 
 
-def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak_per_device: float) -> float:
+def mfu(
+    flops_per_step: float, step_time_s: float, num_devices: int, peak_per_device: float
+) -> float:
     return flops_per_step / step_time_s / (num_devices * peak_per_device)
 
 

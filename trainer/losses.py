@@ -7,6 +7,7 @@ logits' dtype (bf16 logits from a bf16 model would otherwise lose most of the lo
 `labels` are always dense [B, C] float targets, as the loader produces them: multi-hot for
 multi-label data (several 1s), one-hot for single-label data, or mixup-mixed soft targets.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,13 +15,25 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOSSES", "get", "sigmoid_xent", "softmax_xent", "contrastive_softmax", "contrastive_sigmoid", "kl_divergence",
-           "top1_correct", "topk_correct", "masked_sum"]
+__all__ = [
+    "LOSSES",
+    "get",
+    "sigmoid_xent",
+    "softmax_xent",
+    "contrastive_softmax",
+    "contrastive_sigmoid",
+    "kl_divergence",
+    "top1_correct",
+    "topk_correct",
+    "masked_sum",
+]
 
 
 def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
     if logits.shape != labels.shape:
-        raise ValueError(f"logits {logits.shape} and labels {labels.shape} must have the same shape")
+        raise ValueError(
+            f"logits {logits.shape} and labels {labels.shape} must have the same shape"
+        )
 
 
 def _f32(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,7 +103,10 @@ def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 # The loss table: a config names a classification loss by key; unknown names fail at plan time.
-LOSSES: dict[str, Callable[..., jax.Array]] = {"sigmoid_xent": sigmoid_xent, "softmax_xent": softmax_xent}
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "sigmoid_xent": sigmoid_xent,
+    "softmax_xent": softmax_xent,
+}
 
 
 def get(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -102,7 +118,9 @@ def get(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, jax.Arr
     if name == "softmax_xent":
         return lambda logits, labels: softmax_xent(logits, labels, label_smoothing=label_smoothing)
     if label_smoothing:
-        raise ValueError(f"label_smoothing={label_smoothing!r} applies to softmax_xent only, not loss={name!r}")
+        raise ValueError(
+            f"label_smoothing={label_smoothing!r} applies to softmax_xent only, not loss={name!r}"
+        )
     return LOSSES[name]
 
 
@@ -119,15 +137,21 @@ def contrastive_softmax(zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.A
     return 0.5 * (i2t + t2i)
 
 
-def contrastive_sigmoid(zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.Array, bias: jax.Array) -> jax.Array:
+def contrastive_sigmoid(
+    zimg: jax.Array, ztxt: jax.Array, log_temperature: jax.Array, bias: jax.Array
+) -> jax.Array:
     """SigLIP's pairwise sigmoid loss, scalar: every (image, text) pair is a binary problem,
     +1 on the diagonal and -1 elsewhere; -sum log_sigmoid(label * (logit * exp(t) + b)) / batch."""
-    logits = (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T) * jnp.exp(log_temperature) + bias
+    logits = (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T) * jnp.exp(
+        log_temperature
+    ) + bias
     labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
 
 
-def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+def kl_divergence(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
     """Per-example `t² · KL(softmax(teacher/t) ‖ softmax(student/t))`, [B], in float32.
 
     The t² factor keeps the gradient's scale independent of t (Hinton et al. 2015). Written as
@@ -135,8 +159,10 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperat
     zero gradient) when the two logit vectors are equal.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
-                         "must have the same shape")
+        raise ValueError(
+            f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
+            "must have the same shape"
+        )
     t = jnp.float32(temperature)
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
     log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)

@@ -3,6 +3,7 @@
 Standard library only (trainer/aot.py, launch/ and benchmarks/device.py's bare GPU host import
 it). A `|` inside a cell is written as `\\|`, so a cell such as an error message cannot split a row.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ def table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], *, align: bool 
     text, e.g. a benchmark's stdout), else cells unpadded (the report's report.md)."""
     widths = None
     if align:
-        widths = [max([len(cell(h))] + [len(cell(r[i])) for r in rows])
-                  for i, h in enumerate(headers)]
+        widths = [
+            max([len(cell(h))] + [len(cell(r[i])) for r in rows]) for i, h in enumerate(headers)
+        ]
     return "\n".join([header(headers, widths)] + [row(r, widths) for r in rows])

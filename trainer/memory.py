@@ -4,6 +4,7 @@
 
 Apart from trainer/sharding.py so that the rules table imports neither the model nor the optimizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ from trainer.models import vit
 from trainer.sharding import abstract_mesh, param_shardings, per_device_bytes, tree_shardings
 
 
-def memory_report(variant: str, data: int, model: int, replica: int = 1, optimizer: str = "adafactor",
-                  **overrides) -> dict[str, int]:
+def memory_report(
+    variant: str, data: int, model: int, replica: int = 1, optimizer: str = "adafactor", **overrides
+) -> dict[str, int]:
     """Per-device bytes of params and optimizer state for a model on a mesh, nothing allocated."""
     cfg = vit.make_config(variant, **overrides)
     mesh = abstract_mesh(data, model, replica)
@@ -33,7 +35,10 @@ def memory_report(variant: str, data: int, model: int, replica: int = 1, optimiz
     return {
         "params": per_device_bytes(params, param_sh),
         "opt_state": per_device_bytes(opt_state, tree_shardings(opt_state, params, param_sh, mesh)),
-        "params_total": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)),
+        "params_total": sum(
+            math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+            for x in jax.tree_util.tree_leaves(params)
+        ),
     }
 
 
@@ -45,10 +50,16 @@ def main(argv=None):
     parser.add_argument("--param_dtype", default="float32")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.mesh.split(",")]
-    report = memory_report(args.variant, *sizes, optimizer=args.optimizer, param_dtype=args.param_dtype)
-    gib = 2 ** 30
-    print(f"{args.variant} on mesh data x model = {args.mesh} ({args.optimizer}, params {args.param_dtype}):")
-    print(f"  params     {report['params'] / gib:9.3f} GiB / device  (total {report['params_total'] / gib:.1f} GiB)")
+    report = memory_report(
+        args.variant, *sizes, optimizer=args.optimizer, param_dtype=args.param_dtype
+    )
+    gib = 2**30
+    print(
+        f"{args.variant} on mesh data x model = {args.mesh} ({args.optimizer}, params {args.param_dtype}):"
+    )
+    print(
+        f"  params     {report['params'] / gib:9.3f} GiB / device  (total {report['params_total'] / gib:.1f} GiB)"
+    )
     print(f"  opt state  {report['opt_state'] / gib:9.3f} GiB / device")
     print(f"  sum        {(report['params'] + report['opt_state']) / gib:9.3f} GiB / device")
 

@@ -49,6 +49,7 @@ The optimizer is built for plain (unboxed) parameter pytrees; its state pytree's
 only on the config and the parameter tree structure (never on values), so it can be created with
 `jax.jit(tx.init, out_shardings=...)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,9 @@ def _check_dtype(field: str, value) -> None:
 
 def _compile_rules(rules) -> list[tuple[re.Pattern, float | None]]:
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise checks.fail(_key("wd_rules"),
-                          f"expected a list of (regex, value) pairs, got {rules!r}")
+        raise checks.fail(
+            _key("wd_rules"), f"expected a list of (regex, value) pairs, got {rules!r}"
+        )
     compiled = []
     for i, rule in enumerate(rules):
         key = _key(f"wd_rules[{i}]")
@@ -138,6 +140,7 @@ def _compile_rules(rules) -> list[tuple[re.Pattern, float | None]]:
 @dataclasses.dataclass(frozen=True)
 class Adafactor:
     """big_vision's Adafactor variant (the module docstring)."""
+
     decay_rate: float = 0.8  # second-moment decay 1 - (t+1)^-decay_rate ...
     beta2_cap: float | None = 0.999  # ... capped here (Zhai et al. 2021); None = uncapped
     momentum: float | None = 0.9  # first momentum (EMA, not debiased); None/0 = off
@@ -150,6 +153,7 @@ class Adafactor:
 @dataclasses.dataclass(frozen=True)
 class AdamW:
     """`optax.scale_by_adam`'s settings; the decay is the decoupled one of the module docstring."""
+
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -159,6 +163,7 @@ class AdamW:
 @dataclasses.dataclass(frozen=True)
 class SGD:
     """SGD with (heavy-ball) momentum: big_vision's fine-tuning optimizer (`momentum_hp`, 0.9)."""
+
     momentum: float | None = 0.9  # None/0 = plain SGD
     nesterov: bool = False
     momentum_dtype: str | None = None  # storage dtype of the momentum, e.g. "bfloat16"
@@ -169,6 +174,7 @@ class OptimConfig:
     """The optimizer config group, checked: `OptimConfig.of(cfg)` builds it from a ConfigDict or a
     partial (nested) dict (missing keys take these defaults; unknown keys, a group that is not a
     mapping and bad values raise one line naming the field)."""
+
     optimizer: str = "adafactor"  # one of OPTIMIZERS
     lr: float = 1e-3  # peak learning rate
     schedule: str = "rsqrt"  # one of SCHEDULES
@@ -225,17 +231,27 @@ def _build(cls, cfg, prefix: str = ""):
     if hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
     if not isinstance(cfg, Mapping):
-        raise checks.fail(_key(prefix[:-1]) if prefix else "optim config",
-                          f"expected a mapping, got {type(cfg).__name__}")
+        raise checks.fail(
+            _key(prefix[:-1]) if prefix else "optim config",
+            f"expected a mapping, got {type(cfg).__name__}",
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in cfg if key not in fields]
     if unknown:
-        raise checks.fail(_key(prefix + str(unknown[0])),
-                          f"unknown key; known: {', '.join(fields)}")
-    groups = {name: f.default_factory for name, f in fields.items()
-              if dataclasses.is_dataclass(f.default_factory)}
-    return cls(**{key: _build(groups[key], value, f"{prefix}{key}.") if key in groups else value
-                  for key, value in cfg.items()})
+        raise checks.fail(
+            _key(prefix + str(unknown[0])), f"unknown key; known: {', '.join(fields)}"
+        )
+    groups = {
+        name: f.default_factory
+        for name, f in fields.items()
+        if dataclasses.is_dataclass(f.default_factory)
+    }
+    return cls(
+        **{
+            key: _build(groups[key], value, f"{prefix}{key}.") if key in groups else value
+            for key, value in cfg.items()
+        }
+    )
 
 
 def default_config():
@@ -243,6 +259,7 @@ def default_config():
     ml_collections is imported here, not at module level, so that building an optimizer from a
     plain dict (`make_optimizer({}, ...)`, the benchmarks on the GPU host) needs only jax/optax."""
     import ml_collections
+
     return ml_collections.ConfigDict(OptimConfig().to_dict())
 
 
@@ -278,6 +295,7 @@ def validate_config(cfg):
     without ml_collections.)
     """
     import ml_collections
+
     return ml_collections.ConfigDict(OptimConfig.of(cfg).to_dict())
 
 
@@ -290,12 +308,15 @@ def _check_durations(cfg, total_steps: int) -> None:
         raise ValueError(f"total_steps must be an integer >= 0, got {total_steps!r}")
     # Runs of 0/1 steps (evaluation only, debugging) may keep the config's warmup.
     if total_steps > 1 and cfg.warmup_steps >= total_steps:
-        raise checks.fail(_key("warmup_steps"),
-                          f"{cfg.warmup_steps} must be < total_steps ({total_steps})")
+        raise checks.fail(
+            _key("warmup_steps"), f"{cfg.warmup_steps} must be < total_steps ({total_steps})"
+        )
     if total_steps > 1 and cfg.warmup_steps + cfg.cooldown_steps > total_steps:
-        raise checks.fail(_key("cooldown_steps"),
-                          f"warmup_steps + cooldown_steps ({cfg.warmup_steps} + "
-                          f"{cfg.cooldown_steps}) must be <= total_steps ({total_steps})")
+        raise checks.fail(
+            _key("cooldown_steps"),
+            f"warmup_steps + cooldown_steps ({cfg.warmup_steps} + "
+            f"{cfg.cooldown_steps}) must be <= total_steps ({total_steps})",
+        )
 
 
 def make_schedule(cfg, total_steps: int) -> Schedule:
@@ -303,7 +324,11 @@ def make_schedule(cfg, total_steps: int) -> Schedule:
     cfg = OptimConfig.of(cfg)
     _check_durations(cfg, total_steps)
     lr, kind = float(cfg.lr), cfg.schedule
-    warmup, cooldown, timescale = int(cfg.warmup_steps), int(cfg.cooldown_steps), float(cfg.timescale)
+    warmup, cooldown, timescale = (
+        int(cfg.warmup_steps),
+        int(cfg.cooldown_steps),
+        float(cfg.timescale),
+    )
     decay_steps = max(total_steps - warmup, 1)
 
     def schedule(step):
@@ -346,14 +371,17 @@ def _rule_value(name: str, rules, default: float) -> float | None:
 def _map_rule(fn: Callable[[float | None], Any], tree, *, rules, default: float):
     """Maps each leaf of `tree` to `fn(its weight-decay rule value)`; works on any nested dict."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: fn(_rule_value(param_path(path), rules, default)), tree)
+        lambda path, _: fn(_rule_value(param_path(path), rules, default)), tree
+    )
 
 
 def wd_assignments(cfg, params) -> dict[str, float | None]:
     """`{param path: weight decay}` (None = frozen) for every parameter, e.g. to log at start."""
     cfg = OptimConfig.of(cfg)
     rules, default = _compile_rules(cfg.wd_rules), float(cfg.wd)
-    names = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(meta.unbox(params))]
+    names = [
+        param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(meta.unbox(params))
+    ]
     return {name: _rule_value(name, rules, default) for name in names}
 
 
@@ -370,10 +398,16 @@ def _adafactor(c) -> optax.GradientTransformation:
         rate = 1.0 - (jnp.asarray(step, jnp.float32) + 1.0) ** (-exponent)
         return rate if cap is None else jnp.minimum(cap, rate)
 
-    txs = [optax.scale_by_factored_rms(
-        factored=True, decay_rate=c.decay_rate, step_offset=0,
-        min_dim_size_to_factor=int(c.min_dim_size_to_factor), epsilon=c.eps,
-        decay_rate_fn=decay_rate_fn)]
+    txs = [
+        optax.scale_by_factored_rms(
+            factored=True,
+            decay_rate=c.decay_rate,
+            step_offset=0,
+            min_dim_size_to_factor=int(c.min_dim_size_to_factor),
+            epsilon=c.eps,
+            decay_rate_fn=decay_rate_fn,
+        )
+    ]
     if c.clipping_threshold:
         txs.append(optax.clip_by_block_rms(c.clipping_threshold))
     if c.momentum:
@@ -395,7 +429,9 @@ _CORES = {"adafactor": _adafactor, "adamw": _adamw, "sgd": _sgd}
 
 
 def make_optimizer(
-    cfg, params, total_steps: int,
+    cfg,
+    params,
+    total_steps: int,
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """Builds the optimizer for `params` (a plain pytree, or a flax-boxed one) and its schedule.
 
@@ -413,16 +449,23 @@ def make_optimizer(
     for regex, value in rules:
         if not any(regex.search(name) for name in assigned):
             log.warning("optim: wd_rules entry (%r, %r) matches no parameter", regex.pattern, value)
-    log.info("optim: %d params trainable, %d frozen", sum(v is not None for v in assigned.values()),
-             sum(v is None for v in assigned.values()))
+    log.info(
+        "optim: %d params trainable, %d frozen",
+        sum(v is not None for v in assigned.values()),
+        sum(v is None for v in assigned.values()),
+    )
 
     rule_map = functools.partial(_map_rule, rules=rules, default=default)
     decays = sorted({v for v in [default, *(v for _, v in rules)] if v})  # non-zero, non-frozen
     trainable = optax.chain(
         *([optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []),
         _CORES[cfg.optimizer](getattr(cfg, cfg.optimizer)),
-        *(optax.add_decayed_weights(wd, mask=functools.partial(rule_map, lambda v, wd=wd: v == wd))
-          for wd in decays),
+        *(
+            optax.add_decayed_weights(
+                wd, mask=functools.partial(rule_map, lambda v, wd=wd: v == wd)
+            )
+            for wd in decays
+        ),
         optax.scale_by_learning_rate(schedule),
     )
     labels = functools.partial(rule_map, lambda v: "frozen" if v is None else "trainable")

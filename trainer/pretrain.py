@@ -7,6 +7,7 @@ The paper's objective: sigmoid cross-entropy over (flattened, multi-hot) labels;
 cross-entropy with label smoothing as the alternative. Everything else (mesh, data, checkpoints,
 metrics, evaluators, export) is trainer/loop.py's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = "sigmoid_xent"  # trainer/losses.py LOSSES
     c.label_smoothing = 0.0  # softmax_xent only
     c.evals.val = ml_collections.ConfigDict(dict(type="classification", split="val", every=100))
-    c.evals.val.loss = c.get_ref("loss")  # val loss = the training loss unless a config says otherwise
+    c.evals.val.loss = c.get_ref(
+        "loss"
+    )  # val loss = the training loss unless a config says otherwise
     return c
 
 
@@ -35,8 +38,13 @@ def validate(cfg, upstream=None, where: str = "pretrain") -> None:
 
 def make_task(cfg, num_classes: int) -> Task:
     mcfg = stage_config.model_config(cfg, num_classes)
-    return classifier("pretrain", vit.ViT(mcfg), losses.get(cfg.loss, cfg.label_smoothing),
-                      flops_per_example=flops.model_flops_per_example(mcfg), model_spec=mcfg.to_json())
+    return classifier(
+        "pretrain",
+        vit.ViT(mcfg),
+        losses.get(cfg.loss, cfg.label_smoothing),
+        flops_per_example=flops.model_flops_per_example(mcfg),
+        model_spec=mcfg.to_json(),
+    )
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:

@@ -18,6 +18,7 @@ artifacts are bit-identical across the runtime knobs.
 `check(cfg, where, upstream)` runs at plan time (launch/dag.py calls each stage's `validate`):
 everything that needs neither data nor devices, one line naming the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,43 +42,65 @@ def model_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
         if f.name == "variant":
             continue
         kind = hints[f.name]
-        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
+        kind = next(
+            (a for a in typing.get_args(kind) if a is not type(None)), kind
+        )  # int | None -> int
         fields[f.name] = ml_collections.config_dict.placeholder(kind)
     return ml_collections.ConfigDict({"variant": variant, **fields})
 
 
 def augment_group(**overrides) -> ml_collections.ConfigDict:
     """data/augment.py AugmentConfig; big_vision's ViT recipe: Inception crop (area >= 5%) + flip."""
-    values = dict(inception_crop=True, area_min=0.05, area_max=1.0, aspect_min=0.75, aspect_max=4 / 3,
-                  flip=True, mixup_alpha=0.0)
+    values = dict(
+        inception_crop=True,
+        area_min=0.05,
+        area_max=1.0,
+        aspect_min=0.75,
+        aspect_max=4 / 3,
+        flip=True,
+        mixup_alpha=0.0,
+    )
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 
 
 def runtime_group() -> ml_collections.ConfigDict:
     """Knobs that cannot change results: not in the stage's fingerprint."""
-    return ml_collections.ConfigDict(dict(
-        progress="auto",  # tqdm bar: auto (if a terminal) | on | off
-        log_every=10,  # train metrics (loss, lr, MFU, ...) every N steps; also when the NaN guard looks
-        read_threads=2,  # decode threads per process
-        worker_count=0,  # >0: Grain worker processes, each with read_threads threads
-        keep_checkpoints=2,
-        async_checkpoint=True,
-        peak_flops=0.0,  # per device, for MFU; 0 = the device table, or measured on CPU
-        distributed=ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False,
-                                                   cpu_collectives=False)),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            progress="auto",  # tqdm bar: auto (if a terminal) | on | off
+            log_every=10,  # train metrics (loss, lr, MFU, ...) every N steps; also when the NaN guard looks
+            read_threads=2,  # decode threads per process
+            worker_count=0,  # >0: Grain worker processes, each with read_threads threads
+            keep_checkpoints=2,
+            async_checkpoint=True,
+            peak_flops=0.0,  # per device, for MFU; 0 = the device table, or measured on CPU
+            distributed=ml_collections.ConfigDict(
+                dict(
+                    coordinator="",
+                    num_processes=0,
+                    process_id=-1,
+                    auto=False,
+                    cpu_collectives=False,
+                )
+            ),
+        )
+    )
 
 
 def training_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = model_group(variant)
-    c.data = ml_collections.ConfigDict(dict(
-        dataset="digits", train_split="train", image_size=32,
-        prepared_dir="",  # a prepare output dir, for runs outside the DAG (tests, notebooks)
-        augment=augment_group(),
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            dataset="digits",
+            train_split="train",
+            image_size=32,
+            prepared_dir="",  # a prepare output dir, for runs outside the DAG (tests, notebooks)
+            augment=augment_group(),
+        )
+    )
     c.batch_size = 128  # global, across all processes
     # Gradient accumulation: the step averages the gradients of this many equal slices of the
     # batch, one slice's activations live at a time (trainer/step.py; e.g. the 22B pod config).
@@ -109,15 +132,22 @@ def model_config(cfg, num_classes: int) -> vit.ViTConfig:
     return vit.make_config(cfg.model.variant, **overrides)
 
 
-def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, *,
-          model: bool = True) -> None:
+def check(
+    cfg,
+    where: str,
+    upstream: Mapping[str, ml_collections.ConfigDict] | None = None,
+    *,
+    model: bool = True,
+) -> None:
     """Plan-time checks of the shared keys of a training stage group `where` (e.g. "pretrain");
     `model=False`: the stage checks its `model.*` itself (e.g. LiT's text tower)."""
     upstream = upstream or {}
     given = [k for k in ("steps", "epochs", "examples") if cfg[k] is not None]
     if len(given) != 1:
-        raise checks.fail(f"{where}.steps", f"set exactly one of steps, epochs, examples (got "
-                                            f"{', '.join(given) or 'none'})")
+        raise checks.fail(
+            f"{where}.steps",
+            f"set exactly one of steps, epochs, examples (got {', '.join(given) or 'none'})",
+        )
     checks.number(f"{where}.{given[0]}", cfg[given[0]], gt=0)
 
     checks.mesh(f"{where}.mesh", cfg.mesh, ("data", "model", "replica"))
@@ -125,8 +155,12 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
     checks.positive_int(f"{where}.microbatches", microbatches)
     for key in ("batch_size", "eval_batch_size"):
         # the run time's check (trainer/loop.py check_mesh); a -1 mesh axis leaves it to run time
-        sharding.check_batch(cfg[key], cfg.mesh, f"{where}.{key}",
-                             microbatches=microbatches if key == "batch_size" else 1)
+        sharding.check_batch(
+            cfg[key],
+            cfg.mesh,
+            f"{where}.{key}",
+            microbatches=microbatches if key == "batch_size" else 1,
+        )
     try:
         xla_flags.check_name(cfg.get("xla_flags", "default"))
     except ValueError as e:
@@ -135,14 +169,21 @@ def check(cfg, where: str, upstream: Mapping[str, ml_collections.ConfigDict] | N
 
     try:
         optim.validate_config(cfg.optim)
-        if cfg.steps is not None:  # warmup/cooldown vs the run length: known now when given in steps
+        if (
+            cfg.steps is not None
+        ):  # warmup/cooldown vs the run length: known now when given in steps
             optim.make_schedule(cfg.optim, cfg.steps)
     except ValueError as e:  # "optim config field 'schedule': ..." -> "<where>.optim.schedule: ..."
         field = re.match(r"optim config field '([^']+)': (.*)", str(e))
-        raise (checks.fail(f"{where}.optim.{field[1]}", field[2]) if field
-               else checks.fail(f"{where}.optim", str(e))) from None
+        raise (
+            checks.fail(f"{where}.optim.{field[1]}", field[2])
+            if field
+            else checks.fail(f"{where}.optim", str(e))
+        ) from None
 
-    if model and cfg.model.variant:  # "" = the upstream export's architecture (fine-tuning checks it)
+    if (
+        model and cfg.model.variant
+    ):  # "" = the upstream export's architecture (fine-tuning checks it)
         try:
             # field values, divisibility, image vs patch size
             model_config(cfg, cfg.model.num_classes or 2)
@@ -174,8 +215,9 @@ def _check_data(cfg, where: str, prepare) -> None:
     for name, ev in cfg.evals.items():
         for key in SPLIT_KEYS:
             if key in ev:
-                wanted.append((f"{where}.evals.{name}.{key}", ev.get("dataset") or cfg.data.dataset,
-                               ev[key]))
+                wanted.append(
+                    (f"{where}.evals.{name}.{key}", ev.get("dataset") or cfg.data.dataset, ev[key])
+                )
         if ev.get("dataset"):
             checks.prepared(f"{where}.evals.{name}.dataset", ev.dataset, prepare)
     for key, dataset, split in wanted:
@@ -184,6 +226,11 @@ def _check_data(cfg, where: str, prepare) -> None:
 
 def _check_runtime(rt, where: str) -> None:
     checks.one_of(f"{where}.progress", rt.progress, ("auto", "on", "off"))
-    for key, low in (("log_every", 0), ("read_threads", 1), ("worker_count", 0), ("keep_checkpoints", 1)):
+    for key, low in (
+        ("log_every", 0),
+        ("read_threads", 1),
+        ("worker_count", 0),
+        ("keep_checkpoints", 1),
+    ):
         checks.int_at_least(f"{where}.{key}", rt[key], low)
     checks.number(f"{where}.peak_flops", rt.peak_flops, ge=0)

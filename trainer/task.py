@@ -23,6 +23,7 @@ checkpoints, which the loop owns:
 
 Imports only JAX/flax: benchmarks build Tasks on machines without Grain or ml_collections.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ class Frozen:
     load: `(abstract_with_shardings) -> params`: reads them (e.g. `checkpoint.load_params`)
       straight into the shardings the rules table gives them.
     """
+
     abstract: Params
     load: Callable[[Params], Params]
 
@@ -72,12 +74,19 @@ def vit_init(model: nn.Module) -> Callable[[jax.Array], Params]:
 
     def init(rng):
         return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
     return init
 
 
-def classifier(name: str, model: nn.Module, loss: Callable[[jax.Array, jax.Array], jax.Array], *,
-               flops_per_example: float = 0.0, model_spec: dict | None = None,
-               start: Callable[[Params], Params] | None = None) -> Task:
+def classifier(
+    name: str,
+    model: nn.Module,
+    loss: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    flops_per_example: float = 0.0,
+    model_spec: dict | None = None,
+    start: Callable[[Params], Params] | None = None,
+) -> Task:
     """The supervised image-classification Task (pretrain, fine-tune, the benchmarks).
 
     loss: per-example `(logits, labels [B, C]) -> [B]` (trainer/losses.py); the Task's loss is
@@ -95,7 +104,9 @@ def classifier(name: str, model: nn.Module, loss: Callable[[jax.Array, jax.Array
         del frozen
         kwargs = dict(train=True, rngs={"dropout": rng})
         if stats:  # only then is "intermediates" mutable, so the model sows anything at all
-            (logits, _), sown = model.apply({"params": params}, batch["image"], mutable=["intermediates"], **kwargs)
+            (logits, _), sown = model.apply(
+                {"params": params}, batch["image"], mutable=["intermediates"], **kwargs
+            )
         else:
             logits, _ = model.apply({"params": params}, batch["image"], **kwargs)
         aux = {"train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"]))}
@@ -111,6 +122,12 @@ def classifier(name: str, model: nn.Module, loss: Callable[[jax.Array, jax.Array
         del frozen
         return model.apply({"params": params}, batch["image"], train=False)[1]["pre_logits"]
 
-    return Task(name=name, init=vit_init(model), loss=objective,
-                predict={"logits": logits, "pre_logits": pre_logits},
-                flops_per_example=flops_per_example, model_spec=model_spec, start=start)
+    return Task(
+        name=name,
+        init=vit_init(model),
+        loss=objective,
+        predict={"logits": logits, "pre_logits": pre_logits},
+        flops_per_example=flops_per_example,
+        model_spec=model_spec,
+        start=start,
+    )

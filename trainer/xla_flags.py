@@ -20,6 +20,7 @@ Every flag below is documented for the jax 0.10/0.11 era: JAX's "List of XLA com
 (docs/xla_flags.md), NVIDIA JAX-Toolbox's GPU performance guide (rosetta/docs/GPU_performance.md)
 and MaxText's flag library (benchmarks/xla_flags_library.py). Imports only the standard library.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,7 +104,9 @@ def get(platform: str, name: str) -> tuple[str, ...]:
         raise ValueError(f"xla_flags: unknown platform {platform!r}; known: {', '.join(FLAG_SETS)}")
     sets = FLAG_SETS[platform]
     if name not in sets:
-        raise ValueError(f"xla_flags: unknown flag set {name!r} for {platform}; known: {', '.join(sets)}")
+        raise ValueError(
+            f"xla_flags: unknown flag set {name!r} for {platform}; known: {', '.join(sets)}"
+        )
     return sets[name]
 
 

@@ -15,6 +15,7 @@ A split's labels live in the map's target space by default (`labels="target"`: O
 ImageNet-R/-A, cue-conflict) or in the model's own classes (`labels="source"`, e.g. digits scored
 as digit pairs); `LabelMap.to_targets` turns either into the split-class -> target matrix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,15 +45,19 @@ class LabelMap:
             for member in members:
                 if isinstance(member, int):
                     if not 0 <= member < len(source_classes):
-                        raise ValueError(f"label map {self.name}: target {target!r}: source index {member} is "
-                                         f"outside the model's {len(source_classes)} classes")
+                        raise ValueError(
+                            f"label map {self.name}: target {target!r}: source index {member} is "
+                            f"outside the model's {len(source_classes)} classes"
+                        )
                     matrix[member, t] = True
                 elif member in index:
                     matrix[index[member], t] = True
                 else:
-                    raise ValueError(f"label map {self.name}: target {target!r}: source class {member!r} is not "
-                                     f"one of the model's classes ({', '.join(source_classes[:12])}"
-                                     f"{', ...' if len(source_classes) > 12 else ''})")
+                    raise ValueError(
+                        f"label map {self.name}: target {target!r}: source class {member!r} is not "
+                        f"one of the model's classes ({', '.join(source_classes[:12])}"
+                        f"{', ...' if len(source_classes) > 12 else ''})"
+                    )
         return matrix
 
     def target_index(self, names: Sequence[str]) -> np.ndarray:
@@ -60,11 +65,18 @@ class LabelMap:
         index = {t: i for i, t in enumerate(self.targets)}
         missing = [n for n in names if n not in index]
         if missing:
-            raise ValueError(f"label map {self.name}: class {missing[0]!r} of the data is not a target of the map")
+            raise ValueError(
+                f"label map {self.name}: class {missing[0]!r} of the data is not a target of the map"
+            )
         return np.array([index[n] for n in names], np.int32)
 
-    def to_targets(self, membership: np.ndarray, split_classes: Sequence[str],
-                   labels: str = "target", where: str = "label map") -> np.ndarray:
+    def to_targets(
+        self,
+        membership: np.ndarray,
+        split_classes: Sequence[str],
+        labels: str = "target",
+        where: str = "label map",
+    ) -> np.ndarray:
         """bool [K, T]: which targets each of a split's K classes means. labels="target": the
         split is labelled in the map's target space (its class names are targets); "source": in
         the model's own classes (`membership` [S, T], so K must be S)."""
@@ -73,8 +85,10 @@ class LabelMap:
         if labels == "source":
             model, split = membership.shape[0], len(split_classes)
             if split != model:
-                raise ValueError(f"{where}: labels='source' needs the split labelled in the "
-                                 f"model's {model} classes, it has {split}")
+                raise ValueError(
+                    f"{where}: labels='source' needs the split labelled in the "
+                    f"model's {model} classes, it has {split}"
+                )
             return np.asarray(membership, bool)
         return np.eye(len(self.targets), dtype=bool)[self.target_index(split_classes)]
 
@@ -95,13 +109,20 @@ def load(name_or_path: str) -> LabelMap:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"label map {path}: cannot read ({e})") from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"label map {path}: must be a non-empty JSON object {{target: [source, ...]}}")
+        raise ValueError(
+            f"label map {path}: must be a non-empty JSON object {{target: [source, ...]}}"
+        )
     targets, sources = [], []
     for target, members in data.items():
-        if not isinstance(members, list) or not members or not all(
-                isinstance(m, (str, int)) and not isinstance(m, bool) for m in members):
-            raise ValueError(f"label map {path}: target {target!r} must map to a non-empty list of class "
-                             "names or indices")
+        if (
+            not isinstance(members, list)
+            or not members
+            or not all(isinstance(m, (str, int)) and not isinstance(m, bool) for m in members)
+        ):
+            raise ValueError(
+                f"label map {path}: target {target!r} must map to a non-empty list of class "
+                "names or indices"
+            )
         targets.append(target)
         sources.append(tuple(members))
     return LabelMap(str(path), tuple(targets), tuple(sources))

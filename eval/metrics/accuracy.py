@@ -4,6 +4,7 @@ Scores are [N, C] (logits or probabilities: only their order matters); labels ar
 [N] (-1 = no label) or a multi-hot [N, C] (several correct classes per example). Ties between
 scores go to the lower class index (as `np.argmax` does), so results are deterministic.
 """
+
 from __future__ import annotations
 
 import numpy as np

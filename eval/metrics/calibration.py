@@ -10,6 +10,7 @@ Bins: `width` (default) = 15 equal-width bins of [0, 1], bin b holding confidenc
 (b/15, (b+1)/15] (0 itself in the first); `mass` = equal-mass bins: the examples sorted by
 confidence and split into `bins` groups whose sizes differ by at most one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,9 @@ def bin_index(confidence: np.ndarray, bins: int = BINS, scheme: str = "width") -
     return index
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS,
-                scheme: str = "width") -> dict[str, list]:
+def reliability(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = BINS, scheme: str = "width"
+) -> dict[str, list]:
     """Per bin: `lo`/`hi` (its range: the bin's edges for `width`, the min/max confidence in it for
     `mass`), `count`, `accuracy`, `confidence` (None in an empty bin). What the diagram plots."""
     confidence = np.asarray(confidence, np.float64)
@@ -67,7 +69,11 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS,
         if scheme == "width":
             lo, hi = float(edges[b]), float(edges[b + 1])
         else:
-            lo, hi = (float(confidence[rows].min()), float(confidence[rows].max())) if n else (None, None)
+            lo, hi = (
+                (float(confidence[rows].min()), float(confidence[rows].max()))
+                if n
+                else (None, None)
+            )
         out["lo"].append(lo)
         out["hi"].append(hi)
         out["count"].append(n)
@@ -76,18 +82,27 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS,
     return out
 
 
-def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS, scheme: str = "width") -> float:
+def ece(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = BINS, scheme: str = "width"
+) -> float:
     """Expected calibration error, as defined in the module docstring."""
     confidence = np.asarray(confidence, np.float64)
     if not len(confidence):
         raise ValueError("ECE of no examples")
     table = reliability(confidence, correct, bins, scheme)
     total = len(confidence)
-    return float(sum(n / total * abs(a - c)
-                     for n, a, c in zip(table["count"], table["accuracy"], table["confidence"]) if n))
+    return float(
+        sum(
+            n / total * abs(a - c)
+            for n, a, c in zip(table["count"], table["accuracy"], table["confidence"])
+            if n
+        )
+    )
 
 
-def binary_confidence(p_positive: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def binary_confidence(
+    p_positive: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, correct) of a binary classifier's P(positive) against bool labels: it predicts
     positive when p >= 0.5, with confidence max(p, 1 - p). For the ECE of debiased predictors."""
     p = np.asarray(p_positive, np.float64)

@@ -28,6 +28,7 @@ Groups are the values of one sensitive attribute (e.g. CelebA's `Male`, the digi
   DP <= eps' <= eps), so its accuracy cannot rise as eps shrinks. The ECE of each rule (its x as a
   probability of the positive class, `calibration.binary_confidence`) comes with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,6 +81,7 @@ def expected_accuracy(x: np.ndarray, label: np.ndarray) -> float:
 @dataclasses.dataclass(frozen=True)
 class RandomizedThreshold:
     """A fitted debiasing rule: one theta per group value."""
+
     groups: tuple
     thetas: tuple[float, ...]
     gamma: float
@@ -91,8 +93,10 @@ class RandomizedThreshold:
         attribute = np.asarray(attribute)
         unknown = set(np.unique(attribute).tolist()) - set(self.groups)
         if unknown:
-            raise ValueError(f"debiasing: group(s) {sorted(unknown)} were not in the fitting data "
-                             f"(groups {list(self.groups)})")
+            raise ValueError(
+                f"debiasing: group(s) {sorted(unknown)} were not in the fitting data "
+                f"(groups {list(self.groups)})"
+            )
         theta = np.zeros(len(attribute))
         for group, t in zip(self.groups, self.thetas):
             theta[attribute == group] = t
@@ -123,8 +127,13 @@ def _solve_theta(y: np.ndarray, gamma: float, lo: float, hi: float) -> float:
     return b if keep_high else a
 
 
-def fit_randomized_threshold(p_positive: np.ndarray, attribute: np.ndarray, eps: float,
-                             gamma: float = GAMMA, rho: float | None = None) -> RandomizedThreshold:
+def fit_randomized_threshold(
+    p_positive: np.ndarray,
+    attribute: np.ndarray,
+    eps: float,
+    gamma: float = GAMMA,
+    rho: float | None = None,
+) -> RandomizedThreshold:
     """Fits the per-group thresholds of the module docstring on (p, attribute)."""
     if eps < 0:
         raise ValueError(f"debiasing eps={eps!r} must be >= 0")
@@ -139,17 +148,30 @@ def fit_randomized_threshold(p_positive: np.ndarray, attribute: np.ndarray, eps:
     return RandomizedThreshold(tuple(n.item() for n in names), thetas, gamma, float(eps), rho)
 
 
-def debiased_metrics(rule: RandomizedThreshold, p_positive: np.ndarray, label: np.ndarray,
-                     attribute: np.ndarray, bins: int = calibration.BINS) -> dict[str, float]:
+def debiased_metrics(
+    rule: RandomizedThreshold,
+    p_positive: np.ndarray,
+    label: np.ndarray,
+    attribute: np.ndarray,
+    bins: int = calibration.BINS,
+) -> dict[str, float]:
     """accuracy (expected), dp_gap and ece of a fitted rule on one split."""
     x = rule.predict(p_positive, attribute)
     conf, correct = calibration.binary_confidence(x, label)
-    return {"accuracy": expected_accuracy(x, label), "dp_gap": demographic_parity_gap(x, attribute),
-            "ece": calibration.ece(conf, correct, bins)}
+    return {
+        "accuracy": expected_accuracy(x, label),
+        "dp_gap": demographic_parity_gap(x, attribute),
+        "ece": calibration.ece(conf, correct, bins),
+    }
 
 
-def frontier(fit: tuple[np.ndarray, np.ndarray, np.ndarray], evaluated: tuple[np.ndarray, np.ndarray, np.ndarray],
-             epsilons: Sequence[float], gamma: float = GAMMA, bins: int = calibration.BINS) -> list[dict]:
+def frontier(
+    fit: tuple[np.ndarray, np.ndarray, np.ndarray],
+    evaluated: tuple[np.ndarray, np.ndarray, np.ndarray],
+    epsilons: Sequence[float],
+    gamma: float = GAMMA,
+    bins: int = calibration.BINS,
+) -> list[dict]:
     """The accuracy-vs-eps frontier. `fit` and `evaluated` are (p_positive, bool label, attribute)
     of the fitting and the evaluated split. One row per eps (largest first):
 
@@ -159,9 +181,14 @@ def frontier(fit: tuple[np.ndarray, np.ndarray, np.ndarray], evaluated: tuple[np
     rows = []
     for eps in sorted({float(e) for e in epsilons}, reverse=True):
         rule = fit_randomized_threshold(fit[0], fit[2], eps, gamma)
-        rows.append({"eps": eps, "thetas": {str(g): t for g, t in zip(rule.groups, rule.thetas)},
-                     "fit": debiased_metrics(rule, *fit, bins=bins),
-                     "eval": debiased_metrics(rule, *evaluated, bins=bins)})
+        rows.append(
+            {
+                "eps": eps,
+                "thetas": {str(g): t for g, t in zip(rule.groups, rule.thetas)},
+                "fit": debiased_metrics(rule, *fit, bins=bins),
+                "eval": debiased_metrics(rule, *evaluated, bins=bins),
+            }
+        )
     for i, row in enumerate(rows):
         best = max(rows[i:], key=lambda r: r["fit"]["accuracy"])  # rows[i:] = fitted at eps' <= eps
         row["frontier_eps"] = best["eps"]

@@ -34,6 +34,7 @@ consistency", "error consistency"; "fraction-correct-shape", "fraction-correct-t
 "shape-bias"; raw rows `model, human, dataset, metric, condition, value`) so they compare with
 its published tables.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,7 +47,16 @@ import numpy as np
 
 from data import label_maps
 
-COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
+COLUMNS = (
+    "subj",
+    "session",
+    "trial",
+    "rt",
+    "object_response",
+    "category",
+    "condition",
+    "imagename",
+)
 HUMAN_PREFIX = "subject-"
 PAIR_METRICS = ("accuracy difference", "observed consistency", "error consistency")
 NO_CONDITION = "NaN"  # the toolbox's condition for datasets without conditions (e.g. cue-conflict)
@@ -104,6 +114,7 @@ def condition_from_name(imagename: str) -> str:
 class Trials:
     """Columns of the raw-data layout (str arrays of equal length); `session`, `trial` and `rt`
     are kept only to write the layout back."""
+
     subj: np.ndarray
     condition: np.ndarray
     imagename: np.ndarray
@@ -112,8 +123,10 @@ class Trials:
 
     @classmethod
     def of(cls, **columns: Iterable) -> "Trials":
-        arrays = {f.name: np.asarray([str(v) for v in columns[f.name]], dtype=object)
-                  for f in dataclasses.fields(cls)}
+        arrays = {
+            f.name: np.asarray([str(v) for v in columns[f.name]], dtype=object)
+            for f in dataclasses.fields(cls)
+        }
         if len({len(a) for a in arrays.values()}) > 1:
             raise ValueError("trials: columns of different lengths")
         return cls(**arrays)
@@ -147,8 +160,18 @@ class Trials:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(COLUMNS)
         for i in range(len(self)):
-            writer.writerow([self.subj[i], 1, i + 1, "NaN", self.object_response[i], self.category[i],
-                             self.condition[i], self.imagename[i]])
+            writer.writerow(
+                [
+                    self.subj[i],
+                    1,
+                    i + 1,
+                    "NaN",
+                    self.object_response[i],
+                    self.category[i],
+                    self.condition[i],
+                    self.imagename[i],
+                ]
+            )
         return buffer.getvalue()
 
 
@@ -166,8 +189,10 @@ def read_raw_data(root: Path, dataset: str) -> Trials:
             header = [c.lower() for c in reader.fieldnames or ()]
             missing = [c for c in columns if c not in header]
             if missing:
-                raise ValueError(f"{path}: column {missing[0]!r} is missing (the toolbox's raw-data layout has "
-                                 f"{', '.join(COLUMNS)})")
+                raise ValueError(
+                    f"{path}: column {missing[0]!r} is missing (the toolbox's raw-data layout has "
+                    f"{', '.join(COLUMNS)})"
+                )
             for row in reader:
                 row = {k.lower(): v for k, v in row.items()}
                 for c in columns:
@@ -195,12 +220,16 @@ def _paired(a: Trials, b: Trials) -> tuple[np.ndarray, np.ndarray]:
     index = {}
     for i, key in enumerate(a.image_ids):
         if key in index:
-            raise ValueError(f"model-vs-human: image {key!r} appears twice for observer {a.subj[i]!r}")
+            raise ValueError(
+                f"model-vs-human: image {key!r} appears twice for observer {a.subj[i]!r}"
+            )
         index[key] = i
     missing = [key for key in b.image_ids if key not in index]
     if missing:
-        raise ValueError(f"model-vs-human: image {missing[0]!r} seen by {b.subj[0]!r} has no trial of "
-                         f"{a.subj[0] if len(a) else 'the other observer'!r}")
+        raise ValueError(
+            f"model-vs-human: image {missing[0]!r} seen by {b.subj[0]!r} has no trial of "
+            f"{a.subj[0] if len(a) else 'the other observer'!r}"
+        )
     rows = np.asarray([index[key] for key in b.image_ids], np.int64)
     return a.correct[rows], b.correct
 
@@ -212,16 +241,22 @@ def consistency(a: Trials, b: Trials) -> dict[str, float]:
     p1, p2 = float(ca.mean()), float(cb.mean())
     expected = p1 * p2 + (1 - p1) * (1 - p2)
     observed = float(np.mean(ca == cb))
-    return {"expected-consistency": expected, "observed-consistency": observed,
-            "error-consistency": cohens_kappa(observed, expected)}
+    return {
+        "expected-consistency": expected,
+        "observed-consistency": observed,
+        "error-consistency": cohens_kappa(observed, expected),
+    }
 
 
 def pair_metrics(a: Trials, b: Trials) -> dict[str, float]:
     """The three human-likeness metrics of observer a against observer b (b's images)."""
     ca, cb = _paired(a, b)
     c = consistency(a, b)
-    return {"accuracy difference": float((ca.mean() - cb.mean()) ** 2),
-            "observed consistency": c["observed-consistency"], "error consistency": c["error-consistency"]}
+    return {
+        "accuracy difference": float((ca.mean() - cb.mean()) ** 2),
+        "observed consistency": c["observed-consistency"],
+        "error consistency": c["error-consistency"],
+    }
 
 
 def with_conditions(model: Trials, humans: Trials) -> Trials:
@@ -232,7 +267,9 @@ def with_conditions(model: Trials, humans: Trials) -> Trials:
     return dataclasses.replace(model, condition=np.asarray(conditions, dtype=object))
 
 
-def included_conditions(trials: Trials, dataset: str, exclude: Sequence[str] | None = None) -> list[str]:
+def included_conditions(
+    trials: Trials, dataset: str, exclude: Sequence[str] | None = None
+) -> list[str]:
     """Sorted conditions of the trials minus the excluded ones (default: the toolbox's list)."""
     excluded = set(EXCLUDE_CONDITIONS.get(dataset, ()) if exclude is None else exclude)
     return sorted(set(trials.condition) - excluded)
@@ -242,8 +279,9 @@ def _include(trials: Trials, conditions: Sequence[str]) -> Trials:
     return trials.select(np.isin(trials.condition, list(conditions)))
 
 
-def benchmark(model: Trials, humans: Trials, dataset: str,
-              exclude: Sequence[str] | None = None) -> tuple[list[dict], dict[str, float], dict[str, float]]:
+def benchmark(
+    model: Trials, humans: Trials, dataset: str, exclude: Sequence[str] | None = None
+) -> tuple[list[dict], dict[str, float], dict[str, float]]:
     """(raw rows, the model's summary, the human reference summary) for one dataset.
 
     raw rows: {model, human, dataset, metric, condition, value} per (model or human subject, human
@@ -253,7 +291,9 @@ def benchmark(model: Trials, humans: Trials, dataset: str,
     """
     subjects = humans.subjects(humans=True)
     if not subjects:
-        raise ValueError(f"model-vs-human {dataset}: the raw data has no human observer ({HUMAN_PREFIX}*)")
+        raise ValueError(
+            f"model-vs-human {dataset}: the raw data has no human observer ({HUMAN_PREFIX}*)"
+        )
     humans = humans.select(np.isin(humans.subj, subjects))
     model = with_conditions(model, humans)
     conditions = included_conditions(humans, dataset, exclude)
@@ -268,13 +308,22 @@ def benchmark(model: Trials, humans: Trials, dataset: str,
                 if not len(theirs):
                     continue
                 values = pair_metrics(observer.where(condition=condition), theirs)
-                rows.extend({"model": name, "human": human, "dataset": dataset, "metric": metric,
-                             "condition": condition, "value": values[metric]} for metric in PAIR_METRICS)
+                rows.extend(
+                    {
+                        "model": name,
+                        "human": human,
+                        "dataset": dataset,
+                        "metric": metric,
+                        "condition": condition,
+                        "value": values[metric],
+                    }
+                    for metric in PAIR_METRICS
+                )
 
     model_name = model.subj[0] if len(model) else "model"
     compare(model, model_name, subjects)
     for i, subject in enumerate(subjects):  # each pair of distinct subjects once (toolbox: j > i)
-        compare(humans.where(subj=subject), subject, subjects[i + 1:])
+        compare(humans.where(subj=subject), subject, subjects[i + 1 :])
 
     def summarize(selected: list[dict]) -> dict[str, float]:
         out = {}
@@ -283,34 +332,53 @@ def benchmark(model: Trials, humans: Trials, dataset: str,
             for r in selected:
                 if r["metric"] == metric:
                     per_human.setdefault((r["model"], r["human"]), []).append(r["value"])
-            out[metric] = float(np.mean([np.mean(v) for v in per_human.values()])) if per_human else float("nan")
+            out[metric] = (
+                float(np.mean([np.mean(v) for v in per_human.values()]))
+                if per_human
+                else float("nan")
+            )
         return out
 
-    model_summary = {"OOD accuracy": accuracy(_include(model, conditions)),
-                     **summarize([r for r in rows if r["model"] == model_name])}
-    human_summary = {"OOD accuracy": accuracy(_include(humans, conditions)),
-                     **summarize([r for r in rows if r["model"] != model_name])}
+    model_summary = {
+        "OOD accuracy": accuracy(_include(model, conditions)),
+        **summarize([r for r in rows if r["model"] == model_name]),
+    }
+    human_summary = {
+        "OOD accuracy": accuracy(_include(humans, conditions)),
+        **summarize([r for r in rows if r["model"] != model_name]),
+    }
     return rows, model_summary, human_summary
 
 
-def shape_bias(decision: Sequence[str], shape: Sequence[str], texture: Sequence[str]) -> dict[str, float]:
+def shape_bias(
+    decision: Sequence[str], shape: Sequence[str], texture: Sequence[str]
+) -> dict[str, float]:
     """Shape bias of cue-conflict decisions (category names); see the module docstring."""
-    decision, shape, texture = (np.asarray(list(v), dtype=object) for v in (decision, shape, texture))
+    decision, shape, texture = (
+        np.asarray(list(v), dtype=object) for v in (decision, shape, texture)
+    )
     if not len(decision):
         raise ValueError("shape bias of no trials")
     conflict = shape != texture
     shape_hits = int(np.sum(conflict & (decision == shape)))
     texture_hits = int(np.sum(conflict & (decision == texture)))
     n = len(decision)
-    return {"fraction-correct-shape": shape_hits / n, "fraction-correct-texture": texture_hits / n,
-            "shape-bias": shape_hits / (shape_hits + texture_hits) if shape_hits + texture_hits else float("nan")}
+    return {
+        "fraction-correct-shape": shape_hits / n,
+        "fraction-correct-texture": texture_hits / n,
+        "shape-bias": shape_hits / (shape_hits + texture_hits)
+        if shape_hits + texture_hits
+        else float("nan"),
+    }
 
 
 def human_shape_bias(humans: Trials) -> dict[str, float]:
     """Shape bias of the human observers' cue-conflict trials (shape = `category`, texture from the
     image name), all subjects pooled."""
     humans = humans.select(np.isin(humans.subj, humans.subjects(humans=True)))
-    return shape_bias(humans.object_response, humans.category, [texture_category(n) for n in humans.imagename])
+    return shape_bias(
+        humans.object_response, humans.category, [texture_category(n) for n in humans.imagename]
+    )
 
 
 def mean_over_datasets(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

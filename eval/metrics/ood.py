@@ -17,6 +17,7 @@ matrix (`LabelMap.membership(model class names)`). Two public conventions score 
 Examples none of whose labels is a target of the map are left out (`scored` is False): ImageNet-R
 and -A keep 200 of ImageNet's 1000 classes, and only the overlap of ObjectNet with ImageNet counts.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,11 +27,18 @@ from data.label_maps import correct as label_map_correct  # noqa: F401  (THE imp
 from data.label_maps import target_truth  # noqa: F401
 
 
-def label_map_accuracy(scores: np.ndarray, truth: np.ndarray, membership: np.ndarray, *,
-                       reduce: str = "max", restrict: bool = True) -> float:
+def label_map_accuracy(
+    scores: np.ndarray,
+    truth: np.ndarray,
+    membership: np.ndarray,
+    *,
+    reduce: str = "max",
+    restrict: bool = True,
+) -> float:
     """Mean of `label_map_correct` (data.label_maps.correct) over the scored examples."""
-    correct, scored = map(np.asarray, label_maps.correct(scores, truth, membership, reduce,
-                                                         restrict))
+    correct, scored = map(
+        np.asarray, label_maps.correct(scores, truth, membership, reduce, restrict)
+    )
     if not scored.any():
         raise ValueError("label map accuracy: no example's label is a target of the map")
     return float(correct[scored].mean())
@@ -41,10 +49,11 @@ def crop_border(images, pixels: int):
     (bilinear): ObjectNet's images carry a 1-px red border, its evaluations crop 2 px. JAX, so it
     runs inside the jitted predict function."""
     import jax
+
     if pixels <= 0:
         return images
     b, h, w, c = images.shape
     if 2 * pixels >= min(h, w):
         raise ValueError(f"border crop of {pixels} px leaves nothing of {h}x{w} images")
-    inner = images[:, pixels:h - pixels, pixels:w - pixels, :]
+    inner = images[:, pixels : h - pixels, pixels : w - pixels, :]
     return jax.image.resize(inner, (b, h, w, c), method="bilinear", antialias=False)

@@ -9,6 +9,7 @@ Each stage group starts from its module's `default_config()` (the complete key s
 here, and the whole config is locked, so `--config.<stage>.<key>=...` cannot invent keys.
 Adding a stage = import its module and add one entry to `groups` below.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -22,10 +23,11 @@ from trainer import distill, finetune, lit, pretrain
 # The recipe card's marks (launch/recipe.py); unmarked values set here are this config's ("user").
 RECIPE = {
     "pretrain.loss": recipe.mark("paper", True, "sigmoid cross-entropy, as ViT-22B pretrains"),
-    "pretrain.model.variant": recipe.mark("user", False, "mu: the ViT-22B block at width 64, for CPU runs"),
+    "pretrain.model.variant": recipe.mark(
+        "user", False, "mu: the ViT-22B block at width 64, for CPU runs"
+    ),
     "distill.runs.*.temperature": recipe.mark("reference", True, "big_vision distill configs"),
 }
-
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -49,10 +51,20 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.runtime.log_every = 1  # MFU, loss, ... for every step
     c.evals.val.every = 100
     # The pretrained model scored in another label space (digit pairs) through a label map.
-    c.evals.pairs = ml_collections.ConfigDict(dict(type="label_map", split="val", map="digits_pairs",
-                                                   labels="source", reduce="max", every=100))
+    c.evals.pairs = ml_collections.ConfigDict(
+        dict(
+            type="label_map",
+            split="val",
+            map="digits_pairs",
+            labels="source",
+            reduce="max",
+            every=100,
+        )
+    )
     # big_vision-style few-shot on the pre-logits during pretraining (trainer/evaluators/fewshot.py).
-    c.evals.fewshot = ml_collections.ConfigDict(dict(type="fewshot", train_split="train", split="val", every=100))
+    c.evals.fewshot = ml_collections.ConfigDict(
+        dict(type="fewshot", train_split="train", split="val", every=100)
+    )
     c.checkpoint_every = 50
     return c
 
@@ -64,7 +76,9 @@ def finetune_run(image_size: int) -> ml_collections.ConfigDict:
     c.init_from = "pretrain"
     c.data.dataset = "digits"
     c.data.image_size = image_size
-    c.data.augment.inception_crop = False  # as in pretraining: crops cut strokes, flips change digits
+    c.data.augment.inception_crop = (
+        False  # as in pretraining: crops cut strokes, flips change digits
+    )
     c.data.augment.flip = False
     c.batch_size = c.eval_batch_size = 64
     c.steps = 60
@@ -83,7 +97,9 @@ def distill_run() -> ml_collections.ConfigDict:
     c = distill.default_config()
     c.teacher = "pretrain"
     c.model.variant = "mu/4"
-    c.model.update(dict(block="sequential", qk_norm=False, use_bias=True, norm="layernorm", head="gap"))
+    c.model.update(
+        dict(block="sequential", qk_norm=False, use_bias=True, norm="layernorm", head="gap")
+    )
     c.data.dataset = "digits"
     c.data.image_size = 32
     c.data.augment.inception_crop = False
@@ -138,11 +154,27 @@ def evaluate_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"
     c.batch_size = 64
     c.mesh.data, c.mesh.model = 4, 2
-    c.evals.pairs = ml_collections.ConfigDict(dict(type="ood", split="test", map="digits_pairs", labels="source"))
-    c.evals.fairness = ml_collections.ConfigDict(dict(type="fairness", split="test", fit_split="val",
-                                                      attribute="heavy_ink", positive=("0", "2", "4", "6", "8")))
-    c.evals.mvh = ml_collections.ConfigDict(dict(type="model_vs_human", split="test", map="digits_pairs",
-                                                 labels="source", experiment="digits-pairs"))
+    c.evals.pairs = ml_collections.ConfigDict(
+        dict(type="ood", split="test", map="digits_pairs", labels="source")
+    )
+    c.evals.fairness = ml_collections.ConfigDict(
+        dict(
+            type="fairness",
+            split="test",
+            fit_split="val",
+            attribute="heavy_ink",
+            positive=("0", "2", "4", "6", "8"),
+        )
+    )
+    c.evals.mvh = ml_collections.ConfigDict(
+        dict(
+            type="model_vs_human",
+            split="test",
+            map="digits_pairs",
+            labels="source",
+            experiment="digits-pairs",
+        )
+    )
     return c
 
 

@@ -10,6 +10,7 @@ closure of every training stage (the cache sees their edits). `every` is the loo
 steps (0 = only at the end); `pred` picks a Task.predict entry (default: the class's `pred`).
 The evaluate stage extends this table with its own entries (eval/); trainer/ never imports eval/.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -40,17 +41,22 @@ def _plain(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def check(evals: Mapping[str, Any], where: str, table: Mapping[str, type[Evaluator]] = TABLE) -> None:
+def check(
+    evals: Mapping[str, Any], where: str, table: Mapping[str, type[Evaluator]] = TABLE
+) -> None:
     """Plan-time check of an `evals` group; one-line ValueError naming the key."""
     for name, raw in evals.items():
         cfg = _plain(raw)
         key = f"{where}.{name}"
         if not name.isidentifier():
-            raise checks.fail(key, "eval names must be identifiers (they prefix the logged "
-                                   "metrics)")
+            raise checks.fail(
+                key, "eval names must be identifiers (they prefix the logged metrics)"
+            )
         kind = cfg.get("type")
         if kind not in table:
-            raise ValueError(f"{key}.type={kind!r} is not an evaluator; known: {', '.join(sorted(table))}")
+            raise ValueError(
+                f"{key}.type={kind!r} is not an evaluator; known: {', '.join(sorted(table))}"
+            )
         every = cfg.get("every", 0)
         if not checks.is_int(every, 0):
             raise ValueError(f"{key}.every={every!r} must be an int >= 0 (0 = only at the end)")
@@ -58,16 +64,23 @@ def check(evals: Mapping[str, Any], where: str, table: Mapping[str, type[Evaluat
         given = set(cfg) - set(LOOP_KEYS)
         unknown, missing = given - required - optional, required - given
         if unknown:
-            raise checks.fail(f"{key}.{sorted(unknown)[0]}",
-                              f"unknown key for a {kind!r} evaluator; known: "
-                              f"{', '.join(sorted(required | optional))}")
+            raise checks.fail(
+                f"{key}.{sorted(unknown)[0]}",
+                f"unknown key for a {kind!r} evaluator; known: "
+                f"{', '.join(sorted(required | optional))}",
+            )
         if missing:
             raise ValueError(f"{key}.{sorted(missing)[0]} is required by a {kind!r} evaluator")
         table[kind].check_values({k: cfg[k] for k in given}, key)
 
 
-def build(evals: Mapping[str, Any], predict: Mapping[str, Any], ctx: Context, where: str,
-          table: Mapping[str, type[Evaluator]] = TABLE) -> dict[str, tuple[int, Evaluator]]:
+def build(
+    evals: Mapping[str, Any],
+    predict: Mapping[str, Any],
+    ctx: Context,
+    where: str,
+    table: Mapping[str, type[Evaluator]] = TABLE,
+) -> dict[str, tuple[int, Evaluator]]:
     """{eval name: (every, evaluator)} from an `evals` group and a Task's predict functions."""
     check(evals, where, table)
     built = {}
@@ -77,6 +90,8 @@ def build(evals: Mapping[str, Any], predict: Mapping[str, Any], ctx: Context, wh
         every = cfg.pop("every", 0)
         pred = cfg.pop("pred", cls.pred)
         if pred not in predict:
-            raise ValueError(f"{where}.{name}.pred={pred!r}: the task predicts only {', '.join(sorted(predict))}")
+            raise ValueError(
+                f"{where}.{name}.pred={pred!r}: the task predicts only {', '.join(sorted(predict))}"
+            )
         built[name] = (every, cls(predict[pred], ctx=ctx, **cfg))
     return built

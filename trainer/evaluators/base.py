@@ -9,6 +9,7 @@ needs from the running stage: the mesh, where prepared splits are, image/batch s
 threads and the shardings of the parameters it is handed. The same classes run inside training
 (trainer/loop.py) and in the evaluate stage.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,18 +34,26 @@ class Context:
     read_threads: int = 2
     worker_count: int = 0
     class_names: tuple[str, ...] = ()  # the model's output classes (its training split's manifest)
-    loader_kwargs: dict = dataclasses.field(default_factory=dict)  # the stage's, e.g. LiT's tokenizer
+    loader_kwargs: dict = dataclasses.field(
+        default_factory=dict
+    )  # the stage's, e.g. LiT's tokenizer
 
-    def loader(self, split: str, dataset: str | None = None, image_size: int | None = None, **loader_kwargs):
+    def loader(
+        self, split: str, dataset: str | None = None, image_size: int | None = None, **loader_kwargs
+    ):
         """A re-iterable EvalLoader over one prepared split (padded batches with `mask`); keyword
         args override the stage's `loader_kwargs` (e.g. `tokenizer=None` for a split without text)."""
         from data import loader  # Grain: only where data is read
-        return loader.eval_loader(self.split_dir(dataset or self.dataset, split),
-                                  global_batch_size=self.batch_size,
-                                  image_size=image_size or self.image_size,
-                                  sharding=self.batch_sharding, read_threads=self.read_threads,
-                                  worker_count=self.worker_count,
-                                  **{**self.loader_kwargs, **loader_kwargs})
+
+        return loader.eval_loader(
+            self.split_dir(dataset or self.dataset, split),
+            global_batch_size=self.batch_size,
+            image_size=image_size or self.image_size,
+            sharding=self.batch_sharding,
+            read_threads=self.read_threads,
+            worker_count=self.worker_count,
+            **{**self.loader_kwargs, **loader_kwargs},
+        )
 
     @property
     def batch_sharding(self):
@@ -53,8 +62,9 @@ class Context:
 
     def jit(self, fn: Callable) -> Callable:
         """Jits `fn(params, frozen, batch) -> sums` with these shardings (trainer/step.py)."""
-        return step_lib.make_eval_step(fn, self.param_shardings, self.frozen_shardings,
-                                       self.batch_sharding)
+        return step_lib.make_eval_step(
+            fn, self.param_shardings, self.frozen_shardings, self.batch_sharding
+        )
 
 
 class Evaluator:
@@ -78,8 +88,11 @@ class Evaluator:
     @classmethod
     def config_keys(cls) -> tuple[set[str], set[str]]:
         """(required, optional) config keys: the keyword-only parameters of __init__ after ctx."""
-        params = [p for p in inspect.signature(cls.__init__).parameters.values()
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "ctx"]
+        params = [
+            p
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "ctx"
+        ]
         required = {p.name for p in params if p.default is inspect.Parameter.empty}
         return required, {p.name for p in params} - required
 
@@ -89,7 +102,9 @@ def sum_over(eval_step: Callable, params, frozen, batches) -> dict[str, float]:
     totals = None
     for batch in batches:
         sums = eval_step(params, frozen, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
+        totals = (
+            sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
+        )
     if totals is None:
         raise ValueError("evaluation split is empty")
     return {k: float(v) for k, v in jax.device_get(totals).items()}

@@ -13,6 +13,7 @@ its own resolution by the Task). Metrics, mask-aware (padded rows count nowhere)
 
 `losses.kl_divergence` is also the training loss of trainer/distill.py (one definition for both).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -33,7 +34,15 @@ def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
 class Distillation(base.Evaluator):
     pred = "student_teacher"
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, dataset: str = "", temperature: float = 1.0):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        dataset: str = "",
+        temperature: float = 1.0,
+    ):
         super().__init__(predict_fn, ctx=ctx)
         self.check_values({"temperature": temperature}, "distillation")
         self.split, self.dataset = split, dataset or ctx.dataset
@@ -42,9 +51,12 @@ class Distillation(base.Evaluator):
         def sums(params, frozen, batch):
             student, teacher = predict_fn(params, frozen, batch)
             mask = batch["mask"]
-            return {"count": jnp.sum(mask.astype(jnp.float32)),
-                    "agreement": losses.masked_sum(agreement(student, teacher), mask),
-                    "kl": losses.masked_sum(losses.kl_divergence(student, teacher, temperature), mask)}
+            return {
+                "count": jnp.sum(mask.astype(jnp.float32)),
+                "agreement": losses.masked_sum(agreement(student, teacher), mask),
+                "kl": losses.masked_sum(losses.kl_divergence(student, teacher, temperature), mask),
+            }
+
         self._step = ctx.jit(sums)
 
     @classmethod

@@ -18,6 +18,7 @@ A class with fewer train examples than the largest shot count is an error naming
 silently takes fewer). The evaluator yields `<k>shot_top1` (mean top-1 over seeds) and `<k>shot_top1_std`.
 The probe stage (eval/probe.py) calls `evaluate` on its cached features.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,7 @@ from trainer import features
 from trainer.evaluators import base
 
 BIAS = 100.0  # the constant bias column
-L2 = 2.0 ** 10
+L2 = 2.0**10
 SHOTS = (1, 5, 10, 25)
 SEEDS = 3
 STD_EPS = 1e-5
@@ -40,14 +41,20 @@ _CHUNK = 8192  # test rows whitened and scored at a time (bounded host memory at
 @dataclasses.dataclass(frozen=True)
 class Ridge:
     """A fitted few-shot classifier: the few-shot train set's whitening and the weights [D+1, C]."""
+
     mean: np.ndarray
     std: np.ndarray
     w: np.ndarray
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class ids [N]; x may be a memory map (read _CHUNK rows at a time)."""
-        return np.concatenate([np.argmax(_design(x[i:i + _CHUNK], self.mean, self.std) @ self.w, axis=1)
-                               for i in range(0, len(x), _CHUNK)] or [np.zeros(0, np.int64)])
+        return np.concatenate(
+            [
+                np.argmax(_design(x[i : i + _CHUNK], self.mean, self.std) @ self.w, axis=1)
+                for i in range(0, len(x), _CHUNK)
+            ]
+            or [np.zeros(0, np.int64)]
+        )
 
 
 def _design(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -72,8 +79,14 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float = L2, dtype=np
     return Ridge(mean, std, w)
 
 
-def subsets(labels: np.ndarray, num_classes: int, shots: Sequence[int], seed: int,
-            class_names: Sequence[str] = (), where: str = "fewshot") -> dict[int, np.ndarray]:
+def subsets(
+    labels: np.ndarray,
+    num_classes: int,
+    shots: Sequence[int],
+    seed: int,
+    class_names: Sequence[str] = (),
+    where: str = "fewshot",
+) -> dict[int, np.ndarray]:
     """{k: indices into `labels` of the k-shot train set} for one seed; nested across k."""
     check_shots(labels, num_classes, shots, class_names, where)
     rng = np.random.default_rng(seed)
@@ -81,8 +94,13 @@ def subsets(labels: np.ndarray, num_classes: int, shots: Sequence[int], seed: in
     return {k: np.concatenate([idx[:k] for idx in per_class]) for k in shots}
 
 
-def check_shots(labels: np.ndarray, num_classes: int, shots: Sequence[int], class_names: Sequence[str] = (),
-                where: str = "fewshot") -> None:
+def check_shots(
+    labels: np.ndarray,
+    num_classes: int,
+    shots: Sequence[int],
+    class_names: Sequence[str] = (),
+    where: str = "fewshot",
+) -> None:
     """Every class needs at least max(shots) train examples: a one-line error naming the first that has not."""
     labels = np.asarray(labels)
     counts = np.bincount(labels[labels >= 0], minlength=num_classes)
@@ -91,19 +109,34 @@ def check_shots(labels: np.ndarray, num_classes: int, shots: Sequence[int], clas
     if len(short):
         c = int(short[0])
         name = f" ({class_names[c]!r})" if c < len(class_names) else ""
-        raise ValueError(f"{where}.shots: {most} shots but class {c}{name} has only {counts[c]} "
-                         f"example(s) in the few-shot train split")
+        raise ValueError(
+            f"{where}.shots: {most} shots but class {c}{name} has only {counts[c]} "
+            f"example(s) in the few-shot train split"
+        )
 
 
-def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-             num_classes: int, *, shots: Sequence[int] = SHOTS, seeds: int = SEEDS, l2: float = L2,
-             class_names: Sequence[str] = (), where: str = "fewshot", dtype=np.float64) -> dict[int, list[float]]:
+def evaluate(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+    *,
+    shots: Sequence[int] = SHOTS,
+    seeds: int = SEEDS,
+    l2: float = L2,
+    class_names: Sequence[str] = (),
+    where: str = "fewshot",
+    dtype=np.float64,
+) -> dict[int, list[float]]:
     """{k: [top-1 on the test set for seed 0, 1, ...]}. The train/test features may be memory maps;
     `dtype` is the solve's (float32: benchmarks/fewshot.py's comparison)."""
     test_y = np.asarray(test_y)
     results: dict[int, list[float]] = {k: [] for k in shots}
     for seed in range(seeds):
-        for k, idx in subsets(np.asarray(train_y), num_classes, shots, seed, class_names, where).items():
+        for k, idx in subsets(
+            np.asarray(train_y), num_classes, shots, seed, class_names, where
+        ).items():
             ridge = fit(train_x[idx], train_y[idx], num_classes, l2, dtype)
             results[k].append(float(np.mean(ridge.predict(test_x) == test_y)))
     return results
@@ -135,28 +168,59 @@ class FewShot(base.Evaluator):
 
     pred = "pre_logits"
 
-    def __init__(self, predict_fn, *, ctx: base.Context, train_split: str, split: str, dataset: str = "",
-                 shots: Sequence[int] = SHOTS, seeds: int = SEEDS, l2: float = L2):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        train_split: str,
+        split: str,
+        dataset: str = "",
+        shots: Sequence[int] = SHOTS,
+        seeds: int = SEEDS,
+        l2: float = L2,
+    ):
         super().__init__(predict_fn, ctx=ctx)
         check_config("fewshot", shots=shots, seeds=seeds, l2=l2)
         self.dataset = dataset or ctx.dataset
         self.train_split, self.split = train_split, split
         self.shots, self.seeds, self.l2 = tuple(shots), seeds, float(l2)
-        for s in (train_split, split):  # a missing split fails when the stage starts, not at the first eval
+        for s in (
+            train_split,
+            split,
+        ):  # a missing split fails when the stage starts, not at the first eval
             ctx.split_dir(self.dataset, s)
         self._extract = features.extractor(ctx, predict_fn)
         self._loaders = None
 
     @classmethod
     def check_values(cls, cfg: dict, where: str) -> None:
-        check_config(where, shots=cfg.get("shots", SHOTS), seeds=cfg.get("seeds", SEEDS), l2=cfg.get("l2", L2))
+        check_config(
+            where,
+            shots=cfg.get("shots", SHOTS),
+            seeds=cfg.get("seeds", SEEDS),
+            l2=cfg.get("l2", L2),
+        )
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
         if self._loaders is None:  # built on first use, like classification's
-            self._loaders = tuple(self.ctx.loader(s, self.dataset) for s in (self.train_split, self.split))
+            self._loaders = tuple(
+                self.ctx.loader(s, self.dataset) for s in (self.train_split, self.split)
+            )
         train, test = self._loaders
         train_x, train_y = features.collect(self._extract, params, frozen, train)
         test_x, test_y = features.collect(self._extract, params, frozen, test)
-        yield from summary(evaluate(train_x, train_y, test_x, test_y, train.num_classes, shots=self.shots,
-                                    seeds=self.seeds, l2=self.l2, class_names=train.manifest.class_names,
-                                    where=f"fewshot[{self.dataset}/{self.train_split}]"))
+        yield from summary(
+            evaluate(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                train.num_classes,
+                shots=self.shots,
+                seeds=self.seeds,
+                l2=self.l2,
+                class_names=train.manifest.class_names,
+                where=f"fewshot[{self.dataset}/{self.train_split}]",
+            )
+        )

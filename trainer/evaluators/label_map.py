@@ -12,6 +12,7 @@ source space (`labels="source"`: each label is mapped through the map, e.g. digi
 pairs). Examples whose labels fall in no target are left out (as ImageNet-R/-A's 200-class subsets
 leave out the other 800 classes); `count` says how many were scored.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -27,12 +28,28 @@ from trainer.evaluators import base
 class LabelMapAccuracy(base.Evaluator):
     pred = "logits"
 
-    def __init__(self, predict_fn, *, ctx: base.Context, split: str, map: str, dataset: str = "",
-                 labels: str = "target", reduce: str = "max"):
+    def __init__(
+        self,
+        predict_fn,
+        *,
+        ctx: base.Context,
+        split: str,
+        map: str,
+        dataset: str = "",
+        labels: str = "target",
+        reduce: str = "max",
+    ):
         super().__init__(predict_fn, ctx=ctx)
-        self.split, self.dataset, self.labels, self.reduce = split, dataset or ctx.dataset, labels, reduce
+        self.split, self.dataset, self.labels, self.reduce = (
+            split,
+            dataset or ctx.dataset,
+            labels,
+            reduce,
+        )
         self.map = label_maps.load(map)
-        self.membership = self.map.membership(ctx.class_names)  # unknown classes fail before training
+        self.membership = self.map.membership(
+            ctx.class_names
+        )  # unknown classes fail before training
         self._loader = self._step = None
 
     @classmethod
@@ -46,8 +63,12 @@ class LabelMapAccuracy(base.Evaluator):
 
     def _build(self):
         self._loader = self.ctx.loader(self.split, self.dataset)
-        to_targets = self.map.to_targets(self.membership, self._loader.manifest.class_names,
-                                         self.labels, f"label_map on {self.dataset}/{self.split}")
+        to_targets = self.map.to_targets(
+            self.membership,
+            self._loader.manifest.class_names,
+            self.labels,
+            f"label_map on {self.dataset}/{self.split}",
+        )
         membership, reduce, predict = self.membership, self.reduce, self.predict_fn
 
         def sums(params, frozen, batch):
@@ -55,8 +76,11 @@ class LabelMapAccuracy(base.Evaluator):
             scores = predict(params, frozen, batch)
             correct, scored = label_maps.correct(scores, truth, membership, reduce)
             scored = batch["mask"] & scored
-            return {"count": jnp.sum(scored.astype(jnp.float32)),
-                    "top1": losses.masked_sum(correct, scored)}
+            return {
+                "count": jnp.sum(scored.astype(jnp.float32)),
+                "top1": losses.masked_sum(correct, scored),
+            }
+
         self._step = self.ctx.jit(sums)
 
     def run(self, params, frozen) -> Iterator[tuple[str, float]]:
@@ -64,6 +88,8 @@ class LabelMapAccuracy(base.Evaluator):
             self._build()
         totals = base.sum_over(self._step, params, frozen, self._loader)
         if not totals["count"]:
-            raise ValueError(f"label_map on {self.dataset}/{self.split}: no example's label is in the map")
+            raise ValueError(
+                f"label_map on {self.dataset}/{self.split}: no example's label is in the map"
+            )
         yield "top1", totals["top1"] / totals["count"]
         yield "count", totals["count"]

@@ -26,6 +26,7 @@ scanned checkpoints (`Transformer/encoderblock/...` with a leading layer axis), 
 token's position, `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`) are read too. It
 holds the classic block only: sequential, LayerNorm with biases, no QK-norm.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,9 @@ def from_ours(flat: dict, cfg: ViTConfig, source: str) -> dict:
     """Our flat npz -> `cfg`'s params tree; ValueError naming the first mismatched parameter."""
     flat = {k: v for k, v in flat.items() if k != MODEL_KEY}
     canon = unflatten(flat)
-    want = param_layout.to_canonical(_zeros_like_abstract(param_layout.canonical_config(cfg)),
-                                     param_layout.canonical_config(cfg))
+    want = param_layout.to_canonical(
+        _zeros_like_abstract(param_layout.canonical_config(cfg)), param_layout.canonical_config(cfg)
+    )
     param_layout.check_tree(canon, want, source)
     return param_layout.from_canonical(canon, cfg)
 
@@ -109,8 +111,11 @@ def _zeros_like_abstract(cfg: ViTConfig) -> dict:
     import flax.linen as nn
     import jax
     from trainer.models import vit
+
     abstract = nn.unbox(vit.abstract_params(cfg))
-    return jax.tree_util.tree_map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract)
+    return jax.tree_util.tree_map(
+        lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract
+    )
 
 
 # --- big_vision ---------------------------------------------------------------------------------
@@ -127,14 +132,21 @@ def to_big_vision(params: dict, cfg: ViTConfig) -> dict[str, np.ndarray]:
     _check_classic(cfg, "model")
     c = param_layout.to_canonical(params, cfg)
     out = {"embedding/kernel": c["embedding_kernel"], "embedding/bias": c["embedding_bias"]}
-    for ours, theirs in (("pos_embedding", "pos_embedding"), ("cls", "cls"), ("head_kernel", "head/kernel"),
-                         ("head_bias", "head/bias"), ("pre_logits_kernel", "pre_logits/kernel"),
-                         ("pre_logits_bias", "pre_logits/bias")):
+    for ours, theirs in (
+        ("pos_embedding", "pos_embedding"),
+        ("cls", "cls"),
+        ("head_kernel", "head/kernel"),
+        ("head_bias", "head/bias"),
+        ("pre_logits_kernel", "pre_logits/kernel"),
+        ("pre_logits_bias", "pre_logits/bias"),
+    ):
         if ours in c:
             out[theirs] = c[ours]
     enc = c["Transformer"]
     for i in range(cfg.depth):
-        out.update(_block_out(enc[f"{param_layout.BLOCK_PREFIX}_{i}"], f"Transformer/encoderblock_{i}/"))
+        out.update(
+            _block_out(enc[f"{param_layout.BLOCK_PREFIX}_{i}"], f"Transformer/encoderblock_{i}/")
+        )
     out.update(_norm_out(enc["encoder_norm"], "Transformer/encoder_norm/"))
     if "MAPHead_0" in c:
         h, b = c["MAPHead_0"], "MAPHead_0/"
@@ -156,14 +168,24 @@ def _norm_out(p, prefix):
 def _mha_out(p, prefix, out_name):
     out = {}
     for name in ("query", "key", "value"):
-        out[f"{prefix}{name}/kernel"], out[f"{prefix}{name}/bias"] = p[f"{name}_kernel"], p[f"{name}_bias"]
-    out[prefix + "out/kernel"], out[prefix + "out/bias"] = p[f"{out_name}_kernel"], p[f"{out_name}_bias"]
+        out[f"{prefix}{name}/kernel"], out[f"{prefix}{name}/bias"] = (
+            p[f"{name}_kernel"],
+            p[f"{name}_bias"],
+        )
+    out[prefix + "out/kernel"], out[prefix + "out/bias"] = (
+        p[f"{out_name}_kernel"],
+        p[f"{out_name}_bias"],
+    )
     return out
 
 
 def _mlp_out(p, prefix):
-    return {prefix + "Dense_0/kernel": p["mlp_in_kernel"], prefix + "Dense_0/bias": p["mlp_in_bias"],
-            prefix + "Dense_1/kernel": p["mlp_out_kernel"], prefix + "Dense_1/bias": p["mlp_out_bias"]}
+    return {
+        prefix + "Dense_0/kernel": p["mlp_in_kernel"],
+        prefix + "Dense_0/bias": p["mlp_in_bias"],
+        prefix + "Dense_1/kernel": p["mlp_out_kernel"],
+        prefix + "Dense_1/bias": p["mlp_out_bias"],
+    }
 
 
 def _block_out(p, prefix):
@@ -175,21 +197,31 @@ def _block_out(p, prefix):
 
 
 def _check_classic(cfg: ViTConfig, where: str) -> None:
-    for field, want in (("block", "sequential"), ("norm", "layernorm"), ("use_bias", True), ("qk_norm", False)):
+    for field, want in (
+        ("block", "sequential"),
+        ("norm", "layernorm"),
+        ("use_bias", True),
+        ("qk_norm", False),
+    ):
         if getattr(cfg, field) != want:
-            raise ValueError(f"{where}.{field}={getattr(cfg, field)!r}: big_vision ViT checkpoints hold the "
-                             f"classic block only ({field}={want!r})")
+            raise ValueError(
+                f"{where}.{field}={getattr(cfg, field)!r}: big_vision ViT checkpoints hold the "
+                f"classic block only ({field}={want!r})"
+            )
 
 
 def from_big_vision(flat: dict, cfg: ViTConfig, source: str) -> dict:
     """A big_vision ViT npz -> `cfg`'s params tree; ValueError naming the first mismatched parameter."""
     _check_classic(cfg, f"{source}: the model's")
     prefix = next(p for p in _PREFIXES if f"{p}embedding/kernel" in flat)
-    w = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    w = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
     original = "Transformer/posembed_input/pos_embedding" in w  # google-research/vision_transformer
-    mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if original else (
-        "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+    mha, ln2, mlp = (
+        ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+        if original
+        else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+    )
     used: set[str] = set()
 
     def get(name, index=None):
@@ -212,8 +244,15 @@ def from_big_vision(flat: dict, cfg: ViTConfig, source: str) -> dict:
         c["cls"] = get("cls")
     enc: dict = {}
     for i in range(cfg.depth):
-        base, idx = (("Transformer/encoderblock/", i) if scanned else (f"Transformer/encoderblock_{i}/", None))
-        layer = {"norm1": _norm_in(get, base + "LayerNorm_0/", idx), "norm2": _norm_in(get, base + ln2 + "/", idx)}
+        base, idx = (
+            ("Transformer/encoderblock/", i)
+            if scanned
+            else (f"Transformer/encoderblock_{i}/", None)
+        )
+        layer = {
+            "norm1": _norm_in(get, base + "LayerNorm_0/", idx),
+            "norm2": _norm_in(get, base + ln2 + "/", idx),
+        }
         layer.update(_mha_in(get, base + mha + "/", "attn_out", idx))
         layer.update(_mlp_in(get, base + mlp + "/", idx))
         enc[f"{param_layout.BLOCK_PREFIX}_{i}"] = layer
@@ -226,7 +265,10 @@ def from_big_vision(flat: dict, cfg: ViTConfig, source: str) -> dict:
         h.update(_mlp_in(get, b + "MlpBlock_0/", None))
         c["MAPHead_0"] = h
     if cfg.representation_size:
-        c["pre_logits_kernel"], c["pre_logits_bias"] = get("pre_logits/kernel"), get("pre_logits/bias")
+        c["pre_logits_kernel"], c["pre_logits_bias"] = (
+            get("pre_logits/kernel"),
+            get("pre_logits/bias"),
+        )
     if cfg.num_classes:
         c["head_kernel"], c["head_bias"] = get("head/kernel"), get("head/bias")
     unused = sorted(set(w) - used)
@@ -245,27 +287,51 @@ def _norm_in(get, prefix, idx):
 def _mha_in(get, prefix, out_name, idx):
     out = {}
     for name in ("query", "key", "value"):
-        out[f"{name}_kernel"], out[f"{name}_bias"] = get(f"{prefix}{name}/kernel", idx), get(f"{prefix}{name}/bias", idx)
-    out[f"{out_name}_kernel"], out[f"{out_name}_bias"] = get(prefix + "out/kernel", idx), get(prefix + "out/bias", idx)
+        out[f"{name}_kernel"], out[f"{name}_bias"] = (
+            get(f"{prefix}{name}/kernel", idx),
+            get(f"{prefix}{name}/bias", idx),
+        )
+    out[f"{out_name}_kernel"], out[f"{out_name}_bias"] = (
+        get(prefix + "out/kernel", idx),
+        get(prefix + "out/bias", idx),
+    )
     return out
 
 
 def _mlp_in(get, prefix, idx):
-    return {"mlp_in_kernel": get(prefix + "Dense_0/kernel", idx), "mlp_in_bias": get(prefix + "Dense_0/bias", idx),
-            "mlp_out_kernel": get(prefix + "Dense_1/kernel", idx), "mlp_out_bias": get(prefix + "Dense_1/bias", idx)}
+    return {
+        "mlp_in_kernel": get(prefix + "Dense_0/kernel", idx),
+        "mlp_in_bias": get(prefix + "Dense_0/bias", idx),
+        "mlp_out_kernel": get(prefix + "Dense_1/kernel", idx),
+        "mlp_out_bias": get(prefix + "Dense_1/bias", idx),
+    }
 
 
 def source_shape(flat: dict, cfg: ViTConfig):
     """`cfg` at the checkpoint's own image size and classes (see timm_format.source_shape)."""
     import dataclasses
     import math
+
     prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in flat), "")
-    pos = next((flat[k] for k in (f"{prefix}pos_embedding", f"{prefix}Transformer/posembed_input/pos_embedding",
-                                  "pos_embedding") if k in flat), None)
+    pos = next(
+        (
+            flat[k]
+            for k in (
+                f"{prefix}pos_embedding",
+                f"{prefix}Transformer/posembed_input/pos_embedding",
+                "pos_embedding",
+            )
+            if k in flat
+        ),
+        None,
+    )
     n = cfg.num_patches if pos is None else pos.shape[1]
     grid = int(round(math.sqrt(n)))
-    if grid * grid != n and math.isqrt(n - 1) ** 2 == n - 1:  # the original ViT's class-token position
+    if (
+        grid * grid != n and math.isqrt(n - 1) ** 2 == n - 1
+    ):  # the original ViT's class-token position
         grid = math.isqrt(n - 1)
     head = next((flat[k] for k in (f"{prefix}head/bias", "head_bias") if k in flat), None)
-    return dataclasses.replace(cfg, image_size=grid * cfg.patch_size,
-                               num_classes=0 if head is None else int(head.shape[0]))
+    return dataclasses.replace(
+        cfg, image_size=grid * cfg.patch_size, num_classes=0 if head is None else int(head.shape[0])
+    )

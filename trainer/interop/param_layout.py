@@ -15,6 +15,7 @@ The canonical layout is what `fused=False, scan=False` builds: `query/key/value_
 bit-exact; the exporters (trainer/interop/timm_format.py, trainer/interop/npz_format.py) read and
 write only this layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,23 +57,26 @@ def _unfuse_layer(p: dict, cfg: ViTConfig) -> dict:
     if not cfg.fused:
         return {k: _np(v) for k, v in p.items()}
     hd, heads, d = cfg.head_dim, cfg.num_heads, cfg.width
-    out = {k: _np(v) for k, v in p.items()
-           if k not in ("in_kernel", "in_bias", "out_kernel", "out_bias", "qkv_kernel", "qkv_bias")}
+    out = {
+        k: _np(v)
+        for k, v in p.items()
+        if k not in ("in_kernel", "in_bias", "out_kernel", "out_bias", "qkv_kernel", "qkv_bias")
+    }
     if cfg.block == "sequential":
         for i, name in enumerate(("query", "key", "value")):
-            out[f"{name}_kernel"] = np.asarray(p["qkv_kernel"])[..., i * hd:(i + 1) * hd]
+            out[f"{name}_kernel"] = np.asarray(p["qkv_kernel"])[..., i * hd : (i + 1) * hd]
             if cfg.use_bias:
-                out[f"{name}_bias"] = np.asarray(p["qkv_bias"])[..., i * hd:(i + 1) * hd]
+                out[f"{name}_bias"] = np.asarray(p["qkv_bias"])[..., i * hd : (i + 1) * hd]
         return out
     m = cfg.mlp_dim // heads
     w_in = np.asarray(p["in_kernel"])  # [D, H, 3hd + m]
     for i, name in enumerate(("query", "key", "value")):
-        out[f"{name}_kernel"] = w_in[..., i * hd:(i + 1) * hd]
-    out["mlp_in_kernel"] = w_in[..., 3 * hd:].reshape(d, heads * m)
+        out[f"{name}_kernel"] = w_in[..., i * hd : (i + 1) * hd]
+    out["mlp_in_kernel"] = w_in[..., 3 * hd :].reshape(d, heads * m)
     b_in = np.asarray(p["in_bias"])  # [H, m] or [H, 3hd + m]
     if cfg.use_bias:
         for i, name in enumerate(("query", "key", "value")):
-            out[f"{name}_bias"] = b_in[:, i * hd:(i + 1) * hd]
+            out[f"{name}_bias"] = b_in[:, i * hd : (i + 1) * hd]
     out["mlp_in_bias"] = b_in[:, -m:].reshape(heads * m)
     w_out = np.asarray(p["out_kernel"])  # [H, hd + m, D]
     out["attn_out_kernel"] = w_out[:, :hd]
@@ -89,24 +93,42 @@ def _fuse_layer(c: dict, cfg: ViTConfig) -> dict:
     if not cfg.fused:
         return dict(c)
     hd, heads, d = cfg.head_dim, cfg.num_heads, cfg.width
-    out = {k: v for k, v in c.items() if not k.startswith(("query_", "key_", "value_", "mlp_in_", "mlp_out_",
-                                                           "attn_out_"))}
+    out = {
+        k: v
+        for k, v in c.items()
+        if not k.startswith(("query_", "key_", "value_", "mlp_in_", "mlp_out_", "attn_out_"))
+    }
     if cfg.block == "sequential":
-        out.update({k: v for k, v in c.items() if k.startswith(("mlp_in_", "mlp_out_", "attn_out_"))})
-        out["qkv_kernel"] = np.concatenate([c["query_kernel"], c["key_kernel"], c["value_kernel"]], axis=-1)
+        out.update(
+            {k: v for k, v in c.items() if k.startswith(("mlp_in_", "mlp_out_", "attn_out_"))}
+        )
+        out["qkv_kernel"] = np.concatenate(
+            [c["query_kernel"], c["key_kernel"], c["value_kernel"]], axis=-1
+        )
         if cfg.use_bias:
-            out["qkv_bias"] = np.concatenate([c["query_bias"], c["key_bias"], c["value_bias"]], axis=-1)
+            out["qkv_bias"] = np.concatenate(
+                [c["query_bias"], c["key_bias"], c["value_bias"]], axis=-1
+            )
         return out
     m = cfg.mlp_dim // heads
     u = c["mlp_in_kernel"].reshape(d, heads, m)
-    out["in_kernel"] = np.concatenate([c["query_kernel"], c["key_kernel"], c["value_kernel"], u], axis=-1)
+    out["in_kernel"] = np.concatenate(
+        [c["query_kernel"], c["key_kernel"], c["value_kernel"], u], axis=-1
+    )
     b_u = c["mlp_in_bias"].reshape(heads, m)
-    out["in_bias"] = (np.concatenate([c["query_bias"], c["key_bias"], c["value_bias"], b_u], axis=-1)
-                      if cfg.use_bias else b_u)
-    out["out_kernel"] = np.concatenate([c["attn_out_kernel"], c["mlp_out_kernel"].reshape(heads, m, d)], axis=1)
+    out["in_bias"] = (
+        np.concatenate([c["query_bias"], c["key_bias"], c["value_bias"], b_u], axis=-1)
+        if cfg.use_bias
+        else b_u
+    )
+    out["out_kernel"] = np.concatenate(
+        [c["attn_out_kernel"], c["mlp_out_kernel"].reshape(heads, m, d)], axis=1
+    )
     bias = c["mlp_out_bias"]
     attn_bias = c.get("attn_out_bias")
-    if attn_bias is not None and np.any(attn_bias):  # adding zeros would still be exact but for -0.0
+    if attn_bias is not None and np.any(
+        attn_bias
+    ):  # adding zeros would still be exact but for -0.0
         bias = bias + attn_bias
     out["out_bias"] = bias
     return out
@@ -132,7 +154,9 @@ def from_canonical(canon: dict, cfg: ViTConfig) -> dict:
     """The canonical tree -> `cfg`'s params tree (inverse of `to_canonical`, bit-exact)."""
     tree = {k: v for k, v in canon.items() if k != "Transformer"}
     enc = {k: v for k, v in canon["Transformer"].items() if not k.startswith(BLOCK_PREFIX)}
-    layers = [_fuse_layer(canon["Transformer"][f"{BLOCK_PREFIX}_{i}"], cfg) for i in range(cfg.depth)]
+    layers = [
+        _fuse_layer(canon["Transformer"][f"{BLOCK_PREFIX}_{i}"], cfg) for i in range(cfg.depth)
+    ]
     if cfg.scan:
         enc[BLOCK_PREFIX] = _stack(layers)
     else:
@@ -152,10 +176,14 @@ def check_tree(got: dict, want: dict, source: str, path: str = "") -> None:
             raise ValueError(f"{source}: parameter {name} has no place in the model")
         if isinstance(want[key], dict) or isinstance(got[key], dict):
             if not (isinstance(want[key], dict) and isinstance(got[key], dict)):
-                raise ValueError(f"{source}: parameter {name} is a {'group' if isinstance(got[key], dict) else 'leaf'}"
-                                 " where the model has the other")
+                raise ValueError(
+                    f"{source}: parameter {name} is a {'group' if isinstance(got[key], dict) else 'leaf'}"
+                    " where the model has the other"
+                )
             check_tree(got[key], want[key], source, name)
             continue
         if tuple(got[key].shape) != tuple(want[key].shape):
-            raise ValueError(f"{source}: parameter {name} has shape {tuple(got[key].shape)}, the model "
-                             f"needs {tuple(want[key].shape)}")
+            raise ValueError(
+                f"{source}: parameter {name} has shape {tuple(got[key].shape)}, the model "
+                f"needs {tuple(want[key].shape)}"
+            )

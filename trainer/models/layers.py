@@ -4,6 +4,7 @@ Parameters carry logical axis names; activations are constrained with logical na
 "act_" so that one rules table (trainer/sharding.py) can shard parameters FSDP-style on `data` while
 activations keep their batch on `data` (the same dimension cannot use one mesh axis twice).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+
 # lecun_normal with fan_in over the named input axes; used for every projection so that a fused
 # kernel and its separate parts have the same initial distribution.
 def fan_in_init(in_axis) -> Callable:
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=-1)
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=-1
+    )
 
 
 def concat_init(inits: Sequence[Callable], sizes: Sequence[int], axis: int) -> Callable:
     """Initializes a fused kernel part by part (each with its own fan), concatenated along `axis`."""
+
     def init(key, shape, dtype=jnp.float32):
         keys = jax.random.split(key, len(inits))
         parts = []
@@ -29,18 +34,35 @@ def concat_init(inits: Sequence[Callable], sizes: Sequence[int], axis: int) -> C
             part_shape[axis] = size
             parts.append(fn(k, tuple(part_shape), dtype))
         return jnp.concatenate(parts, axis=axis)
+
     return init
 
 
-def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
-          dtype) -> jax.Array:
+def param(
+    module: nn.Module,
+    name: str,
+    init: Callable,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype,
+) -> jax.Array:
     """A parameter boxed with its logical axis names."""
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def project(module: nn.Module, name: str, x: jax.Array, shape: Sequence[int], axes: Sequence[str | None],
-            *, n_in: int = 1, bias: bool = False, init: Callable | None = None,
-            bias_init: Callable = nn.initializers.zeros, matmul: Callable | None = None) -> jax.Array:
+def project(
+    module: nn.Module,
+    name: str,
+    x: jax.Array,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    *,
+    n_in: int = 1,
+    bias: bool = False,
+    init: Callable | None = None,
+    bias_init: Callable = nn.initializers.zeros,
+    matmul: Callable | None = None,
+) -> jax.Array:
     """x[..., *in] @ kernel[*in, *out] (+ bias[*out]), contracting x's last `n_in` dims.
 
     Parameters `<name>_kernel` (stored in `module.param_dtype`, cast to `module.dtype` for the
@@ -48,7 +70,9 @@ def project(module: nn.Module, name: str, x: jax.Array, shape: Sequence[int], ax
     matmul from trainer/collective.py); the parameters stay the same.
     """
     init = init or fan_in_init(tuple(range(n_in)))
-    kernel = param(module, name + "_kernel", init, shape, axes, module.param_dtype).astype(module.dtype)
+    kernel = param(module, name + "_kernel", init, shape, axes, module.param_dtype).astype(
+        module.dtype
+    )
     x = x.astype(module.dtype)
     y = matmul(x, kernel) if matmul else jnp.tensordot(x, kernel, axes=n_in)
     if bias:
@@ -67,6 +91,7 @@ class Norm(nn.Module):
 
     Statistics are computed in float32. `use_bias=False` drops the additive bias (ViT-22B).
     """
+
     kind: str = "rmsnorm"
     use_bias: bool = False
     eps: float = 1e-6
@@ -81,9 +106,18 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             y = y - jnp.mean(y, axis=-1, keepdims=True)
         y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-        y = y * param(self, "scale", nn.initializers.ones, (features,), (self.axis_name,), self.param_dtype)
+        y = y * param(
+            self, "scale", nn.initializers.ones, (features,), (self.axis_name,), self.param_dtype
+        )
         if self.use_bias:
-            y = y + param(self, "bias", nn.initializers.zeros, (features,), (self.axis_name,), self.param_dtype)
+            y = y + param(
+                self,
+                "bias",
+                nn.initializers.zeros,
+                (features,),
+                (self.axis_name,),
+                self.param_dtype,
+            )
         return y.astype(self.dtype)
 
 
@@ -117,10 +151,15 @@ def attention_summary(intermediates) -> dict[str, jax.Array]:
             if name in names:
                 values.append(jnp.ravel(leaf))
     if not found["attn_logit_max"]:
-        raise ValueError("attention_summary: no sown attention stats (is the model's attn_stats on?)")
+        raise ValueError(
+            "attention_summary: no sown attention stats (is the model's attn_stats on?)"
+        )
     entropy = jnp.concatenate(found["attn_entropy"])
-    return {"attn_logit_max": jnp.max(jnp.concatenate(found["attn_logit_max"])),
-            "attn_entropy_min": jnp.min(entropy), "attn_entropy_mean": jnp.mean(entropy)}
+    return {
+        "attn_logit_max": jnp.max(jnp.concatenate(found["attn_logit_max"])),
+        "attn_entropy_min": jnp.min(entropy),
+        "attn_entropy_mean": jnp.mean(entropy),
+    }
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -129,6 +168,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 class MAPHead(nn.Module):
     """Multi-head attention pooling: a learned probe attends over the tokens, then an MLP."""
+
     num_heads: int
     mlp_dim: int
     qk_norm: bool
@@ -142,8 +182,14 @@ class MAPHead(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, _, d = x.shape
         h, hd = self.num_heads, d // self.num_heads
-        probe = param(self, "probe", nn.initializers.xavier_uniform(), (1, 1, d), (None, None, "embed"),
-                      self.param_dtype)
+        probe = param(
+            self,
+            "probe",
+            nn.initializers.xavier_uniform(),
+            (1, 1, d),
+            (None, None, "embed"),
+            self.param_dtype,
+        )
         probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
         qkv = dict(shape=(d, h, hd), axes=("embed", "heads", "kv"), bias=self.use_bias)
         q = project(self, "query", probe, **qkv)
@@ -152,12 +198,27 @@ class MAPHead(nn.Module):
         if self.qk_norm:
             q = self._norm("q_norm", "kv")(q)
             k = self._norm("k_norm", "kv")(k)
-        y = project(self, "out", attention(q, k, v), (h, hd, d), ("heads", "kv", "embed"), n_in=2,
-                    bias=self.use_bias)
+        y = project(
+            self,
+            "out",
+            attention(q, k, v),
+            (h, hd, d),
+            ("heads", "kv", "embed"),
+            n_in=2,
+            bias=self.use_bias,
+        )
         z = self._norm("norm", "embed")(y)
         z = gelu(project(self, "mlp_in", z, (d, self.mlp_dim), ("embed", "mlp"), bias=True))
         y = y + project(self, "mlp_out", z, (self.mlp_dim, d), ("mlp", "embed"), bias=True)
         return y[:, 0]
 
     def _norm(self, name: str, axis_name: str) -> Norm:
-        return Norm(self.norm, self.use_bias, self.norm_eps, axis_name, self.dtype, self.param_dtype, name=name)
+        return Norm(
+            self.norm,
+            self.use_bias,
+            self.norm_eps,
+            axis_name,
+            self.dtype,
+            self.param_dtype,
+            name=name,
+        )

@@ -12,6 +12,7 @@ the image tower. Token embedding + learned position embedding -> Encoder (traine
 the same blocks) -> mean over the real (unmasked) tokens -> linear projection. As in big_vision's
 text transformer the encoder attends over the padded sequence too; pooling ignores padding.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -25,10 +26,20 @@ from trainer.models.vit import ACT, Encoder, ViTConfig, _Dtypes
 def make_config(variant: str, *, max_len: int, embed_dim: int, **overrides) -> ViTConfig:
     """A text tower config from a ViT variant name ("mu", "B", ...; no patch size) + overrides."""
     if "/" in variant:
-        raise ValueError(f"text tower variant {variant!r}: give the size only (e.g. 'B'), not a patch size")
+        raise ValueError(
+            f"text tower variant {variant!r}: give the size only (e.g. 'B'), not a patch size"
+        )
     # head="gap": the tower mean-pools, so trainer/flops.py counts its head as one projection.
-    return ViTConfig.from_variant(f"{variant}/1", **{"image_size": max_len, "num_classes": embed_dim,
-                                                    "posemb": "learn", "head": "gap", **overrides})
+    return ViTConfig.from_variant(
+        f"{variant}/1",
+        **{
+            "image_size": max_len,
+            "num_classes": embed_dim,
+            "posemb": "learn",
+            "head": "gap",
+            **overrides,
+        },
+    )
 
 
 class TextTower(_Dtypes, nn.Module):
@@ -39,16 +50,37 @@ class TextTower(_Dtypes, nn.Module):
     def __call__(self, tokens, mask, train: bool = False):
         c = self.config
         if tokens.shape[1] != c.image_size:
-            raise ValueError(f"text tower: token sequences of length {tokens.shape[1]} but max_len={c.image_size}")
-        embedding = param(self, "token_embedding", nn.initializers.normal(1.0), (self.vocab_size, c.width),
-                          (None, "embed"), self.param_dtype)
+            raise ValueError(
+                f"text tower: token sequences of length {tokens.shape[1]} but max_len={c.image_size}"
+            )
+        embedding = param(
+            self,
+            "token_embedding",
+            nn.initializers.normal(1.0),
+            (self.vocab_size, c.width),
+            (None, "embed"),
+            self.param_dtype,
+        )
         x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
-        x = x + param(self, "pos_embedding", nn.initializers.normal(1 / np.sqrt(c.width)),
-                      (1, c.image_size, c.width), (None, None, "embed"), self.param_dtype).astype(self.dtype)
+        x = x + param(
+            self,
+            "pos_embedding",
+            nn.initializers.normal(1 / np.sqrt(c.width)),
+            (1, c.image_size, c.width),
+            (None, None, "embed"),
+            self.param_dtype,
+        ).astype(self.dtype)
         x = nn.Dropout(c.dropout, deterministic=not train)(x)
         x = Encoder(c, name="Transformer")(constrain(x, ACT), train)
         weights = mask.astype(x.dtype)[..., None]
         pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-        z = project(self, "head", pooled, (c.width, c.num_classes), ("embed", "classes"), bias=True,
-                    init=fan_in_init(0)).astype(jnp.float32)
+        z = project(
+            self,
+            "head",
+            pooled,
+            (c.width, c.num_classes),
+            ("embed", "classes"),
+            bias=True,
+            init=fan_in_init(0),
+        ).astype(jnp.float32)
         return z, {"encoded": x, "pre_logits": pooled}
