@@ -1,6 +1,6 @@
 """Compile before paying: the real ViT-22B train step compiled for TPU pod slices on this CPU host.
 
-    python -m benchmarks.aot                                    # v4:8x8x16 and v5p:8x8x16, xla / collective / xla+flags
+    python -m benchmarks.aot    # v4:8x8x16 and v5p:8x8x16, xla / collective / xla+flags
     python -m benchmarks.aot --topologies v4:2x2x1 --depth 2 --batch 16 --mesh_model 4
     python -m benchmarks.aot --variants xla,collective --microbatches 8 --remat dots_no_batch
 
@@ -242,9 +242,9 @@ def estimate_rows(group, topology: str, num_classes: int, headroom: float) -> st
     )
     usable = aot.TPU_HBM_GIB[version] * GIB * (1 - headroom)
     return (
-        f"{topology}: {chips} chips, mesh data x model = {d}x{m}: eval_shape estimate {est / GIB:.2f} GiB per "
-        f"device (params + Adafactor state + batch; activations and temps NOT counted) vs {usable / GIB:.1f} "
-        f"GiB usable"
+        f"{topology}: {chips} chips, mesh data x model = {d}x{m}: eval_shape estimate "
+        f"{est / GIB:.2f} GiB per device (params + Adafactor state + batch; activations and temps "
+        f"NOT counted) vs {usable / GIB:.1f} GiB usable"
     )
 
 
@@ -279,7 +279,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--unrolled",
         action="store_true",
-        help="model.scan=False: XLA's cost analysis then counts every layer (it counts a loop body once)",
+        help=(
+            "model.scan=False: XLA's cost analysis then counts every layer "
+            "(it counts a loop body once)"
+        ),
     )
     parser.add_argument(
         "--set",
@@ -315,8 +318,8 @@ def main(argv=None) -> None:
     group = pretrain_group(args.config, overrides)
     print(
         f"# AOT compile of {args.config} pretrain ({group.model.variant}), "
-        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
-        f"load avg {os.getloadavg()[0]:.1f}"
+        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, load avg {os.getloadavg()[0]:.1f}"
     )
     topologies = [t.strip() for t in args.topologies.split(",") if t.strip()]
     if not aot.libtpu_installed() and topologies != ["cpu"]:
@@ -331,8 +334,9 @@ def main(argv=None) -> None:
         ]
         print(format_rows(topology, group, rows), flush=True)
     print(
-        "XLA/model: XLA's cost-analysis FLOPs over the model's (remat recomputation included); 'loop': the "
-        "program has while loops (scanned layers / microbatches), whose bodies XLA's cost analysis counts once"
+        "XLA/model: XLA's cost-analysis FLOPs over the model's (remat recomputation included); "
+        "'loop': the program has while loops (scanned layers / microbatches), whose bodies XLA's "
+        "cost analysis counts once"
     )
 
 

@@ -1,4 +1,5 @@
-"""Collective vs XLA matmuls: step time of the fused ViT-22B block, forward + backward, side by side.
+"""Collective vs XLA matmuls: step time of the fused ViT-22B block, forward + backward, side by
+side.
 
     python -m benchmarks.collective                                   # all local devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.collective   # CPU
@@ -35,7 +36,8 @@ from trainer.models import vit
 
 
 def block_step(cfg: vit.ViTConfig, mesh, batch: int, seq: int, seed: int = 0):
-    """(jitted fwd+bwd step, its args) for one fused block; params and input sharded as in training."""
+    """(jitted fwd+bwd step, its args) for one fused block; params and input sharded as in
+    training."""
     block = vit.ParallelBlock(cfg)
     x_sharding = sharding.batch_sharding(mesh)  # x [batch, seq, width]: laid out as a batch
     x = jax.device_put(
@@ -117,7 +119,7 @@ COLUMNS = [
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--widths", default="256,512,1024", help="comma-separated; head_dim 64, so width/64 heads"
     )
@@ -136,12 +138,13 @@ def main(argv=None) -> None:
     mesh = sharding.make_mesh(data=data, model=model)
     load = f"  load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(
-        f"# collective matmul benchmark  {datetime.date.today()}  jax {jax.__version__}  {platform.machine()}  "
-        f"{n} x {jax.devices()[0].device_kind}{load}"
+        f"# collective matmul benchmark  {datetime.date.today()}  jax {jax.__version__}  "
+        f"{platform.machine()}  {n} x {jax.devices()[0].device_kind}{load}"
     )
     print(
         f"fused ViT-22B block fwd+bwd, batch {args.batch} x {args.seq} tokens, {args.dtype}, mesh "
-        f"data={mesh.shape['data']} x model={mesh.shape['model']}; best of {args.rounds} rounds of {args.steps} steps"
+        f"data={mesh.shape['data']} x model={mesh.shape['model']}; "
+        f"best of {args.rounds} rounds of {args.steps} steps"
     )
     widths = [len(h) for h in COLUMNS]  # rows print as measured: columns as wide as the header
     print(markdown.header(COLUMNS, widths))

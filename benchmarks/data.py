@@ -163,7 +163,8 @@ def grain_processes_iterator(split_dir: Path, workers: int, batch_size: int, siz
 
 
 def tfdata_iterator(split_dir: Path, workers: int, batch_size: int, size: int):
-    """The equivalent tf.data pipeline over the same ArrayRecord files (returns (iterator, close))."""
+    """The equivalent tf.data pipeline over the same ArrayRecord files
+    (returns (iterator, close))."""
     import tensorflow as tf
 
     from data import manifest as manifest_lib
@@ -280,7 +281,8 @@ def main(argv=None) -> None:
         n, rate = bench_element(work / "src")
         rows.append(["per-image work only (no Beam)", n, "", f"{rate:.0f}", "", ""])
         print(
-            "\nprepare (224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest; target 500 img/s/core)"
+            "\nprepare (224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest; "
+            "target 500 img/s/core)"
         )
         print(table(["run", "images", "wall s", "img/s", "img/s/core", "vs target"], rows))
 

@@ -1,4 +1,5 @@
-"""One accelerator, bounded time: the MFU sweep of the true ViT-22B layer and the block step-time table.
+"""One accelerator, bounded time: the MFU sweep of the true ViT-22B layer and the block step-time
+table.
 
     bash benchmarks/device.sh                                   # one H200: both tables in ~8 min
     python -m benchmarks.device --preset gpu --budget_s 450     # what device.sh runs
@@ -7,11 +8,12 @@
 (1) MFU sweep: the train step of `trainer/step.py` (benchmarks/harness.py's `build_runner`:
     forward, backward, Adafactor update, sigmoid xent, synthetic batch, one device) of ViT-22B's
     layer (width 6144, 48 heads, MLP 24576, 256 tokens = 224 px / 14, bf16 compute, f32 params) at a
-    reduced depth, around a base point (batch, remat, scan, XLA flag set) one change at a time. MFU
-    = model FLOPs/step (PaLM's formula, trainer/flops.py) / median step time / peak, against both the
-    vendor bf16 peak (989 TFLOP/s for an H200; on CPU: a measured float32 matmul, as everywhere in
-    this repo) and the bf16 matmul rate measured first in the same run (trainer/flops.py
-    measure_matmul_peak): the second says how close the step gets to what this chip's matmuls reach.
+    reduced depth, around a base point (batch, remat, scan, XLA flag set) one change at a time.
+    MFU = model FLOPs/step (PaLM's formula, trainer/flops.py) / median step time / peak, against
+    both the vendor bf16 peak (989 TFLOP/s for an H200; on CPU: a measured float32 matmul, as
+    everywhere in this repo) and the bf16 matmul rate measured first in the same run
+    (trainer/flops.py measure_matmul_peak): the second says how close the step gets to what this
+    chip's matmuls reach.
 (2) Block table: benchmarks/model.py's variants (parallel vit22b, sequential, bias, no_qk_norm, ...)
     at the base point, with benchmarks/model.py's columns and claims footer.
 
@@ -141,7 +143,7 @@ def plan(p: dict) -> list[list[Job]]:
     return [default, *([step(f"flags:{f}", f"flags {f}", flags=f)] for f in p["flag_sets"])]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Worker: runs jobs in this process, one protocol line per job.
 
 
@@ -223,7 +225,7 @@ def _one_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parent: one worker process per group, restarted when one dies, killed at the deadline.
 
 
@@ -319,7 +321,7 @@ def sweep(p: dict, budget_s: float, log=lambda msg: None) -> tuple[list[list[Job
     return groups, results, info
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tables.
 
 
@@ -356,8 +358,9 @@ def report(
     variant, model = p["model"]
     base_cfg = vit.make_config(variant, **model)
     lines = [
-        f"# device benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  preset {preset}  "
-        f"jax {info.get('jax', '?')}  {platform.node()}  {info.get('devices', '?')} x {info.get('platform', '?')} "
+        f"# device benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+        f"preset {preset}  jax {info.get('jax', '?')}  {platform.node()}  "
+        f"{info.get('devices', '?')} x {info.get('platform', '?')} "
         f"({info.get('kind', '?')}); one device used; {seconds:.0f} s of a {budget_s:.0f} s budget",
         harness.model_line(base_cfg, p["base"]["batch"]).replace(
             "remat none", "remat/scan/batch: per row"
@@ -371,8 +374,9 @@ def report(
             if matmul
             else f"measured matmul: {mm.get('status', 'not run')}"
         ),
-        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
-        "step(s); temp GiB = XLA's temporaries of the compiled step (memory_analysis)",
+        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + "
+        f"{p['warmup']} warm-up step(s); temp GiB = XLA's temporaries of the compiled step "
+        "(memory_analysis)",
         "",
     ]
 
@@ -402,7 +406,10 @@ def report(
             cells += ["-"] * 8 + [r["status"]]
         body.append(cells)
     lines += [
-        "(1) MFU sweep (one change from the base row at a time); paper: 54.9% MFU (ViT-22B, TPU v4)",
+        (
+            "(1) MFU sweep (one change from the base row at a time); "
+            "paper: 54.9% MFU (ViT-22B, TPU v4)"
+        ),
         markdown.table(MFU_COLUMNS, body),
         "",
     ]
@@ -426,9 +433,9 @@ def report(
         [block] + ["-"] * (len(model_bench.COLUMNS) - 1) + [status] for block, status in failed
     ]
     lines += [
-        f"(2) block variants at the base point (batch {p['base']['batch']}, remat {p['base']['remat']}, "
-        f"scan {p['base']['scan']}, default flags); speed vs sequential = its step time / step time; "
-        + model_bench.PAPER,
+        f"(2) block variants at the base point (batch {p['base']['batch']}, "
+        f"remat {p['base']['remat']}, scan {p['base']['scan']}, default flags); "
+        "speed vs sequential = its step time / step time; " + model_bench.PAPER,
         markdown.table(model_bench.COLUMNS + ["status"], body),
         "measured vs paper:",
         *model_bench.claims(rows, paired=False),
@@ -437,7 +444,7 @@ def report(
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=tuple(PRESETS), default="gpu")
     ap.add_argument("--budget_s", type=float, default=450.0, help="wall-clock bound for everything")
     ap.add_argument("--repeats", type=int)

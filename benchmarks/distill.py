@@ -1,9 +1,13 @@
-"""Distillation benchmark: (1) what the teacher costs per train step, (2) the seed's claim on digits.
+"""Distillation benchmark: (1) what the teacher costs per train step, (2) the seed's claim on
+digits.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.distill   # both parts, small defaults
-    python -m benchmarks.distill --part overhead --preset gpu   # B/16 student, L/16 and H/14 teachers, bf16
+    # both parts, small defaults
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.distill
+    # B/16 student, L/16 and H/14 teachers, bf16
+    python -m benchmarks.distill --part overhead --preset gpu
+    # RESULTS.md
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.distill --part claim \
-        --teacher_steps 300 --claim_steps 600 --eval_every 100 --plot benchmarks/distill_claim.png   # RESULTS.md
+        --teacher_steps 300 --claim_steps 600 --eval_every 100 --plot benchmarks/distill_claim.png
 
 (1) overhead: the train step of `trainer/step.py` for a student alone (the supervised classifier
     Task, softmax cross-entropy) and for the same student distilled from each teacher
@@ -18,8 +22,9 @@
     84.2-86.7 on ImageNet), at toy scale on the prepared digits: a teacher pretrained with the tiny
     config's recipe (mu/4, ViT-22B block) for `--teacher_steps`, then per seed the same classic
     (sequential-block) student for `--claim_steps` (a) from labels (`trainer.pretrain`, softmax
-    cross-entropy) and (b) distilled from the teacher (`trainer.distill`), identical data, augmentation,
-    optimizer and steps; val top-1 mean +- std over seeds, learning curves in an optional PNG.
+    cross-entropy) and (b) distilled from the teacher (`trainer.distill`), identical data,
+    augmentation, optimizer and steps; val top-1 mean +- std over seeds, learning curves in an
+    optional PNG.
 
 Part (1) imports only jax/flax/optax/numpy/ml_collections and `trainer.*` (no Grain or Orbax), so it
 runs on a bare accelerator host; part (2) runs the real prepare, pretrain and distill stages.
@@ -48,7 +53,8 @@ from trainer.task import Task, classifier
 
 CLASSIC = dict(block="sequential", use_bias=True, norm="layernorm", head="gap", qk_norm=False)
 
-# student: (variant, overrides) at `image_size`; teachers: name -> (variant, overrides incl. image_size).
+# student: (variant, overrides) at `image_size`;
+# teachers: name -> (variant, overrides incl. image_size).
 PRESETS: dict[str, dict] = {
     "smoke": dict(
         student=("mu/8", dict(CLASSIC, width=32, depth=1, num_heads=2, mlp_dim=64)),
@@ -63,7 +69,8 @@ PRESETS: dict[str, dict] = {
         warmup=0,
         steps=1,
     ),
-    # A classic Ti-like student (width 192, 4 layers, 64 tokens) and ViT-22B-block teachers 2x as wide.
+    # A classic Ti-like student (width 192, 4 layers, 64 tokens) and ViT-22B-block teachers
+    # 2x as wide.
     "cpu": dict(
         student=("Ti/16", dict(depth=4)),
         image_size=128,
@@ -123,12 +130,12 @@ CLAIM_COLUMNS = [
     "s per run",
 ]
 PAPER = (
-    "seed (ViT-22B paper, ImageNet top-1): distilled ViT-B/16 88.6 vs 84.2-86.7 trained from labels; "
-    "ViT-L/16 89.6 vs 87.1-88.5"
+    "seed (ViT-22B paper, ImageNet top-1): distilled ViT-B/16 88.6 vs 84.2-86.7 trained from "
+    "labels; ViT-L/16 89.6 vs 87.1-88.5"
 )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (1) The teacher's cost per step.
 
 
@@ -161,7 +168,8 @@ def random_teacher(tcfg: vit.ViTConfig, seed: int = 1):
 def build_runner(
     task: Task, cfg: vit.ViTConfig, data_size: int, mesh, batch: int, warmup: int, seed: int = 0
 ) -> harness.Runner:
-    """trainer/step.py's sharded state + train step of any Task (frozen params bound), compiled and warm."""
+    """trainer/step.py's sharded state + train step of any Task (frozen params bound), compiled
+    and warm."""
     setup = step_lib.setup(task, optim.default_config(), 10_000, mesh, seed)
     frozen = {}
     if task.frozen is not None:
@@ -196,7 +204,8 @@ def build_runner(
 
 
 def overhead(p: dict, devices=None) -> list[dict]:
-    """Times the student alone and distilled from each teacher (interleaved); one row per teacher."""
+    """Times the student alone and distilled from each teacher (interleaved); one row per
+    teacher."""
     mesh = sharding.make_mesh(devices=list(devices or jax.devices()[:1]))
     size, classes = p["image_size"], p["num_classes"]
     teachers = {
@@ -285,8 +294,9 @@ def overhead_report(p: dict, preset: str, rows: list[dict]) -> str:
             + harness.model_line(student, p["batch"]).replace(
                 "sigmoid xent", "softmax xent / distill KL"
             ),
-            f"median of {p['repeats']} interleaved rounds x {p['steps']} step(s) after 1 compiling + {p['warmup']} "
-            "warm-up step(s), one device; measured ratio = median over rounds of distill step / student-alone step; "
+            f"median of {p['repeats']} interleaved rounds x {p['steps']} step(s) after 1 "
+            f"compiling + {p['warmup']} warm-up step(s), one device; measured ratio = median over "
+            "rounds of distill step / student-alone step; "
             "FLOPs bound = 1 + teacher forward FLOPs / student train-step FLOPs",
             "",
             markdown.table(OVERHEAD_COLUMNS, body),
@@ -294,7 +304,7 @@ def overhead_report(p: dict, preset: str, rows: list[dict]) -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (2) The claim on digits: the same student from labels vs distilled, same steps, several seeds.
 
 
@@ -408,11 +418,12 @@ def claim_report(args, result: dict) -> str:
         )
     lines = [
         harness.run_header("distill claim", "digits"),
-        f"digits 32 px, batch 64, mesh 4 x 2; teacher: pretrain recipe of launch/configs/tiny.py for "
-        f"{args.teacher_steps} steps; students: classic mu/4 (sequential block, biases, LayerNorm, GAP, no "
-        f"QK-norm) for {args.claim_steps} steps, Adafactor lr {args.lr:g}, mixup alpha {args.mixup}; seeds "
-        f"{', '.join(map(str, args.seeds))}; val split (179 images); prepare + teacher "
-        f"{result['teacher_s']:.0f} s (~0 when reused from --workdir)",
+        "digits 32 px, batch 64, mesh 4 x 2; teacher: pretrain recipe of launch/configs/tiny.py "
+        f"for {args.teacher_steps} steps; students: classic mu/4 (sequential block, biases, "
+        f"LayerNorm, GAP, no QK-norm) for {args.claim_steps} steps, Adafactor lr {args.lr:g}, "
+        f"mixup alpha {args.mixup}; seeds {', '.join(map(str, args.seeds))}; val split "
+        f"(179 images); prepare + teacher {result['teacher_s']:.0f} s "
+        "(~0 when reused from --workdir)",
         PAPER,
         "",
         markdown.table(CLAIM_COLUMNS, body),
@@ -460,7 +471,7 @@ def plot(args, result: dict, path: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("both", "overhead", "claim"), default="both")
     ap.add_argument(
         "--preset", choices=tuple(PRESETS), default="cpu", help="(1): models, batch, repeats"

@@ -1,20 +1,22 @@
 """The few-shot evaluator's host solve: time per call, float64 (what it runs) vs float32.
 
-    python -m benchmarks.fewshot                                    # 10 x 25 and 1000 x 10 at width 768
-    python -m benchmarks.fewshot --cases 10x25,100x10,1000x10 --width 1024 --test_per_class 20 --repeats 5
+    python -m benchmarks.fewshot    # 10 x 25 and 1000 x 10 at width 768
+    python -m benchmarks.fewshot --cases 10x25,100x10,1000x10 --width 1024 \
+        --test_per_class 20 --repeats 5
 
-Synthetic features (class means ~ N(0, 0.15^2), within-class noise N(0, 1) per dimension) of `--width`
-dimensions; per case "C x K": C classes with 2K train examples each and `--test_per_class` test
-examples each. Timed with trainer/evaluators/fewshot.py as the evaluator calls it (features already
-on the host; their extraction is the model's forward pass over the two splits, not measured here):
+Synthetic features (class means ~ N(0, 0.15^2), within-class noise N(0, 1) per dimension) of
+`--width` dimensions; per case "C x K": C classes with 2K train examples each and
+`--test_per_class` test examples each. Timed with trainer/evaluators/fewshot.py as the evaluator
+calls it (features already on the host; their extraction is the model's forward pass over the two
+splits, not measured here):
 
 - one solve: `fit` on the K-shot set + `predict` on the test set (one seed, one shot count);
 - one call: `evaluate` over 3 seeds and every shot count of (1, 5, 10, 25) up to K, i.e. what one
   in-training `fewshot` evaluation costs on the host.
 
-Median of `--repeats`. The float32 columns run the same code with dtype=float32 (big_vision's choice);
-"max |Δacc|" is the largest top-1 difference from float64 over the call's seeds and shot counts, and
-"W rel. err" the relative Frobenius error of the float32 weights of the one solve.
+Median of `--repeats`. The float32 columns run the same code with dtype=float32 (big_vision's
+choice); "max |Δacc|" is the largest top-1 difference from float64 over the call's seeds and shot
+counts, and "W rel. err" the relative Frobenius error of the float32 weights of the one solve.
 
 Imports only NumPy + trainer/evaluators: runs on an accelerator host as is (the solve is host-side).
 """
@@ -109,8 +111,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
     print(
-        f"# fewshot benchmark  {datetime.date.today()}  numpy {np.__version__}  {platform.machine()}  "
-        f"{os.cpu_count()} CPUs  load avg {os.getloadavg()[0]:.2f}"
+        f"# fewshot benchmark  {datetime.date.today()}  numpy {np.__version__}  "
+        f"{platform.machine()}  {os.cpu_count()} CPUs  load avg {os.getloadavg()[0]:.2f}"
     )
     print(
         f"synthetic features, width {args.width}, {args.test_per_class} test examples per class; "

@@ -68,8 +68,9 @@ def main(argv=None) -> dict:
     linear = probed["linear/val_top1"]
 
     print(
-        f"\n{datetime.date.today()} {platform.node()} ({platform.machine()}): mu/4 pretrained {args.pretrain_steps} "
-        f"steps on digits, locked; 1-layer text tower, {args.steps} LiT steps\n"
+        f"\n{datetime.date.today()} {platform.node()} ({platform.machine()}): mu/4 pretrained "
+        f"{args.pretrain_steps} steps on digits, locked; 1-layer text tower, "
+        f"{args.steps} LiT steps\n"
     )
     print(
         table(

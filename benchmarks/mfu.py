@@ -1,8 +1,11 @@
 """MFU benchmark: achieved vs peak FLOP/s, for a matmul and for the full sharded train step.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.mfu   # CPU: mu/4, 8 devices
-    python -m benchmarks.mfu --preset gpu                                         # ViT-22B layers, bf16
-    python -m benchmarks.mfu --variant B/16 --image_size 224 --batch 32 --mesh 4,2 --override dtype=bfloat16
+    # CPU: mu/4, 8 devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.mfu
+    # ViT-22B layers, bf16
+    python -m benchmarks.mfu --preset gpu
+    python -m benchmarks.mfu --variant B/16 --image_size 224 --batch 32 --mesh 4,2 \
+        --override dtype=bfloat16
 
 (a) matmul: `trainer.flops.measure_matmul_peak` (square matmuls on all devices at once, best of
     `--repeats`) per size, against the vendor bf16 dense peak where `trainer/flops.py` has one.
@@ -11,7 +14,8 @@
     synthetic batch; model FLOPs/step = flops.model_flops_per_example x batch (PaLM's formula, no
     rematerialization counted); MFU = model FLOPs/step / median step time / (devices x peak per
     device), where the peak is what the pretrain stage uses: the vendor table on accelerators, the
-    matmul measured in this run on CPU. The paper's 54.9% (ViT-22B on TPU v4) is printed for reference.
+    matmul measured in this run on CPU. The paper's 54.9% (ViT-22B on TPU v4) is printed for
+    reference.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ PRESETS: dict[str, dict] = {
         matmul_sizes=(256, 512, 1024),
         matmul_dtype="float32",
     ),
-    # The model preset of benchmarks/model.py --preset gpu: ViT-22B's layer x 4, bf16 compute, batch 32.
+    # The model preset of benchmarks/model.py --preset gpu: ViT-22B's layer x 4, bf16 compute,
+    # batch 32.
     "gpu": dict(
         model=model_bench.PRESETS["gpu"]["model"],
         batch=model_bench.PRESETS["gpu"]["batch"],
@@ -130,16 +135,17 @@ def run(p: dict) -> str:
     lines = [
         harness.run_header("mfu", p["preset"]),
         "",
-        f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, best of "
-        f"{p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
+        f"(a) matmul: trainer.flops.measure_matmul_peak, all {len(devices)} devices at once, "
+        f"best of {p['repeats']}; table = vendor bf16 dense peak (trainer/flops.py)",
         markdown.table(
             MATMUL_COLUMNS, matmul_rows(devices, p["matmul_sizes"], p["matmul_dtype"], p["repeats"])
         ),
         "",
         "(b) sharded train step (trainer/step.py make_train_step): "
         + harness.model_line(cfg, p["batch"]),
-        f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); median of {p['repeats']} repeats x "
-        f"{p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up step(s)",
+        f"peak per device: {peak / 1e12:.4f} TFLOP/s ({peak_source}); "
+        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + "
+        f"{p['warmup']} warm-up step(s)",
     ]
     runner = harness.build_runner(cfg, mesh, p["batch"], p["warmup"])
     times = [runner.run(p["steps"]) for _ in range(p["repeats"])]

@@ -1,7 +1,7 @@
 """Model benchmark: train-step time of the ViT-22B block and its ablations, side by side in one run.
 
-    python -m benchmarks.model                        # --preset cpu: width 384, depth 4; < 3 min on 2 cores
-    python -m benchmarks.model --preset gpu           # one H200: ViT-22B width 6144 x 4 layers, bf16
+    python -m benchmarks.model                # --preset cpu: width 384, depth 4; < 3 min on 2 cores
+    python -m benchmarks.model --preset gpu   # one H200: ViT-22B width 6144 x 4 layers, bf16
     python -m benchmarks.model --variants vit22b,sequential --repeats 10 --override depth=8
 
 Every variant has the same width, depth, heads and MLP size; each changes one thing relative to the
@@ -77,9 +77,9 @@ PRESETS: dict[str, dict] = {
         interleave=True,
     ),
     # ViT-22B's layer (width 6144, 48 heads, MLP 24576) x 4 on 256 tokens, bf16 compute, f32 params:
-    # 2.28B parameters, 94 model TFLOP/step. XLA:CPU's buffer assignment for this fwd+bwd at batch 32
-    # needs 40 GiB of temporaries (+ 8.5 GiB params, 8.5 grads, ~5 Adafactor), under the 75% of
-    # 141 GB that JAX preallocates on a GPU; batch 64 would need ~72 GiB of temporaries.
+    # 2.28B parameters, 94 model TFLOP/step. XLA:CPU's buffer assignment for this fwd+bwd at
+    # batch 32 needs 40 GiB of temporaries (+ 8.5 GiB params, 8.5 grads, ~5 Adafactor), under the
+    # 75% of 141 GB that JAX preallocates on a GPU; batch 64 would need ~72 GiB of temporaries.
     "gpu": dict(
         model=("22B/14", dict(depth=4, image_size=224, dtype="bfloat16")),
         batch=32,
@@ -92,7 +92,8 @@ PRESETS: dict[str, dict] = {
 
 PAPER = (
     "paper (ViT-22B §2, on TPU v4 at 22B scale): parallel layers ~15% faster training (PaLM), "
-    "i.e. vit22b vs sequential ~1.15x; dropping QKV/LayerNorm biases +3% utilization (bias -> vit22b)"
+    "i.e. vit22b vs sequential ~1.15x; dropping QKV/LayerNorm biases +3% utilization "
+    "(bias -> vit22b)"
 )
 
 COLUMNS = [
@@ -225,8 +226,9 @@ def report(p: dict, preset: str, rows: list[dict], ctx: dict) -> str:
         harness.model_line(cfg, p["batch"]),
         f"device peak {ctx['peak'] / 1e12:.3f} TFLOP/s per device ({ctx['peak_source']}); "
         f"{ctx['devices']} device(s); model FLOPs/step {rows[0]['flops']:.4g}",
-        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + {p['warmup']} warm-up "
-        f"step(s), {order}; speed vs sequential = sequential step time / step time (> 1: faster)"
+        f"median of {p['repeats']} repeats x {p['steps']} step(s) after 1 compiling + "
+        f"{p['warmup']} warm-up step(s), {order}; "
+        "speed vs sequential = sequential step time / step time (> 1: faster)"
         + (
             ", median over rounds of the ratio within a round"
             if p["interleave"]

@@ -127,8 +127,8 @@ def main(argv=None) -> None:
     workers = [int(w) for w in args.workers.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
     print(
-        f"# prepare benchmark  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cores  "
-        f"load avg {os.getloadavg()[0]:.2f}"
+        f"# prepare benchmark  {datetime.date.today()}  {platform.machine()}  "
+        f"{os.cpu_count()} cores  load avg {os.getloadavg()[0]:.2f}"
     )
     rows = []
     try:
@@ -172,7 +172,8 @@ def main(argv=None) -> None:
                     flush=True,
                 )
         print(
-            "\nprepare: 224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest (CLI, child process)"
+            "\nprepare: 224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest "
+            "(CLI, child process)"
         )
         print(
             table(

@@ -1,8 +1,9 @@
-"""QK-norm claim: a learning-rate sweep of a small parallel-block ViT on digits, with and without QK-norm.
+"""QK-norm claim: a learning-rate sweep of a small parallel-block ViT on digits, with and without
+QK-norm.
 
-    python -m benchmarks.qk_norm                                   # 4 LRs x 2 variants x 3 seeds (RESULTS.md)
+    python -m benchmarks.qk_norm   # 4 LRs x 2 variants x 3 seeds (RESULTS.md)
     python -m benchmarks.qk_norm --lrs 0.01,0.3 --seeds 0 --steps 100 --plot /tmp/qk.png
-    python -m benchmarks.qk_norm --preset micro --prepared DIR     # the test's seconds-long smoke run
+    python -m benchmarks.qk_norm --preset micro --prepared DIR   # the test's seconds-long smoke run
 
 The seed's claim (ViT-22B §2): without QK-norm, attention logits grow without bound and attention
 entropy collapses ("almost one-hot attention weights"), and the loss diverges; the paper saw it at
@@ -16,12 +17,13 @@ every step, the max attention logit over all encoder layers/heads/queries/keys o
 and the min/mean over layers x heads of the mean attention-row entropy (`attn_logit_max`,
 `attn_entropy_min`, `attn_entropy_mean` in metrics.jsonl).
 
-Per LR x variant (mean ± sd over seeds): final train loss (mean of the last 10% of steps), val top-1,
-the run's max attention logit and min attention entropy, loss spikes (steps whose loss exceeds the
-median of the 20 steps before by more than 1 nat: batch noise at low loss is not a spike) and
-divergences (the loop's NaN guard stopped the run, or the final loss is no better than the loss at
-step 1). Learning curves as a PNG (--plot). Every run's curves go to <workdir>/qk_norm_runs.json;
-`--report_from` prints the table (and --plot) again from such a file without training.
+Per LR x variant (mean ± sd over seeds): final train loss (mean of the last 10% of steps), val
+top-1, the run's max attention logit and min attention entropy, loss spikes (steps whose loss
+exceeds the median of the 20 steps before by more than 1 nat: batch noise at low loss is not a
+spike) and divergences (the loop's NaN guard stopped the run, or the final loss is no better than
+the loss at step 1). Learning curves as a PNG (--plot). Every run's curves go to
+<workdir>/qk_norm_runs.json; `--report_from` prints the table (and --plot) again from such a file
+without training.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ PRESETS = {
         seeds=(0,),
         val=False,
     ),
-    # The RESULTS.md sweep: mu/4 (width 64, depth 2, 4 heads, 64 tokens), 24 runs in ~22 min on 2 busy cores.
-    # Calibrated at depth 4, lr 0.03: without QK-norm the max logit passed 100 within 15 steps.
+    # The RESULTS.md sweep: mu/4 (width 64, depth 2, 4 heads, 64 tokens), 24 runs in ~22 min on
+    # 2 busy cores. Calibrated at depth 4, lr 0.03: without QK-norm the max logit passed 100 within
+    # 15 steps.
     "digits": dict(
         model=dict(width=64, depth=2, mlp_dim=256, num_heads=4),
         steps=120,
@@ -104,7 +107,8 @@ def run_config(prepared: Path, variant: str, lr: float, seed: int, p: dict):
 
 
 def train(prepared: Path, root: Path, variant: str, lr: float, seed: int, p: dict) -> dict:
-    """One pretrain run; its per-step metrics and summary (a NaN-guard stop is a result, not an error)."""
+    """One pretrain run; its per-step metrics and summary (a NaN-guard stop is a result, not an
+    error)."""
     from trainer import loop, pretrain
 
     out = Path(tempfile.mkdtemp(prefix=f"{variant}-lr{lr:g}-s{seed}-", dir=root))
@@ -185,13 +189,19 @@ def report(runs: list[dict], p: dict, seconds: float) -> str:
     m = p["model"]
     return "\n".join(
         [
-            f"# qk_norm sweep  {datetime.date.today()}  {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
-            f"model: ViT-22B block (parallel, fused, RMSNorm, no QKV bias, MAP head), width {m['width']}, depth "
-            f"{m['depth']}, MLP {m['mlp_dim']}, {m['num_heads']} heads, patch 4 on 32 px digits (64 tokens); "
-            f"{p['steps']} steps, batch {p['batch']}, Adafactor, constant LR, no warmup, grad clip 1.0, softmax xent; "
-            f"seeds {', '.join(map(str, p['seeds']))}; mean ± sd over seeds; {seconds:.0f} s in all",
-            "paper (ViT-22B §2): without QK-norm attention logits grow, entropy collapses and the loss diverges "
-            "(at 8B parameters); small models show it at high LR (Wortsman et al. 2023)",
+            (
+                f"# qk_norm sweep  {datetime.date.today()}  {platform.node()} "
+                f"({platform.machine()}, {os.cpu_count()} cores)"
+            ),
+            "model: ViT-22B block (parallel, fused, RMSNorm, no QKV bias, MAP head), "
+            f"width {m['width']}, depth {m['depth']}, MLP {m['mlp_dim']}, {m['num_heads']} heads, "
+            f"patch 4 on 32 px digits (64 tokens); {p['steps']} steps, batch {p['batch']}, "
+            "Adafactor, constant LR, no warmup, grad clip 1.0, softmax xent; "
+            f"seeds {', '.join(map(str, p['seeds']))}; mean ± sd over seeds; "
+            f"{seconds:.0f} s in all",
+            "paper (ViT-22B §2): without QK-norm attention logits grow, entropy collapses and the "
+            "loss diverges (at 8B parameters); small models show it at high LR "
+            "(Wortsman et al. 2023)",
             "",
             table(COLUMNS, body),
         ]
@@ -248,7 +258,7 @@ def plot(runs: list[dict], path: Path) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=tuple(PRESETS), default="digits")
     ap.add_argument("--lrs", help="comma-separated peak learning rates (default: the preset's)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
@@ -304,8 +314,9 @@ def main(argv=None) -> list[dict]:
                 runs.append(train(prepared, root, variant, lr, seed, p))
                 s = summarize(runs[-1])
                 print(
-                    f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, max logit {s['logit']:.3g}, "
-                    f"min entropy {s['entropy']:.3g}, {runs[-1]['seconds']:.0f} s"
+                    f"lr {lr:g} seed {seed} {variant}: final loss {s['final']:.3f}, "
+                    f"max logit {s['logit']:.3g}, min entropy {s['entropy']:.3g}, "
+                    f"{runs[-1]['seconds']:.0f} s"
                     + (" (stopped: non-finite)" if runs[-1]["stopped"] else ""),
                     flush=True,
                 )

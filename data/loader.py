@@ -77,8 +77,8 @@ class _Fields:
             num_attributes = len(first_record.attributes or ())
         if tokenizer is not None and "text" not in m.features:
             raise ValueError(
-                f"{where}: split {m.dataset}/{m.split} has no `text` field, so it has no captions to "
-                "tokenize (prepare it from a source with captions)"
+                f"{where}: split {m.dataset}/{m.split} has no `text` field, so it has no captions "
+                "to tokenize (prepare it from a source with captions)"
             )
         return cls(
             image_size,
@@ -521,11 +521,12 @@ def train_loader(
     flip, no mixup; or an AugmentConfig / mapping of its fields. Each process decodes with
     `read_threads` threads (the decoders release the GIL); `worker_count` > 0 moves that into as
     many Grain worker processes, each with `read_threads` threads. Batches: image f32 [B,H,W,3]
-    in [-1,1], labels f32 [B,C] multi-hot (mixed with mixup), label int32 [B] (first class id, -1 if none), plus real_labels
-    / attributes / shape_label, texture_label when the split has them. With a `tokenizer`
-    (data/tokenizer.py; the split must have text): tokens int32 [B,L] + text_mask bool [B,L] of one
-    caption per example, drawn per stream position like the crop. `sharding`: every batch array's
-    layout, `trainer.sharding.batch_sharding(mesh)` (the train step's batch in_sharding)."""
+    in [-1,1], labels f32 [B,C] multi-hot (mixed with mixup), label int32 [B] (first class id, -1
+    if none), plus real_labels / attributes / shape_label, texture_label when the split has them.
+    With a `tokenizer` (data/tokenizer.py; the split must have text): tokens int32 [B,L] +
+    text_mask bool [B,L] of one caption per example, drawn per stream position like the crop.
+    `sharding`: every batch array's layout, `trainer.sharding.batch_sharding(mesh)` (the train
+    step's batch in_sharding)."""
     return TrainLoader(
         split_dir,
         global_batch_size=global_batch_size,

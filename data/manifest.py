@@ -95,7 +95,8 @@ class Manifest:
                 or not isinstance(s["sha256"], str)
             ):
                 raise ManifestError(
-                    f"{where}: field 'shards[{i}]' must be {{path: str, num_records: int, sha256: str}}, got {s!r}"
+                    f"{where}: field 'shards[{i}]' must be "
+                    f"{{path: str, num_records: int, sha256: str}}, got {s!r}"
                 )
             shards.append(Shard(**s))
         bad = [f for f in obj["features"] if f not in records.FEATURE_KINDS]

@@ -1,7 +1,7 @@
 """The text tokenizer of LiT: byte-level, with the special tokens and padding defined once here.
 
-    tok = tokenizer.ByteTokenizer.fit(captions, max_len=32)     # checks the caption set
-    tokens, mask = tok.encode(["a handwritten seven", ...])      # int32 [N, max_len], bool [N, max_len]
+    tok = tokenizer.ByteTokenizer.fit(captions, max_len=32)  # checks the caption set
+    tokens, mask = tok.encode(["a handwritten seven", ...])  # int32 [N, max_len], bool [N, max_len]
     tok.save(path); tokenizer.load(path).decode(tokens[0])
 
 Byte-level (UTF-8 bytes + 3 specials, vocabulary 259) rather than a trained subword model: it
@@ -49,7 +49,8 @@ class ByteTokenizer:
         lengths = [len(c.encode("utf-8")) for c in captions if c]
         if not lengths:
             raise ValueError(
-                f"{where}: no captions to build a tokenizer from (does the split have a `text` field?)"
+                f"{where}: no captions to build a tokenizer from "
+                "(does the split have a `text` field?)"
             )
         if not max_len:
             max_len = min(MAX_LEN_CAP, int(np.ceil(np.percentile(lengths, 99))) + 2)

@@ -1,4 +1,5 @@
-"""Renders a report in headless Chromium and says whether it loaded whole, over the DevTools protocol.
+"""Renders a report in headless Chromium and says whether it loaded whole, over the DevTools
+protocol.
 
     python -m eval.browser <report.html> [screenshot.png]
 
@@ -180,7 +181,8 @@ def check_page(
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (Chromium shuts down cleanly), then SIGKILL to whatever of its process group is left."""
+    """SIGTERM (Chromium shuts down cleanly), then SIGKILL to whatever of its process group is
+    left."""
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
         return 2
     result = check_page(Path(args[0]), Path(args[1]) if len(args) > 1 else None)
     print(
-        f"{len(result.images)} images, {len(result.broken_images)} broken, {len(result.errors)} errors"
+        f"{len(result.images)} images, {len(result.broken_images)} broken, "
+        f"{len(result.errors)} errors"
     )
     for line in result.errors:
         print(f"  {line}")

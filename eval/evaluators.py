@@ -2,8 +2,10 @@
 (trainer/evaluators/base.py), so a config lists them like any other eval:
 
     c.evals.test = dict(type="accuracy", split="test")
-    c.evals.objectnet = dict(type="ood", dataset="objectnet", split="test", map="/maps/objectnet.json", border=2)
-    c.evals.mvh = dict(type="model_vs_human", dataset="cue_conflict", split="test", human_data="/data/raw-data")
+    c.evals.objectnet = dict(type="ood", dataset="objectnet", split="test",
+                             map="/maps/objectnet.json", border=2)
+    c.evals.mvh = dict(type="model_vs_human", dataset="cue_conflict", split="test",
+                       human_data="/data/raw-data")
     c.evals.calib = dict(type="calibration", split="test")
     c.evals.fair = dict(type="fairness", dataset="celeb_a", split="test", fit_split="val",
                         attribute="Male", positive=("Smiling",))
@@ -37,8 +39,9 @@ EPSILONS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.0)  # DP tolerances swept by `fairness
 
 
 def _check_map(cfg: dict, where: str, default: str = "") -> None:
-    """`map` (a shipped map's name or a JSON path), `labels` and `reduce`. A path that does not exist
-    where the plan runs (a bucket only the workers mount) is read when the stage starts instead."""
+    """`map` (a shipped map's name or a JSON path), `labels` and `reduce`. A path that does not
+    exist where the plan runs (a bucket only the workers mount) is read when the stage starts
+    instead."""
     value = cfg.get("map", default)
     if Path(str(value)).suffix == ".json" and not Path(value).exists():
         value = None
@@ -83,7 +86,7 @@ def probabilities(scores: np.ndarray, activation: str) -> np.ndarray:
     return calibration.softmax(scores) if activation == "softmax" else calibration.sigmoid(scores)
 
 
-# --- accuracy --------------------------------------------------------------------------------------
+# --- accuracy -------------------------------------------------------------------------------------
 
 
 class Accuracy(HostEvaluator):
@@ -111,7 +114,7 @@ class Accuracy(HostEvaluator):
         yield "count", float(out.labels.any(axis=1).sum())
 
 
-# --- OOD through label maps ------------------------------------------------------------------------
+# --- OOD through label maps -----------------------------------------------------------------------
 
 
 class LabelMapOOD(HostEvaluator):
@@ -174,7 +177,7 @@ class LabelMapOOD(HostEvaluator):
         yield "count", float(scored.sum())
 
 
-# --- model-vs-human --------------------------------------------------------------------------------
+# --- model-vs-human -------------------------------------------------------------------------------
 
 
 class ModelVsHuman(HostEvaluator):
@@ -239,7 +242,8 @@ class ModelVsHuman(HostEvaluator):
         truth = np.asarray(label_maps.target_truth(out.labels, to_targets))
         if not truth.any(axis=1).all():
             raise ValueError(
-                f"{self.where}: {int((~truth.any(axis=1)).sum())} images have no category of {self.map.name}"
+                f"{self.where}: {int((~truth.any(axis=1)).sum())} images have no category of "
+                f"{self.map.name}"
             )
         names = np.asarray(self.map.targets, dtype=object)
         imagenames = [str(i).rsplit("/", 1)[-1] for i in out.ids]
@@ -299,7 +303,7 @@ class ModelVsHuman(HostEvaluator):
             yield "human_shape_bias", details["human_shape_bias"]["shape-bias"]
 
 
-# --- calibration -----------------------------------------------------------------------------------
+# --- calibration ----------------------------------------------------------------------------------
 
 
 class Calibration(HostEvaluator):
@@ -345,7 +349,7 @@ class Calibration(HostEvaluator):
         yield "count", float(len(conf))
 
 
-# --- fairness --------------------------------------------------------------------------------------
+# --- fairness -------------------------------------------------------------------------------------
 
 
 class Fairness(HostEvaluator):

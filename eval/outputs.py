@@ -3,7 +3,8 @@
     out = outputs.collect(ctx, predict_fn, params, frozen, split, dataset)
     out.scores        # float32 [N, C] (the predict function's outputs, e.g. logits), loader order
     out.labels        # bool [N, K] multi-hot in the split's K classes; out.label: int [N] first id
-    out.real_labels / out.attributes / out.shape_label / out.texture_label   # when the split has them
+    # when the split has them
+    out.real_labels / out.attributes / out.shape_label / out.texture_label
     out.ids           # record ids, read on first use
 
 The forward pass runs sharded on the mesh (ctx.jit, one batch of look-ahead as

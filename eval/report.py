@@ -31,7 +31,7 @@ from trainer import markdown
 FIGURE_DPI = 100
 
 
-# --- building blocks -------------------------------------------------------------------------------
+# --- building blocks ------------------------------------------------------------------------------
 
 
 def _fmt(value: Any) -> str:
@@ -110,12 +110,14 @@ class Page:
     def write(self) -> None:
         style = (
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #bbb;padding:3px 8px;"
+            "table{border-collapse:collapse;margin:.5em 0 1.5em}"
+            "td,th{border:1px solid #bbb;padding:3px 8px;"
             "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
             ".note{color:#777;font-style:italic}pre{background:#f6f6f6;padding:.5em;overflow:auto}"
         )
         page = (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}'
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}"
             f"</title><style>{style}</style></head><body><h1>{html.escape(self.title)}</h1>\n"
             + "\n".join(self.html)
             + "\n</body></html>\n"
@@ -132,7 +134,7 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 
     return fig, [ax for row in axes for ax in row]
 
 
-# --- the run's data --------------------------------------------------------------------------------
+# --- the run's data -------------------------------------------------------------------------------
 
 
 class Run:
@@ -181,7 +183,7 @@ class Run:
         return columns
 
 
-# --- sections --------------------------------------------------------------------------------------
+# --- sections -------------------------------------------------------------------------------------
 
 
 def accuracy_section(page: Page, run: Run) -> None:
@@ -263,8 +265,8 @@ def distill_section(page: Page, run: Run, baselines: dict) -> None:
     page.section("Distillation")
     page.text(
         "The seed's table: the student trained from labels vs distilled from the teacher (top-1). "
-        "'from labels' = the model named in evaluate.report.distill_baselines, else the upstream model "
-        "with the student's architecture (same model.json) that is not distilled."
+        "'from labels' = the model named in evaluate.report.distill_baselines, else the upstream "
+        "model with the student's architecture (same model.json) that is not distilled."
     )
     rows = []
     for student in students:
@@ -373,8 +375,8 @@ def mvh_section(page: Page, run: Run) -> None:
         )
         rows.append(["humans", experiment] + [h.get(c) for c in columns] + [shape])
     page.text(
-        "The toolbox's columns (bethgelab/model-vs-human); accuracy difference and the consistencies "
-        "need its human raw data (human_data)."
+        "The toolbox's columns (bethgelab/model-vs-human); accuracy difference and the "
+        "consistencies need its human raw data (human_data)."
     )
     page.table(["model", "dataset"] + columns + ["shape-bias"], rows)
     if not humans:
@@ -384,7 +386,8 @@ def mvh_section(page: Page, run: Run) -> None:
     shapes = [(m, d) for m, _, d in found if "shape_bias" in d]
     if not shapes:
         return page.text(
-            "Shape bias: no cue-conflict split (shape/texture labels) among the model_vs_human evals."
+            "Shape bias: no cue-conflict split (shape/texture labels) among the "
+            "model_vs_human evals."
         )
     fig, (ax,) = _figure(
         width=6, height=max(3.0, 0.3 * len(shapes[0][1]["shape_bias"]["per_category"]) + 1)
@@ -549,9 +552,9 @@ def recipe_section(page: Page, run: Run) -> None:
         return
     page.section("Recipe: where each hyperparameter comes from")
     page.text(
-        "Source: paper, reference (a public implementation's value), default (the stage's own), user "
-        "(this run's config or command line). Confirmed: checked at the source; unconfirmed values are "
-        "recollections or assumptions."
+        "Source: paper, reference (a public implementation's value), default (the stage's own), "
+        "user (this run's config or command line). Confirmed: checked at the source; unconfirmed "
+        "values are recollections or assumptions."
     )
     rows = []
     for name, card in cards.items():
@@ -577,7 +580,8 @@ def recipe_section(page: Page, run: Run) -> None:
         page.details(
             f"{name} recipe card ({tally})",
             "\n".join(
-                f"{key} = {json.dumps(e['value'])}  [{e['source']}{'' if e['confirmed'] else ', unconfirmed'}]"
+                f"{key} = {json.dumps(e['value'])}  "
+                f"[{e['source']}{'' if e['confirmed'] else ', unconfirmed'}]"
                 f"{'  ' + e['note'] if e.get('note') else ''}"
                 for key, e in card.items()
             ),

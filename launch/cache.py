@@ -5,8 +5,9 @@ Per stage:
     <workdir>/<stage>/<fingerprint[:16]>/   completed outputs (renamed into place, `_SUCCESS` last)
         config.json  outputs.json  metrics.jsonl  tb/  fingerprint.json  _SUCCESS  <artifacts>
     <workdir>/<stage>/.tmp-<fp16>-*          a run in progress, or the debris of a crashed one
-    <workdir>/<stage>/.partial-<fp16>/       a resumable stage's run in progress: kept when it crashes
-                                             or is preempted, so the next run resumes from its checkpoints
+    <workdir>/<stage>/.partial-<fp16>/       a resumable stage's run in progress: kept when it
+                                             crashes or is preempted, so the next run resumes
+                                             from its checkpoints
     <workdir>/<stage>/.locks/<fp16>.lock     flock() held while a process produces <fp16>
 
 A directory without `_SUCCESS` is never reused (launch/produce.py writes them).

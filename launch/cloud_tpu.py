@@ -175,7 +175,8 @@ def vertex_worker_pool_specs(
     requirements: xm.JobRequirements,
     machine_type: str = "",
 ) -> list[dict]:
-    """The CustomJob `worker_pool_specs` for one stage, validated through the aiplatform_v1 protos."""
+    """The CustomJob `worker_pool_specs` for one stage, validated through the aiplatform_v1
+    protos."""
     from google.cloud import aiplatform_v1
 
     pool = aiplatform_v1.WorkerPoolSpec(

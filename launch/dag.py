@@ -359,7 +359,8 @@ def plan(
         raise PlanError(
             f"--stages {wanted} needs upstream {', '.join(names)}, not in the cache (expected "
             f"{', '.join(str(path) for _, path in missing)}); run "
-            f"{'it' if len(names) == 1 else 'them'} first, e.g. --stages {','.join(names + [wanted])}"
+            f"{'it' if len(names) == 1 else 'them'} first, "
+            f"e.g. --stages {','.join(names + [wanted])}"
         )
     return plans
 

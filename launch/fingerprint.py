@@ -1,4 +1,5 @@
-"""Stage fingerprints: everything a stage's output depends on, hashed; and why a fingerprint changed.
+"""Stage fingerprints: everything a stage's output depends on, hashed; and why a fingerprint
+changed.
 
 A fingerprint covers the stage's name and target, its resolved config minus `runtime`, its upstream
 fingerprints, the hashes of its sources (static import closure, launch/code_hashes.py) and

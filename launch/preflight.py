@@ -92,7 +92,8 @@ NUM_CLASSES = flags.DEFINE_integer(
 
 GO, NO_GO, WARN, SKIP = "go", "NO-GO", "warn", "skip"
 
-# A compiled cost below this share of the model's FLOPs has loop bodies counted once (see compile_step).
+# A compiled cost below this share of the model's FLOPs has loop bodies counted once
+# (see compile_step).
 ROOFLINE_MIN_COUNTED = 0.9
 PAPER_MFU = 0.549  # ViT-22B on TPU v4 (docs/DESIGN.md §4): step time to plan for, no compile
 LOADER_MAX_BATCH = 256  # measure at most this many images a batch (the rate is per image)
@@ -337,7 +338,8 @@ def check_split(split_dir: Path, checksum_shards: int):
         if digest != shard.sha256:
             raise manifest_lib.ManifestError(
                 f"{split_dir / shard.path}: sha256 {digest[:16]}... does not match "
-                f"{split_dir / manifest_lib.MANIFEST_NAME} field shards[{i}].sha256 {shard.sha256[:16]}..."
+                f"{split_dir / manifest_lib.MANIFEST_NAME} field shards[{i}].sha256 "
+                f"{shard.sha256[:16]}..."
             )
     return m, (
         f"{m.num_records} records in {len(m.shards)} shards, group_size:1, "
@@ -346,7 +348,8 @@ def check_split(split_dir: Path, checksum_shards: int):
 
 
 def loader_rate(split_dir: Path, group, per_host_batch: int, batches: int) -> float:
-    """Images/s of the stage's training loader on this host (host batches, before device transfer)."""
+    """Images/s of the stage's training loader on this host (host batches, before device
+    transfer)."""
     import jax
 
     from data import loader
@@ -506,7 +509,8 @@ def _gib(n: float) -> str:
 def stage_rows(
     stage: dag.Stage, config, groups: dict, prepared: Path | str, options: Options, upstream: dict
 ) -> list[Row]:
-    """All rows of one training stage; `prepared` is the prepared-data root, or why there is none."""
+    """All rows of one training stage; `prepared` is the prepared-data root, or why there is
+    none."""
     group = stage.group(config)
     name = stage.name
     try:
@@ -601,8 +605,9 @@ def stage_rows(
                     name,
                     "memory",
                     status,
-                    f"{_gib(compiled.memory)} per device {'<=' if status == GO else '>'} {_gib(usable)} "
-                    f"({_gib(target.memory)} less {options.memory_headroom:.0%} headroom)",
+                    f"{_gib(compiled.memory)} per device {'<=' if status == GO else '>'} "
+                    f"{_gib(usable)} ({_gib(target.memory)} less "
+                    f"{options.memory_headroom:.0%} headroom)",
                 )
             )
 
@@ -655,9 +660,10 @@ def stage_rows(
                 name,
                 "loader",
                 status,
-                f"{rate:.0f} img/s per host measured here (read_threads={group.runtime.read_threads}, "
-                f"worker_count={group.runtime.worker_count}) {'>=' if status == GO else '<'} {need:.0f} "
-                f"needed ({per_host} per host every {step_time * 1e3:.4g} ms, {source})"
+                f"{rate:.0f} img/s per host measured here "
+                f"(read_threads={group.runtime.read_threads}, "
+                f"worker_count={group.runtime.worker_count}) {'>=' if status == GO else '<'} "
+                f"{need:.0f} needed ({per_host} per host every {step_time * 1e3:.4g} ms, {source})"
                 + ("" if status == GO else ": the run would be input-bound"),
             )
         )
@@ -671,7 +677,10 @@ def prepared_root(stage: dag.Stage, group, plans: dict) -> Path | str:
         return "unknown until the config passes plan-time validation (see config)"
     if "prepare" in plans:
         if plans["prepare"].action != "reuse":
-            return f"not prepared yet: {plans['prepare'].path} is not in the cache (run --stages prepare first)"
+            return (
+                f"not prepared yet: {plans['prepare'].path} is not in the cache "
+                "(run --stages prepare first)"
+            )
         return plans["prepare"].path
     if group.data.prepared_dir:
         return Path(group.data.prepared_dir)

@@ -106,7 +106,8 @@ def _write_framework_files(p: StagePlan, result: dict, out: Path, cfg) -> None:
 
 
 def _write_tensorboard(logdir: Path, metrics: Mapping[str, float]) -> None:
-    """The returned metrics as one TensorBoard step via CLU (imported here: it imports TensorFlow)."""
+    """The returned metrics as one TensorBoard step via CLU (imported here: it imports
+    TensorFlow)."""
     from clu import metric_writers
 
     writer = metric_writers.create_default_writer(str(logdir), just_logging=False)

@@ -6,8 +6,12 @@ A config file marks its values in ONE place, a `RECIPE` dict handed to `common.b
 
     RECIPE = {
         "pretrain.model.variant": recipe.mark("paper", True, "ViT-22B/14, Table 1"),
-        "pretrain.batch_size": recipe.mark("paper", False, "65,536 as we recall it; not found in the text"),
-        "finetune.runs.*.optim.lr": recipe.mark("reference", False, "big_vision's ImageNet transfer recipe"),
+        "pretrain.batch_size": recipe.mark(
+            "paper", False, "65,536 as we recall it; not found in the text"
+        ),
+        "finetune.runs.*.optim.lr": recipe.mark(
+            "reference", False, "big_vision's ImageNet transfer recipe"
+        ),
     }
 
 Keys are config paths (`*` stands for one path segment, e.g. every run of an instanced stage);
@@ -100,7 +104,8 @@ def stage_defaults(stage) -> dict[str, Any]:
 
 
 def card(group: Any, marks: Mapping[str, dict], defaults: Mapping[str, Any]) -> dict[str, dict]:
-    """{key: {value, source, confirmed[, note]}} for every value of `group` (keys relative to it)."""
+    """{key: {value, source, confirmed[, note]}} for every value of `group` (keys relative to
+    it)."""
     out = {}
     for key, value in sorted(flatten(group).items()):
         m = marks.get(key)

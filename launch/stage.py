@@ -93,7 +93,8 @@ def main(argv):
     name = STAGE.value
     if any(forced != name for forced in cli.FORCE.value):
         cli.fail(
-            f"--force {','.join(cli.FORCE.value)}: launch.stage can only force its own --stage {name}"
+            f"--force {','.join(cli.FORCE.value)}: launch.stage can only force its own "
+            f"--stage {name}"
         )
     config = cli.config()
     registry = cli.registry()

@@ -260,7 +260,8 @@ def repo_relative_config(config_argument: str, root: Path) -> str:
 
 
 def image_packages(root: Path) -> list[str]:
-    """Top-level packages under the project root (what the image needs; .venv/, workdir/ stay out)."""
+    """Top-level packages under the project root (what the image needs; .venv/, workdir/ stay
+    out)."""
     return sorted(
         p.name for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"
     )
@@ -350,7 +351,8 @@ def launch_cloud(
     title: str,
     root: Path,
 ) -> int:
-    """Builds the image and submits the work units through XManager's Vertex/Kubernetes executors."""
+    """Builds the image and submits the work units through XManager's Vertex/Kubernetes
+    executors."""
     cloud_tpu.install_xmanager_adapters(_xm_setting(config, "vertex_machine_type", ""))
     image = _xm_setting(config, "image", "")
     if not image or "YOUR_PROJECT" in image:

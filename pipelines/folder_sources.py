@@ -101,7 +101,8 @@ class _DirectorySource:
             classes = _subdirs(split_dir)
             if classes and all(_is_split_name(c.name) for c in classes):
                 raise SourceError(
-                    f"{self.kind}: {str(split_dir)!r} holds split dirs {[c.name for c in classes]}, "
+                    f"{self.kind}: {str(split_dir)!r} holds split dirs "
+                    f"{[c.name for c in classes]}, "
                     f"not class dirs: select them as splits (e.g. --splits "
                     f"{','.join(f'{c.name}={(Path(sel) / c.name).as_posix()}' for c in classes)})"
                 )
@@ -165,9 +166,10 @@ class FolderSource(_DirectorySource):
             loose = image_files(split_dir, recursive=False)
             if loose and class_names:
                 raise SourceError(
-                    f"folder: {str(split_dir)!r} holds {len(loose)} image(s) outside class dirs (e.g. "
-                    f"{loose[0].name!r}) while the dataset has class dirs {sorted(class_names)[:3]}: they "
-                    f"would get no label; move them into <class>/ dirs or label them with --csv"
+                    f"folder: {str(split_dir)!r} holds {len(loose)} image(s) outside class dirs "
+                    f"(e.g. {loose[0].name!r}) while the dataset has class dirs "
+                    f"{sorted(class_names)[:3]}: they would get no label; move them into "
+                    "<class>/ dirs or label them with --csv"
                 )
             if not loose and not _subdirs(split_dir):
                 raise SourceError(f"folder: {str(split_dir)!r} holds no images and no class dirs")
@@ -211,7 +213,8 @@ class FolderSource(_DirectorySource):
     def tasks(self, selector: str) -> list[tuple]:
         split_dir = self._split_dir(selector)
         if self.csv_path:
-            # one task: its expand parses the CSV once, and the Reshuffle after Expand spreads the rows
+            # one task: its expand parses the CSV once, and the Reshuffle after Expand
+            # spreads the rows
             return [("csv", selector, "")]
         dirs = [("dir", selector, "")]
         dirs += [

@@ -1,18 +1,21 @@
 """`prepare` stage: sources -> decode/validate/resize -> re-encode -> ArrayRecord shards + manifest.
 
     python -m pipelines.prepare --source digits --out /tmp/x
-    python -m pipelines.prepare --source tfds --dataset imagenet2012 --tfds_data_dir ~/tensorflow_datasets \
-        --splits train,val=validation --image_size 384 --out /data/prepared
+    python -m pipelines.prepare --source tfds --dataset imagenet2012 \
+        --tfds_data_dir ~/tensorflow_datasets --splits train,val=validation --image_size 384 \
+        --out /data/prepared
     python -m pipelines.prepare --source folder --root /data/pets --csv labels.csv --out /tmp/x
-    python -m pipelines.prepare --source digits --out gs://BUCKET/prepared --runner=DataflowRunner ...
+    python -m pipelines.prepare --source digits --out gs://BUCKET/prepared \
+        --runner=DataflowRunner ...
     # any other Beam option passes through (--project, --region, --temp_location, ...)
 
 Layout (docs/DESIGN.md §3): `<out>/<dataset>/<split>/{manifest.json, dead_letters.jsonl,
 <dataset>-<split>.array_record-NNNNN-of-NNNNN}`. Each split dir is assembled in a sibling temp
 dir and renamed into place when complete; with a bucket `--out` (gs://, data/paths.py) shards are
 written to worker-local temp files, uploaded to a temp prefix, and copied into the split dir with
-manifest.json last (readers need it, so a half-copied split is never read). Every input ends up either in a shard or as one line of
-dead_letters.jsonl ({id, source, reason, detail}); accepted + rejected = read, always.
+manifest.json last (readers need it, so a half-copied split is never read). Every input ends up
+either in a shard or as one line of dead_letters.jsonl ({id, source, reason, detail}); accepted +
+rejected = read, always.
 
 The Beam graph (one pipeline for all datasets and splits):
 
@@ -72,7 +75,8 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
     # our split name -> source selector: digits train/val/test/all; a TFDS split spec
     # ("train[:99%]", "validation"); a sub-dir of `root` for folder/cue_conflict ("" = root).
     # Empty = the source's natural splits (digits: train/val/test; tfds: all; folder: its
-    # train/val/validation(-> val)/test sub-dirs if it has them, else train = root; cue_conflict: test).
+    # train/val/validation(-> val)/test sub-dirs if it has them, else train = root;
+    # cue_conflict: test).
     cfg.splits = ml_collections.ConfigDict()
     cfg.image_size = 32  # shorter side after resize (downscale only); 0 keeps size.
     #                                   digits: the size they are rendered at.
@@ -323,8 +327,10 @@ def parse_args(
     """CLI flags -> (stage config with one dataset, out dir, pass-through Beam args)."""
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.prepare",
-        description="Prepare images into ArrayRecord shards + manifest.json (+ dead_letters.jsonl). "
-        "Unknown flags are passed to Beam unchanged.",
+        description=(
+            "Prepare images into ArrayRecord shards + manifest.json (+ dead_letters.jsonl). "
+            "Unknown flags are passed to Beam unchanged."
+        ),
     )
     d = dataset_config()
     ap.add_argument("--source", required=True, choices=sources.SOURCE_KINDS)

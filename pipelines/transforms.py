@@ -31,7 +31,8 @@ _IDS = "ids"
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
-    """One split's settings, made in the driver (pipelines.prepare._plan) and shipped in the DoFns."""
+    """One split's settings, made in the driver (pipelines.prepare._plan) and shipped in the
+    DoFns."""
 
     key: str  # "<dataset>/<split>"
     dataset: str

@@ -66,7 +66,8 @@ class LabelMap:
         missing = [n for n in names if n not in index]
         if missing:
             raise ValueError(
-                f"label map {self.name}: class {missing[0]!r} of the data is not a target of the map"
+                f"label map {self.name}: class {missing[0]!r} of the data is not a target "
+                "of the map"
             )
         return np.array([index[n] for n in names], np.int32)
 

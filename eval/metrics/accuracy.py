@@ -26,7 +26,8 @@ def multi_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """int [N, k]: the k highest-scoring classes of each row, best first (ties: lower index first)."""
+    """int [N, k]: the k highest-scoring classes of each row, best first (ties: lower index
+    first)."""
     scores = np.asarray(scores)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 

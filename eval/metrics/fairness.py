@@ -1,4 +1,5 @@
-"""Fairness: subgroup accuracy, demographic parity and DP-constrained randomized-threshold debiasing.
+"""Fairness: subgroup accuracy, demographic parity and DP-constrained randomized-threshold
+debiasing.
 
 Groups are the values of one sensitive attribute (e.g. CelebA's `Male`, the digits' `heavy_ink`).
 
@@ -89,7 +90,8 @@ class RandomizedThreshold:
     rho: float
 
     def predict(self, p_positive: np.ndarray, attribute: np.ndarray) -> np.ndarray:
-        """float [N]: the probability of predicting positive, x = clip((2p - 1 - theta_k)/gamma, 0, 1)."""
+        """float [N]: the probability of predicting positive,
+        x = clip((2p - 1 - theta_k)/gamma, 0, 1)."""
         attribute = np.asarray(attribute)
         unknown = set(np.unique(attribute).tolist()) - set(self.groups)
         if unknown:
@@ -175,8 +177,8 @@ def frontier(
     """The accuracy-vs-eps frontier. `fit` and `evaluated` are (p_positive, bool label, attribute)
     of the fitting and the evaluated split. One row per eps (largest first):
 
-        {"eps", "thetas", "fit": {accuracy, dp_gap, ece}, "eval": {...},      # the rule fitted at eps
-         "frontier_eps", "frontier": {"fit": {...}, "eval": {...}}}           # the frontier's pick
+        {"eps", "thetas", "fit": {accuracy, dp_gap, ece}, "eval": {...},  # the rule fitted at eps
+         "frontier_eps", "frontier": {"fit": {...}, "eval": {...}}}       # the frontier's pick
     """
     rows = []
     for eps in sorted({float(e) for e in epsilons}, reverse=True):

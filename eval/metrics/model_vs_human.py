@@ -286,8 +286,8 @@ def benchmark(
 
     raw rows: {model, human, dataset, metric, condition, value} per (model or human subject, human
     subject, included condition, metric), as the toolbox's get_raw_benchmark_df. Summaries: the
-    three pair metrics averaged over conditions, then subjects; plus "OOD accuracy" (the model's, and
-    for "humans" all human trials pooled), over the included conditions.
+    three pair metrics averaged over conditions, then subjects; plus "OOD accuracy" (the model's,
+    and for "humans" all human trials pooled), over the included conditions.
     """
     subjects = humans.subjects(humans=True)
     if not subjects:

@@ -2,8 +2,10 @@
 
     make dryrun     # = python -m launch.run --config launch/configs/tiny.py
     python -m launch.run --config launch/configs/tiny.py --dry_run
-    python -m launch.run --config launch/configs/tiny.py:prepare --config.prepare.datasets.digits.image_size=16
-    python -m launch.xm_launch --config launch/configs/tiny.py --workdir ./workdir   # as XManager work units
+    python -m launch.run --config launch/configs/tiny.py:prepare \
+        --config.prepare.datasets.digits.image_size=16
+    # as XManager work units
+    python -m launch.xm_launch --config launch/configs/tiny.py --workdir ./workdir
 
 Each stage group starts from its module's `default_config()` (the complete key set), is adjusted
 here, and the whole config is locked, so `--config.<stage>.<key>=...` cannot invent keys.
@@ -61,7 +63,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
             every=100,
         )
     )
-    # big_vision-style few-shot on the pre-logits during pretraining (trainer/evaluators/fewshot.py).
+    # big_vision-style few-shot on the pre-logits during pretraining
+    # (trainer/evaluators/fewshot.py).
     c.evals.fewshot = ml_collections.ConfigDict(
         dict(type="fewshot", train_split="train", split="val", every=100)
     )
@@ -179,7 +182,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`python -m launch.run --config launch/configs/tiny.py[:STAGE,...]` (ARG keeps only those stages)."""
+    """`python -m launch.run --config launch/configs/tiny.py[:STAGE,...]` (ARG keeps only those
+    stages)."""
     groups = {
         # digits at 32 px, 1 in-process FnApiRunner worker (pipelines/prepare.py defaults)
         "prepare": prepare.default_config(),

@@ -123,11 +123,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.mesh.model = 16
     c.mesh.data = -1
     # Fits v4:8x8x16 (1024 megacore chips, 32 GiB each; mesh data 64 x model 16) only with gradient
-    # accumulation: AOT-compiled by libtpu (benchmarks/aot.py, RESULTS "ViT-22B compiled for TPU pods"),
-    # per-device temps with remat dots_no_batch were 80.3 GiB at 1 microbatch (1024 images per data
-    # row: no-go), 30.7 GiB with remat full (no-go), 23.5 GiB at 4 microbatches (24.3 GiB live <=
-    # 28.8 usable: go, xla and collective alike) and 12.3 GiB at 8. 4 keeps the FSDP weight
-    # gathers per step lowest; smaller slices need more (preflight's memory row says so).
+    # accumulation: AOT-compiled by libtpu (benchmarks/aot.py,
+    # RESULTS "ViT-22B compiled for TPU pods"), per-device temps with remat dots_no_batch were
+    # 80.3 GiB at 1 microbatch (1024 images per data row: no-go), 30.7 GiB with remat full (no-go),
+    # 23.5 GiB at 4 microbatches (24.3 GiB live <= 28.8 usable: go, xla and collective alike) and
+    # 12.3 GiB at 8. 4 keeps the FSDP weight gathers per step lowest; smaller slices need more
+    # (preflight's memory row says so).
     c.microbatches = 4
     c.runtime.log_every = 50
     c.evals.val.every = 5_000
@@ -140,8 +141,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
 
 def finetune_run(image_size: int) -> ml_collections.ConfigDict:
-    """Full fine-tuning of the 22B pretrain on ImageNet-1k at `image_size` px (the paper fine-tunes at
-    several resolutions; which ones, and the recipe, are not in the seed: big_vision's ImageNet
+    """Full fine-tuning of the 22B pretrain on ImageNet-1k at `image_size` px (the paper fine-tunes
+    at several resolutions; which ones, and the recipe, are not in the seed: big_vision's ImageNet
     transfer recipe is assumed — SGD momentum 0.9, lr 0.03, cosine, 500 warmup steps, clip 1.0,
     no weight decay, batch 512, 20k steps — with label smoothing 0.1 as our choice)."""
     c = finetune.default_config()
@@ -242,7 +243,8 @@ def distill_run(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] --xm_target=vertex`."""
+    """`python -m launch.xm_launch --config launch/configs/vit22b.py[:STAGE,...] \
+    --xm_target=vertex`."""
     prep = prepare.default_config()
     prep.datasets = ml_collections.ConfigDict(
         {
