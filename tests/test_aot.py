@@ -22,10 +22,12 @@ HLO = """HloModule m, is_scheduled=true
 ENTRY %main (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
   %a = bf16[8,8]{1,0} parameter(0)
   %b = bf16[8,8]{1,0} parameter(1)
-  %cp-start = (bf16[8,8]{1,0}, bf16[8,8]{1,0}) collective-permute-start(%a), source_target_pairs={{0,1},{1,0}}
+  %cp-start = (bf16[8,8]{1,0}, bf16[8,8]{1,0}) collective-permute-start(%a), \
+source_target_pairs={{0,1},{1,0}}
   %f = bf16[8,8]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_dot
   %cp-done = bf16[8,8]{1,0} collective-permute-done(%cp-start)
-  %cp-start.1 = (bf16[8,8]{1,0}, bf16[8,8]{1,0}) collective-permute-start(%f), source_target_pairs={{0,1},{1,0}}
+  %cp-start.1 = (bf16[8,8]{1,0}, bf16[8,8]{1,0}) collective-permute-start(%f), \
+source_target_pairs={{0,1},{1,0}}
   %cp-done.1 = bf16[8,8]{1,0} collective-permute-done(%cp-start.1)
   ROOT %s = bf16[8,8]{1,0} add(%cp-done, %cp-done.1)
 }

@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts: they run end to end on a micro model and print complete tables.
+"""Smoke tests of the benchmark scripts: they run end to end on a micro model and print complete
+tables.
 
 No timing assertions: numbers only have to be finite and positive where they are rates.
 """

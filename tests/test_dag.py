@@ -100,13 +100,15 @@ REGISTRY = dag.Registry([
     dag.Stage("b", "fakepipe.stage_b:run_b", upstream=("a",)),
     dag.Stage("c", "fakepipe.stages:run_c", upstream=("b",)),
     dag.Stage("slow", "fakepipe.stages:run_slow"),
-    dag.Stage("d", "fakepipe.stages:run_d", upstream=("a",), instances=True, upstream_from=("extra",)),
+    dag.Stage("d", "fakepipe.stages:run_d", upstream=("a",), instances=True, \
+upstream_from=("extra",)),
     dag.Stage("e", "fakepipe.stages:run_a", optional_upstream=("b", "d")),
 ], root=Path(__file__).resolve().parents[1])
 '''
 
 _CONFIG_PY = '''
-"""Fake pipeline config. Command: python -m launch.run --config {path}:a,b,c --registry fakepipe.registry:REGISTRY"""
+"""Fake pipeline config. Command: python -m launch.run --config {path}:a,b,c \
+--registry fakepipe.registry:REGISTRY"""
 import ml_collections
 
 from fakepipe import stages
@@ -231,7 +233,8 @@ def test_registered_stage_table():
 def test_importing_launch_is_cheap():
     code = (
         "import sys, launch.dag, launch.run, launch.stage; "
-        "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax', 'grain') if m in sys.modules]; "
+        "heavy = [m for m in ('jax', 'tensorflow', 'apache_beam', 'xmanager', 'flax', 'grain') "
+        "if m in sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run(
@@ -258,7 +261,8 @@ def test_run_writes_stage_dirs(fake):
         "artifacts": {"b": "b.txt"},
         "metrics": {"total": 3},
     }
-    # The recipe card (launch/recipe.py); stage_b.py has no default_config(): every value is the config's.
+    # The recipe card (launch/recipe.py); stage_b.py has no default_config(): every value is the
+    # config's.
     assert b.outputs["recipe"]["value"] == {"value": 1, "source": "user", "confirmed": True}
     assert json.loads((b.path / "config.json").read_text())["value"] == 1
     assert json.loads((b.path / "metrics.jsonl").read_text()) == {"step": 0, "total": 3.0}

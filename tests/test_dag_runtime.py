@@ -72,8 +72,10 @@ def test_runtime_knobs_hit_the_cache_and_leave_artifacts_identical(prepare_into,
     )["pretrain"]
     assert second.path == first.path
 
-    # worker_count=1 started Grain worker processes; the loop closed the loader, so none outlives it.
-    def workers():  # Python's multiprocessing resource tracker lives as long as this process, by design
+    # worker_count=1 started Grain worker processes; the loop closed the loader, so none outlives
+    # it.
+    # Python's multiprocessing resource tracker lives as long as this process, by design
+    def workers():
         new = set(psutil.Process().children(recursive=True)) - before
         return [p for p in new if "resource_tracker" not in " ".join(p.cmdline())]
 

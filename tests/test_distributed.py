@@ -1,4 +1,5 @@
-"""trainer/distributed.py: settings from config/env, and no second initialisation of a live runtime."""
+"""trainer/distributed.py: settings from config/env, and no second initialisation of a live
+runtime."""
 
 import jax
 import ml_collections

@@ -36,7 +36,8 @@ def _cfg():
 
 
 def _parts(mesh, split_dir, *, process_index=None, process_count=None):
-    """(setup, train step, train loader) of the pretrain Task on `mesh`, as trainer/loop.py builds them."""
+    """(setup, train step, train loader) of the pretrain Task on `mesh`, as trainer/loop.py builds
+    them."""
     cfg = _cfg()
     task = pretrain.make_task(cfg, 10)
     setup = step_lib.setup(task, cfg.optim, 20, mesh, cfg.seed)

@@ -1,7 +1,7 @@
-"""The evaluate stage end to end on the shared digits run (conftest's prepared digits + tiny pretrain
-export): every evaluator type on three models (the export under two names and a probe-style head),
-cross-checked against the training stage's own evaluators and hand formulas; metrics.json layout,
-details, the report, the digits fairness attribute, and plan-time errors."""
+"""The evaluate stage end to end on the shared digits run (conftest's prepared digits + tiny
+pretrain export): every evaluator type on three models (the export under two names and a
+probe-style head), cross-checked against the training stage's own evaluators and hand formulas;
+metrics.json layout, details, the report, the digits fairness attribute, and plan-time errors."""
 
 import csv
 import json
@@ -207,7 +207,8 @@ def test_metrics_json_and_cross_checks(evaluated, pretrain_export):
         pre["digits/val"]["val/count"] == len(recs) == 179
         and pre["digits/test"]["calib/count"] == 180
     )
-    # model-vs-human decisions = mean of softmax probabilities per category = the ood eval with reduce=mean
+    # model-vs-human decisions = mean of softmax probabilities per category = the ood eval with
+    # reduce=mean
     assert pre["digits/val"]["mvh/ood_accuracy"] == pytest.approx(
         pre["digits/val"]["pairs_mean/top1"]
     )

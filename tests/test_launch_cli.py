@@ -1,4 +1,5 @@
-"""`python -m launch.run` / the config files: flags, one-line errors, the tiny and vit22b configs."""
+"""`python -m launch.run` / the config files: flags, one-line errors, the tiny and vit22b
+configs."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_configs_are_locked_default_config_groups(path):
     with pytest.raises(AttributeError):
         config.prepare.no_such_key = 1
     assert "python -m launch." in get_config.__doc__  # the intended command
-    # ARG keeps a subset of the stage groups; `xm` and `recipe` (launch/recipe.py's marks) are not stages.
+    # ARG keeps a subset of the stage groups; `xm` and `recipe` (launch/recipe.py's marks) are not
+    # stages.
     assert list(get_config("prepare").keys()) == ["prepare", "recipe", "xm"]
     assert list(dict.fromkeys(s.type_name for s in dag.STAGES.expand(config))) == [
         n for n in dag.STAGES.names if n in config

@@ -7,7 +7,7 @@ import pytest
 from eval.metrics import accuracy, calibration, fairness, ood
 from eval.metrics import model_vs_human as mvh
 
-# --- accuracy --------------------------------------------------------------------------------------
+# --- accuracy -------------------------------------------------------------------------------------
 
 SCORES = np.array(
     [
@@ -22,7 +22,8 @@ SCORES = np.array(
 def test_topk_accuracy_by_hand():
     labels = np.array([1, 2, 1, 1])
     # top-1 hits: row0 yes, row1 no, row2 no, row3 no -> 1/4
-    # top-2: row0 {1,2} yes, row1 {0,2} yes, row2 {2,0} no (the tie goes to 0, not 1), row3 {0,1} yes -> 3/4
+    # top-2: row0 {1,2} yes, row1 {0,2} yes, row2 {2,0} no (the tie goes to 0, not 1),
+    # row3 {0,1} yes -> 3/4
     assert accuracy.accuracy(SCORES, labels, 1) == 0.25
     assert accuracy.accuracy(SCORES, labels, 2) == 0.75
     assert accuracy.topk_correct(SCORES, labels, 2).tolist() == [True, True, False, True]
@@ -45,7 +46,7 @@ def test_real_accuracy_leaves_out_empty_sets():
         accuracy.real_accuracy(SCORES, np.zeros((4, 3)))
 
 
-# --- OOD through label maps ------------------------------------------------------------------------
+# --- OOD through label maps -----------------------------------------------------------------------
 
 # 4 source classes -> 2 targets: t0 = {s0, s1}, t1 = {s2}; s3 belongs to no target.
 MEMBERSHIP = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], bool)
@@ -95,13 +96,14 @@ def test_crop_border_keeps_the_interior():
     np.testing.assert_allclose(out, 0.25, atol=1e-6)
 
 
-# --- calibration -----------------------------------------------------------------------------------
+# --- calibration ----------------------------------------------------------------------------------
 
 
 def test_ece_equal_width_by_hand():
     conf = np.array([0.95, 0.95, 0.65, 0.62, 0.30])
     correct = np.array([1, 0, 1, 1, 0], bool)
-    # 15 bins of width 1/15: 0.95 -> (14/15, 1]; 0.65 and 0.62 -> (9/15, 10/15]; 0.30 -> (4/15, 5/15]
+    # 15 bins of width 1/15: 0.95 -> (14/15, 1]; 0.65 and 0.62 -> (9/15, 10/15];
+    # 0.30 -> (4/15, 5/15]
     # |0.5 - 0.95| * 2/5 + |1 - 0.635| * 2/5 + |0 - 0.30| * 1/5 = 0.18 + 0.146 + 0.06
     assert calibration.ece(conf, correct) == pytest.approx(0.386)
     rel = calibration.reliability(conf, correct)
@@ -132,7 +134,7 @@ def test_top_label_and_binary_confidence():
     assert conf.tolist() == [0.7, 0.9] and correct.tolist() == [True, False]
 
 
-# --- fairness --------------------------------------------------------------------------------------
+# --- fairness -------------------------------------------------------------------------------------
 
 
 def test_subgroup_accuracy_and_dp_gap_by_hand():
@@ -152,7 +154,8 @@ def test_randomized_threshold_by_hand():
     # group 0: p = 0.9 (y = 0.8), group 1: p = 0.1 (y = -0.8); rho = mean p = 0.5, gamma = 1.
     p = np.array([0.9, 0.9, 0.1, 0.1])
     group = np.array([0, 0, 1, 1])
-    # eps = 0: both rates must be 0.5: clip(0.8 - t0) = 0.5 -> t0 = 0.3; clip(-0.8 - t1) = 0.5 -> t1 = -1.3
+    # eps = 0: both rates must be 0.5: clip(0.8 - t0) = 0.5 -> t0 = 0.3;
+    # clip(-0.8 - t1) = 0.5 -> t1 = -1.3
     rule = fairness.fit_randomized_threshold(p, group, eps=0.0, gamma=1.0)
     assert rule.thetas == pytest.approx((0.3, -1.3), abs=1e-9)
     np.testing.assert_allclose(rule.predict(p, group), 0.5, atol=1e-9)
@@ -195,7 +198,7 @@ def test_debiasing_frontier_guarantees():
     assert accs[0] > accs[-1]  # parity costs accuracy here
 
 
-# --- model-vs-human --------------------------------------------------------------------------------
+# --- model-vs-human -------------------------------------------------------------------------------
 
 
 def test_image_ids_and_texture_names():
@@ -303,7 +306,8 @@ def test_benchmark_aggregates_per_condition_then_subject(tmp_path):
     )
     humans = mvh.read_raw_data(tmp_path, "contrast")
     assert len(humans) == 9 and humans.subjects(humans=True) == ["subject-01", "subject-02"]
-    # the model: right on i1, i3; wrong on i2, i4 (its names carry no condition: taken from the humans)
+    # the model: right on i1, i3; wrong on i2, i4 (its names carry no condition: taken from the
+    # humans)
     model = mvh.Trials.of(
         subj=["vit"] * 5,
         condition=["NaN"] * 5,
@@ -314,8 +318,10 @@ def test_benchmark_aggregates_per_condition_then_subject(tmp_path):
     rows, summary, reference = mvh.benchmark(model, humans, "contrast")
     assert {r["condition"] for r in rows} == {"c50", "c10"}
     # per condition (model acc 1/2 in both): vs subject-01 (acc 1): diff 1/4, obs 1/2, kappa 0;
-    # vs subject-02: c50 (s02 = [1, 0]: acc 1/2) diff 0, obs 1, kappa 1; c10 (s02 = [1, 0]) the same.
-    # means over conditions, then subjects: diff (1/4 + 0)/2; obs (1/2 + 1)/2 = 3/4; kappa (0 + 1)/2 = 1/2
+    # vs subject-02: c50 (s02 = [1, 0]: acc 1/2) diff 0, obs 1, kappa 1; c10 (s02 = [1, 0]) the
+    # same.
+    # means over conditions, then subjects: diff (1/4 + 0)/2; obs (1/2 + 1)/2 = 3/4;
+    # kappa (0 + 1)/2 = 1/2
     assert summary == pytest.approx(
         {
             "OOD accuracy": 0.5,
@@ -324,7 +330,8 @@ def test_benchmark_aggregates_per_condition_then_subject(tmp_path):
             "error consistency": 0.5,
         }
     )
-    # humans: the one pair (01, 02): per condition diff 1/4, obs 1/2, kappa 0; OOD accuracy pooled 6/8
+    # humans: the one pair (01, 02): per condition diff 1/4, obs 1/2, kappa 0; OOD accuracy pooled
+    # 6/8
     assert reference == pytest.approx(
         {
             "OOD accuracy": 0.75,

@@ -1,4 +1,5 @@
-"""Multi-host: 2 CPU processes (gloo collectives) train exactly like 1 process on the same global batch."""
+"""Multi-host: 2 CPU processes (gloo collectives) train exactly like 1 process on the same global
+batch."""
 
 import json
 import os
@@ -104,7 +105,8 @@ def test_two_processes_match_one_process(digits, tmp_path):
 
     ref, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
     assert len(ref) == len(multi) == 6
-    # The global batch holds the same examples in a different row order: equal up to summation order.
+    # The global batch holds the same examples in a different row order: equal up to summation
+    # order.
     np.testing.assert_allclose(multi, ref, rtol=2e-5)
     result = [
         json.loads(line.split(" ", 1)[1])

@@ -1,4 +1,5 @@
-"""trainer.optim: schedules, both optimizers, clipping, head/body weight decay, freezing, config errors."""
+"""trainer.optim: schedules, both optimizers, clipping, head/body weight decay, freezing, config
+errors."""
 
 import dataclasses
 import logging

@@ -78,7 +78,10 @@ def test_tiny_config_is_go_on_cpu(prepared_digits, tmp_path):
             preflight.Options(topology="v4:2x2x1"),
             {},
             "mesh",
-            "pretrain.mesh: replica=1 x data=4 x model=2 = 8 but there are 4 devices (target: TPU v4:2x2x1",
+            (
+                "pretrain.mesh: replica=1 x data=4 x model=2 = 8 but there are 4 devices "
+                "(target: TPU v4:2x2x1"
+            ),
         ),
         (
             preflight.Options(),
@@ -96,13 +99,19 @@ def test_tiny_config_is_go_on_cpu(prepared_digits, tmp_path):
             preflight.Options(),
             {"mesh.data": -1, "microbatches": 32},
             "batch",  # data known on the target
-            "pretrain.batch_size: 64 is not divisible by 32 microbatches x the data-parallel size 4",
+            (
+                "pretrain.batch_size: 64 is not divisible by 32 microbatches x the data-parallel "
+                "size 4"
+            ),
         ),
         (
             preflight.Options(),
             {"mesh.data": 1, "mesh.model": 8},
             "head_dim",
-            "pretrain.model: num_heads 4 is not divisible by the model axis 8 (its weights would be replicated",
+            (
+                "pretrain.model: num_heads 4 is not divisible by the model axis 8 (its weights "
+                "would be replicated"
+            ),
         ),
         (
             preflight.Options(),
@@ -129,7 +138,8 @@ def test_config_no_go_reasons(prepared_digits, tmp_path, options, overrides, che
 
 
 def _rewrite_shard_options(split_dir, options):
-    """Rewrites the split's one shard with other ArrayRecord options (counts and sha256 kept right)."""
+    """Rewrites the split's one shard with other ArrayRecord options (counts and sha256 kept
+    right)."""
     from array_record.python import array_record_module
 
     from data import manifest as manifest_lib
@@ -212,7 +222,8 @@ def test_tpu_target_compiles_ahead_of_time_with_libtpu(prepared_digits, tmp_path
     assert by["compile"].status == preflight.GO and by["compile"].detail.startswith(
         "AOT for TPU v4:2x2x2"
     )
-    # Scanned layers: XLA counts the loop body once, so no roofline (it once claimed 9558% MFU for 22B).
+    # Scanned layers: XLA counts the loop body once, so no roofline (it once claimed 9558% MFU for
+    # 22B).
     assert "loop bodies once, so no roofline step time" in by["compile"].detail
     assert by["MFU"].status == preflight.SKIP and "the paper's 54.9% MFU" in by["MFU"].detail
     rows, by = _check(

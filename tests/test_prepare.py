@@ -572,7 +572,7 @@ def test_flat_folder_with_integer_csv_labels(tmp_path):
     assert got == [("x.png", (2,)), ("y.png", (0,))]
 
 
-# --- real dataset layouts (the folder-layout trap) -------------------------------------------------
+# --- real dataset layouts (the folder-layout trap) ------------------------------------------------
 
 
 def _png(seed):
@@ -581,7 +581,8 @@ def _png(seed):
 
 def test_folder_split_dirs_are_detected_without_splits(tmp_path, capsys):
     """`--source folder --root DIR` on DIR/train/<class>/, DIR/validation/<class>/ (no --splits):
-    two splits with the class dirs' labels, not one split whose classes are `train`, `validation`."""
+    two splits with the class dirs' labels, not one split whose classes are `train`,
+    `validation`."""
     _write_tree(
         tmp_path / "pets",
         {

@@ -240,9 +240,9 @@ def test_missing_inputs_leave_sections_out_with_a_note(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chromium():
-    """The Debian `chromium` package, installed by the test set-up when it is missing (so CI runs the
-    browser test rather than skipping it): apt-get as root, `apt-get update` first if the package
-    index is stale."""
+    """The Debian `chromium` package, installed by the test set-up when it is missing (so CI runs
+    the browser test rather than skipping it): apt-get as root, `apt-get update` first if the
+    package index is stale."""
     if browser.find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
@@ -286,8 +286,9 @@ def test_a_broken_image_is_caught_and_the_browser_leaves_nothing_behind(
     )
     result = browser.check_page(page)
     assert len(result.broken_images) == 1
-    # The private profile is gone and no Chromium helper (zygote, renderer, crashpad) still runs on it:
-    # a helper writing into the profile during removal once failed CI with `Directory not empty`.
+    # The private profile is gone and no Chromium helper (zygote, renderer, crashpad) still runs on
+    # it: a helper writing into the profile during removal once failed CI with `Directory not
+    # empty`.
     (profile,) = profiles
     assert not Path(profile).exists()
     time.sleep(0.5)  # SIGKILL is delivered asynchronously

@@ -1,4 +1,5 @@
-"""Mesh, the logical-axis rules table, state shardings and per-device memory on 8 simulated devices."""
+"""Mesh, the logical-axis rules table, state shardings and per-device memory on 8 simulated
+devices."""
 
 import math
 
@@ -143,8 +144,8 @@ def test_sharded_training_equals_unsharded(optimizer):
     for data, model in ((4, 2), (2, 4)):
         losses, params = _train(sharding.make_mesh(data=data, model=model), optimizer=optimizer)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-        # Per-leaf relative error: Adam turns near-zero gradients into +-lr steps, so single elements
-        # may differ by rounding while the tensors agree.
+        # Per-leaf relative error: Adam turns near-zero gradients into +-lr steps, so single
+        # elements may differ by rounding while the tensors agree.
         rel = jax.tree_util.tree_map(
             lambda a, b: np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12), params, ref_params
         )

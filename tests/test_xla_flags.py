@@ -27,7 +27,10 @@ def test_every_set_exists_on_every_platform():
 
 def test_apply_merges_and_keeps_existing_flags():
     env = {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=false"
+        "XLA_FLAGS": (
+            "--xla_force_host_platform_device_count=8 "
+            "--xla_gpu_enable_latency_hiding_scheduler=false"
+        )
     }
     value = xla_flags.apply("gpu", "collective_matmul", env)
     flags = value.split()
@@ -86,7 +89,8 @@ def test_tpu_flags_are_known_to_libtpu():
 
 
 def test_stage_process_applies_its_configs_set(monkeypatch):
-    """launch.stage sets the stage's `xla_flags` before JAX starts; a bad name fails at plan time."""
+    """launch.stage sets the stage's `xla_flags` before JAX starts; a bad name fails at plan
+    time."""
     from launch import dag, stage
     from launch.configs import tiny
 

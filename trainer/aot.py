@@ -1,4 +1,5 @@
-"""Ahead-of-time compiles of the train step for a TPU slice on a CPU host, and what to read off them.
+"""Ahead-of-time compiles of the train step for a TPU slice on a CPU host, and what to read off
+them.
 
     devices = aot.tpu_devices("v4", "8x8x16")        # needs libtpu (the [tpu] extra); no TPU needed
     result = aot.compile_train_step(task, optim_cfg, total_steps, mesh, seed, batch)
@@ -234,7 +235,8 @@ class Overlap:
 def permute_overlap(hlo: str) -> Overlap:
     """Counts, in a compiled (scheduled) module's text, the collective-permute-start/-done pairs and
     how many have matmul work scheduled between them: instruction order in a scheduled
-    computation is the execution order, so a dot between start and done runs while the data moves."""
+    computation is the execution order, so a dot between start and done runs while the data
+    moves."""
     comps = _computations(hlo)
     memo: dict = {}
     pairs = overlapped = sync = ring_pairs = ring_overlapped = 0

@@ -1,7 +1,7 @@
 """Collective matmuls with shard_map: the ViT-22B paper's "asynchronous parallel linear operations".
 
-The ViT-22B block does two matmuls, and both have an operand sharded on the "model" mesh axis along a
-dimension XLA would otherwise gather or reduce in one blocking collective:
+The ViT-22B block does two matmuls, and both have an operand sharded on the "model" mesh axis along
+a dimension XLA would otherwise gather or reduce in one blocking collective:
 
 - IN projection  `y[b,t,H,F] = x[b,t,D] @ W[D,H,F]`: x arrives with D on "model" (act_embed), W with
   H on "model" (heads). XLA's default all-gathers x over "model" and then multiplies.
@@ -26,9 +26,9 @@ policies also save: the same one output a policy keeps of XLA's matmul. Both rin
 partial products in the output dtype (bf16 on accelerators), as XLA's reduce-scatter adds the
 shards' partial sums: a float32 accumulator of the output's shape was the rest of the ring's extra
 memory (measured with libtpu, 22B shapes on v4:2x2x1: all-gather-matmul fwd+bwd temps 169 MiB with a
-float32 accumulator, 97 MiB with bf16, 132 MiB for XLA's all-gather + dot). With FSDP the weights also have their
-embed dim on "data"; it is all-gathered (`jax.lax.all_gather`) inside the shard_map first, and its
-transpose is the usual gradient reduce-scatter.
+float32 accumulator, 97 MiB with bf16, 132 MiB for XLA's all-gather + dot). With FSDP the weights
+also have their embed dim on "data"; it is all-gathered (`jax.lax.all_gather`) inside the shard_map
+first, and its transpose is the usual gradient reduce-scatter.
 
 Which mesh axis is which comes from THE rules table (`trainer.sharding.logical_rules`). The mesh
 comes from the argument or from context (`sharding.activate(mesh)` / `jax.set_mesh`); without a
@@ -100,7 +100,8 @@ def _saving_only_output(ring_fn):
 
 
 def _ring(mesh, ring: str) -> tuple[int, list[tuple[int, int]]]:
-    """Ring size and the send-to-next permutation (`jax.lax.ppermute`'s (source, destination) pairs)."""
+    """Ring size and the send-to-next permutation (`jax.lax.ppermute`'s (source, destination)
+    pairs)."""
     n = mesh.shape[ring]
     return n, [(j, (j + 1) % n) for j in range(n)]
 
@@ -160,7 +161,8 @@ def matmul_reduce_scatter(z: jax.Array, w: jax.Array, mesh=None) -> jax.Array:
     mesh, batch, ring, fsdp = plan
     n, perm = _ring(mesh, ring)
     middle, rest = (None,) * (z.ndim - 1 - n_in), (None,) * (n_in - 1)
-    # The running sum travels in the output dtype (bf16 on accelerators), as XLA's reduce-scatter does.
+    # The running sum travels in the output dtype (bf16 on accelerators), as XLA's reduce-scatter
+    # does.
     y_dtype = jnp.result_type(z.dtype, w.dtype)
 
     def body(z, w):

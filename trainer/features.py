@@ -1,5 +1,5 @@
-"""Features of a frozen model over a prepared split: computed sharded on the mesh, handed to the host
-one eval batch at a time with the padding dropped.
+"""Features of a frozen model over a prepared split: computed sharded on the mesh, handed to the
+host one eval batch at a time with the padding dropped.
 
     extract = features.extractor(ctx, predict_fn)               # ctx: trainer/evaluators Context
     for x, y in features.batches(extract, params, frozen, ctx.loader("train")): ...   # streamed
@@ -59,7 +59,8 @@ def batches(
 
 
 def collect(extract: Callable, params, frozen, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """All of a split's features and labels in memory (the in-training few-shot splits are small)."""
+    """All of a split's features and labels in memory (the in-training few-shot splits are
+    small)."""
     parts = list(batches(extract, params, frozen, loader))
     if not parts:
         raise ValueError("feature extraction: the split yielded no batches")

@@ -101,7 +101,8 @@ def head_flops_per_example(cfg: ViTConfig, train: bool = True) -> float:
 
 
 def model_flops_per_example(cfg: ViTConfig, train: bool = True) -> float:
-    """PaLM: 6 N T + 12 L T^2 D for a training step (forward + backward); a third of it for inference."""
+    """PaLM: 6 N T + 12 L T^2 D for a training step (forward + backward); a third of it for
+    inference."""
     t = cfg.seq_len
     dense = 2 * matmul_params_per_token(cfg) * t
     attn = 4 * cfg.depth * t * t * cfg.width
@@ -157,7 +158,8 @@ def mfu(
 
 def text_flops_per_example(cfg: ViTConfig, train: bool = True) -> float:
     """The same count for a text tower (trainer/models/text.py): `cfg.image_size` tokens of a 1-D
-    sequence (not a square grid), a token-embedding lookup (no matmul), and a mean-pool + linear head."""
+    sequence (not a square grid), a token-embedding lookup (no matmul), and a mean-pool + linear
+    head."""
     t = cfg.image_size
     dense = 2 * encoder_matmul_params(cfg) * t
     attn = 4 * cfg.depth * t * t * cfg.width

@@ -83,7 +83,8 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """Per-example bool [B]: is any of the k top-scoring classes a positive label? (k=1: top1_correct.)"""
+    """Per-example bool [B]: is any of the k top-scoring classes a positive label?
+    (k=1: top1_correct.)"""
     _check_shapes(logits, labels)
     k = min(k, logits.shape[-1])
     _, top = jax.lax.top_k(logits.astype(jnp.float32), k)

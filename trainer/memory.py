@@ -1,6 +1,7 @@
 """Per-device bytes of parameters + optimizer state for any model on any mesh, nothing allocated.
 
-    python -m trainer.memory --variant 22B/14 --mesh 16,16 [--optimizer adamw] [--param_dtype bfloat16]
+    python -m trainer.memory --variant 22B/14 --mesh 16,16 \\
+        [--optimizer adamw] [--param_dtype bfloat16]
 
 Apart from trainer/sharding.py so that the rules table imports neither the model nor the optimizer.
 """
@@ -55,10 +56,12 @@ def main(argv=None):
     )
     gib = 2**30
     print(
-        f"{args.variant} on mesh data x model = {args.mesh} ({args.optimizer}, params {args.param_dtype}):"
+        f"{args.variant} on mesh data x model = {args.mesh} "
+        f"({args.optimizer}, params {args.param_dtype}):"
     )
     print(
-        f"  params     {report['params'] / gib:9.3f} GiB / device  (total {report['params_total'] / gib:.1f} GiB)"
+        f"  params     {report['params'] / gib:9.3f} GiB / device  "
+        f"(total {report['params_total'] / gib:.1f} GiB)"
     )
     print(f"  opt state  {report['opt_state'] / gib:9.3f} GiB / device")
     print(f"  sum        {(report['params'] + report['opt_state']) / gib:9.3f} GiB / device")

@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT -> "checkpoint, then stop": the training loop polls `requested` after each step."""
+"""SIGTERM/SIGINT -> "checkpoint, then stop": the training loop polls `requested` after each
+step."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The `pretrain` stage: a ViT trained from scratch on prepared ArrayRecords, as a Task on the loop.
 
-    python -m launch.run --config launch/configs/tiny.py --stages pretrain            # inside the DAG
+    python -m launch.run --config launch/configs/tiny.py --stages pretrain          # inside the DAG
     python -m launch.stage --stage pretrain --config launch/configs/tiny.py --workdir DIR  # one job
 
 The paper's objective: sigmoid cross-entropy over (flattened, multi-hot) labels; softmax

@@ -50,7 +50,8 @@ def model_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
 
 
 def augment_group(**overrides) -> ml_collections.ConfigDict:
-    """data/augment.py AugmentConfig; big_vision's ViT recipe: Inception crop (area >= 5%) + flip."""
+    """data/augment.py AugmentConfig; big_vision's ViT recipe: Inception crop (area >= 5%) +
+    flip."""
     values = dict(
         inception_crop=True,
         area_min=0.05,
@@ -69,7 +70,8 @@ def runtime_group() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             progress="auto",  # tqdm bar: auto (if a terminal) | on | off
-            log_every=10,  # train metrics (loss, lr, MFU, ...) every N steps; also when the NaN guard looks
+            # train metrics (loss, lr, MFU, ...) every N steps; also when the NaN guard looks
+            log_every=10,
             read_threads=2,  # decode threads per process
             worker_count=0,  # >0: Grain worker processes, each with read_threads threads
             keep_checkpoints=2,
@@ -105,9 +107,9 @@ def training_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
     # Gradient accumulation: the step averages the gradients of this many equal slices of the
     # batch, one slice's activations live at a time (trainer/step.py; e.g. the 22B pod config).
     c.microbatches = 1
-    # XLA's own async-collective schedule (trainer/xla_flags.py FLAG_SETS: default, async_collectives,
-    # collective_matmul, latency_hiding), set by the stage's process before JAX starts. Not in
-    # `runtime`: reordered / windowed collectives change float summation order.
+    # XLA's own async-collective schedule (trainer/xla_flags.py FLAG_SETS: default,
+    # async_collectives, collective_matmul, latency_hiding), set by the stage's process before JAX
+    # starts. Not in `runtime`: reordered / windowed collectives change float summation order.
     c.xla_flags = "default"
     c.eval_batch_size = 256
     # Training length: exactly one of these (cadence.total_steps).
@@ -125,7 +127,8 @@ def training_group(variant: str = "mu/4") -> ml_collections.ConfigDict:
 
 
 def model_config(cfg, num_classes: int) -> vit.ViTConfig:
-    """The trained model: the variant + every set `model.*` field; image size and classes from data."""
+    """The trained model: the variant + every set `model.*` field; image size and classes from
+    data."""
     overrides = {k: v for k, v in cfg.model.items() if k != "variant" and v is not None}
     overrides.setdefault("image_size", cfg.data.image_size)
     overrides.setdefault("num_classes", num_classes)

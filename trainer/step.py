@@ -60,7 +60,8 @@ class Setup:
 
 
 def setup(task: Task, optim_cfg, total_steps: int, mesh, seed: int) -> Setup:
-    """Shapes -> optimizer -> state shardings -> sharded initializer (big_vision's "shard" section)."""
+    """Shapes -> optimizer -> state shardings -> sharded initializer (big_vision's "shard"
+    section)."""
     boxed = task.abstract_params()
     tx, schedule = optim.make_optimizer(optim_cfg, boxed, total_steps)
     abstract = abstract_state(boxed, tx)
@@ -152,7 +153,8 @@ def make_train_step(
     frozen_shardings=None,
     microbatches: int = 1,
 ):
-    """`(state, frozen, batch) -> (state, metrics)`: one optimizer step on `task.loss`, state donated.
+    """`(state, frozen, batch) -> (state, metrics)`: one optimizer step on `task.loss`, state
+    donated.
 
     metrics: loss, grad/param norm, lr and the Task's aux metrics, replicated scalars.
     microbatches: gradient accumulation over that many equal slices of the batch (`value_and_grad`).

@@ -2,7 +2,9 @@
 
     from trainer import xla_flags
     xla_flags.apply("gpu", "collective_matmul")          # before the backend initialises
-    compiled = lowered.compile(compiler_options=xla_flags.compiler_options("tpu", "async_collectives"))
+    compiled = lowered.compile(
+        compiler_options=xla_flags.compiler_options("tpu", "async_collectives")
+    )
 
 A training stage names its set in `<stage>.xla_flags` (trainer/stage_config.py); the stage's
 process (launch/stage.py) applies it for every platform before JAX starts, so one config serves
@@ -69,7 +71,8 @@ FLAG_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "gpu": {
         "default": (),  # jaxlib's defaults
         "async_collectives": (
-            # Run the async collectives on the highest-priority stream, so kernels do not starve them.
+            # Run the async collectives on the highest-priority stream, so kernels do not starve
+            # them.
             "--xla_gpu_enable_highest_priority_async_stream=true",
             # Pipeline FSDP's all-gathers / reduce-scatters / all-reduces across loop iterations
             # (the scanned layers), so the next layer's gather overlaps this layer's compute.

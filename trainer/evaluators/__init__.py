@@ -27,7 +27,8 @@ __all__ = ["TABLE", "LOOP_KEYS", "Context", "Evaluator", "build", "check", "sum_
 
 TABLE: dict[str, type[Evaluator]] = {
     "classification": Classification,
-    "label_map": LabelMapAccuracy,  # scores in another label space through data/label_maps (label_map.py)
+    # scores in another label space through data/label_maps (label_map.py)
+    "label_map": LabelMapAccuracy,
     "zeroshot": ZeroShot,  # two-tower (LiT) zero-shot classification (zeroshot.py)
     "retrieval": Retrieval,  # two-tower image<->text recall@k (zeroshot.py)
     "fewshot": FewShot,  # closed-form few-shot on pre-logits, big_vision's fewshot_lsr (fewshot.py)

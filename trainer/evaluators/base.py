@@ -1,6 +1,6 @@
 """The evaluator contract (big_vision's `evaluators/common.py`, docs/DESIGN.md §2.8).
 
-    ev = SomeEvaluator(predict_fn, ctx=ctx, **cfg)     # cfg: the eval's config minus type/every/pred
+    ev = SomeEvaluator(predict_fn, ctx=ctx, **cfg)    # cfg: the eval's config minus type/every/pred
     for name, value in ev.run(params, frozen): ...      # the loop logs "<eval name>/<name>"
 
 `predict_fn(params, frozen, batch)` is one of the Task's `predict` functions (the class's `pred`
@@ -42,7 +42,8 @@ class Context:
         self, split: str, dataset: str | None = None, image_size: int | None = None, **loader_kwargs
     ):
         """A re-iterable EvalLoader over one prepared split (padded batches with `mask`); keyword
-        args override the stage's `loader_kwargs` (e.g. `tokenizer=None` for a split without text)."""
+        args override the stage's `loader_kwargs` (e.g. `tokenizer=None` for a split without
+        text)."""
         from data import loader  # Grain: only where data is read
 
         return loader.eval_loader(

@@ -3,7 +3,8 @@
 Mask-aware: padded rows of the last eval batch count nowhere. Labels are the loader's multi-hot
 `labels`, so "top-1" is "the top class is one of the example's labels" (plain top-1 for
 single-label data). ReaL top-1 (Beyer et al. 2020) scores the top class against the example's
-`real_labels` set and leaves out examples whose set is empty (no ReaL label), as the ReaL paper does.
+`real_labels` set and leaves out examples whose set is empty (no ReaL label), as the ReaL paper
+does.
 """
 
 from __future__ import annotations

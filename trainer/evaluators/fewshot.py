@@ -14,9 +14,9 @@ W = Aᵀ Q diag(1/(λ+l2)) Qᵀ Y. Both equal (AᵀA + l2 I)⁻¹ AᵀY. It runs
 (big_vision: float32 on the CPU); tests/test_probe.py holds it to an independent NumPy solve at
 rel. 1e-8 and benchmarks/fewshot.py measures the time and the float32 difference.
 
-A class with fewer train examples than the largest shot count is an error naming the class (big_vision
-silently takes fewer). The evaluator yields `<k>shot_top1` (mean top-1 over seeds) and `<k>shot_top1_std`.
-The probe stage (eval/probe.py) calls `evaluate` on its cached features.
+A class with fewer train examples than the largest shot count is an error naming the class
+(big_vision silently takes fewer). The evaluator yields `<k>shot_top1` (mean top-1 over seeds) and
+`<k>shot_top1_std`. The probe stage (eval/probe.py) calls `evaluate` on its cached features.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def check_shots(
     class_names: Sequence[str] = (),
     where: str = "fewshot",
 ) -> None:
-    """Every class needs at least max(shots) train examples: a one-line error naming the first that has not."""
+    """Every class needs at least max(shots) train examples: a one-line error naming the first that
+    has not."""
     labels = np.asarray(labels)
     counts = np.bincount(labels[labels >= 0], minlength=num_classes)
     most = max(shots)

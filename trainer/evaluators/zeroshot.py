@@ -111,7 +111,8 @@ class ZeroShot(base.Evaluator):
 
 
 def recall_at_k(sims: np.ndarray, query_ids: np.ndarray, key_ids: np.ndarray, k: int) -> float:
-    """Fraction of queries (rows of `sims`) whose k most similar keys include one with the query's id."""
+    """Fraction of queries (rows of `sims`) whose k most similar keys include one with the query's
+    id."""
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(key_ids[top] == query_ids[:, None], axis=1)))
 

@@ -7,7 +7,8 @@ joined with "/":
     embedding_kernel [p, p, 3, D]   embedding_bias [D]   pos_embedding [1, N, D]   cls [1, 1, D]
     Transformer/encoderblock_<i>/{query,key,value}_kernel [D, H, hd]   ..._bias [H, hd]  (use_bias)
     Transformer/encoderblock_<i>/attn_out_kernel [H, hd, D]   attn_out_bias [D]
-    Transformer/encoderblock_<i>/mlp_in_kernel [D, M]  mlp_in_bias [M]  mlp_out_kernel [M, D]  mlp_out_bias [D]
+    Transformer/encoderblock_<i>/mlp_in_kernel [D, M]  mlp_in_bias [M]
+    Transformer/encoderblock_<i>/mlp_out_kernel [M, D]  mlp_out_bias [D]
     Transformer/encoderblock_<i>/{norm (parallel) | norm1, norm2 (sequential)}/{scale, bias}
     Transformer/encoderblock_<i>/{q_norm,k_norm}/{scale, bias}   (qk_norm)
     Transformer/encoder_norm/{scale, bias}
@@ -18,7 +19,8 @@ joined with "/":
 MLP feature h*m + j of a parallel block is slot j of head h in the fused kernel (m = M / H).
 
 big_vision (`--format big_vision`, and read by `init_params`): the names of big_vision's
-models/vit.py (`embedding/kernel`, `pos_embedding`, `cls`, `Transformer/encoderblock_<i>/LayerNorm_0`,
+models/vit.py (`embedding/kernel`, `pos_embedding`, `cls`,
+`Transformer/encoderblock_<i>/LayerNorm_0`,
 `MultiHeadDotProductAttention_0/{query,key,value,out}/{kernel,bias}`, `LayerNorm_1`,
 `MlpBlock_0/Dense_{0,1}`, `Transformer/encoder_norm`, `MAPHead_0/...`, `pre_logits`, `head`);
 scanned checkpoints (`Transformer/encoderblock/...` with a leading layer axis), a `params/` or
@@ -211,7 +213,8 @@ def _check_classic(cfg: ViTConfig, where: str) -> None:
 
 
 def from_big_vision(flat: dict, cfg: ViTConfig, source: str) -> dict:
-    """A big_vision ViT npz -> `cfg`'s params tree; ValueError naming the first mismatched parameter."""
+    """A big_vision ViT npz -> `cfg`'s params tree; ValueError naming the first mismatched
+    parameter."""
     _check_classic(cfg, f"{source}: the model's")
     prefix = next(p for p in _PREFIXES if f"{p}embedding/kernel" in flat)
     w = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}

@@ -177,7 +177,8 @@ def check_tree(got: dict, want: dict, source: str, path: str = "") -> None:
         if isinstance(want[key], dict) or isinstance(got[key], dict):
             if not (isinstance(want[key], dict) and isinstance(got[key], dict)):
                 raise ValueError(
-                    f"{source}: parameter {name} is a {'group' if isinstance(got[key], dict) else 'leaf'}"
+                    f"{source}: parameter {name} is a "
+                    f"{'group' if isinstance(got[key], dict) else 'leaf'}"
                     " where the model has the other"
                 )
             check_tree(got[key], want[key], source, name)

@@ -24,7 +24,8 @@ def fan_in_init(in_axis) -> Callable:
 
 
 def concat_init(inits: Sequence[Callable], sizes: Sequence[int], axis: int) -> Callable:
-    """Initializes a fused kernel part by part (each with its own fan), concatenated along `axis`."""
+    """Initializes a fused kernel part by part (each with its own fan), concatenated along
+    `axis`."""
 
     def init(key, shape, dtype=jnp.float32):
         keys = jax.random.split(key, len(inits))

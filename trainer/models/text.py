@@ -51,7 +51,8 @@ class TextTower(_Dtypes, nn.Module):
         c = self.config
         if tokens.shape[1] != c.image_size:
             raise ValueError(
-                f"text tower: token sequences of length {tokens.shape[1]} but max_len={c.image_size}"
+                f"text tower: token sequences of length {tokens.shape[1]} "
+                f"but max_len={c.image_size}"
             )
         embedding = param(
             self,
