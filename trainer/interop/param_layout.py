@@ -92,7 +92,7 @@ def _fuse_layer(c: dict, cfg: ViTConfig) -> dict:
     """Canonical params of one layer -> `cfg`'s block layout (inverse of `_unfuse_layer`)."""
     if not cfg.fused:
         return dict(c)
-    hd, heads, d = cfg.head_dim, cfg.num_heads, cfg.width
+    heads, d = cfg.num_heads, cfg.width
     out = {
         k: v
         for k, v in c.items()
