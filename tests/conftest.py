@@ -42,13 +42,32 @@ def pytest_collection_modifyitems(config, items):
             item._id = NodeId.parse(item.nodeid + suffix)
 
 
+def _run_dir(tmp_path_factory) -> Path:
+    """A directory shared by the xdist workers of one test run: the parent of each worker's base
+    temp dir (the run's base temp dir; pytest keeps the last few); without xdist, the base temp
+    dir itself."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own configure made the temp path factory
+def pytest_configure(config):
+    """One JAX compilation cache per test run, for every worker and every stage process the tests
+    spawn (they inherit the environment): a program compiled once (a tiny pretrain step, the
+    evaluators' forward passes, a resumed run's step) is read back instead of compiled again.
+    Set before any test module imports JAX; a cached executable is the same program, so results
+    are bit-identical. An explicit JAX_COMPILATION_CACHE_DIR wins."""
+    cache = _run_dir(config._tmp_path_factory) / "jax_cache"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 @pytest.fixture(scope="session")
 def stage_cache(tmp_path_factory):
-    """A stage cache work dir shared by the xdist workers of one run (the parent of each worker's
-    base temp dir; the base temp dir itself without xdist): benchmarks/digits_run.py produces the
-    shared digits stages there once, under launch/produce.py's lock and `_SUCCESS` commit."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "stage_cache"
+    """A stage cache work dir shared by the xdist workers of one run: benchmarks/digits_run.py
+    produces the shared digits stages there once, under launch/produce.py's lock and `_SUCCESS`
+    commit."""
+    return _run_dir(tmp_path_factory) / "stage_cache"
 
 
 @pytest.fixture(scope="session")
