@@ -21,11 +21,15 @@ import pytest  # noqa: E402  (after the XLA_FLAGS set-up above)
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs `--dist loadgroup`: xdist sends the tests of one `xdist_group` mark to one
+    """Orders the `slow` tests (minutes each; none shares a module-scoped fixture) first, so that
+    `make test`'s workers start them early and finish together on the short ones.
+
+    `make test` runs `--dist loadgroup`: xdist sends the tests of one `xdist_group` mark to one
     worker, reading the group from an `@<group>` suffix its collection hook adds to each node id.
     pytest-xdist 3.8 writes that suffix to `item._nodeid`, which pytest 9.2's structured node ids
     no longer read (pytest-xdist#1386), so every mark was ignored; this adds it to the structured
     id, after xdist's hook, and only where it is missing."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: keeps the rest
     if not getattr(config.option, "loadgroup", False):  # set in xdist workers under loadgroup
         return
     from _pytest.nodeid import NodeId
