@@ -127,7 +127,7 @@ def test_parameters_are_identical_for_both_matmuls():
     assert shapes(_tiny()) == shapes(_tiny(matmul="collective"))
     assert specs(_tiny()) == specs(_tiny(matmul="collective"))
     cfg = _tiny(matmul="collective")
-    assert vit.build_model(**cfg.to_json()).config == cfg
+    assert vit.ViTConfig.from_spec(cfg.to_json()) == cfg
 
 
 @pytest.mark.parametrize("kw,match", [

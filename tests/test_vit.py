@@ -285,7 +285,7 @@ def test_model_json_round_trip():
     cfg = vit.make_config("B/16", num_classes=10, dtype="bfloat16", depth=3)
     spec = cfg.to_json()
     assert spec == {"variant": "B/16", "overrides": {"depth": 3, "num_classes": 10, "dtype": "bfloat16"}}
-    assert vit.build_model(**spec).config == cfg
+    assert vit.ViTConfig.from_spec(spec) == cfg
 
 
 # --- bad configs: one-line ValueError naming the field, before any tracing ------------------------

@@ -6,7 +6,7 @@ checked here, before anything is traced or compiled, with a one-line error namin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 # Dimensions from the ViT, ViT-G (Zhai et al. 2022) and ViT-22B papers. "arch" holds the block style
 # the variant is known for: the classic pre-LN ViT block, or the ViT-22B parallel block.
@@ -132,8 +132,24 @@ class ViTConfig:
         fields.update(overrides)
         return cls(**fields)
 
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> "ViTConfig":
+        """The one way from a model spec (`model.json`'s {"variant", "overrides"}, what `to_json`
+        writes) to a config: a variant + overrides, or "custom" with every field an override.
+        Any bad field or value is a one-line ValueError."""
+        if not isinstance(spec, Mapping) or "variant" not in spec:
+            what = f"a {spec['kind']!r} spec" if isinstance(spec, Mapping) and "kind" in spec else repr(spec)
+            raise ValueError(f"not a ViT model spec ({{'variant', 'overrides'}}): {what}")
+        variant, overrides = spec["variant"], dict(spec.get("overrides") or {})
+        try:
+            if variant == "custom":
+                return cls(**overrides)
+            return cls.from_variant(variant, **overrides)
+        except TypeError as e:  # a missing or unknown field of a "custom" config
+            raise ValueError(f"ViT variant {variant!r}: {e}") from None
+
     def to_json(self) -> dict:
-        """{"variant", "overrides"}: what `model.json` stores and `build_model(**...)` reads back."""
+        """{"variant", "overrides"}: what `model.json` stores and `from_spec` reads back."""
         try:
             base = dataclasses.asdict(ViTConfig.from_variant(self.variant))
         except ValueError:  # a "custom" config: every field is an override.

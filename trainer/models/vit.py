@@ -222,15 +222,14 @@ class ViT(_Dtypes, nn.Module):
 
 
 def make_config(variant: str, **overrides) -> ViTConfig:
-    """A validated config from a variant string (or "custom" with every field given) + overrides."""
-    if variant == "custom":
-        return ViTConfig(**overrides)
-    return ViTConfig.from_variant(variant, **overrides)
+    """A validated config from a variant string (or "custom" with every field given) + overrides.
+    A `model.json` spec is read by `ViTConfig.from_spec` (stage exports: checkpoint.open_model)."""
+    return ViTConfig.from_spec({"variant": variant, "overrides": overrides})
 
 
-def build_model(variant: str, overrides: dict | None = None, **kwargs) -> ViT:
-    """`build_model("B/16", num_classes=10)` or `build_model(**json.load(open("model.json")))`."""
-    return ViT(make_config(variant, **{**(overrides or {}), **kwargs}))
+def build_model(variant: str, **overrides) -> ViT:
+    """`build_model("B/16", num_classes=10)`: `ViT(make_config(variant, **overrides))`."""
+    return ViT(make_config(variant, **overrides))
 
 
 def abstract_params(cfg: ViTConfig, batch_size: int = 1):
