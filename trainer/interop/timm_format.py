@@ -379,9 +379,10 @@ def save(path: Path, params: dict, cfg: ViTConfig) -> dict:
 
 
 def weights_file(path) -> Path:
-    """The file a reference names: itself, or an export dir's model.safetensors."""
+    """The file a reference names: a dir holding model.safetensors (a timm export) names that file,
+    anything else (a file, a stage's export dir, an Orbax params/ dir) names itself."""
     path = Path(path)
-    return path / WEIGHTS if path.is_dir() else path
+    return path / WEIGHTS if path.is_dir() and (path / WEIGHTS).is_file() else path
 
 
 def load_state_dict(path: Path) -> dict[str, np.ndarray]:
