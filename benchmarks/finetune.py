@@ -34,11 +34,11 @@ def _random_export(pretrained: Path, out: Path, seed: int) -> Path:
     from trainer import checkpoint
     from trainer.models import vit
     from trainer.task import vit_init
-    spec = checkpoint.read_model_json(pretrained / "model.json")
-    params = nn.unbox(vit_init(vit.build_model(**spec))(jax.random.PRNGKey(1000 + seed)))
+    model = checkpoint.open_model(pretrained, "benchmarks.finetune: pretrained")
+    params = nn.unbox(vit_init(vit.ViT(model.config))(jax.random.PRNGKey(1000 + seed)))
     out.mkdir(parents=True)
     checkpoint.save_params(out / "params", params)
-    checkpoint.write_model_json(out / "model.json", spec)
+    checkpoint.write_model_json(out / "model.json", model.spec)
     return out
 
 

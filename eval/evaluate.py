@@ -179,7 +179,6 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     """Every model among the upstream outputs (module docstring), in upstream order."""
     from eval import probe
     from trainer import checkpoint
-    from trainer.models import vit
     prepared = paths.as_path(inputs["prepare"].path)
     wanted = set(cfg.models)
     missing = wanted - set(inputs)
@@ -195,8 +194,7 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
         if spec is not None and "variant" not in spec:
             continue  # not a ViT classifier export (a LiT two-tower: its zero-shot evals are its own)
         if (path / "params").is_dir() and spec is not None:
-            spec = checkpoint.read_model_json(path / "model.json")
-            num_classes = vit.make_config(spec["variant"], **spec.get("overrides", {})).num_classes
+            num_classes = checkpoint.open_model(path, f"evaluate: {name}").config.num_classes
             models.append(Model(name, stage, path, _class_names(stage, num_classes, cfg, prepared)))
         elif (path / "head.json").exists() and (path / "head").is_dir():
             head, spec = probe.load_head(path)
@@ -217,11 +215,11 @@ def _predict(model: Model, mesh):
 
     from trainer import checkpoint, sharding
     from trainer.models import vit
-    net = vit.build_model(**checkpoint.read_model_json(model.export / "model.json"))
+    opened = checkpoint.open_model(model.export, f"evaluate: {model.name}")
+    net = vit.ViT(opened.config)
     boxed = vit.abstract_params(net.config)
     shardings = sharding.param_shardings(boxed, mesh)
-    params = checkpoint.load_params(model.export / "params",
-                                    checkpoint.abstract_with_shardings(nn.unbox(boxed), shardings))
+    params = opened.load(checkpoint.abstract_with_shardings(nn.unbox(boxed), shardings))
 
     def pre_logits(p, frozen, batch):
         return net.apply({"params": p}, batch["image"], train=False)[1]["pre_logits"]

@@ -138,7 +138,8 @@ class FeatureCache:
 
     def __init__(self, root: Path, cfg, export, prepared: Path, where: str = "probe"):
         self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, paths.as_path(prepared), where
-        self.model = vit.build_model(**checkpoint.read_model_json(paths.as_path(export.path) / "model.json"))
+        self.opened = checkpoint.open_model(export.path, f"{where}.model_from")
+        self.model = vit.ViT(self.opened.config)
         self.mesh = sharding.make_mesh(**cfg.mesh)
         sharding.check_batch(cfg.batch_size, self.mesh, f"{where}.batch_size",
                              processes=jax.process_count())
@@ -191,7 +192,7 @@ class FeatureCache:
     def _load(self):
         if self._params is None:
             abstract = checkpoint.abstract_with_shardings(nn.unbox(self.boxed), self.ctx.param_shardings)
-            self._params = checkpoint.load_params(paths.as_path(self.export.path) / "params", abstract)
+            self._params = self.opened.load(abstract)
             model = self.model
             self._extract = features.extractor(
                 self.ctx, lambda p, f, b: model.apply({"params": p}, b["image"], train=False)[1][PRED])

@@ -156,7 +156,7 @@ def test_distill_trains_the_student_and_never_the_teacher(pretrain_export, runs)
     leaves = _state_leaves(out / "checkpoints" / "16")
     assert sorted(s for k, s in leaves.items() if k[0] == "params") == student_shapes
     assert sorted(s for k, s in leaves.items() if k[0] == "opt_state" and s) == sorted(student_shapes * 2)
-    assert vit.build_model(**checkpoint.read_model_json(out / "model.json")).config == s_cfg
+    assert checkpoint.open_model(out, "test").config == s_cfg
 
 
 def test_both_models_see_the_pixels_of_one_augmentation_draw(prepared_digits, pretrain_export, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer import sharding
+from trainer import checkpoint, sharding, transfer
 from trainer.interop import export, npz_format, param_layout, timm_format, weights_import
 from trainer.models import vit
 
@@ -78,7 +78,8 @@ def test_pretrain_export_matches_timm_and_round_trips(pretrain_export, digits, t
     encoder matches ours; the MAP head has no timm counterpart, so the export is the encoder."""
     assert export.main(["--stage_dir", str(pretrain_export.path), "--format", "timm", "--out", str(tmp_path / "t")]) == 0
     assert "encoder only" in capsys.readouterr().out
-    cfg, params = export.load_stage(pretrain_export.path)
+    model = checkpoint.open_model(pretrain_export.path, "test")
+    cfg, params = model.config, model.load()
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["architecture"] == "vit_base_patch16_xp_224" and not config["head_exported"]
     model, features, _ = _timm(tmp_path / "t", digits)
@@ -190,9 +191,8 @@ def test_init_params_adapts_resolution_and_head(tmp_path):
     target = dataclasses.replace(cfg, image_size=48, num_classes=3)
     mesh = sharding.make_mesh(data=4, model=2)
     boxed = vit.abstract_params(target)
-    from trainer import checkpoint
     abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
-    placed, what = weights_import.load_into(tmp_path / "t", target.to_json(), abstract)
+    placed, what = transfer.load_into(tmp_path / "t", target.to_json(), abstract, mesh)
     assert "resized 32px -> 48px" in what and "10 -> 3 classes" in what
     assert placed["pos_embedding"].shape == (1, 144, 64) and not np.any(np.asarray(placed["head_kernel"]))
     assert placed["Transformer"]["encoderblock"]["in_kernel"].sharding == abstract["Transformer"]["encoderblock"][
@@ -204,7 +204,7 @@ def test_a_training_stage_starts_from_an_exported_npz(pretrain_export, prepared_
     """init_params = our .npz export, through the loop (trainer/loop.py): with lr 0 the stage's
     exported params are the imported ones, bit for bit."""
     from launch.configs import tiny
-    from trainer import checkpoint, pretrain
+    from trainer import pretrain
     assert export.main(["--stage_dir", str(pretrain_export.path), "--format", "npz", "--out",
                         str(tmp_path / "p.npz")]) == 0
     cfg = tiny.pretrain_config()
@@ -214,4 +214,5 @@ def test_a_training_stage_starts_from_an_exported_npz(pretrain_export, prepared_
     cfg.runtime.progress = "off"
     cfg.init_params = str(tmp_path / "p.npz")
     pretrain.run(cfg, {}, tmp_path / "run")
-    _eq_trees(checkpoint.load_params(tmp_path / "run" / "params"), export.load_stage(pretrain_export.path)[1])
+    _eq_trees(checkpoint.load_params(tmp_path / "run" / "params"),
+              checkpoint.open_model(pretrain_export.path, "test").load())

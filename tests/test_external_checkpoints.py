@@ -1,6 +1,7 @@
 """Fine-tune and distill from checkpoint files made elsewhere (a timm .safetensors, a big_vision
 .npz): no DAG edge, the architecture from `model.variant` / `teacher_model.variant`, the file's
 identity in the fingerprint, params bit-exact through the loop, and one-line plan-time errors."""
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from launch import dag
 from launch.configs import tiny
 from trainer import checkpoint, distill, finetune, sharding
-from trainer.interop import export
+from trainer.interop import export, weights_import
+from trainer.models import vit
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +92,42 @@ def test_distill_teacher_from_an_npz_file(files):
     cfg = distill.default_config()
     cfg.teacher, cfg.teacher_model.variant = str(npz), "mu/4"
     cfg.model.variant, cfg.data.image_size = "mu/4", 32
-    task = distill.make_task(cfg, 10, None)
+    task = distill.make_task(cfg, 10, cfg.teacher)
     mesh = sharding.make_mesh(data=len(jax.devices()), model=1)
     boxed = task.frozen.abstract
     abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
     jax.tree_util.tree_map(np.testing.assert_array_equal, task.frozen.load(abstract), params)
     cfg.model.num_classes = 7
     with pytest.raises(ValueError, match=f"distill.teacher: {npz} predicts 10 classes, the student 7"):
-        distill.make_task(cfg, 7, None)
+        distill.make_task(cfg, 7, cfg.teacher)
+
+
+def test_only_a_dir_holding_model_safetensors_is_a_checkpoint_file(tmp_path):
+    """A stage's export dir or an Orbax params/ dir is not a checkpoint file; a timm export dir is."""
+    (tmp_path / "params").mkdir()
+    assert not weights_import.is_foreign(tmp_path) and not weights_import.is_foreign(tmp_path / "params")
+    assert weights_import.is_foreign(tmp_path / "vit.npz") and weights_import.is_foreign("x.safetensors")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert weights_import.is_foreign(tmp_path)
+    assert weights_import.checkpoint_file(tmp_path) == tmp_path / "model.safetensors"
+
+
+def test_open_model_errors_are_one_line_naming_the_key_and_the_path(tmp_path):
+    """checkpoint.open_model, the one reader: ValueError("<where>: <path>: <what, and the fix>")."""
+    def error(ref, **kw):
+        with pytest.raises(ValueError) as e:
+            checkpoint.open_model(ref, "finetune.init_from", **kw)
+        assert str(e.value).startswith("finetune.init_from: ") and "\n" not in str(e.value)
+        return str(e.value)
+    assert f": {tmp_path}: no model.json: not a stage's export" in error(tmp_path)
+    spec = tmp_path / "model.json"
+    spec.write_text("{not json")
+    assert f": {spec}: cannot read model spec" in error(tmp_path)
+    spec.write_text(json.dumps({"kind": "lit", "image": {"variant": "mu/4"}, "text": {}}))
+    assert f": {tmp_path}: a LiT export (model.json kind 'lit')" in error(tmp_path)
+    spec.write_text(json.dumps({"variant": "nope/4", "overrides": {}}))
+    assert f": {spec}: unknown ViT variant 'nope/4'" in error(tmp_path)
+    spec.write_text(json.dumps(vit.make_config("mu/4", image_size=32).to_json()))
+    assert f": {tmp_path / 'params'}: does not exist" in error(tmp_path)
+    assert f": {tmp_path / 'p.npz'}: a checkpoint file carries no model.json" in error(tmp_path / "p.npz")
+    assert "no such .npz file" in error(tmp_path / "p.npz", arch=vit.make_config("mu/4"))

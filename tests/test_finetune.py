@@ -20,8 +20,8 @@ import stage_resume
 
 
 def _export(pretrain_export):
-    spec = checkpoint.read_model_json(pretrain_export.path / "model.json")
-    return vit.make_config(spec["variant"], **spec["overrides"]), checkpoint.load_params(pretrain_export.path / "params")
+    model = checkpoint.open_model(pretrain_export.path, "test")
+    return model.config, model.load()
 
 
 def test_resize_to_the_same_grid_is_the_identity():
@@ -53,7 +53,8 @@ def test_a_resized_model_matches_the_original_on_upsampled_images(pretrain_expor
     mesh = sharding.make_mesh(data=8, model=1)
     boxed = vit.abstract_params(target)
     abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
-    start = transfer.start_from_export(pretrain_export.path, source, target, mesh, head="keep")
+    start = transfer.start_from(checkpoint.open_model(pretrain_export.path, "test"), target, mesh,
+                                head="keep")
     resized = start(abstract)
     batch = next(iter(loader.eval_loader(prepared_digits / "digits" / "val", global_batch_size=64, image_size=32,
                                          sharding=sharding.batch_sharding(mesh))))

@@ -131,7 +131,7 @@ def test_lit_trains_a_text_tower_against_a_locked_image_tower(prepared_digits, p
     assert {k[1] for k in leaves if k[0] == "params"} == {"txt", "t"}
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(exported))
     assert sum(int(np.prod(s)) for k, s in leaves.items() if k[0] == "params") == n_trained
-    image_cfg = vit.make_config(spec["image"]["variant"], **spec["image"]["overrides"])
+    image_cfg = vit.ViTConfig.from_spec(spec["image"])
     n_image = vit.count_params(vit.abstract_params(image_cfg))
     opt = sum(int(np.prod(s)) for k, s in leaves.items() if k[0] == "opt_state")
     assert 2 * n_trained <= opt <= 2 * n_trained + 16 < 2 * n_image  # Adam's mu and nu of the text tower only

@@ -49,9 +49,8 @@ def test_pretrain_learns_and_exports(digits, tmp_path):
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl") if "val/top1" in r] == [60, 120]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     # Downstream stages rebuild the model from model.json and the exported params alone.
-    spec = checkpoint.read_model_json(tmp_path / "model.json")
-    model = vit.build_model(**spec)
-    params = checkpoint.load_params(tmp_path / "params")
+    opened = checkpoint.open_model(tmp_path, "test")
+    model, params = vit.ViT(opened.config), opened.load()
     logits, _ = model.apply({"params": params}, np.zeros((2, 32, 32, 3), np.float32))
     assert logits.shape == (2, 10) and result["artifacts"]["params"] == "params"
 

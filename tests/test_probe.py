@@ -243,8 +243,8 @@ def test_linear_probe_is_within_a_few_points_of_sklearn(probed):
 def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
     """Independent of eval/probe.py: the backbone on the split's eval batches, then x @ kernel + b."""
     from data import loader
-    model = vit.build_model(**checkpoint.read_model_json(export_dir / "model.json"))
-    params = checkpoint.load_params(export_dir / "params")
+    opened = checkpoint.open_model(export_dir, "test")
+    model, params = vit.ViT(opened.config), opened.load()
     head = checkpoint.load_params(head_dir)
     forward = jax.jit(lambda p, images: model.apply({"params": p}, images)[1]["pre_logits"])
     hits = count = 0
@@ -289,13 +289,13 @@ def test_a_rerun_reuses_the_cached_features(probed, tmp_path, monkeypatch):
 def test_the_in_training_evaluator_agrees_with_the_stage(probed, pretrain_export, prepared_digits):
     out, _, result = probed
     cfg = _config()
-    model = vit.build_model(**checkpoint.read_model_json(pretrain_export.path / "model.json"))
+    opened = checkpoint.open_model(pretrain_export.path, "test")
+    model = vit.ViT(opened.config)
     mesh = sharding.make_mesh(data=4, model=2)
     boxed = vit.abstract_params(model.config)
     param_sh = sharding.param_shardings(boxed, mesh)
     import flax.linen as nn
-    params = checkpoint.load_params(pretrain_export.path / "params",
-                                    checkpoint.abstract_with_shardings(nn.unbox(boxed), param_sh))
+    params = opened.load(checkpoint.abstract_with_shardings(nn.unbox(boxed), param_sh))
     ctx = evaluators.Context(mesh=mesh, split_dir=lambda d, s: prepared_digits / d / s, dataset="digits",
                              image_size=32, batch_size=cfg.batch_size, param_shardings=param_sh)
     predict = {"pre_logits": lambda p, f, b: model.apply({"params": p}, b["image"])[1]["pre_logits"]}

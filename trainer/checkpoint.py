@@ -6,6 +6,9 @@ Layout inside a stage output dir:
     params/                            the final parameters alone (StandardCheckpointer)
     model.json                         {"variant", "overrides"}: rebuilds the model without the config
 
+`open_model(ref, where)` is the one reader of a model to start from, teach with, score or export:
+a stage's output dir (model.json + params/) or a checkpoint file from elsewhere (trainer/interop/).
+
 Resume order (big_vision / MaxText): own checkpoint > explicit `resume` > params-only `init_params`
 > scratch; `initial_state` below implements it.
 
@@ -18,6 +21,7 @@ shapes reads plain NumPy on one host, whatever mesh wrote the params.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -30,6 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data import paths
+from trainer.interop import weights_import
+from trainer.models.config import ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +146,84 @@ def write_model_json(path: Path, spec: dict) -> None:
 
 
 def read_model_json(path: Path) -> dict:
+    """A model.json as written (a ViT's {"variant", "overrides"}, or LiT's two towers); one-line
+    ValueError naming the file when it is unreadable or not a JSON object."""
     path = paths.as_path(path)
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read model spec ({e})") from None
-    if not isinstance(spec, dict) or "variant" not in spec:
-        raise ValueError(f"{path}: field 'variant' is missing")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a model spec is a JSON object, got {type(spec).__name__}")
     return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedModel:
+    """A ViT opened by `open_model`: its architecture, its spec and its params on demand.
+
+    `load(abstract=None)`: the params, placed into the shardings of `abstract` (ShapeDtypeStructs
+    with shardings, `abstract_with_shardings`: every process reads only its slices), or without it
+    as plain NumPy on this host (any mesh wrote them)."""
+    config: ViTConfig  # a file: `arch` at the file's own image size and classes
+    spec: dict  # model.json's content (a file: `config.to_json()`)
+    kind: str  # "export" (a stage's model.json + params/) | "timm" | "npz" | "big_vision"
+    source: str  # what was opened, for messages
+    load: Callable[..., Any] = dataclasses.field(repr=False, compare=False)
+
+
+def open_model(ref: Any, where: str, *, arch: ViTConfig | None = None) -> OpenedModel:
+    """The one reader of a ViT to start from, teach with, score or export. `ref`: a stage's output
+    dir (model.json + params/, local or a bucket URI), or a checkpoint file from elsewhere (a timm
+    .safetensors or a dir holding model.safetensors, a big_vision or our .npz: trainer/interop/),
+    read as the architecture `arch` (a file carries no model.json) at its own image size and
+    classes; a file is read now, an export's params by `load`. Every error is one line:
+    ValueError("<where>: <path>: <what is wrong and the fix>")."""
+    if weights_import.is_foreign(ref):
+        return _open_file(ref, where, arch)
+    directory = paths.as_path(ref)
+    file = directory / "model.json"
+    if not file.exists():
+        raise ValueError(f"{where}: {directory}: no model.json: not a stage's export (a training stage's "
+                         "output dir: model.json + params/) nor a .safetensors / .npz checkpoint file")
+    try:
+        spec = read_model_json(file)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if spec.get("kind") == "lit":
+        raise ValueError(f"{where}: {directory}: a LiT export (model.json kind 'lit'): its params/ hold the "
+                         "text tower only; open the export its locked image tower came from (lit.image_from)")
+    try:
+        config = ViTConfig.from_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"{where}: {file}: {e}") from None
+    params = directory / "params"
+    if not params.is_dir():
+        raise ValueError(f"{where}: {params}: does not exist (the stage exported no params; rerun it)")
+    return OpenedModel(config, spec, "export", str(directory),
+                       lambda abstract=None: load_params(params, abstract))
+
+
+def _open_file(ref: Any, where: str, arch: ViTConfig | None) -> OpenedModel:
+    if arch is None:
+        raise ValueError(f"{where}: {ref}: a checkpoint file carries no model.json: name its architecture "
+                         "(the stage's model group: variant, e.g. 'B/16', + any differing field)")
+    source = str(ref)
+    try:
+        params, config, kind = weights_import.read(ref, arch)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    log.info("%s: %s checkpoint %s read as %s (%dpx, %d classes)", where, kind, source, arch.variant,
+             config.image_size, config.num_classes)
+
+    def load(abstract=None):
+        if abstract is None:
+            return params
+        try:
+            return weights_import.place(params, abstract, source)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return OpenedModel(config, config.to_json(), kind, source, load)
 
 
 def initial_state(*, own: Checkpoints, resume: str, init_params: str, abstract_state: Any, data_iterator: Any,

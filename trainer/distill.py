@@ -49,7 +49,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data import paths
 from trainer import config_checks as checks
 from trainer import flops, losses, stage_config
 from trainer.evaluators.distillation import agreement
@@ -138,32 +137,17 @@ def _at(images: jax.Array, size: int) -> jax.Array:
     return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
 
 
-def teacher_config(teacher_dir: Path, where: str = "distill") -> vit.ViTConfig:
-    """The teacher's model, rebuilt from its export's model.json (one line naming the file if bad)."""
+def make_task(cfg, num_classes: int, teacher, where: str = "distill") -> Task:
+    """The stage's Task: the student of `cfg.model` taught by `teacher`: the teacher stage's export
+    dir, or the checkpoint file `cfg.teacher` names (read as the architecture `teacher_model`
+    names)."""
     from trainer import checkpoint  # Orbax + Grain: not needed by distill_task (benchmarks on bare hosts)
-    path = paths.as_path(teacher_dir) / "model.json"
-    spec = checkpoint.read_model_json(path)
-    try:
-        return vit.build_model(**spec).config
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}.teacher: {path}: {e}") from None
-
-
-def make_task(cfg, num_classes: int, teacher_dir: Path | None, where: str = "distill") -> Task:
-    """The stage's Task: the student of `cfg.model` taught by the export in `teacher_dir`, or by the
-    checkpoint file `cfg.teacher` when `teacher_dir` is None."""
-    from trainer import checkpoint
     from trainer.interop import weights_import
-    if teacher_dir is None:
-        tcfg, load = weights_import.source_params(
-            cfg.teacher, weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model"))
-        return distill_task(cfg, num_classes, tcfg, load, where=where, source=cfg.teacher)
-    teacher_dir = paths.as_path(teacher_dir)
-    if not (teacher_dir / "params").is_dir():
-        raise FileNotFoundError(f"{where}.teacher: {teacher_dir / 'params'} does not exist (no exported params)")
-    return distill_task(cfg, num_classes, teacher_config(teacher_dir, where),
-                        lambda abstract: checkpoint.load_params(teacher_dir / "params", abstract),
-                        where=where, source=str(teacher_dir))
+    arch = cfg.teacher_model
+    arch = weights_import.architecture(arch, f"{where}.teacher_model") if arch.variant else None
+    opened = checkpoint.open_model(teacher, f"{where}.teacher", arch=arch)
+    return distill_task(cfg, num_classes, opened.config, opened.load, where=where,
+                        source=opened.source)
 
 
 def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Callable[[Any], Any], *,
@@ -219,10 +203,9 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
 def run(cfg, inputs: dict, out: Path) -> dict:
     from trainer import loop
     validate(cfg, None, "distill")
-    if _teacher_file(cfg):
-        return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, None), stage="distill")
-    if cfg.teacher not in inputs:
+    if cfg.teacher not in inputs and not _teacher_file(cfg):
         raise ValueError(f"distill.teacher: stage {cfg.teacher!r} is not among this stage's inputs "
                          f"({', '.join(sorted(inputs)) or 'none'})")
-    teacher_dir = paths.as_path(inputs[cfg.teacher].path)
-    return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, teacher_dir), stage="distill")
+    teacher = inputs[cfg.teacher].path if cfg.teacher in inputs else cfg.teacher
+    return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, teacher),
+                    stage="distill")

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import ml_collections
 
-from data import paths
 from trainer import config_checks as checks
 from trainer import checkpoint, flops, loop, losses, optim, stage_config, transfer
 from trainer.interop import weights_import
@@ -113,20 +112,15 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
                                 where)
 
 
-def make_task(cfg, export_dir: Path | None, env: loop.Env) -> Task:
-    """`export_dir`: the upstream stage's export; None when `init_from` is a checkpoint file."""
-    if export_dir is None:
-        source, load = weights_import.source_params(cfg.init_from, weights_import.architecture(cfg.model,
-                                                                                               "finetune.model"))
-        name = cfg.init_from
-    else:
-        spec = checkpoint.read_model_json(paths.as_path(export_dir) / "model.json")
-        source = vit.make_config(spec["variant"], **spec.get("overrides", {}))
-        _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
-        load, name = (lambda abstract: checkpoint.load_params(paths.as_path(export_dir) / "params", abstract),
-                      str(export_dir))
+def make_task(cfg, source_ref, env: loop.Env) -> Task:
+    """`source_ref`: the upstream stage's export dir, or the checkpoint file `init_from` names (read
+    as the architecture `model.variant` names)."""
+    arch = weights_import.architecture(cfg.model, "finetune.model") if cfg.model.variant else None
+    opened = checkpoint.open_model(source_ref, "finetune.init_from", arch=arch)
+    source = opened.config
+    _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
     target = model_config(cfg, source, env.num_classes)
-    start = transfer.start_from(load, name, source, target, env.mesh, head=cfg.head, resize=cfg.posemb_resize)
+    start = transfer.start_from(opened, target, env.mesh, head=cfg.head, resize=cfg.posemb_resize)
     if cfg.head == "keep" and source.num_classes != target.num_classes:
         raise ValueError(f"finetune.head='keep': the exported head has {source.num_classes} classes, the data "
                          f"{target.num_classes}; use head='new'")
@@ -137,10 +131,8 @@ def make_task(cfg, export_dir: Path | None, env: loop.Env) -> Task:
 
 def run(cfg, inputs: dict, out: Path) -> dict:
     validate(cfg, None, "finetune")
-    if weights_import.is_foreign(cfg.init_from):
-        return loop.run(cfg, inputs, out, lambda env: make_task(cfg, None, env), stage="finetune")
-    if cfg.init_from not in inputs:
+    if cfg.init_from not in inputs and not weights_import.is_foreign(cfg.init_from):
         raise ValueError(f"finetune.init_from={cfg.init_from!r}: no such upstream output "
                          f"(inputs: {', '.join(inputs) or 'none'})")
-    export = inputs[cfg.init_from]
-    return loop.run(cfg, inputs, out, lambda env: make_task(cfg, export.path, env), stage="finetune")
+    source = inputs[cfg.init_from].path if cfg.init_from in inputs else cfg.init_from
+    return loop.run(cfg, inputs, out, lambda env: make_task(cfg, source, env), stage="finetune")

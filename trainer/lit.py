@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data import paths
 from data import manifest, records
 from data import tokenizer as tokenizer_lib
 from trainer import config_checks as checks
@@ -102,8 +101,8 @@ def _normalize(z):
 
 
 def make_task(cfg, export_dir: Path, tok: tokenizer_lib.ByteTokenizer) -> Task:
-    spec = checkpoint.read_model_json(paths.as_path(export_dir) / "model.json")
-    image_cfg = vit.make_config(spec["variant"], **spec.get("overrides", {}))
+    image = checkpoint.open_model(export_dir, "lit.image_from")
+    image_cfg = image.config
     if image_cfg.image_size != cfg.data.image_size:
         raise ValueError(f"lit.data.image_size={cfg.data.image_size} differs from the locked image tower's "
                          f"{image_cfg.image_size}")
@@ -146,8 +145,7 @@ def make_task(cfg, export_dir: Path, tok: tokenizer_lib.ByteTokenizer) -> Task:
     # Text tower trained (fwd + bwd) + image tower forward only.
     per_example = flops.text_flops_per_example(text_cfg) + flops.model_flops_per_example(image_cfg, train=False)
     return Task(name="lit", init=init, loss=loss, predict={"embed": embed},
-                frozen=Frozen(vit.abstract_params(image_cfg),
-                              lambda abstract: checkpoint.load_params(paths.as_path(export_dir) / "params", abstract)),
+                frozen=Frozen(vit.abstract_params(image_cfg), image.load),
                 flops_per_example=per_example, model_spec=model_spec)
 
 

@@ -33,6 +33,7 @@ import jax
 from data import paths
 from trainer import cadence, checkpoint, distributed, evaluators, flops, sharding, stage_config
 from trainer import step as step_lib
+from trainer import transfer
 from trainer.interop import weights_import
 from trainer.metrics_log import MetricsLog
 from trainer.preemption import Preempted, PreemptionGuard
@@ -144,8 +145,8 @@ def _train(cfg, out: Path, task: Task, env: Env, stage: str) -> dict:
         # A timm .safetensors / big_vision .npz: mapped into this model's layout and adapted like an
         # upstream export (new head, resized position embedding); own checkpoint and resume still win.
         foreign, init_params = init_params, ""
-        init_fn = lambda: dict(setup.init(), params=weights_import.load_into(foreign, task.model_spec,
-                                                                             abstract["params"])[0])
+        init_fn = lambda: dict(setup.init(), params=transfer.load_into(
+            foreign, task.model_spec, abstract["params"], mesh, f"{stage}.init_params")[0])
     st, origin = checkpoint.initial_state(own=ckpts, resume=cfg.resume, init_params=init_params,
                                           abstract_state=abstract, data_iterator=train.iterator, init_fn=init_fn)
     if foreign and origin == "scratch":

@@ -1,6 +1,7 @@
 """Turning an exported ViT's params into the start params of a related ViT (fine-tuning).
 
-    start = transfer.start_from_export(export_dir, source_cfg, target_cfg, mesh, head="new")
+    start = transfer.start_from(checkpoint.open_model(export_dir, "finetune.init_from"), target_cfg,
+                                mesh, head="new")
 
 - A new classification head: kernel and bias zero-initialised (big_vision's fine-tune convention:
   the first step's logits are 0, so the new head cannot destroy the backbone's features).
@@ -13,10 +14,11 @@
 
 The export is read straight into the shardings the rules table gives the source model on this
 mesh, and the transform runs jitted with the target's shardings as outputs: no parameter is ever
-gathered onto one device.
+gathered onto one device. A checkpoint file as `init_params` is adapted the same way (`load_into`).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +28,8 @@ import jax.numpy as jnp
 
 from trainer import checkpoint, sharding
 from trainer.models import vit
+
+log = logging.getLogger(__name__)
 
 RESIZE_METHODS = ("bilinear", "bicubic")
 HEADS = ("new", "keep")
@@ -77,28 +81,46 @@ def transform_params(params: dict, source: vit.ViTConfig, target: vit.ViTConfig,
     return out
 
 
-def start_from_export(export_dir: Path, source: vit.ViTConfig, target: vit.ViTConfig, mesh, *,
-                      head: str = "new", resize: str = "bilinear") -> Callable[[Any], Any]:
-    """A Task `start`: `(target abstract params with shardings) -> params` from an export."""
-    return start_from(lambda abstract: checkpoint.load_params(Path(export_dir) / "params", abstract), str(export_dir),
-                      source, target, mesh, head=head, resize=resize)
-
-
-def start_from(load_source: Callable[[Any], Any], name: str, source: vit.ViTConfig, target: vit.ViTConfig, mesh, *,
-               head: str = "new", resize: str = "bilinear") -> Callable[[Any], Any]:
-    """A Task `start` from any params of `source`: `load_source(source abstract params with shardings)`
-    reads them (an Orbax export, or a timm / big_vision file placed by
-    trainer/interop/weights_import.py)."""
+def start_from(source: checkpoint.OpenedModel, target: vit.ViTConfig, mesh, *, head: str = "new",
+               resize: str = "bilinear") -> Callable[[Any], Any]:
+    """A Task `start`: `(target abstract params with shardings) -> params` from a model opened by
+    `checkpoint.open_model` (a stage's export, or a timm / big_vision / our .npz file), its params
+    read straight into the shardings the rules table gives the source model on `mesh`."""
     def start(abstract):
-        boxed = vit.abstract_params(source)
-        src_abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
-        params = load_source(src_abstract)
-        fn = lambda p: transform_params(p, source, target, head=head, resize=resize)
+        boxed = vit.abstract_params(source.config)
+        src_abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed),
+                                                          sharding.param_shardings(boxed, mesh))
+        params = source.load(src_abstract)
+        fn = lambda p: transform_params(p, source.config, target, head=head, resize=resize)
         got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), jax.eval_shape(fn, src_abstract))
         want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), abstract)
         if got != want:
-            raise ValueError(f"{name}: the transformed source params do not match the fine-tuned model's "
-                             "parameters (architecture fields differ from the source's?)")
+            raise ValueError(f"{source.source}: the transformed source params do not match the "
+                             "fine-tuned model's parameters (architecture fields differ from the "
+                             "source's?)")
+        out_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
         with sharding.activate(mesh):
-            return jax.jit(fn, out_shardings=jax.tree_util.tree_map(lambda a: a.sharding, abstract))(params)
+            return jax.jit(fn, out_shardings=out_shardings)(params)
     return start
+
+
+def load_into(path: str | Path, model_spec: dict | None, abstract_params: Any, mesh,
+              where: str = "init_params") -> tuple[Any, str]:
+    """`init_params` naming a checkpoint file (trainer/loop.py): the file read as this stage's
+    model (`model_spec`, its model.json) at the file's own image size and classes, then adapted
+    like a fine-tune's export (position embedding resized, a zero head for other classes) into
+    `abstract_params`' shardings on `mesh`. Returns (params, a line saying what was adapted)."""
+    if not model_spec or "variant" not in model_spec:
+        raise ValueError(f"{where}: {path}: this stage's model is not one ViT (model spec "
+                         f"{model_spec!r}): nothing to map the checkpoint onto")
+    target = vit.ViTConfig.from_spec(model_spec)
+    source = checkpoint.open_model(path, where, arch=target)
+    src = source.config
+    head = "keep" if src.num_classes == target.num_classes else "new"
+    what = [f"{source.kind} checkpoint {path}"]
+    if src.image_size != target.image_size:
+        what.append(f"position embedding resized {src.image_size}px -> {target.image_size}px")
+    if head == "new":
+        what.append(f"new zero head: {src.num_classes} -> {target.num_classes} classes")
+    log.info("%s: %s", where, "; ".join(what))
+    return start_from(source, target, mesh, head=head)(abstract_params), "; ".join(what)

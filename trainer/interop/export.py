@@ -6,7 +6,7 @@
         --out exported/vit.npz
 
 Reads `<stage_dir>/model.json` + `<stage_dir>/params/` (any training stage's export: pretrain,
-finetune/<run>, distill/<run>) on one host, whatever mesh wrote them.
+finetune/<run>, distill/<run>; trainer/checkpoint.open_model) on one host, whatever mesh wrote them.
 
 timm: OUT is a directory with model.safetensors and config.json (timm's Hugging Face Hub layout):
 
@@ -14,7 +14,8 @@ timm: OUT is a directory with model.safetensors and config.json (timm's Hugging 
 
 The mapping onto timm's VisionTransformer (ParallelScalingBlock / Block, attention-pool head) is
 in trainer/interop/timm_format.py; a head timm cannot hold (a MAP head with QK-norm, a pre-logits
-layer) is left out, the export is the encoder (config.json: "head_exported": false, with the reason).
+layer) is left out, the export is the encoder (config.json: "head_exported": false, with the
+reason).
 npz: OUT is one file with our documented flat names + the model.json text
 (trainer/interop/npz_format.py).
 big_vision: OUT is one .npz with big_vision's ViT names (classic block only).
@@ -31,27 +32,14 @@ from typing import Sequence
 FORMATS = ("timm", "npz", "big_vision")
 
 
-def load_stage(stage_dir: Path):
-    """(ViTConfig, NumPy params) of a stage output dir."""
-    from trainer import checkpoint
-    from trainer.models import vit
-    stage_dir = Path(stage_dir)
-    spec = checkpoint.read_model_json(stage_dir / "model.json")
-    try:
-        cfg = vit.make_config(spec["variant"], **spec.get("overrides", {}))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{stage_dir / 'model.json'}: {e}") from None
-    if not (stage_dir / "params").is_dir():
-        raise FileNotFoundError(f"{stage_dir / 'params'} does not exist (no exported params)")
-    return cfg, checkpoint.load_params(stage_dir / "params")
-
-
 def export(stage_dir: Path, fmt: str, out: Path) -> str:
     """Writes the export; returns a one-line summary."""
+    from trainer import checkpoint
     from trainer.interop import npz_format, timm_format
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {FORMATS}")
-    cfg, params = load_stage(stage_dir)
+    model = checkpoint.open_model(stage_dir, "--stage_dir")
+    cfg, params = model.config, model.load()
     out = Path(out)
     if fmt == "timm":
         config = timm_format.save(out, params, cfg)

@@ -4,8 +4,9 @@
     init_params = "/ckpt/vit_b16.npz"       # a big_vision ViT, or our own
                                             # `trainer.interop.export --format npz`
 
-Any training stage's `init_params` takes these (trainer/checkpoint.initial_state). The file is
-mapped into the model's layout (trainer/interop/timm_format.py, trainer/interop/npz_format.py)
+Any training stage's `init_params` takes these (trainer/transfer.load_into), and so do a
+fine-tune's `init_from` and a distill `teacher`; trainer/checkpoint.open_model reads them. The file
+is mapped into the model's layout (trainer/interop/timm_format.py, trainer/interop/npz_format.py)
 at the checkpoint's own image size and classes, then adapted like a fine-tune's upstream export
 (trainer/transfer.py): the position embedding is resized to the model's grid, and a head for
 another number of classes is replaced by a zero-initialised one. Anything else that differs is a
@@ -13,7 +14,6 @@ ValueError naming the first mismatched parameter.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,6 @@ import numpy as np
 
 from trainer.interop import npz_format, param_layout, timm_format
 from trainer.models.config import ViTConfig
-
-log = logging.getLogger(__name__)
 
 
 checkpoint_file = timm_format.weights_file  # a file reference: itself, or a timm export dir's weights
@@ -55,15 +53,6 @@ def architecture(model_group, where: str) -> ViTConfig:
         raise ValueError(f"{where}: {e}") from None
 
 
-def source_params(path: str | Path, arch: ViTConfig) -> tuple[ViTConfig, Any]:
-    """(the file's model: `arch` at its own image size and classes, a loader placing its params into
-    abstract params with shardings) — a fine-tune's source or a distill teacher."""
-    params, src, kind = read(path, arch)
-    log.info("%s checkpoint %s read as %s (%dpx, %d classes)", kind, path, arch.variant, src.image_size,
-             src.num_classes)
-    return src, lambda abstract: place(params, abstract, str(path))
-
-
 def read(path: str | Path, cfg: ViTConfig) -> tuple[dict, ViTConfig, str]:
     """(params for `cfg` at the checkpoint's size/classes, that config, the format's name)."""
     path = Path(path)
@@ -81,28 +70,6 @@ def read(path: str | Path, cfg: ViTConfig) -> tuple[dict, ViTConfig, str]:
     return timm_format.from_timm(sd, src, source), src, "timm"
 
 
-def load(path: str | Path, cfg: ViTConfig) -> tuple[dict, str]:
-    """The checkpoint as `cfg`'s params (NumPy) and a line saying what was adapted."""
-    params, src, kind = read(path, cfg)
-    what = [f"{kind} checkpoint {path}"]
-    if (src.image_size, src.num_classes) != (cfg.image_size, cfg.num_classes):
-        from trainer import transfer  # jax: resizes the position embedding
-        head = "keep" if src.num_classes == cfg.num_classes else "new"
-        params = transfer.transform_params(params, src, cfg, head=head)
-        if src.image_size != cfg.image_size:
-            what.append(f"position embedding resized {src.image_size}px -> {cfg.image_size}px")
-        if head == "new":
-            what.append(f"new zero head: {src.num_classes} -> {cfg.num_classes} classes")
-        params = _np(params)
-    return params, "; ".join(what)
-
-
-def _np(tree):
-    if isinstance(tree, dict):
-        return {k: _np(v) for k, v in tree.items()}
-    return np.asarray(tree)
-
-
 def place(params: dict, abstract: Any, source: str) -> Any:
     """NumPy params -> arrays in the shardings of `abstract` (ShapeDtypeStructs with shardings):
     every process reads only the slices its devices hold."""
@@ -113,14 +80,3 @@ def place(params: dict, abstract: Any, source: str) -> Any:
         return jax.make_array_from_callback(a.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype))
     return jax.tree_util.tree_map(put, params, abstract)
 
-
-def load_into(path: str | Path, model_spec: dict | None, abstract_params: Any) -> tuple[Any, str]:
-    """`init_params` for a foreign file: the model from its model.json spec, params placed into
-    `abstract_params`' shardings."""
-    from trainer.models import vit
-    if not model_spec:
-        raise ValueError(f"init_params={path}: this stage's model has no model spec to map the checkpoint onto")
-    cfg = vit.make_config(model_spec["variant"], **model_spec.get("overrides", {}))
-    params, what = load(path, cfg)
-    log.info("init_params: %s", what)
-    return place(params, abstract_params, str(path)), what
