@@ -209,8 +209,8 @@ def test_both_models_see_the_pixels_of_one_augmentation_draw(prepared_digits, pr
     np.testing.assert_allclose(batches[0]["labels"], np.roll(y, 1, axis=0) + a * dy, atol=1e-5)
 
 
-def test_sigkill_mid_distill_then_rerun_resumes_bit_identically(runs):
 @pytest.mark.xdist_group("distill_runs")
+def test_sigkill_mid_distill_then_rerun_resumes_bit_identically(runs):
     root, rerun, _ = runs  # the params are bit-identical (stage_resume asserts it)
     assert rerun["start_step"] >= 8 and rerun["steps"] == 16
     assert _final_metrics(root / "killed") == _final_metrics(root / "ref")  # loss, evals, ... of the last step

@@ -34,9 +34,9 @@ def _config(**overrides):
     return config
 
 
+@pytest.mark.xdist_group("external")
 def test_plan_drops_the_edge_and_fingerprints_the_file(files, tmp_path):
     timm_file, npz, _ = files
-@pytest.mark.xdist_group("external")
     config = _config(**{"finetune.runs.r48.init_from": str(timm_file), "finetune.runs.r48.model.variant": "mu/4",
                         "distill.runs.mu_seq.teacher": str(npz), "distill.runs.mu_seq.teacher_model.variant": "mu/4"})
     plans = {p.name: p for p in dag.plan(config, tmp_path)}
@@ -58,17 +58,17 @@ def test_plan_drops_the_edge_and_fingerprints_the_file(files, tmp_path):
     ({"distill.runs.mu_seq.teacher": "FILE", "distill.runs.mu_seq.teacher_model.variant": "nope/4"},
      "distill.runs.mu_seq.teacher_model: "),
 ])
+@pytest.mark.xdist_group("external")
 def test_bad_file_references_fail_at_plan_time_in_one_line(files, overrides, starts):
     overrides = {k: str(files[0]) if v == "FILE" else v for k, v in overrides.items()}
-@pytest.mark.xdist_group("external")
     with pytest.raises(dag.PlanError) as e:
         dag.plan(_config(**overrides), Path("/nonexistent-workdir"))
     assert str(e.value).startswith(starts) and "\n" not in str(e.value)
 
 
+@pytest.mark.xdist_group("external")
 def test_finetune_from_a_file_through_the_loop(files, prepared_digits, tmp_path):
     """lr 0, head kept (same 10 classes), same resolution: the stage's exported params are the
-@pytest.mark.xdist_group("external")
     file's, bit for bit. The timm file is encoder only, so a MAP model cannot start from it: one
     line naming the missing parameter, before any step."""
     timm_file, npz, params = files
@@ -85,9 +85,9 @@ def test_finetune_from_a_file_through_the_loop(files, prepared_digits, tmp_path)
         finetune.run(cfg, {}, tmp_path / "ft_timm")
 
 
+@pytest.mark.xdist_group("external")
 def test_distill_teacher_from_an_npz_file(files):
     """The teacher's Frozen params, read from the .npz into the mesh's shardings, are the export's."""
-@pytest.mark.xdist_group("external")
     _, npz, params = files
     cfg = distill.default_config()
     cfg.teacher, cfg.teacher_model.variant = str(npz), "mu/4"

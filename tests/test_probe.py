@@ -196,7 +196,7 @@ def probed(pretrain_export, prepare_output, tmp_path_factory):
 
 @pytest.mark.xdist_group("probe")
 def test_stage_outputs_features_head_and_accuracies(probed, prepared_digits):
-    out, _, result = probed
+    out, inputs, result = probed
     metrics = result["metrics"]
     for split in ("val", "test"):  # chance is 0.1
         assert metrics[f"linear/{split}_top1"] > 0.5
@@ -261,7 +261,7 @@ def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
 
 @pytest.mark.xdist_group("probe")
 def test_the_exported_head_reproduces_the_reported_top1(probed, pretrain_export, prepared_digits):
-    out, inputs, result = probed
+    out, _, result = probed
     mesh = sharding.make_mesh(data=4, model=2)
     got = _top1_of_backbone_plus_head(pretrain_export.path, out / "head", prepared_digits / "digits" / "val", mesh)
     assert got == pytest.approx(result["metrics"]["linear/val_top1"], abs=1 / 180 + 1e-9)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("replica", "data", "model")
 from trainer import config_checks as checks
 
+AXES = ("replica", "data", "model")
 
 
 def _data_axes(mesh_axes: Sequence[str]) -> tuple[str, ...]:
