@@ -9,6 +9,7 @@ export, and from an export of the same architecture at random init (seeded). Onl
 params differ; the data order and augmentation follow the seed in both. Prints val top-1 per seed
 and mean ± std (markdown).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def _random_export(pretrained: Path, out: Path, seed: int) -> Path:
     from trainer import checkpoint
     from trainer.models import vit
     from trainer.task import vit_init
+
     model = checkpoint.open_model(pretrained, "benchmarks.finetune: pretrained")
     params = nn.unbox(vit_init(vit.ViT(model.config))(jax.random.PRNGKey(1000 + seed)))
     out.mkdir(parents=True)
@@ -46,7 +48,9 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=60, help="fine-tune steps (both arms)")
-    parser.add_argument("--image_size", type=int, default=32, help="fine-tune resolution (pretrain: 32)")
+    parser.add_argument(
+        "--image_size", type=int, default=32, help="fine-tune resolution (pretrain: 32)"
+    )
     parser.add_argument("--pretrain_steps", type=int, default=200)
     parser.add_argument("--workdir", default="", help="keep outputs here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -62,8 +66,10 @@ def main(argv=None) -> list[dict]:
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         row = {"seed": seed}
-        starts = {"from pretrained": pre_out,
-                  "from random init": _random_export(pre_out, root / f"random-{seed}", seed)}
+        starts = {
+            "from pretrained": pre_out,
+            "from random init": _random_export(pre_out, root / f"random-{seed}", seed),
+        }
         for arm, export in starts.items():
             cfg = tiny.finetune_run(args.image_size)
             cfg.data.prepared_dir, cfg.seed, cfg.steps = str(data), seed, args.steps
@@ -79,10 +85,20 @@ def main(argv=None) -> list[dict]:
         values = [r[arm] for r in rows]
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
-    print(f"\n{datetime.date.today()} {platform.node()} ({platform.processor() or platform.machine()}): "
-          f"fine-tune mu/4 on digits, {args.steps} steps at {args.image_size} px, val top-1\n")
-    print(table(COLUMNS, [[r["seed"], f"{r['from pretrained']:.4f}", f"{r['from random init']:.4f}"] for r in rows]
-                + [["mean ± std", summary("from pretrained"), summary("from random init")]]))
+    print(
+        f"\n{datetime.date.today()} {platform.node()} ({platform.processor() or platform.machine()}): "
+        f"fine-tune mu/4 on digits, {args.steps} steps at {args.image_size} px, val top-1\n"
+    )
+    print(
+        table(
+            COLUMNS,
+            [
+                [r["seed"], f"{r['from pretrained']:.4f}", f"{r['from random init']:.4f}"]
+                for r in rows
+            ]
+            + [["mean ± std", summary("from pretrained"), summary("from random init")]],
+        )
+    )
     return rows
 
 

@@ -25,6 +25,7 @@ model-vs-human trials as the toolbox's CSVs; `upstream.json` (what was scored: s
 path, config); `report.html` + `report.md`. outputs.json's metrics are the headline ones (`HEADLINE`:
 top-1s, ECE, gaps, shape bias, consistencies) flattened as `<model>/<dataset>/<split>/<eval>/<metric>`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,38 +46,61 @@ from trainer import evaluators, sharding
 log = logging.getLogger(__name__)
 
 TABLE: dict[str, type[evaluators.Evaluator]] = {**evaluators.TABLE, **eval_evaluators.TABLE}
-SPLIT_KEYS = ("split", "fit_split", "train_split")  # eval keys that name a split of the eval's dataset
+SPLIT_KEYS = (
+    "split",
+    "fit_split",
+    "train_split",
+)  # eval keys that name a split of the eval's dataset
 MVH_MEAN = "model-vs-human"  # metrics.json key of the toolbox's mean over datasets
 # The metrics also returned in outputs.json (the run's headline, TensorBoard); metrics.json has all.
-HEADLINE = ("top1", "real_top1", "ood_accuracy", "ece", "top1_gap", "dp_gap", "shape_bias", "accuracy_difference",
-            "observed_consistency", "error_consistency")
+HEADLINE = (
+    "top1",
+    "real_top1",
+    "ood_accuracy",
+    "ece",
+    "top1_gap",
+    "dp_gap",
+    "shape_bias",
+    "accuracy_difference",
+    "observed_consistency",
+    "error_consistency",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.dataset = "digits"  # the dataset of evals that name none
-    c.train_split = "train"  # with `dataset`: class names of a model whose config does not say its data
+    c.train_split = (
+        "train"  # with `dataset`: class names of a model whose config does not say its data
+    )
     c.models = ()  # upstream stages to score ("pretrain", "finetune/r48", "probe"); () = every model upstream
     c.batch_size = 256  # global eval batch
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-    c.evals = ml_collections.ConfigDict({
-        "val": dict(type="accuracy", split="val"),
-        "test": dict(type="accuracy", split="test"),
-        "calibration": dict(type="calibration", split="test"),
-    })
-    c.report = ml_collections.ConfigDict(dict(
-        title="Run report",
-        # distill/<run> -> the model trained on labels it is compared with ("" = the upstream model
-        # with the same model.json, if any): the seed's "student from labels vs distilled" table
-        distill_baselines=ml_collections.ConfigDict(),
-    ))
+    c.evals = ml_collections.ConfigDict(
+        {
+            "val": dict(type="accuracy", split="val"),
+            "test": dict(type="accuracy", split="test"),
+            "calibration": dict(type="calibration", split="test"),
+        }
+    )
+    c.report = ml_collections.ConfigDict(
+        dict(
+            title="Run report",
+            # distill/<run> -> the model trained on labels it is compared with ("" = the upstream model
+            # with the same model.json, if any): the seed's "student from labels vs distilled" table
+            distill_baselines=ml_collections.ConfigDict(),
+        )
+    )
     c.runtime = ml_collections.ConfigDict(dict(read_threads=2, worker_count=0))
     return c
 
 
 # --- Plan-time checks ------------------------------------------------------------------------------
 
-def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "evaluate") -> None:
+
+def validate(
+    cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "evaluate"
+) -> None:
     """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
     upstream = upstream or {}
     for key in ("dataset", "train_split"):
@@ -93,8 +117,9 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
         raise checks.fail(f"{where}.report.title", f"must be a string, got {cfg.report.title!r}")
     for run, base in cfg.report.distill_baselines.items():
         if not isinstance(base, str):
-            raise checks.fail(f"{where}.report.distill_baselines.{run}",
-                              f"must be a stage name, got {base!r}")
+            raise checks.fail(
+                f"{where}.report.distill_baselines.{run}", f"must be a stage name, got {base!r}"
+            )
     for key, low in (("read_threads", 1), ("worker_count", 0)):
         checks.int_at_least(f"{where}.runtime.{key}", cfg.runtime[key], low)
     prepare = upstream.get("prepare")
@@ -135,9 +160,11 @@ def _check_splits(cfg, prepare, where: str) -> None:
 
 # --- The models of the run -------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """One scored model: an export (params/ + model.json), optionally with a probe's linear head."""
+
     name: str
     stage: Any  # the StageOutput it comes from
     export: Path  # the dir with params/ + model.json (a probe: its backbone's)
@@ -154,6 +181,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _manifest_classes(prepared: Path, dataset: str, split: str) -> tuple[str, ...] | None:
     from data import manifest  # json only
+
     path = paths.as_path(prepared) / dataset / split
     if not (path / "manifest.json").exists():
         return None
@@ -179,12 +207,15 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     """Every model among the upstream outputs (module docstring), in upstream order."""
     from eval import probe
     from trainer import checkpoint
+
     prepared = paths.as_path(inputs["prepare"].path)
     wanted = set(cfg.models)
     missing = wanted - set(inputs)
     if missing:
-        raise checks.fail("evaluate.models", f"{sorted(missing)[0]!r} is not among the inputs "
-                                             f"({', '.join(inputs)})")
+        raise checks.fail(
+            "evaluate.models",
+            f"{sorted(missing)[0]!r} is not among the inputs ({', '.join(inputs)})",
+        )
     models = []
     for name, stage in inputs.items():
         if name == "prepare" or (wanted and name not in wanted):
@@ -200,13 +231,24 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
             head, spec = probe.load_head(path)
             backbone = spec.get("model_from", "")
             if backbone not in inputs:
-                raise ValueError(f"evaluate: probe {name!r} probes {backbone!r}, which is not an input of this "
-                                 f"stage (inputs: {', '.join(inputs)})")
-            models.append(Model(name, stage, paths.as_path(inputs[backbone].path), tuple(spec.get("class_names", ())), head))
+                raise ValueError(
+                    f"evaluate: probe {name!r} probes {backbone!r}, which is not an input of this "
+                    f"stage (inputs: {', '.join(inputs)})"
+                )
+            models.append(
+                Model(
+                    name,
+                    stage,
+                    paths.as_path(inputs[backbone].path),
+                    tuple(spec.get("class_names", ())),
+                    head,
+                )
+            )
     return models
 
 
 # --- Scoring ---------------------------------------------------------------------------------------
+
 
 def _predict(model: Model, mesh):
     """(params, param shardings, {"logits", "pre_logits"}, image size) of a model, params loaded sharded."""
@@ -215,6 +257,7 @@ def _predict(model: Model, mesh):
 
     from trainer import checkpoint, sharding
     from trainer.models import vit
+
     opened = checkpoint.open_model(model.export, f"evaluate: {model.name}")
     net = vit.ViT(opened.config)
     boxed = vit.abstract_params(net.config)
@@ -228,13 +271,25 @@ def _predict(model: Model, mesh):
         return net.apply({"params": p}, batch["image"], train=False)[0]
 
     if model.head is None:
-        return params, shardings, {"logits": logits, "pre_logits": pre_logits}, net.config.image_size
+        return (
+            params,
+            shardings,
+            {"logits": logits, "pre_logits": pre_logits},
+            net.config.image_size,
+        )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     head = {k: jax.device_put(np.asarray(v, np.float32), replicated) for k, v in model.head.items()}
-    return ({"backbone": params, "head": head}, {"backbone": shardings, "head": {k: replicated for k in head}},
-            {"logits": lambda p, f, b: pre_logits(p["backbone"], f, b) @ p["head"]["kernel"] + p["head"]["bias"],
-             "pre_logits": lambda p, f, b: pre_logits(p["backbone"], f, b)},
-            net.config.image_size)
+    return (
+        {"backbone": params, "head": head},
+        {"backbone": shardings, "head": {k: replicated for k in head}},
+        {
+            "logits": lambda p, f, b: (
+                pre_logits(p["backbone"], f, b) @ p["head"]["kernel"] + p["head"]["bias"]
+            ),
+            "pre_logits": lambda p, f, b: pre_logits(p["backbone"], f, b),
+        },
+        net.config.image_size,
+    )
 
 
 def dataset_key(cfg, ev) -> str:
@@ -246,11 +301,20 @@ def dataset_key(cfg, ev) -> str:
 def score(cfg, model: Model, mesh, split_dir, out: Path) -> dict[str, dict[str, float]]:
     """{dataset key: {"<eval>/<metric>": value}} of one model; details and files under `out`."""
     params, shardings, predict, image_size = _predict(model, mesh)
-    ctx = outputs.EvalContext(mesh=mesh, split_dir=split_dir, dataset=cfg.dataset, image_size=image_size,
-                              batch_size=cfg.batch_size, param_shardings=shardings,
-                              read_threads=cfg.runtime.read_threads, worker_count=cfg.runtime.worker_count,
-                              class_names=model.class_names)
-    built = evaluators.build(eval_configs(cfg, model.name), predict, ctx, where="evaluate.evals", table=TABLE)
+    ctx = outputs.EvalContext(
+        mesh=mesh,
+        split_dir=split_dir,
+        dataset=cfg.dataset,
+        image_size=image_size,
+        batch_size=cfg.batch_size,
+        param_shardings=shardings,
+        read_threads=cfg.runtime.read_threads,
+        worker_count=cfg.runtime.worker_count,
+        class_names=model.class_names,
+    )
+    built = evaluators.build(
+        eval_configs(cfg, model.name), predict, ctx, where="evaluate.evals", table=TABLE
+    )
     results: dict[str, dict[str, float]] = {}
     mvh_summaries = {}
     for name, (_, ev) in built.items():
@@ -262,15 +326,25 @@ def score(cfg, model: Model, mesh, split_dir, out: Path) -> dict[str, dict[str, 
         if details is not None:
             directory = out / "details" / model.name
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / f"{name}.json").write_text(json.dumps(
-                {"type": cfg.evals[name].type, "dataset": dataset_key(cfg, cfg.evals[name]), **details},
-                indent=1, default=_plain) + "\n")
+            (directory / f"{name}.json").write_text(
+                json.dumps(
+                    {
+                        "type": cfg.evals[name].type,
+                        "dataset": dataset_key(cfg, cfg.evals[name]),
+                        **details,
+                    },
+                    indent=1,
+                    default=_plain,
+                )
+                + "\n"
+            )
             for filename, text in getattr(ev, "files", {}).items():
                 (directory / filename).write_text(text)
             if isinstance(ev, eval_evaluators.ModelVsHuman):
                 mvh_summaries[name] = details["summary"]
     if mvh_summaries:
         from eval.metrics import model_vs_human
+
         results[MVH_MEAN] = model_vs_human.mean_over_datasets(mvh_summaries)
     return results
 
@@ -285,11 +359,18 @@ def _plain(value):
 
 def _upstream_record(name: str, stage) -> dict:
     path = paths.as_path(stage.path)
-    return {"name": name, "fingerprint": stage.fingerprint, "path": str(path),
-            "metrics": (stage.outputs or {}).get("metrics", {}),
-            "recipe": (stage.outputs or {}).get("recipe") or {},  # launch/recipe.py: shown by the report
-            "config": _read_json(path / "config.json"), "model": _read_json(path / "model.json"),
-            "head": _read_json(path / "head.json"), "metrics_jsonl": str(path / "metrics.jsonl")}
+    return {
+        "name": name,
+        "fingerprint": stage.fingerprint,
+        "path": str(path),
+        "metrics": (stage.outputs or {}).get("metrics", {}),
+        "recipe": (stage.outputs or {}).get("recipe")
+        or {},  # launch/recipe.py: shown by the report
+        "config": _read_json(path / "config.json"),
+        "model": _read_json(path / "model.json"),
+        "head": _read_json(path / "head.json"),
+        "metrics_jsonl": str(path / "metrics.jsonl"),
+    }
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:
@@ -300,11 +381,15 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     validate(cfg, None, "evaluate")
     out = Path(out)
     if "prepare" not in inputs:
-        raise ValueError(f"evaluate: no prepared data among the inputs ({', '.join(inputs) or 'none'})")
+        raise ValueError(
+            f"evaluate: no prepared data among the inputs ({', '.join(inputs) or 'none'})"
+        )
     models = find_models(cfg, inputs)
     if not models:
-        raise ValueError(f"evaluate: no upstream stage exports a model (params/ + model.json or a probe head); "
-                         f"inputs: {', '.join(inputs)}")
+        raise ValueError(
+            f"evaluate: no upstream stage exports a model (params/ + model.json or a probe head); "
+            f"inputs: {', '.join(inputs)}"
+        )
     mesh = sharding.make_mesh(**cfg.mesh)
     sharding.check_batch(cfg.batch_size, mesh, "evaluate.batch_size", processes=jax.process_count())
     locate = lambda dataset, split: loop.split_dir(cfg, inputs, dataset, split, stage="evaluate")
@@ -315,24 +400,49 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         metrics[model.name] = score(cfg, model, mesh, locate, out)
 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    (out / "upstream.json").write_text(json.dumps(
-        {"evaluate": json.loads(cfg.to_json()), "models": [m.name for m in models],
-         "probes": {m.name: str(m.export) for m in models if m.head is not None},
-         "stages": [_upstream_record(name, stage) for name, stage in inputs.items()]}, indent=1) + "\n")
+    (out / "upstream.json").write_text(
+        json.dumps(
+            {
+                "evaluate": json.loads(cfg.to_json()),
+                "models": [m.name for m in models],
+                "probes": {m.name: str(m.export) for m in models if m.head is not None},
+                "stages": [_upstream_record(name, stage) for name, stage in inputs.items()],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     from eval import report
+
     notes = report.render(out)
     _print_summary(metrics, notes)
-    flat = {f"{m}/{d}/{k}".replace(" ", "_"): v for m, per in metrics.items() for d, values in per.items()
-            for k, v in values.items() if k.rsplit("/", 1)[-1].lower().replace(" ", "_") in HEADLINE}
-    return {"artifacts": {"metrics": "metrics.json", "report": "report.html", "report_md": "report.md",
-                          "details": "details", "upstream": "upstream.json"},
-            "metrics": flat}
+    flat = {
+        f"{m}/{d}/{k}".replace(" ", "_"): v
+        for m, per in metrics.items()
+        for d, values in per.items()
+        for k, v in values.items()
+        if k.rsplit("/", 1)[-1].lower().replace(" ", "_") in HEADLINE
+    }
+    return {
+        "artifacts": {
+            "metrics": "metrics.json",
+            "report": "report.html",
+            "report_md": "report.md",
+            "details": "details",
+            "upstream": "upstream.json",
+        },
+        "metrics": flat,
+    }
 
 
 def _print_summary(metrics: dict, notes: list[str]) -> None:
     for model, per in metrics.items():
-        tops = [f"{d} {k} {v:.4f}" for d, values in per.items() for k, v in values.items()
-                if k.count("/") == 1 and k.endswith("/top1")]
+        tops = [
+            f"{d} {k} {v:.4f}"
+            for d, values in per.items()
+            for k, v in values.items()
+            if k.count("/") == 1 and k.endswith("/top1")
+        ]
         print(f"[evaluate] {model}: " + (", ".join(tops) or "no top-1 evals"))
     for note in notes:
         print(f"[evaluate] report: {note}")

@@ -35,6 +35,7 @@ Outputs: artifacts `features`, `head`, `head_spec` (head.json), `fewshot` (fewsh
 `linear/iterations` (L-BFGS iterations of the exported head),
 `fewshot/<k>shot_top1`, `fewshot/<k>shot_top1_std`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,26 +71,41 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"  # a dataset of the prepare stage
     c.batch_size = 256  # global, feature extraction
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-    c.linear = ml_collections.ConfigDict(dict(
-        train_split="train",
-        eval_splits=("val", "test"),  # top-1 reported for each
-        holdout=0.1,  # fraction of train_split held out to pick l2; then solved on all of it
-        l2s=(1e-6, 1e-5, 1e-4, 1e-3),  # L2 penalty 0.5 * l2 * |W|^2 on standardised features; > 0
-        tol=1e-4,  # solved when the largest gradient component is <= tol (float32: keep >= ~3e-5)
-        max_iters=2000,  # L-BFGS iterations per l2; more fails the stage (features stay cached)
-        seed=0,  # the holdout split
-    ))
-    c.fewshot = ml_collections.ConfigDict(dict(
-        train_split="train", split="test",  # few-shot train sets drawn from train_split; scored on split
-        shots=fewshot.SHOTS, seeds=fewshot.SEEDS, l2=fewshot.L2,
-    ))
+    c.linear = ml_collections.ConfigDict(
+        dict(
+            train_split="train",
+            eval_splits=("val", "test"),  # top-1 reported for each
+            holdout=0.1,  # fraction of train_split held out to pick l2; then solved on all of it
+            l2s=(
+                1e-6,
+                1e-5,
+                1e-4,
+                1e-3,
+            ),  # L2 penalty 0.5 * l2 * |W|^2 on standardised features; > 0
+            tol=1e-4,  # solved when the largest gradient component is <= tol (float32: keep >= ~3e-5)
+            max_iters=2000,  # L-BFGS iterations per l2; more fails the stage (features stay cached)
+            seed=0,  # the holdout split
+        )
+    )
+    c.fewshot = ml_collections.ConfigDict(
+        dict(
+            train_split="train",
+            split="test",  # few-shot train sets drawn from train_split; scored on split
+            shots=fewshot.SHOTS,
+            seeds=fewshot.SEEDS,
+            l2=fewshot.L2,
+        )
+    )
     c.runtime = ml_collections.ConfigDict(dict(read_threads=2, worker_count=0))
     return c
 
 
 # --- Plan-time checks ------------------------------------------------------------------------------
 
-def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "probe") -> None:
+
+def validate(
+    cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "probe"
+) -> None:
     """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
     upstream = upstream or {}
     checks.name(f"{where}.model_from", cfg.model_from, "the exporting stage (e.g. 'pretrain')")
@@ -109,8 +125,11 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
     for key, low in (("read_threads", 1), ("worker_count", 0)):
         checks.int_at_least(f"{where}.runtime.{key}", cfg.runtime[key], low)
 
-    splits = [(f"{where}.linear.train_split", lin.train_split), (f"{where}.fewshot.train_split", fs.train_split),
-              (f"{where}.fewshot.split", fs.split)]
+    splits = [
+        (f"{where}.linear.train_split", lin.train_split),
+        (f"{where}.fewshot.train_split", fs.train_split),
+        (f"{where}.fewshot.split", fs.split),
+    ]
     splits += [(f"{where}.linear.eval_splits", s) for s in lin.eval_splits]
     for key, split in splits:
         checks.name(key, split, "a split name")
@@ -123,9 +142,11 @@ def validate(cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = Non
 
 # --- Features, once --------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """A split's cached features: x may be a read-only memory map."""
+
     x: np.ndarray  # float32 [N, D]
     y: np.ndarray  # int64 [N], first class id
     ids: np.ndarray  # str [N]
@@ -137,17 +158,30 @@ class FeatureCache:
     """`features/<dataset>/<split>.*` of one export; extracts on a miss, loading the params once."""
 
     def __init__(self, root: Path, cfg, export, prepared: Path, where: str = "probe"):
-        self.root, self.cfg, self.export, self.prepared, self.where = Path(root), cfg, export, paths.as_path(prepared), where
+        self.root, self.cfg, self.export, self.prepared, self.where = (
+            Path(root),
+            cfg,
+            export,
+            paths.as_path(prepared),
+            where,
+        )
         self.opened = checkpoint.open_model(export.path, f"{where}.model_from")
         self.model = vit.ViT(self.opened.config)
         self.mesh = sharding.make_mesh(**cfg.mesh)
-        sharding.check_batch(cfg.batch_size, self.mesh, f"{where}.batch_size",
-                             processes=jax.process_count())
+        sharding.check_batch(
+            cfg.batch_size, self.mesh, f"{where}.batch_size", processes=jax.process_count()
+        )
         self.boxed = vit.abstract_params(self.model.config)
         self.ctx = evaluators.Context(
-            mesh=self.mesh, split_dir=self.split_dir, dataset=cfg.dataset, image_size=self.model.config.image_size,
-            batch_size=cfg.batch_size, param_shardings=sharding.param_shardings(self.boxed, self.mesh),
-            read_threads=cfg.runtime.read_threads, worker_count=cfg.runtime.worker_count)
+            mesh=self.mesh,
+            split_dir=self.split_dir,
+            dataset=cfg.dataset,
+            image_size=self.model.config.image_size,
+            batch_size=cfg.batch_size,
+            param_shardings=sharding.param_shardings(self.boxed, self.mesh),
+            read_threads=cfg.runtime.read_threads,
+            worker_count=cfg.runtime.worker_count,
+        )
         self._params = None
         self._extract = None
         self.extracted, self.reused = [], []  # split names, for the log and the tests
@@ -156,18 +190,29 @@ class FeatureCache:
     def split_dir(self, dataset: str, split: str) -> Path:
         path = self.prepared / dataset / split
         if not (path / "manifest.json").exists():
-            raise FileNotFoundError(f"{self.where}: dataset {dataset!r} split {split!r} not found: "
-                                    f"{path / 'manifest.json'} does not exist")
+            raise FileNotFoundError(
+                f"{self.where}: dataset {dataset!r} split {split!r} not found: "
+                f"{path / 'manifest.json'} does not exist"
+            )
         return path
 
     def _key(self, split: str) -> dict:
         """What the cached features are features of; a cached split is reused only if this matches."""
         from data import manifest  # json only
+
         m = manifest.read(self.split_dir(self.cfg.dataset, split))
-        return {"model_from": self.cfg.model_from, "model_fingerprint": self.export.fingerprint, "pred": PRED,
-                "image_size": self.model.config.image_size, "dataset": self.cfg.dataset, "split": split,
-                "num_examples": m.num_records, "num_classes": m.num_classes, "class_names": list(m.class_names),
-                "shards": [s.sha256 for s in m.shards]}
+        return {
+            "model_from": self.cfg.model_from,
+            "model_fingerprint": self.export.fingerprint,
+            "pred": PRED,
+            "image_size": self.model.config.image_size,
+            "dataset": self.cfg.dataset,
+            "split": split,
+            "num_examples": m.num_records,
+            "num_classes": m.num_classes,
+            "class_names": list(m.class_names),
+            "shards": [s.sha256 for s in m.shards],
+        }
 
     def get(self, split: str) -> Split:
         if split not in self._splits:
@@ -186,16 +231,25 @@ class FeatureCache:
         else:
             self._write(directory, split, key)
             self.extracted.append(split)
-        return Split(np.load(directory / f"{split}.npy", mmap_mode="r"), np.load(directory / f"{split}.labels.npy"),
-                     np.load(directory / f"{split}.ids.npy"), key["num_classes"], tuple(key["class_names"]))
+        return Split(
+            np.load(directory / f"{split}.npy", mmap_mode="r"),
+            np.load(directory / f"{split}.labels.npy"),
+            np.load(directory / f"{split}.ids.npy"),
+            key["num_classes"],
+            tuple(key["class_names"]),
+        )
 
     def _load(self):
         if self._params is None:
-            abstract = checkpoint.abstract_with_shardings(nn.unbox(self.boxed), self.ctx.param_shardings)
+            abstract = checkpoint.abstract_with_shardings(
+                nn.unbox(self.boxed), self.ctx.param_shardings
+            )
             self._params = self.opened.load(abstract)
             model = self.model
             self._extract = features.extractor(
-                self.ctx, lambda p, f, b: model.apply({"params": p}, b["image"], train=False)[1][PRED])
+                self.ctx,
+                lambda p, f, b: model.apply({"params": p}, b["image"], train=False)[1][PRED],
+            )
         return self._params
 
     def _write(self, directory: Path, split: str, key: dict) -> None:
@@ -209,9 +263,13 @@ class FeatureCache:
         for x, y in features.batches(self._extract, params, {}, loader):
             if writer:
                 if fmap is None:
-                    fmap = np.lib.format.open_memmap(directory / f"{split}.npy.partial", mode="w+",
-                                                     dtype=np.float32, shape=(n, x.shape[1]))
-                fmap[rows:rows + len(x)] = x
+                    fmap = np.lib.format.open_memmap(
+                        directory / f"{split}.npy.partial",
+                        mode="w+",
+                        dtype=np.float32,
+                        shape=(n, x.shape[1]),
+                    )
+                fmap[rows : rows + len(x)] = x
             labels.append(y)
             rows += len(x)
         if rows != n:
@@ -222,21 +280,25 @@ class FeatureCache:
             os.replace(directory / f"{split}.npy.partial", directory / f"{split}.npy")
             labels = np.concatenate(labels)
             np.save(directory / f"{split}.labels.npy", labels)
-            np.save(directory / f"{split}.ids.npy",
-                    loader.record_ids(labels, f"{self.where}: {self.cfg.dataset}/{split}"))
+            np.save(
+                directory / f"{split}.ids.npy",
+                loader.record_ids(labels, f"{self.where}: {self.cfg.dataset}/{split}"),
+            )
             (directory / f"{split}.json").write_text(json.dumps(key, indent=1) + "\n")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"probe features {self.cfg.dataset}/{split}")
 
 
 # --- Linear probe ----------------------------------------------------------------------------------
 
+
 def _moments(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std (float64) over `rows` (sorted) of x, read _CHUNK rows at a time."""
     total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
     for i in range(0, len(rows), _CHUNK):
-        chunk = np.asarray(x[rows[i:i + _CHUNK]], np.float64)
+        chunk = np.asarray(x[rows[i : i + _CHUNK]], np.float64)
         total += chunk.sum(axis=0)
         squares += np.square(chunk).sum(axis=0)
     mean = total / len(rows)
@@ -244,8 +306,9 @@ def _moments(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-6, std, 1.0)  # a constant feature is left unscaled
 
 
-def _sharded_rows(mesh, x: np.ndarray, y: np.ndarray, rows: np.ndarray, mean: np.ndarray,
-                  std: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _sharded_rows(
+    mesh, x: np.ndarray, y: np.ndarray, rows: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(x, y, weight) of `rows`, on `mesh` with the rows sharded over all its devices: x[rows]
     standardised (float32), their labels, and 1 (0 on the padding up to a multiple of the mesh's
     size). Each process reads only the rows of its own devices from the memory map."""
@@ -256,13 +319,18 @@ def _sharded_rows(mesh, x: np.ndarray, y: np.ndarray, rows: np.ndarray, mean: np
     def array(fill, dtype, *shape):
         def block(index):
             part = range(padded)[index[0]]
-            idx = rows[part.start:min(part.stop, n)]
+            idx = rows[part.start : min(part.stop, n)]
             out = np.zeros((len(part), *shape), dtype)
-            out[:len(idx)] = fill(idx)
+            out[: len(idx)] = fill(idx)
             return out
+
         return jax.make_array_from_callback((padded, *shape), sharding, block)
-    return (array(lambda i: (x[i] - mean) / std, np.float32, x.shape[1]),
-            array(lambda i: y[i], np.int32), array(lambda i: 1.0, np.float32))
+
+    return (
+        array(lambda i: (x[i] - mean) / std, np.float32, x.shape[1]),
+        array(lambda i: y[i], np.int32),
+        array(lambda i: 1.0, np.float32),
+    )
 
 
 def _objective(theta, x, y, weight, l2):
@@ -270,17 +338,21 @@ def _objective(theta, x, y, weight, l2):
     standardised rows: mean softmax cross-entropy + 0.5 * l2 * |kernel|^2 (the bias unpenalised).
     In float64 (traced under jax.enable_x64): float32 values stall the line search near the
     minimum, a gradient component ~1e-5 from it."""
+
     def value(theta):
         logits = x.astype(jnp.float64) @ theta[:-1] + theta[-1]
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(weight * xent) / jnp.sum(weight) + 0.5 * l2 * jnp.sum(jnp.square(theta[:-1]))
+
     return jax.value_and_grad(value)(theta)
 
 
-def _minimise(objective, data, l2: float, theta: np.ndarray, max_iters: int, tol: float,
-              where: str) -> tuple[np.ndarray, dict]:
+def _minimise(
+    objective, data, l2: float, theta: np.ndarray, max_iters: int, tol: float, where: str
+) -> tuple[np.ndarray, dict]:
     """SciPy's L-BFGS-B on `objective` from `theta` until the largest gradient component is at
     most `tol`; anything else (max_iters reached, a line search stopped by float32 noise) fails."""
+
     def value_and_grad(flat):
         with jax.enable_x64(True):
             value, grad = objective(flat.reshape(theta.shape), *data, np.float64(l2))
@@ -288,19 +360,32 @@ def _minimise(objective, data, l2: float, theta: np.ndarray, max_iters: int, tol
 
     options = dict(maxiter=max_iters, gtol=tol, ftol=0.0, maxcor=_LBFGS_MEMORY)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):  # threads slow its small updates 10x
-        result = scipy.optimize.minimize(value_and_grad, theta.ravel(), jac=True,
-                                         method="L-BFGS-B", options=options)
+        result = scipy.optimize.minimize(
+            value_and_grad, theta.ravel(), jac=True, method="L-BFGS-B", options=options
+        )
     grad_max = float(np.abs(result.jac).max())
     if not grad_max <= tol:
-        raise RuntimeError(f"{where}: l2={l2:g} not solved: max |gradient| {grad_max:.2g} > "
-                           f"tol={tol:g} after {result.nit} L-BFGS iterations ({result.message}); "
-                           f"raise {where}.max_iters (or tol, if the line search stopped)")
+        raise RuntimeError(
+            f"{where}: l2={l2:g} not solved: max |gradient| {grad_max:.2g} > "
+            f"tol={tol:g} after {result.nit} L-BFGS iterations ({result.message}); "
+            f"raise {where}.max_iters (or tol, if the line search stopped)"
+        )
     return result.x.reshape(theta.shape), {"iterations": int(result.nit), "grad_max": grad_max}
 
 
-def fit_heads(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, l2s: list[float], *,
-              mesh, max_iters: int, tol: float, init: tuple[np.ndarray, np.ndarray] | None = None,
-              where: str = "probe.linear") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def fit_heads(
+    x: np.ndarray,
+    y: np.ndarray,
+    rows: np.ndarray,
+    num_classes: int,
+    l2s: list[float],
+    *,
+    mesh,
+    max_iters: int,
+    tol: float,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    where: str = "probe.linear",
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """One linear head per l2 on x[rows] (x may be a memory map): the minimiser, to `tol` (largest
     gradient component), of the mean softmax cross-entropy + 0.5 * l2 * |kernel|^2 on the rows'
     standardised features. A convex problem, solved by L-BFGS (SciPy's; the objective and its
@@ -332,19 +417,30 @@ def fit_heads(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
 
 def apply_head(head: Mapping[str, np.ndarray], pre_logits: np.ndarray) -> np.ndarray:
     """The exported head on raw pre-logits: logits [N, C]."""
-    return np.asarray(pre_logits, np.float32) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    return np.asarray(pre_logits, np.float32) @ np.asarray(head["kernel"]) + np.asarray(
+        head["bias"]
+    )
 
 
-def top1s(x: np.ndarray, y: np.ndarray, kernels: np.ndarray, biases: np.ndarray,
-          rows: np.ndarray | None = None) -> list[float]:
+def top1s(
+    x: np.ndarray,
+    y: np.ndarray,
+    kernels: np.ndarray,
+    biases: np.ndarray,
+    rows: np.ndarray | None = None,
+) -> list[float]:
     """Top-1 of each head [G, D, C] + [G, C] on x[rows] (x may be a memory map), _CHUNK rows at a time."""
     rows = np.arange(len(y)) if rows is None else np.sort(rows)
     hits = np.zeros(len(kernels), np.int64)
     for i in range(0, len(rows), _CHUNK):
-        idx = rows[i:i + _CHUNK]
+        idx = rows[i : i + _CHUNK]
         chunk, labels = np.asarray(x[idx], np.float32), y[idx]
         for g, (kernel, bias) in enumerate(zip(kernels, biases)):
-            hits[g] += int(np.sum(np.argmax(apply_head({"kernel": kernel, "bias": bias}, chunk), axis=1) == labels))
+            hits[g] += int(
+                np.sum(
+                    np.argmax(apply_head({"kernel": kernel, "bias": bias}, chunk), axis=1) == labels
+                )
+            )
     return (hits / len(rows)).tolist()
 
 
@@ -365,10 +461,15 @@ def linear_probe(train: Split, lin, mesh) -> tuple[dict[str, np.ndarray], dict]:
     kernels, biases, solves = fit_heads(x, y, fit_rows, classes, l2s, **kwargs)
     accs = top1s(x, y, kernels, biases, hold)
     best = int(np.argmax(accs))  # first in grid order on ties
-    kernels, biases, (solve,) = fit_heads(x, y, labelled, classes, [l2s[best]],
-                                          init=(kernels[best], biases[best]), **kwargs)
-    info = {"l2": l2s[best], "holdout_top1": accs[best], **solve,
-            "grid": [{"l2": l2, "holdout_top1": a, **s} for l2, a, s in zip(l2s, accs, solves)]}
+    kernels, biases, (solve,) = fit_heads(
+        x, y, labelled, classes, [l2s[best]], init=(kernels[best], biases[best]), **kwargs
+    )
+    info = {
+        "l2": l2s[best],
+        "holdout_top1": accs[best],
+        **solve,
+        "grid": [{"l2": l2, "holdout_top1": a, **s} for l2, a, s in zip(l2s, accs, solves)],
+    }
     return {"kernel": kernels[0], "bias": biases[0]}, info
 
 
@@ -378,16 +479,21 @@ def load_head(stage_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         spec = json.loads((stage_dir / "head.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{stage_dir / 'head.json'}: cannot read the probe head spec ({e})") from None
+        raise ValueError(
+            f"{stage_dir / 'head.json'}: cannot read the probe head spec ({e})"
+        ) from None
     head = checkpoint.load_params(stage_dir / "head")
     return {k: np.asarray(head[k]) for k in ("kernel", "bias")}, spec
 
 
 # --- The stage -------------------------------------------------------------------------------------
 
+
 def _input(inputs: Mapping, name: str, key: str):
     if name not in inputs:
-        raise ValueError(f"{key}: no upstream output {name!r} (inputs: {', '.join(sorted(inputs)) or 'none'})")
+        raise ValueError(
+            f"{key}: no upstream output {name!r} (inputs: {', '.join(sorted(inputs)) or 'none'})"
+        )
     return inputs[name]
 
 
@@ -402,39 +508,93 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     # Few-shot first: a class short of examples fails before the linear probe is solved.
     fs, lin = cfg.fewshot, cfg.linear
     fs_train = cache.get(fs.train_split)
-    fewshot.check_shots(fs_train.y, fs_train.num_classes, fs.shots, fs_train.class_names, "probe.fewshot")
+    fewshot.check_shots(
+        fs_train.y, fs_train.num_classes, fs.shots, fs_train.class_names, "probe.fewshot"
+    )
     fs_test = cache.get(fs.split)
-    results = fewshot.evaluate(fs_train.x, fs_train.y, fs_test.x, fs_test.y, fs_train.num_classes, shots=fs.shots,
-                               seeds=fs.seeds, l2=fs.l2, class_names=fs_train.class_names, where="probe.fewshot")
+    results = fewshot.evaluate(
+        fs_train.x,
+        fs_train.y,
+        fs_test.x,
+        fs_test.y,
+        fs_train.num_classes,
+        shots=fs.shots,
+        seeds=fs.seeds,
+        l2=fs.l2,
+        class_names=fs_train.class_names,
+        where="probe.fewshot",
+    )
     metrics = {f"fewshot/{name}": value for name, value in fewshot.summary(results)}
 
     train = cache.get(lin.train_split)
     head, info = linear_probe(train, lin, cache.mesh)
-    metrics.update({"linear/holdout_top1": info["holdout_top1"], "linear/l2": info["l2"],
-                    "linear/iterations": info["iterations"]})
+    metrics.update(
+        {
+            "linear/holdout_top1": info["holdout_top1"],
+            "linear/l2": info["l2"],
+            "linear/iterations": info["iterations"],
+        }
+    )
     for split in lin.eval_splits:
         data = cache.get(split)
         if data.num_classes != train.num_classes:
-            raise ValueError(f"probe.linear.eval_splits: {split!r} has {data.num_classes} classes, "
-                             f"{lin.train_split!r} {train.num_classes}")
+            raise ValueError(
+                f"probe.linear.eval_splits: {split!r} has {data.num_classes} classes, "
+                f"{lin.train_split!r} {train.num_classes}"
+            )
         metrics[f"linear/{split}_top1"] = top1(data.x, data.y, head)
 
     # --- Export: the head (a dense layer on raw pre-logits) and the per-seed few-shot results.
     shutil.rmtree(out / "head", ignore_errors=True)  # a rerun in the same (resumed) dir
     checkpoint.save_params(out / "head", head)
     if is_main:
-        spec = {"input": PRED, "model_from": cfg.model_from, "model_fingerprint": export.fingerprint,
-                "dataset": cfg.dataset, "train_split": lin.train_split, "dim": int(head["kernel"].shape[0]),
-                "num_classes": train.num_classes, "class_names": list(train.class_names), **info}
+        spec = {
+            "input": PRED,
+            "model_from": cfg.model_from,
+            "model_fingerprint": export.fingerprint,
+            "dataset": cfg.dataset,
+            "train_split": lin.train_split,
+            "dim": int(head["kernel"].shape[0]),
+            "num_classes": train.num_classes,
+            "class_names": list(train.class_names),
+            **info,
+        }
         (out / "head.json").write_text(json.dumps(spec, indent=2) + "\n")
-        (out / "fewshot.json").write_text(json.dumps(
-            {"dataset": cfg.dataset, "train_split": fs.train_split, "split": fs.split, "l2": fs.l2,
-             "seeds": fs.seeds, "top1": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
-        print(f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, reused {cache.reused or 'none'}")
-        print(f"[probe] linear probe (l2 {info['l2']:g}, {info['iterations']} L-BFGS iterations, "
-              f"holdout top-1 {info['holdout_top1']:.4f}): "
-              + ", ".join(f"{s} top-1 {metrics[f'linear/{s}_top1']:.4f}" for s in lin.eval_splits))
-        print(f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): " + ", ".join(
-            f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± {metrics[f'fewshot/{k}shot_top1_std']:.4f}" for k in fs.shots))
-    return {"artifacts": {"features": "features", "head": "head", "head_spec": "head.json", "fewshot": "fewshot.json"},
-            "metrics": metrics}
+        (out / "fewshot.json").write_text(
+            json.dumps(
+                {
+                    "dataset": cfg.dataset,
+                    "train_split": fs.train_split,
+                    "split": fs.split,
+                    "l2": fs.l2,
+                    "seeds": fs.seeds,
+                    "top1": {str(k): v for k, v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(
+            f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, reused {cache.reused or 'none'}"
+        )
+        print(
+            f"[probe] linear probe (l2 {info['l2']:g}, {info['iterations']} L-BFGS iterations, "
+            f"holdout top-1 {info['holdout_top1']:.4f}): "
+            + ", ".join(f"{s} top-1 {metrics[f'linear/{s}_top1']:.4f}" for s in lin.eval_splits)
+        )
+        print(
+            f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): "
+            + ", ".join(
+                f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± {metrics[f'fewshot/{k}shot_top1_std']:.4f}"
+                for k in fs.shots
+            )
+        )
+    return {
+        "artifacts": {
+            "features": "features",
+            "head": "head",
+            "head_spec": "head.json",
+            "fewshot": "fewshot.json",
+        },
+        "metrics": metrics,
+    }

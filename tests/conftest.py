@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices, set before anything imports jax (docs/DESIGN.md §6)."""
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,3 +125,26 @@ def pretrain_export(stage_cache):
     from benchmarks import digits_run
 
     return digits_run.stages(stage_cache, tiny_pretrain_group())["pretrain"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The Debian `chromium` package, installed by the test set-up when it is missing (so CI runs
+    the browser test rather than skipping it): apt-get as root, `apt-get update` first if the
+    package index is stale."""
+    from eval import browser
+
+    if browser.find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True).returncode:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True)
+    path = browser.find_chromium()
+    if path is None:
+        pytest.fail(
+            f"no Chromium binary on PATH ({', '.join(browser.BINARIES)}) and `apt-get "
+            "install chromium` could not install one (it needs root and the Debian package "
+            "index)"
+        )
+    return path

@@ -1,4 +1,5 @@
 """Collective matmuls (trainer/collective.py) against XLA's sharded matmul, on 8 simulated devices."""
+
 import dataclasses
 import re
 
@@ -22,22 +23,34 @@ MESHES = [(4, 2), (2, 4), (1, 8)]
 # n partial products in bf16 (both forward rings sum in the output dtype, as XLA's own
 # reduce-scatter does, and the backward rings accumulate bf16 cotangents), where XLA's single dot
 # rounds once; measured here: up to ~2x XLA's error on a ring of 8.
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2 ** -8}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2**-8}
 
 # name: (collective fn, contracted dims, operand shapes, operand specs as the model's params/activations have)
 OPS = {
-    "all_gather_matmul": (collective.all_gather_matmul, 1, ((8, 3, 64), (64, 8, 6)),
-                          (P("data", None, "model"), P("data", "model", None))),
-    "matmul_reduce_scatter": (collective.matmul_reduce_scatter, 2, ((8, 3, 8, 6), (8, 6, 64)),
-                              (P("data", None, "model", None), P("model", None, "data"))),
+    "all_gather_matmul": (
+        collective.all_gather_matmul,
+        1,
+        ((8, 3, 64), (64, 8, 6)),
+        (P("data", None, "model"), P("data", "model", None)),
+    ),
+    "matmul_reduce_scatter": (
+        collective.matmul_reduce_scatter,
+        2,
+        ((8, 3, 8, 6), (8, 6, 64)),
+        (P("data", None, "model", None), P("model", None, "data")),
+    ),
 }
 
 
 def _operands(mesh, name, dtype=jnp.float32):
     _, _, shapes, specs = OPS[name]
     keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
-    return [jax.device_put(jax.random.normal(k, s, jnp.float32).astype(dtype), NamedSharding(mesh, spec))
-            for k, s, spec in zip(keys, shapes, specs)]
+    return [
+        jax.device_put(
+            jax.random.normal(k, s, jnp.float32).astype(dtype), NamedSharding(mesh, spec)
+        )
+        for k, s, spec in zip(keys, shapes, specs)
+    ]
 
 
 def _output_and_grads(fn, args):
@@ -83,13 +96,17 @@ def test_context_mesh_and_fallbacks(name):
     for mesh, operands in ((None, args), (one, args_one), (ring, [args[0][:1], args[1]])):
         text = jax.jit(lambda a, b: fn(a, b, mesh)).lower(*operands).as_text()
         assert "collective_permute" not in text and "shard_map" not in text
-        np.testing.assert_allclose(fn(*operands, mesh), jnp.tensordot(*operands, axes=n_in), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            fn(*operands, mesh), jnp.tensordot(*operands, axes=n_in), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_indivisible_heads_or_width_is_a_clear_error():
     mesh = sharding.make_mesh(data=1, model=8)
     x, w = jnp.ones((8, 3, 64)), jnp.ones((64, 4, 6))  # 4 heads over model=8
-    with pytest.raises(ValueError, match=r"heads=4 is not divisible by the 'model' mesh axis \(size 8\)"):
+    with pytest.raises(
+        ValueError, match=r"heads=4 is not divisible by the 'model' mesh axis \(size 8\)"
+    ):
         collective.all_gather_matmul(x, w, mesh)
     with pytest.raises(ValueError, match="width=12 is not divisible"):
         collective.matmul_reduce_scatter(jnp.ones((8, 3, 8, 6)), jnp.ones((8, 6, 12)), mesh)
@@ -117,12 +134,15 @@ def test_hlo_overlaps_with_collective_permutes_and_never_gathers_the_activation(
 
 # --- the model switch ------------------------------------------------------------------------------
 
+
 def _tiny(**kw):
     return vit.make_config("mu/4", image_size=16, num_classes=5, **kw)
 
 
 def test_parameters_are_identical_for_both_matmuls():
-    shapes = lambda cfg: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), vit.abstract_params(cfg))
+    shapes = lambda cfg: jax.tree_util.tree_map(
+        lambda a: (a.shape, a.dtype), vit.abstract_params(cfg)
+    )
     specs = lambda cfg: nn.get_partition_spec(vit.abstract_params(cfg))
     assert shapes(_tiny()) == shapes(_tiny(matmul="collective"))
     assert specs(_tiny()) == specs(_tiny(matmul="collective"))
@@ -130,11 +150,20 @@ def test_parameters_are_identical_for_both_matmuls():
     assert vit.ViTConfig.from_spec(cfg.to_json()) == cfg
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(matmul="async"), "matmul='async' is not one of"),
-    (dict(matmul="collective", block="sequential"), "matmul='collective' needs block='parallel' and fused=True"),
-    (dict(matmul="collective", fused=False), "matmul='collective' needs block='parallel' and fused=True"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(matmul="async"), "matmul='async' is not one of"),
+        (
+            dict(matmul="collective", block="sequential"),
+            "matmul='collective' needs block='parallel' and fused=True",
+        ),
+        (
+            dict(matmul="collective", fused=False),
+            "matmul='collective' needs block='parallel' and fused=True",
+        ),
+    ],
+)
 def test_bad_matmul_configs_raise_one_line_value_error(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         _tiny(**kw)
@@ -146,14 +175,19 @@ def test_vit_forward_and_grad_collective_equals_xla():
     mesh = sharding.make_mesh(data=4, model=2)
     images = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
     with sharding.activate(mesh):
-        params = jax.jit(lambda x: nn.unbox(vit.ViT(cfg).init(jax.random.PRNGKey(0), x)["params"]))(images)
+        params = jax.jit(lambda x: nn.unbox(vit.ViT(cfg).init(jax.random.PRNGKey(0), x)["params"]))(
+            images
+        )
         results, texts = {}, {}
         for matmul in ("xla", "collective"):
             model = vit.ViT(dataclasses.replace(cfg, matmul=matmul))
 
             def loss(p):
                 logits, out = model.apply({"params": p}, images)
-                return jnp.mean(jax.nn.log_sigmoid(logits)) + jnp.mean(out["encoded"] ** 3), out["encoded"]
+                return jnp.mean(jax.nn.log_sigmoid(logits)) + jnp.mean(out["encoded"] ** 3), out[
+                    "encoded"
+                ]
+
             fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
             results[matmul] = fn(params)
             texts[matmul] = fn.lower(params).as_text()
@@ -161,7 +195,9 @@ def test_vit_forward_and_grad_collective_equals_xla():
     (ref_value, ref_encoded), ref_grads = results["xla"]
     np.testing.assert_allclose(encoded, ref_encoded, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    jax.tree_util.tree_map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6), grads, ref_grads)
+    jax.tree_util.tree_map(
+        lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6), grads, ref_grads
+    )
     assert "collective_permute" in texts["collective"] and "collective_permute" not in texts["xla"]
 
 
@@ -173,22 +209,46 @@ def test_train_step_collective_equals_xla():
     setup = step_lib.setup(tasks["xla"], optim.default_config(), 10, mesh, seed=0)
     tx, schedule, sh, init = setup.tx, setup.schedule, setup.shardings, setup.init
     results = {}
-    for matmul, task in tasks.items():  # the same parameters for both (a fresh copy: the step donates it)
+    for (
+        matmul,
+        task,
+    ) in tasks.items():  # the same parameters for both (a fresh copy: the step donates it)
         step = step_lib.make_train_step(task, tx, schedule, sh, bsh)
         results[matmul] = jax.device_get(step(init(), {}, batch))
     (state, metrics), (ref_state, ref_metrics) = results["collective"], results["xla"]
     for key in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           state["params"], ref_state["params"])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        state["params"],
+        ref_state["params"],
+    )
 
 
 def test_benchmark_script_prints_a_complete_table(capsys):
     from benchmarks import collective as bench
-    bench.main(["--widths", "128", "--mesh", "4,2", "--batch", "8", "--seq", "8", "--steps", "1", "--rounds", "1"])
+
+    bench.main(
+        [
+            "--widths",
+            "128",
+            "--mesh",
+            "4,2",
+            "--batch",
+            "8",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+        ]
+    )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|   128 |")]
     assert len(rows) == 1
-    width, heads, xla_ms, coll_ms, ratio, permutes = (c.strip() for c in rows[0].strip("|").split("|"))
+    width, heads, xla_ms, coll_ms, ratio, permutes = (
+        c.strip() for c in rows[0].strip("|").split("|")
+    )
     assert (width, heads) == ("128", "2") and min(float(xla_ms), float(coll_ms), float(ratio)) > 0
     xla, coll = (int(n) for n in permutes.split("/"))
     assert coll == xla + 4  # two forward rings + their two transposes, one hop each on model=2

@@ -305,7 +305,7 @@ def test_calibration_and_fairness_details(evaluated, prepared_digits):
 
 
 @pytest.mark.xdist_group("evaluate")
-def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
+def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path, chromium):
     from eval import browser
 
     out, _, _, _ = evaluated
@@ -317,10 +317,6 @@ def test_report_of_the_digits_run_in_chromium(evaluated, tmp_path):
     assert "| humans | digits-pairs |" in md
     figures = len(list((out / "figures").iterdir()))
     assert figures == 5  # training curves, shape bias (cue), reliability, subgroups, frontier
-    try:
-        browser.ensure_chromium()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
     artifacts = Path(os.environ.get("TEST_ARTIFACTS_DIR") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     result = browser.check_page(out / "report.html", artifacts / "report_digits.png")

@@ -1,4 +1,5 @@
 """The pretrain stage end to end on real digits: learning, guards, checkpoints, export, preemption."""
+
 import json
 import os
 import signal
@@ -27,7 +28,10 @@ def digits(prepared_digits):
 def _cfg(digits, **overrides):
     cfg = tiny.pretrain_config()
     cfg.data.prepared_dir = str(digits)
-    cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 0  # runs here are shorter than the tiny config's
+    cfg.optim.warmup_steps, cfg.optim.cooldown_steps = (
+        5,
+        0,
+    )  # runs here are shorter than the tiny config's
     cfg.update_from_flattened_dict(overrides)
     return cfg
 
@@ -43,7 +47,15 @@ def test_pretrain_learns_and_exports(digits, tmp_path):
     assert m["val/top5"] >= m["val/top1"] and m["val/loss"] > 0
     logged = [r for r in _lines(tmp_path / "metrics.jsonl") if "loss" in r]
     assert logged[-1]["loss"] < logged[0]["loss"]
-    for key in ("lr", "grad_norm", "param_norm", "examples_per_sec", "step_time", "mfu", "train_top1"):
+    for key in (
+        "lr",
+        "grad_norm",
+        "param_norm",
+        "examples_per_sec",
+        "step_time",
+        "mfu",
+        "train_top1",
+    ):
         assert key in logged[-1], key
     assert 0 < logged[-1]["mfu"] < 1.5
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl") if "val/top1" in r] == [60, 120]
@@ -56,7 +68,9 @@ def test_pretrain_learns_and_exports(digits, tmp_path):
 
 
 def test_frozen_parameters_stay_bit_identical(digits, tmp_path):
-    cfg = _cfg(digits, steps=6, checkpoint_every=0, **{"evals.val.every": 0, "runtime.log_every": 0})
+    cfg = _cfg(
+        digits, steps=6, checkpoint_every=0, **{"evals.val.every": 0, "runtime.log_every": 0}
+    )
     cfg.optim.wd = 0.1
     cfg.optim.warmup_steps = 0
     cfg.optim.wd_rules = [("^embedding_", None), ("head_kernel", 1.0)]
@@ -74,8 +88,14 @@ def train_state_init(cfg):
     """The initial parameters the trainer creates for `cfg` (same seed, same init function)."""
     from trainer import sharding
     from trainer import step as step_lib
-    setup = step_lib.setup(pretrain.make_task(cfg, num_classes=10), cfg.optim, 10, sharding.make_mesh(**cfg.mesh),
-                           cfg.seed)
+
+    setup = step_lib.setup(
+        pretrain.make_task(cfg, num_classes=10),
+        cfg.optim,
+        10,
+        sharding.make_mesh(**cfg.mesh),
+        cfg.seed,
+    )
     return setup.init()["params"]
 
 
@@ -87,9 +107,14 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(digits, tmp
         batch = real_next(self)
         calls.append(1)
         return dict(batch, image=batch["image"] * np.nan) if len(calls) == 7 else batch
+
     monkeypatch.setattr(loader.TrainLoader, "__next__", poisoned)
-    cfg = _cfg(digits, steps=20, checkpoint_every=5, **{"runtime.log_every": 3, "evals.val.every": 0,
-                                                         "runtime.async_checkpoint": False})
+    cfg = _cfg(
+        digits,
+        steps=20,
+        checkpoint_every=5,
+        **{"runtime.log_every": 3, "evals.val.every": 0, "runtime.async_checkpoint": False},
+    )
     with pytest.raises(loop.NonFiniteError, match="at step 7;"):
         pretrain.run(cfg, {}, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -97,19 +122,30 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(digits, tmp
     assert not (tmp_path / "params").exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(batch_size=62), "batch_size: 62 is not divisible by the data-parallel size 4"),
-    (dict(eval_batch_size=6), "eval_batch_size: 6"),
-    ({"mesh.data": 3, "batch_size": 48, "eval_batch_size": 48}, "mesh: replica=1 x data=3 x model=2"),
-    ({"mesh.data": -1, "batch_size": 62},  # known at run time only: the same check and message
-     "pretrain.batch_size: 62 is not divisible by the data-parallel size 4"),
-    ({"data.dataset": "imagenet2012"}, "dataset 'imagenet2012' split 'train' not found"),
-    ({"evals.val.split": "nope"}, "dataset 'digits' split 'nope' not found"),
-    ({"data.image_size": 30}, "image_size=30"),
-    ({"model.variant": "Z/4"}, "unknown ViT variant 'Z/4'"),
-    (dict(steps=None), "exactly one of steps, epochs, examples"),
-    (dict(loss="hinge"), "loss='hinge'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(batch_size=62), "batch_size: 62 is not divisible by the data-parallel size 4"),
+        (dict(eval_batch_size=6), "eval_batch_size: 6"),
+        (
+            {"mesh.data": 3, "batch_size": 48, "eval_batch_size": 48},
+            "mesh: replica=1 x data=3 x model=2",
+        ),
+        (
+            {
+                "mesh.data": -1,
+                "batch_size": 62,
+            },  # known at run time only: the same check and message
+            "pretrain.batch_size: 62 is not divisible by the data-parallel size 4",
+        ),
+        ({"data.dataset": "imagenet2012"}, "dataset 'imagenet2012' split 'train' not found"),
+        ({"evals.val.split": "nope"}, "dataset 'digits' split 'nope' not found"),
+        ({"data.image_size": 30}, "image_size=30"),
+        ({"model.variant": "Z/4"}, "unknown ViT variant 'Z/4'"),
+        (dict(steps=None), "exactly one of steps, epochs, examples"),
+        (dict(loss="hinge"), "loss='hinge'"),
+    ],
+)
 def test_bad_configs_fail_before_compiling(digits, tmp_path, overrides, message):
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         pretrain.run(_cfg(digits, **overrides), {}, tmp_path)
@@ -119,11 +155,26 @@ def test_bad_configs_fail_before_compiling(digits, tmp_path, overrides, message)
 
 # --- Preemption-safe resume through the DAG's single-stage entry (what a cluster job runs) -------
 
+
 def _stage_cmd(workdir, *extra):
-    return [sys.executable, "-m", "launch.stage", "--stage", "pretrain", "--config", "launch/configs/tiny.py",
-            "--workdir", str(workdir), "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
-            "--config.pretrain.evals.val.every=0", "--config.pretrain.runtime.log_every=5",
-            "--config.pretrain.optim.warmup_steps=5", "--config.pretrain.optim.cooldown_steps=0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "launch.stage",
+        "--stage",
+        "pretrain",
+        "--config",
+        "launch/configs/tiny.py",
+        "--workdir",
+        str(workdir),
+        "--config.pretrain.steps=40",
+        "--config.pretrain.checkpoint_every=5",
+        "--config.pretrain.evals.val.every=0",
+        "--config.pretrain.runtime.log_every=5",
+        "--config.pretrain.optim.warmup_steps=5",
+        "--config.pretrain.optim.cooldown_steps=0",
+        *extra,
+    ]
 
 
 def _env():
@@ -135,7 +186,11 @@ def _env():
 def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        steps = [int(p.name) for p in workdir.glob("pretrain/.partial-*/checkpoints/*") if p.name.isdigit()]
+        steps = [
+            int(p.name)
+            for p in workdir.glob("pretrain/.partial-*/checkpoints/*")
+            if p.name.isdigit()
+        ]
         if steps and max(steps) >= min_step:
             return max(steps)
         if proc.poll() is not None:
@@ -156,8 +211,14 @@ def test_sigkill_then_rerun_resumes_bit_identically(prepare_into, tmp_path):
     prepare_into(killed)
     subprocess.run(_stage_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_stage_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _stage_cmd(killed),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_checkpoint(killed, proc, min_step=10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -172,15 +233,24 @@ def test_sigkill_then_rerun_resumes_bit_identically(prepare_into, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
     assert json.loads((out_dir / "outputs.json").read_text())["metrics"]["start_step"] >= 10
     steps = [r["step"] for r in _lines(out_dir / "metrics.jsonl") if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 40  # one line per logged step across the restart
+    assert (
+        steps == sorted(set(steps)) and steps[-1] == 40
+    )  # one line per logged step across the restart
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_preempted(prepare_into, tmp_path):
     prepare_into(tmp_path)
-    proc = subprocess.Popen(_stage_cmd(tmp_path, "--config.pretrain.checkpoint_every=1000",
-                                       "--config.pretrain.steps=400"), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _stage_cmd(
+            tmp_path, "--config.pretrain.checkpoint_every=1000", "--config.pretrain.steps=400"
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 240
     while not list(tmp_path.glob("pretrain/.partial-*/metrics.jsonl")) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
@@ -189,25 +259,54 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted(prepare_into, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, output[-2000:]
     assert "signal 15" in output and "rerun to resume" in output, output[-2000:]
-    steps = [int(p.name) for p in tmp_path.glob("pretrain/.partial-*/checkpoints/*") if p.name.isdigit()]
+    steps = [
+        int(p.name) for p in tmp_path.glob("pretrain/.partial-*/checkpoints/*") if p.name.isdigit()
+    ]
     assert steps and 0 < max(steps) < 400
 
 
 def _planned(stdout: str) -> dict[str, str]:
     """{stage: fingerprint prefix} from a --dry_run table."""
-    return {line.split()[0]: line.split()[2] for line in stdout.splitlines() if line and not line.startswith(" ")}
+    return {
+        line.split()[0]: line.split()[2]
+        for line in stdout.splitlines()
+        if line and not line.startswith(" ")
+    }
 
 
 def test_model_fields_are_overridable_from_the_command_line(tmp_path):
-    base = [sys.executable, "-m", "launch.run", "--config", "launch/configs/tiny.py", "--dry_run",
-            "--workdir", str(tmp_path)]
+    base = [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--config",
+        "launch/configs/tiny.py",
+        "--dry_run",
+        "--workdir",
+        str(tmp_path),
+    ]
     plain = subprocess.run(base, cwd=REPO, env=_env(), capture_output=True, text=True)
-    ok = subprocess.run(base + ["--config.pretrain.model.matmul=collective", "--config.pretrain.model.depth=1",
-                                "--config.pretrain.steps=100"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    ok = subprocess.run(
+        base
+        + [
+            "--config.pretrain.model.matmul=collective",
+            "--config.pretrain.model.depth=1",
+            "--config.pretrain.steps=100",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert plain.returncode == 0 and ok.returncode == 0, ok.stderr[-2000:]
     before, after = _planned(plain.stdout), _planned(ok.stdout)
     # The overrides reached the pretrain group (its fingerprint moved) and nothing else.
     assert before["prepare"] == after["prepare"] and before["pretrain"] != after["pretrain"]
-    bad = subprocess.run(base + ["--config.pretrain.model.dept=1"], cwd=REPO, env=_env(), capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        base + ["--config.pretrain.model.dept=1"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "dept" in bad.stderr

@@ -4,13 +4,10 @@ figure decoded, no console error; a screenshot kept as a test artifact)."""
 
 import json
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from eval import browser, report
 from eval.metrics import calibration, fairness
@@ -236,27 +233,6 @@ def test_missing_inputs_leave_sections_out_with_a_note(tmp_path, capsys):
     assert "<img" not in page and page.count('class="note"') == 7
     assert report.main([str(out)]) == 0
     assert str(out / "report.html") in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """The Debian `chromium` package, installed by the test set-up when it is missing (so CI runs
-    the browser test rather than skipping it): apt-get as root, `apt-get update` first if the
-    package index is stale."""
-    if browser.find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
-    path = browser.find_chromium()
-    if path is None:
-        pytest.fail(
-            f"no Chromium binary on PATH ({', '.join(browser.BINARIES)}) and `apt-get "
-            "install chromium` could not install one (it needs root and the Debian package "
-            "index)"
-        )
-    return path
 
 
 def test_report_renders_in_headless_chromium(tmp_path, chromium):

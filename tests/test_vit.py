@@ -1,4 +1,5 @@
 """ViT family: parameter counts, the ViT-22B block against NumPy, fusion/scan equivalences, configs."""
+
 import itertools
 
 import flax.linen as nn
@@ -31,6 +32,7 @@ def _tiny(**kw):
 
 # --- parameter counts -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(vit.VARIANTS))
 def test_param_count_of_every_variant_matches_closed_form(name):
     patch = 4 if name == "mu" else 14
@@ -38,42 +40,72 @@ def test_param_count_of_every_variant_matches_closed_form(name):
     assert vit.count_params(vit.abstract_params(cfg)) == flops.param_count(cfg)
 
 
-@pytest.mark.parametrize("block,fused,use_bias,qk_norm,head,norm", [
-    combo for combo in itertools.product(("parallel", "sequential"), (True, False), (True, False), (True, False),
-                                         ("map", "gap", "token"), ("rmsnorm", "layernorm"))
-    if combo[4] == "map" or (combo[1] and combo[3])])  # fewer head combos: the head is independent
-def test_param_count_of_every_toggle_matches_closed_form(block, fused, use_bias, qk_norm, head, norm):
+@pytest.mark.parametrize(
+    "block,fused,use_bias,qk_norm,head,norm",
+    [
+        combo
+        for combo in itertools.product(
+            ("parallel", "sequential"),
+            (True, False),
+            (True, False),
+            (True, False),
+            ("map", "gap", "token"),
+            ("rmsnorm", "layernorm"),
+        )
+        if combo[4] == "map" or (combo[1] and combo[3])
+    ],
+)  # fewer head combos: the head is independent
+def test_param_count_of_every_toggle_matches_closed_form(
+    block, fused, use_bias, qk_norm, head, norm
+):
     cfg = _tiny(block=block, fused=fused, use_bias=use_bias, qk_norm=qk_norm, head=head, norm=norm)
     assert vit.count_params(vit.abstract_params(cfg)) == flops.param_count(cfg)
 
 
 def test_encoder_only_and_representation_counts():
-    for kw in (dict(num_classes=0), dict(representation_size=32), dict(num_classes=0, representation_size=8)):
+    for kw in (
+        dict(num_classes=0),
+        dict(representation_size=32),
+        dict(num_classes=0, representation_size=8),
+    ):
         cfg = _tiny(**kw)
         assert vit.count_params(vit.abstract_params(cfg)) == flops.param_count(cfg)
 
 
 def test_vit22b_encoder_matmul_weights_are_exact():
     cfg = vit.make_config("22B/14")
-    assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_patches) == (6144, 48, 24576, 48, 256)
+    assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_patches) == (
+        6144,
+        48,
+        24576,
+        48,
+        256,
+    )
     flat = _flat(nn.unbox(vit.abstract_params(cfg)))
-    matmul = sum(int(np.prod(v.shape)) for k, v in flat.items()
-                 if k.startswith("Transformer/encoderblock/") and k.endswith("_kernel"))
-    assert matmul == 48 * (4 * 6144 ** 2 + 2 * 6144 * 24576) == 21_743_271_936
+    matmul = sum(
+        int(np.prod(v.shape))
+        for k, v in flat.items()
+        if k.startswith("Transformer/encoderblock/") and k.endswith("_kernel")
+    )
+    assert matmul == 48 * (4 * 6144**2 + 2 * 6144 * 24576) == 21_743_271_936
     assert flops.encoder_matmul_params(cfg) == 21_743_271_936
     # Exactly two matmul kernels per block: the fused in- and out-projections.
-    assert sorted(k for k in flat if k.startswith("Transformer/encoderblock/") and k.endswith("_kernel")) == [
-        "Transformer/encoderblock/in_kernel", "Transformer/encoderblock/out_kernel"]
+    assert sorted(
+        k for k in flat if k.startswith("Transformer/encoderblock/") and k.endswith("_kernel")
+    ) == ["Transformer/encoderblock/in_kernel", "Transformer/encoderblock/out_kernel"]
 
 
 def test_model_flops_follow_palm_formula():
     cfg = vit.make_config("22B/14", num_classes=0, head="gap")
     t, n = 256, flops.matmul_params_per_token(cfg)
     assert flops.model_flops_per_example(cfg) == pytest.approx(6 * n * t + 12 * 48 * t * t * 6144)
-    assert flops.model_flops_per_example(cfg, train=False) == pytest.approx(2 * n * t + 4 * 48 * t * t * 6144)
+    assert flops.model_flops_per_example(cfg, train=False) == pytest.approx(
+        2 * n * t + 4 * 48 * t * t * 6144
+    )
 
 
 # --- the ViT-22B block against an independent NumPy implementation ------------------------------
+
 
 def _np_rms(x, scale, eps=1e-6):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
@@ -81,6 +113,7 @@ def _np_rms(x, scale, eps=1e-6):
 
 def _np_gelu(x):
     from scipy.special import erf
+
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
 
@@ -107,23 +140,38 @@ def test_fused_parallel_block_equals_numpy_reference():
     params = nn.unbox(block.init(jax.random.PRNGKey(1), x)["params"])
     # Random norm scales and biases so that every term matters.
     params = jax.tree_util.tree_map(
-        lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
+        lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params
+    )
     y, _ = block.apply({"params": params}, x)
 
     p = jax.tree_util.tree_map(np.asarray, params)
     D, H, hd, m = 32, 4, 8, 16
     W_in, W_out = p["in_kernel"], p["out_kernel"]  # [D, H, 3hd+m], [H, hd+m, D]
-    W_q, W_k, W_v = (W_in[:, :, i * hd:(i + 1) * hd].reshape(D, H * hd) for i in range(3))
-    W_1 = W_in[:, :, 3 * hd:].reshape(D, H * m)
+    W_q, W_k, W_v = (W_in[:, :, i * hd : (i + 1) * hd].reshape(D, H * hd) for i in range(3))
+    W_1 = W_in[:, :, 3 * hd :].reshape(D, H * m)
     b_1 = p["in_bias"].reshape(H * m)  # use_bias=False: only the MLP part has a bias
     W_o = W_out[:, :hd, :].reshape(H * hd, D)
     W_2 = W_out[:, hd:, :].reshape(H * m, D)
-    ref = _np_parallel_block(np.asarray(x), W_q, W_k, W_v, W_1, b_1, W_o, W_2, p["out_bias"],
-                             p["norm"]["scale"], p["q_norm"]["scale"], p["k_norm"]["scale"], H)
+    ref = _np_parallel_block(
+        np.asarray(x),
+        W_q,
+        W_k,
+        W_v,
+        W_1,
+        b_1,
+        W_o,
+        W_2,
+        p["out_bias"],
+        p["norm"]["scale"],
+        p["q_norm"]["scale"],
+        p["k_norm"]["scale"],
+        H,
+    )
     np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
 
 
 # --- equivalences ---------------------------------------------------------------------------------
+
 
 def _unfuse(params, cfg):
     """Maps a fused model's parameters onto the unfused layout of the same math."""
@@ -139,12 +187,12 @@ def _unfuse(params, cfg):
         lead = value.shape[:-3] if name in ("in_kernel", "out_kernel", "qkv_kernel") else None
         if name == "in_kernel":  # [..., D, H, 3hd+m]
             for i, n in enumerate(("query", "key", "value")):
-                out[f"{prefix}/{n}_kernel"] = value[..., i * hd:(i + 1) * hd]
-            out[f"{prefix}/mlp_in_kernel"] = value[..., 3 * hd:].reshape(*lead, value.shape[-3], M)
+                out[f"{prefix}/{n}_kernel"] = value[..., i * hd : (i + 1) * hd]
+            out[f"{prefix}/mlp_in_kernel"] = value[..., 3 * hd :].reshape(*lead, value.shape[-3], M)
         elif name == "in_bias":  # [..., H, (3hd+)m]
             if cfg.use_bias:
                 for i, n in enumerate(("query", "key", "value")):
-                    out[f"{prefix}/{n}_bias"] = value[..., i * hd:(i + 1) * hd]
+                    out[f"{prefix}/{n}_bias"] = value[..., i * hd : (i + 1) * hd]
             out[f"{prefix}/mlp_in_bias"] = value[..., -m:].reshape(*value.shape[:-2], M)
         elif name == "out_kernel":  # [..., H, hd+m, D]
             out[f"{prefix}/attn_out_kernel"] = value[..., :hd, :]
@@ -155,24 +203,29 @@ def _unfuse(params, cfg):
                 out[f"{prefix}/attn_out_bias"] = jnp.zeros_like(value)
         elif name == "qkv_kernel" or name == "qkv_bias":
             for i, n in enumerate(("query", "key", "value")):
-                out[f"{prefix}/{n}_{name[4:]}"] = value[..., i * hd:(i + 1) * hd]
+                out[f"{prefix}/{n}_{name[4:]}"] = value[..., i * hd : (i + 1) * hd]
         else:
             out[key] = value
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-@pytest.mark.parametrize("block,use_bias", [("parallel", False), ("parallel", True), ("sequential", True),
-                                            ("sequential", False)])
+@pytest.mark.parametrize(
+    "block,use_bias",
+    [("parallel", False), ("parallel", True), ("sequential", True), ("sequential", False)],
+)
 def test_unfused_equals_fused(block, use_bias):
     cfg = _tiny(block=block, use_bias=use_bias)
     model, params, x = _init(cfg)
-    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
-                                    params)
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params
+    )
     unfused_cfg = _tiny(block=block, use_bias=use_bias, fused=False)
     unfused = _unfuse(params, cfg)
     # The unfused model has exactly the parameters the mapping produced.
     _, ref_params, _ = _init(unfused_cfg)
-    assert jax.tree_util.tree_map(jnp.shape, unfused) == jax.tree_util.tree_map(jnp.shape, ref_params)
+    assert jax.tree_util.tree_map(jnp.shape, unfused) == jax.tree_util.tree_map(
+        jnp.shape, ref_params
+    )
     y_fused, _ = model.apply({"params": params}, x)
     y_unfused, _ = vit.ViT(unfused_cfg).apply({"params": unfused}, x)
     np.testing.assert_allclose(y_fused, y_unfused, rtol=1e-5, atol=1e-5)
@@ -186,7 +239,9 @@ def test_scan_equals_unrolled(block):
     unrolled = dict(params)
     unrolled["Transformer"] = {"encoder_norm": params["Transformer"]["encoder_norm"]}
     for i in range(3):
-        unrolled["Transformer"][f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda p: p[i], stacked)
+        unrolled["Transformer"][f"encoderblock_{i}"] = jax.tree_util.tree_map(
+            lambda p: p[i], stacked
+        )
     y_scan, _ = model.apply({"params": params}, x)
     y_loop, _ = vit.ViT(_tiny(block=block, depth=3, scan=False)).apply({"params": unrolled}, x)
     np.testing.assert_allclose(y_scan, y_loop, rtol=1e-5, atol=1e-5)
@@ -196,7 +251,13 @@ def _loss_and_grads(model, params, x):
     def loss(p):
         logits, _ = model.apply({"params": p}, x)
         labels = jax.nn.one_hot(jnp.arange(x.shape[0]) % logits.shape[-1], logits.shape[-1])
-        return jnp.mean(jnp.sum(-labels * jax.nn.log_sigmoid(logits) - (1 - labels) * jax.nn.log_sigmoid(-logits), -1))
+        return jnp.mean(
+            jnp.sum(
+                -labels * jax.nn.log_sigmoid(logits) - (1 - labels) * jax.nn.log_sigmoid(-logits),
+                -1,
+            )
+        )
+
     return jax.value_and_grad(loss)(params)
 
 
@@ -209,12 +270,17 @@ def test_gradients_finite_and_remat_invariant(remat):
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["Transformer"]))
     if remat != "none":
-        loss_r, grads_r = _loss_and_grads(vit.ViT(_tiny(head_zeroinit=False, remat=remat)), params, x)
+        loss_r, grads_r = _loss_and_grads(
+            vit.ViT(_tiny(head_zeroinit=False, remat=remat)), params, x
+        )
         np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_r)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_r
+        )
 
 
 # --- the seed's architecture facts ----------------------------------------------------------------
+
 
 def test_no_biases_where_the_seed_says_none():
     cfg = vit.make_config("22B/14")
@@ -222,10 +288,20 @@ def test_no_biases_where_the_seed_says_none():
     norms = [k for k in flat if len(k.split("/")) > 1 and "norm" in k.split("/")[-2]]
     assert norms and all(k.endswith("/scale") for k in norms), "LayerNorms must be bias-free"
     biases = sorted(k for k in flat if k.endswith("bias"))
-    assert biases == ["MAPHead_0/mlp_in_bias", "MAPHead_0/mlp_out_bias", "Transformer/encoderblock/in_bias",
-                      "Transformer/encoderblock/out_bias", "embedding_bias", "head_bias"]
+    assert biases == [
+        "MAPHead_0/mlp_in_bias",
+        "MAPHead_0/mlp_out_bias",
+        "Transformer/encoderblock/in_bias",
+        "Transformer/encoderblock/out_bias",
+        "embedding_bias",
+        "head_bias",
+    ]
     # The fused in-projection bias covers only the MLP part (no q/k/v bias).
-    assert flat["Transformer/encoderblock/in_bias"].shape == (48, 48, 24576 // 48)  # [layers, heads, m]
+    assert flat["Transformer/encoderblock/in_bias"].shape == (
+        48,
+        48,
+        24576 // 48,
+    )  # [layers, heads, m]
     assert cfg.norm == "rmsnorm" and cfg.qk_norm and cfg.block == "parallel" and cfg.head == "map"
 
 
@@ -244,7 +320,7 @@ def test_qk_norm_is_applied_per_head():
     inter = _flat(state["intermediates"])
     q = np.asarray(inter["Transformer/encoderblock_0/q_norm/__call__"][0])
     assert q.shape[-2:] == (cfg.num_heads, cfg.head_dim)
-    rms = np.sqrt(np.mean(q ** 2, axis=-1))  # scale is 1 at init: every head's vector has unit RMS
+    rms = np.sqrt(np.mean(q**2, axis=-1))  # scale is 1 at init: every head's vector has unit RMS
     np.testing.assert_allclose(rms, 1.0, rtol=1e-3)
     assert params["Transformer"]["encoderblock_0"]["q_norm"]["scale"].shape == (cfg.head_dim,)
     # Without QK-norm no such parameters exist.
@@ -284,23 +360,30 @@ def test_sincos_posemb_has_no_parameter():
 def test_model_json_round_trip():
     cfg = vit.make_config("B/16", num_classes=10, dtype="bfloat16", depth=3)
     spec = cfg.to_json()
-    assert spec == {"variant": "B/16", "overrides": {"depth": 3, "num_classes": 10, "dtype": "bfloat16"}}
+    assert spec == {
+        "variant": "B/16",
+        "overrides": {"depth": 3, "num_classes": 10, "dtype": "bfloat16"},
+    }
     assert vit.ViTConfig.from_spec(spec) == cfg
 
 
 # --- bad configs: one-line ValueError naming the field, before any tracing ------------------------
 
-@pytest.mark.parametrize("variant,kw,field", [
-    ("B/16", dict(num_heads=7), "width"),
-    ("B/16", dict(image_size=200), "image_size"),
-    ("Q/16", {}, "Q/16"),
-    ("B16", {}, "B16"),
-    ("B/16", dict(widht=3), "widht"),
-    ("B/16", dict(block="serial"), "block"),
-    ("22B/14", dict(mlp_dim=1000), "mlp_dim"),
-    ("B/16", dict(depth=0), "depth"),
-    ("B/16", dict(remat="some"), "remat"),
-])
+
+@pytest.mark.parametrize(
+    "variant,kw,field",
+    [
+        ("B/16", dict(num_heads=7), "width"),
+        ("B/16", dict(image_size=200), "image_size"),
+        ("Q/16", {}, "Q/16"),
+        ("B16", {}, "B16"),
+        ("B/16", dict(widht=3), "widht"),
+        ("B/16", dict(block="serial"), "block"),
+        ("22B/14", dict(mlp_dim=1000), "mlp_dim"),
+        ("B/16", dict(depth=0), "depth"),
+        ("B/16", dict(remat="some"), "remat"),
+    ],
+)
 def test_bad_configs_raise_one_line_value_error(variant, kw, field):
     with pytest.raises(ValueError) as e:
         vit.make_config(variant, **kw)

@@ -19,6 +19,7 @@ the same in every process, so a checkpoint written by n processes resumes on any
 (`data_state`); processes that disagree are reported, never guessed. `load_params(dir)` without
 shapes reads plain NumPy on one host, whatever mesh wrote the params.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,19 +46,30 @@ class Checkpoints:
 
     def __init__(self, directory: Path, *, max_to_keep: int = 2, async_save: bool = True):
         self.directory = paths.absolute(directory)  # gs:// goes to Orbax as an epath.Path
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         """Starts a save (async for `state`); the iterator position is captured now."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+            force=True,
+        )
 
-    def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> tuple[Any, int]:
+    def restore(
+        self, abstract_state: Any, data_iterator: Any, step: int | None = None
+    ) -> tuple[Any, int]:
         """Restores `state` into the shardings of `abstract_state` (any mesh) and moves the iterator
         in place (any process count, see `data_state`)."""
         step = self.latest_step() if step is None else step
@@ -66,12 +78,14 @@ class Checkpoints:
         # The iterator first: its prefetch then overlaps the state's read (Grain's advice).
         data_iterator.set_state(self.data_state(step))
         data_iterator.start_prefetch()
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
         return restored.state, step
 
-    def data_state(self, step: int, process_index: int | None = None,
-                   process_count: int | None = None) -> Any:
+    def data_state(
+        self, step: int, process_index: int | None = None, process_count: int | None = None
+    ) -> Any:
         """This process's Grain iterator state at `step`. Written by another number of processes:
         their common state (all processes of a run stand at the same global batch); a ValueError
         naming the files when they disagree or some are missing."""
@@ -88,20 +102,31 @@ class Checkpoints:
                 found[int(match[1]), int(match[2])] = json.loads(path.read_text())
         counts = sorted({n for _, n in found})
         if len(counts) != 1:
-            raise ValueError(f"{directory}: no iterator state for process {pi} of {pc}; files for process "
-                             f"counts {counts or 'none'}")
+            raise ValueError(
+                f"{directory}: no iterator state for process {pi} of {pc}; files for process "
+                f"counts {counts or 'none'}"
+            )
         written = counts[0]
         missing = sorted(set(range(written)) - {i for i, _ in found})
         if missing:
-            raise ValueError(f"{directory}: written by {written} processes but process_{missing[0]}-of-"
-                             f"{written}.json is missing")
+            raise ValueError(
+                f"{directory}: written by {written} processes but process_{missing[0]}-of-"
+                f"{written}.json is missing"
+            )
         states = [found[i, written] for i in range(written)]
         if any(state != states[0] for state in states):
             differ = next(i for i, state in enumerate(states) if state != states[0])
-            raise ValueError(f"{directory}: the {written} processes' iterator states differ (process 0: "
-                             f"{states[0]}, process {differ}: {states[differ]}); cannot map them to {pc} processes")
-        log.warning("%s: iterator state written by %d processes, resumed on %d: the same global batches "
-                    "follow (mixup pairs rows within a process, so its pairs change)", directory, written, pc)
+            raise ValueError(
+                f"{directory}: the {written} processes' iterator states differ (process 0: "
+                f"{states[0]}, process {differ}: {states[differ]}); cannot map them to {pc} processes"
+            )
+        log.warning(
+            "%s: iterator state written by %d processes, resumed on %d: the same global batches "
+            "follow (mixup pairs rows within a process, so its pairs change)",
+            directory,
+            written,
+            pc,
+        )
         return states[0]
 
     def wait(self) -> None:
@@ -114,7 +139,9 @@ class Checkpoints:
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying target shardings: what Orbax restores into."""
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def save_params(directory: Path, params: Any) -> None:
@@ -137,7 +164,9 @@ def load_params(directory: Path, abstract_params: Any | None = None) -> Any:
     # writer's devices ("Topology mismatch"): ask for NumPy per leaf of the saved tree instead.
     with ocp.PyTreeCheckpointer() as ckpt:
         tree = ckpt.metadata(directory).item_metadata.tree
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+        )
         return ckpt.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
@@ -165,6 +194,7 @@ class OpenedModel:
     `load(abstract=None)`: the params, placed into the shardings of `abstract` (ShapeDtypeStructs
     with shardings, `abstract_with_shardings`: every process reads only its slices), or without it
     as plain NumPy on this host (any mesh wrote them)."""
+
     config: ViTConfig  # a file: `arch` at the file's own image size and classes
     spec: dict  # model.json's content (a file: `config.to_json()`)
     kind: str  # "export" (a stage's model.json + params/) | "timm" | "npz" | "big_vision"
@@ -184,37 +214,53 @@ def open_model(ref: Any, where: str, *, arch: ViTConfig | None = None) -> Opened
     directory = paths.as_path(ref)
     file = directory / "model.json"
     if not file.exists():
-        raise ValueError(f"{where}: {directory}: no model.json: not a stage's export (a training stage's "
-                         "output dir: model.json + params/) nor a .safetensors / .npz checkpoint file")
+        raise ValueError(
+            f"{where}: {directory}: no model.json: not a stage's export (a training stage's "
+            "output dir: model.json + params/) nor a .safetensors / .npz checkpoint file"
+        )
     try:
         spec = read_model_json(file)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if spec.get("kind") == "lit":
-        raise ValueError(f"{where}: {directory}: a LiT export (model.json kind 'lit'): its params/ hold the "
-                         "text tower only; open the export its locked image tower came from (lit.image_from)")
+        raise ValueError(
+            f"{where}: {directory}: a LiT export (model.json kind 'lit'): its params/ hold the "
+            "text tower only; open the export its locked image tower came from (lit.image_from)"
+        )
     try:
         config = ViTConfig.from_spec(spec)
     except ValueError as e:
         raise ValueError(f"{where}: {file}: {e}") from None
     params = directory / "params"
     if not params.is_dir():
-        raise ValueError(f"{where}: {params}: does not exist (the stage exported no params; rerun it)")
-    return OpenedModel(config, spec, "export", str(directory),
-                       lambda abstract=None: load_params(params, abstract))
+        raise ValueError(
+            f"{where}: {params}: does not exist (the stage exported no params; rerun it)"
+        )
+    return OpenedModel(
+        config, spec, "export", str(directory), lambda abstract=None: load_params(params, abstract)
+    )
 
 
 def _open_file(ref: Any, where: str, arch: ViTConfig | None) -> OpenedModel:
     if arch is None:
-        raise ValueError(f"{where}: {ref}: a checkpoint file carries no model.json: name its architecture "
-                         "(the stage's model group: variant, e.g. 'B/16', + any differing field)")
+        raise ValueError(
+            f"{where}: {ref}: a checkpoint file carries no model.json: name its architecture "
+            "(the stage's model group: variant, e.g. 'B/16', + any differing field)"
+        )
     source = str(ref)
     try:
         params, config, kind = weights_import.read(ref, arch)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{where}: {e}") from None
-    log.info("%s: %s checkpoint %s read as %s (%dpx, %d classes)", where, kind, source, arch.variant,
-             config.image_size, config.num_classes)
+    log.info(
+        "%s: %s checkpoint %s read as %s (%dpx, %d classes)",
+        where,
+        kind,
+        source,
+        arch.variant,
+        config.image_size,
+        config.num_classes,
+    )
 
     def load(abstract=None):
         if abstract is None:
@@ -223,11 +269,19 @@ def _open_file(ref: Any, where: str, arch: ViTConfig | None) -> OpenedModel:
             return weights_import.place(params, abstract, source)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+
     return OpenedModel(config, config.to_json(), kind, source, load)
 
 
-def initial_state(*, own: Checkpoints, resume: str, init_params: str, abstract_state: Any, data_iterator: Any,
-                  init_fn: Callable[[], Any]) -> tuple[Any, str]:
+def initial_state(
+    *,
+    own: Checkpoints,
+    resume: str,
+    init_params: str,
+    abstract_state: Any,
+    data_iterator: Any,
+    init_fn: Callable[[], Any],
+) -> tuple[Any, str]:
     """The train state to start from and where it came from, in the documented resume order."""
     if own.latest_step() is not None:
         state, step = own.restore(abstract_state, data_iterator)

@@ -40,6 +40,7 @@ size).
 MFU counts the model FLOPs actually run per example: the student's training step (forward +
 backward) plus the teacher's forward.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,15 +59,20 @@ from trainer.task import Frozen, Task, vit_init
 
 def default_config() -> ml_collections.ConfigDict:
     c = stage_config.training_group()
-    c.teacher = "pretrain"  # the stage whose params/ + model.json teach: pretrain | finetune/<run> | ...,
+    c.teacher = (
+        "pretrain"  # the stage whose params/ + model.json teach: pretrain | finetune/<run> | ...,
+    )
     # or a timm .safetensors / big_vision .npz file, whose architecture `teacher_model` then names
-    c.teacher_model = stage_config.model_group(variant="")  # only for a teacher file (e.g. variant "L/16")
+    c.teacher_model = stage_config.model_group(
+        variant=""
+    )  # only for a teacher file (e.g. variant "L/16")
     c.temperature = 1.0  # t in t²·KL(softmax(teacher/t) ‖ softmax(student/t))
     c.label_loss = "softmax_xent"  # trainer/losses.py LOSSES, for the optional label term
     c.label_weight = 0.0  # weight of the label term; 0 = pure distillation (big_vision)
     c.data.augment.mixup_alpha = 1.0  # big_vision's distill configs: mixup p = 1
-    c.evals.val = ml_collections.ConfigDict(dict(type="classification", split="val", every=100,
-                                                 loss="softmax_xent"))
+    c.evals.val = ml_collections.ConfigDict(
+        dict(type="classification", split="val", every=100, loss="softmax_xent")
+    )
     c.evals.agree = ml_collections.ConfigDict(dict(type="distillation", split="val", every=100))
     return c
 
@@ -89,8 +95,11 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
     upstream groups, that the teacher is a training stage of this plan with the student's classes."""
     stage_config.check(cfg, where, upstream)
     if not isinstance(cfg.teacher, str) or not cfg.teacher or cfg.teacher == "prepare":
-        raise checks.fail(f"{where}.teacher", f"{cfg.teacher!r} must name a params-exporting "
-                                              "stage, e.g. 'pretrain' or 'finetune/<run>'")
+        raise checks.fail(
+            f"{where}.teacher",
+            f"{cfg.teacher!r} must name a params-exporting "
+            "stage, e.g. 'pretrain' or 'finetune/<run>'",
+        )
     checks.number(f"{where}.temperature", cfg.temperature, gt=0)
     checks.number(f"{where}.label_weight", cfg.label_weight, ge=0)
     try:
@@ -99,6 +108,7 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
         raise checks.fail(f"{where}.label_loss", str(e)) from None
     if _teacher_file(cfg):
         from trainer.interop import weights_import
+
         weights_import.check_file(cfg.teacher, f"{where}.teacher")
         weights_import.architecture(cfg.teacher_model, f"{where}.teacher_model")
         return  # its classes are known when the file is read (distill_task checks them)
@@ -106,26 +116,36 @@ def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> No
         return
     key = f"{where}.teacher"
     if cfg.teacher not in upstream:
-        raise checks.fail(key, f"stage {cfg.teacher!r} is not in this pipeline (upstream stages: "
-                               f"{', '.join(sorted(upstream)) or 'none'})")
+        raise checks.fail(
+            key,
+            f"stage {cfg.teacher!r} is not in this pipeline (upstream stages: "
+            f"{', '.join(sorted(upstream)) or 'none'})",
+        )
     teacher = upstream[cfg.teacher]
     if "model" not in teacher or "data" not in teacher:
-        raise checks.fail(key, f"stage {cfg.teacher!r} is not a training stage (no model to teach "
-                               "with)")
+        raise checks.fail(
+            key, f"stage {cfg.teacher!r} is not a training stage (no model to teach with)"
+        )
     t_num, t_what = _classes(teacher)
     s_num, s_what = _classes(cfg)
     if t_num == 0:
-        raise checks.fail(key, f"{cfg.teacher!r} has model.num_classes=0 (no head): no logits to "
-                               "distill")
+        raise checks.fail(
+            key, f"{cfg.teacher!r} has model.num_classes=0 (no head): no logits to distill"
+        )
     if (t_num is not None and s_num is not None and t_num != s_num) or (
-            t_num is None and s_num is None and teacher.data.dataset != cfg.data.dataset):
-        raise checks.fail(key, f"{cfg.teacher!r} predicts {t_what} but the student {s_what}; the "
-                               f"student's head must match the teacher's (set "
-                               f"{where}.model.num_classes)")
+        t_num is None and s_num is None and teacher.data.dataset != cfg.data.dataset
+    ):
+        raise checks.fail(
+            key,
+            f"{cfg.teacher!r} predicts {t_what} but the student {s_what}; the "
+            f"student's head must match the teacher's (set "
+            f"{where}.model.num_classes)",
+        )
 
 
 def _teacher_file(cfg) -> bool:
     from trainer.interop import weights_import  # NumPy-only
+
     return weights_import.is_foreign(cfg.teacher)
 
 
@@ -141,23 +161,36 @@ def make_task(cfg, num_classes: int, teacher, where: str = "distill") -> Task:
     """The stage's Task: the student of `cfg.model` taught by `teacher`: the teacher stage's export
     dir, or the checkpoint file `cfg.teacher` names (read as the architecture `teacher_model`
     names)."""
-    from trainer import checkpoint  # Orbax + Grain: not needed by distill_task (benchmarks on bare hosts)
+    from trainer import (
+        checkpoint,
+    )  # Orbax + Grain: not needed by distill_task (benchmarks on bare hosts)
     from trainer.interop import weights_import
+
     arch = cfg.teacher_model
     arch = weights_import.architecture(arch, f"{where}.teacher_model") if arch.variant else None
     opened = checkpoint.open_model(teacher, f"{where}.teacher", arch=arch)
-    return distill_task(cfg, num_classes, opened.config, opened.load, where=where,
-                        source=opened.source)
+    return distill_task(
+        cfg, num_classes, opened.config, opened.load, where=where, source=opened.source
+    )
 
 
-def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Callable[[Any], Any], *,
-                 where: str = "distill", source: str = "the teacher") -> Task:
+def distill_task(
+    cfg,
+    num_classes: int,
+    tcfg: vit.ViTConfig,
+    load_teacher: Callable[[Any], Any],
+    *,
+    where: str = "distill",
+    source: str = "the teacher",
+) -> Task:
     """The distillation Task for a teacher model `tcfg` whose params `load_teacher(abstract with
     shardings)` returns (an export, or random ones in benchmarks/distill.py)."""
     scfg = stage_config.model_config(cfg, num_classes)
     if tcfg.num_classes != scfg.num_classes:
-        raise ValueError(f"{where}.teacher: {source} predicts {tcfg.num_classes} classes, the student "
-                         f"{scfg.num_classes}; the student's head must match the teacher's")
+        raise ValueError(
+            f"{where}.teacher: {source} predicts {tcfg.num_classes} classes, the student "
+            f"{scfg.num_classes}; the student's head must match the teacher's"
+        )
     student, teacher = vit.ViT(scfg), vit.ViT(tcfg)
     label_loss = losses.get(cfg.label_loss)
     temperature, label_weight = float(cfg.temperature), float(cfg.label_weight)
@@ -167,7 +200,9 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
 
     def teacher_logits(params, frozen, batch):
         del params
-        logits, _ = teacher.apply({"params": frozen}, _at(batch["image"], tcfg.image_size), train=False)
+        logits, _ = teacher.apply(
+            {"params": frozen}, _at(batch["image"], tcfg.image_size), train=False
+        )
         return jax.lax.stop_gradient(logits)
 
     def objective(params, frozen, batch, rng):
@@ -175,9 +210,12 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
         target = teacher_logits(None, frozen, batch)
         distill = jnp.mean(losses.kl_divergence(logits, target, temperature))
         labelled = jnp.mean(label_loss(logits, batch["labels"]))
-        aux = {"distill_loss": distill, "label_loss": labelled,
-               "train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"])),
-               "train_agreement": jnp.mean(agreement(logits, target))}
+        aux = {
+            "distill_loss": distill,
+            "label_loss": labelled,
+            "train_top1": jnp.mean(losses.top1_correct(logits, batch["labels"])),
+            "train_agreement": jnp.mean(agreement(logits, target)),
+        }
         return (distill + label_weight * labelled if label_weight else distill), aux
 
     def student_logits(params, frozen, batch):
@@ -192,20 +230,32 @@ def distill_task(cfg, num_classes: int, tcfg: vit.ViTConfig, load_teacher: Calla
         return student_logits(params, frozen, batch), teacher_logits(params, frozen, batch)
 
     return Task(
-        name="distill", init=vit_init(student), loss=objective,
-        predict={"logits": student_logits, "pre_logits": pre_logits, "teacher_logits": teacher_logits,
-                 "student_teacher": student_teacher},
+        name="distill",
+        init=vit_init(student),
+        loss=objective,
+        predict={
+            "logits": student_logits,
+            "pre_logits": pre_logits,
+            "teacher_logits": teacher_logits,
+            "student_teacher": student_teacher,
+        },
         frozen=Frozen(vit.abstract_params(tcfg), load_teacher),
-        flops_per_example=flops.model_flops_per_example(scfg) + flops.model_flops_per_example(tcfg, train=False),
-        model_spec=scfg.to_json())
+        flops_per_example=flops.model_flops_per_example(scfg)
+        + flops.model_flops_per_example(tcfg, train=False),
+        model_spec=scfg.to_json(),
+    )
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:
     from trainer import loop
+
     validate(cfg, None, "distill")
     if cfg.teacher not in inputs and not _teacher_file(cfg):
-        raise ValueError(f"distill.teacher: stage {cfg.teacher!r} is not among this stage's inputs "
-                         f"({', '.join(sorted(inputs)) or 'none'})")
+        raise ValueError(
+            f"distill.teacher: stage {cfg.teacher!r} is not among this stage's inputs "
+            f"({', '.join(sorted(inputs)) or 'none'})"
+        )
     teacher = inputs[cfg.teacher].path if cfg.teacher in inputs else cfg.teacher
-    return loop.run(cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, teacher),
-                    stage="distill")
+    return loop.run(
+        cfg, inputs, out, lambda env: make_task(cfg, env.num_classes, teacher), stage="distill"
+    )

@@ -20,6 +20,7 @@ Recipe defaults are big_vision's ImageNet fine-tuning ones (`configs/transfer.py
 momentum 0.9, lr 0.03, 500 warmup steps then cosine decay, global-norm clipping at 1.0, no weight
 decay, batch 512, 20k steps), except label smoothing 0.1, which is our choice.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,14 +35,30 @@ from trainer.models import vit
 from trainer.task import Task, classifier
 
 # ViTConfig fields that shape the parameters: fine-tuning keeps the export's values.
-ARCHITECTURE = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "block", "fused", "qk_norm", "use_bias",
-                "norm", "head", "posemb", "representation_size", "param_dtype")
+ARCHITECTURE = (
+    "width",
+    "depth",
+    "mlp_dim",
+    "num_heads",
+    "patch_size",
+    "block",
+    "fused",
+    "qk_norm",
+    "use_bias",
+    "norm",
+    "head",
+    "posemb",
+    "representation_size",
+    "param_dtype",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """One fine-tune run's group (`config.finetune.runs.<name>`)."""
     c = stage_config.training_group(variant="")  # "" = the export's architecture
-    c.init_from = "pretrain"  # the params-exporting stage to start from ("pretrain", "finetune/<name>"),
+    c.init_from = (
+        "pretrain"  # the params-exporting stage to start from ("pretrain", "finetune/<name>"),
+    )
     # or a timm .safetensors / big_vision .npz file (then model.variant names its architecture)
     c.head = "new"  # "new": zero-initialised head for the target classes | "keep": the export's (same classes)
     c.posemb_resize = "bilinear"  # | "bicubic": the position embedding over the new patch grid
@@ -79,10 +96,15 @@ def _check_architecture(cfg, source: vit.ViTConfig, where: str) -> None:
     for field in ARCHITECTURE:
         value = cfg.model[field]
         if value is not None and value != getattr(source, field):
-            why = "the patch embedding is kept" if field == "patch_size" else "fine-tuning keeps the architecture"
-            raise checks.fail(f"{where}.model.{field}",
-                              f"{value!r} differs from the exported model's "
-                              f"{getattr(source, field)!r} ({why})")
+            why = (
+                "the patch embedding is kept"
+                if field == "patch_size"
+                else "fine-tuning keeps the architecture"
+            )
+            raise checks.fail(
+                f"{where}.model.{field}",
+                f"{value!r} differs from the exported model's {getattr(source, field)!r} ({why})",
+            )
     try:
         model_config(cfg, source, cfg.model.num_classes or 2)  # image vs patch size, field values
     except (ValueError, TypeError) as e:
@@ -98,18 +120,24 @@ def validate(cfg, upstream=None, where: str = "finetune") -> None:
         weights_import.check_file(cfg.init_from, f"{where}.init_from")
         weights_import.architecture(cfg.model, f"{where}.model")
     elif cfg.model.variant:
-        raise checks.fail(f"{where}.model.variant", f"must be empty: fine-tuning keeps the "
-                                                    f"architecture of init_from={cfg.init_from!r}")
+        raise checks.fail(
+            f"{where}.model.variant",
+            f"must be empty: fine-tuning keeps the architecture of init_from={cfg.init_from!r}",
+        )
     checks.one_of(f"{where}.head", cfg.head, transfer.HEADS)
     checks.one_of(f"{where}.posemb_resize", cfg.posemb_resize, transfer.RESIZE_METHODS)
     source_group = (upstream or {}).get(cfg.init_from)
     if upstream and source_group is not None:
         if "model" not in source_group:
-            raise checks.fail(f"{where}.init_from",
-                              f"stage {cfg.init_from!r} exports no model params")
+            raise checks.fail(
+                f"{where}.init_from", f"stage {cfg.init_from!r} exports no model params"
+            )
         if source_group.model.variant:  # e.g. pretrain: its architecture is known now
-            _check_architecture(cfg, stage_config.model_config(source_group, source_group.model.num_classes or 2),
-                                where)
+            _check_architecture(
+                cfg,
+                stage_config.model_config(source_group, source_group.model.num_classes or 2),
+                where,
+            )
 
 
 def make_task(cfg, source_ref, env: loop.Env) -> Task:
@@ -118,21 +146,32 @@ def make_task(cfg, source_ref, env: loop.Env) -> Task:
     arch = weights_import.architecture(cfg.model, "finetune.model") if cfg.model.variant else None
     opened = checkpoint.open_model(source_ref, "finetune.init_from", arch=arch)
     source = opened.config
-    _check_architecture(cfg, source, "finetune")  # an upstream fine-tune's architecture is known only now
+    _check_architecture(
+        cfg, source, "finetune"
+    )  # an upstream fine-tune's architecture is known only now
     target = model_config(cfg, source, env.num_classes)
     start = transfer.start_from(opened, target, env.mesh, head=cfg.head, resize=cfg.posemb_resize)
     if cfg.head == "keep" and source.num_classes != target.num_classes:
-        raise ValueError(f"finetune.head='keep': the exported head has {source.num_classes} classes, the data "
-                         f"{target.num_classes}; use head='new'")
-    return classifier("finetune", vit.ViT(target), losses.get(cfg.loss, cfg.label_smoothing),
-                      flops_per_example=flops.model_flops_per_example(target), model_spec=target.to_json(),
-                      start=start)
+        raise ValueError(
+            f"finetune.head='keep': the exported head has {source.num_classes} classes, the data "
+            f"{target.num_classes}; use head='new'"
+        )
+    return classifier(
+        "finetune",
+        vit.ViT(target),
+        losses.get(cfg.loss, cfg.label_smoothing),
+        flops_per_example=flops.model_flops_per_example(target),
+        model_spec=target.to_json(),
+        start=start,
+    )
 
 
 def run(cfg, inputs: dict, out: Path) -> dict:
     validate(cfg, None, "finetune")
     if cfg.init_from not in inputs and not weights_import.is_foreign(cfg.init_from):
-        raise ValueError(f"finetune.init_from={cfg.init_from!r}: no such upstream output "
-                         f"(inputs: {', '.join(inputs) or 'none'})")
+        raise ValueError(
+            f"finetune.init_from={cfg.init_from!r}: no such upstream output "
+            f"(inputs: {', '.join(inputs) or 'none'})"
+        )
     source = inputs[cfg.init_from].path if cfg.init_from in inputs else cfg.init_from
     return loop.run(cfg, inputs, out, lambda env: make_task(cfg, source, env), stage="finetune")

@@ -8,6 +8,7 @@ embedding dim on "data" (FSDP-style). Activations keep the batch on "data" and h
 Imports no model, optimizer or stage module (the model imports this table; trainer/memory.py
 has the per-device memory report, which needs both).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ def logical_rules(mesh_axes: Sequence[str] = AXES) -> tuple[tuple[str, Any], ...
     )
 
 
-def mesh_shape(num_devices: int, data: int = -1, model: int = 1, replica: int = 1) -> tuple[int, int, int]:
+def mesh_shape(
+    num_devices: int, data: int = -1, model: int = 1, replica: int = 1
+) -> tuple[int, int, int]:
     """Resolves -1 (fill with what is left) and checks the product against the device count."""
     sizes = {"replica": replica, "data": data, "model": model}
     free = [k for k, v in sizes.items() if v == -1]
@@ -59,16 +62,22 @@ def mesh_shape(num_devices: int, data: int = -1, model: int = 1, replica: int = 
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                             f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)})")
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)})"
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh: replica={sizes['replica']} x data={sizes['data']} x model={sizes['model']} = "
-                         f"{math.prod(sizes.values())} but there are {num_devices} devices")
+        raise ValueError(
+            f"mesh: replica={sizes['replica']} x data={sizes['data']} x model={sizes['model']} = "
+            f"{math.prod(sizes.values())} but there are {num_devices} devices"
+        )
     return sizes["replica"], sizes["data"], sizes["model"]
 
 
-def make_mesh(data: int = -1, model: int = 1, replica: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, model: int = 1, replica: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A ("data", "model") mesh, or ("replica", "data", "model") when replica > 1.
 
     Auto axis types: we rely on sharding propagation (jax 0.10 defaults to Explicit,
@@ -126,8 +135,9 @@ def _data_parallel(mesh) -> int | None:
     return None if -1 in sizes else math.prod(sizes)
 
 
-def check_batch(batch_size: int, mesh, key: str, *, microbatches: int = 1,
-                processes: int = 1) -> None:
+def check_batch(
+    batch_size: int, mesh, key: str, *, microbatches: int = 1, processes: int = 1
+) -> None:
     """THE batch divisibility check, at plan time, at run time and in the train step: the batch
     splits into `microbatches` equal microbatches, each spread evenly over the data-parallel shards
     of `mesh` (`_data_parallel`: a mesh, a batch sharding or a mesh config), and into `processes`
@@ -138,7 +148,8 @@ def check_batch(batch_size: int, mesh, key: str, *, microbatches: int = 1,
     dp = _data_parallel(mesh)
     if batch_size % (microbatches * (dp or 1)):
         parts = ([f"{microbatches} microbatches"] if microbatches > 1 else []) + (
-            [f"the data-parallel size {dp}"] if dp and dp > 1 else [])
+            [f"the data-parallel size {dp}"] if dp and dp > 1 else []
+        )
         raise checks.fail(key, f"{batch_size} is not divisible by {' x '.join(parts)}")
     if batch_size % processes:
         raise checks.fail(key, f"{batch_size} is not divisible by {processes} processes")
@@ -167,6 +178,7 @@ def param_shardings(boxed_params, mesh):
 
     def one(spec, leaf):
         return NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(spec, rules), leaf.shape, mesh))
+
     return jax.tree_util.tree_map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -174,7 +186,7 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def fsdp_spec(shape: Sequence[int], mesh, min_size: int = 2 ** 14) -> P:
+def fsdp_spec(shape: Sequence[int], mesh, min_size: int = 2**14) -> P:
     """For state without a parameter twin: shard the largest dim that "data" divides, if worth it."""
     size = mesh.shape["data"]
     if math.prod(shape) < min_size or size == 1:
@@ -192,15 +204,20 @@ def tree_shardings(tree, params, param_sh, mesh):
     moments); any other leaf (Adafactor's factored rows/cols, counters) gets `fsdp_spec`.
     """
     by_path = {}
-    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh)):
+    for (path, leaf), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh)
+    ):
         by_path[_keys(path)] = (tuple(leaf.shape), sh)
 
     def one(path, leaf):
-        keys = _keys(path)  # optimizer wrappers may prefix dict keys (e.g. optax.partition's labels)
+        keys = _keys(
+            path
+        )  # optimizer wrappers may prefix dict keys (e.g. optax.partition's labels)
         twin = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
         if twin and twin[0] == tuple(leaf.shape):
             return twin[1]
         return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh))
+
     return jax.tree_util.tree_map_with_path(one, tree)
 
 

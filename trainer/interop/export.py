@@ -22,6 +22,7 @@ big_vision: OUT is one .npz with big_vision's ViT names (classic block only).
 
 The reverse direction is `init_params` (trainer/interop/weights_import.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def export(stage_dir: Path, fmt: str, out: Path) -> str:
     """Writes the export; returns a one-line summary."""
     from trainer import checkpoint
     from trainer.interop import npz_format, timm_format
+
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {FORMATS}")
     model = checkpoint.open_model(stage_dir, "--stage_dir")
@@ -43,7 +45,9 @@ def export(stage_dir: Path, fmt: str, out: Path) -> str:
     out = Path(out)
     if fmt == "timm":
         config = timm_format.save(out, params, cfg)
-        what = f"{config['architecture']} {'with head' if config['head_exported'] else config['note']}"
+        what = (
+            f"{config['architecture']} {'with head' if config['head_exported'] else config['note']}"
+        )
         return f"timm: {out / timm_format.WEIGHTS} + {out / timm_format.CONFIG} ({what})"
     if fmt == "npz":
         npz_format.save(out, params, cfg)
@@ -54,17 +58,29 @@ def export(stage_dir: Path, fmt: str, out: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.interop.export", description=__doc__,
+        prog="python -m trainer.interop.export",
+        description=__doc__,
         epilog="Import: set a training stage's init_params to the .safetensors / .npz file "
-               "(e.g. --config.pretrain.init_params=OUT/model.safetensors).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage_dir", required=True, type=Path,
-                        help="a training stage's output dir (holds model.json and params/)")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="timm: DIR with model.safetensors + config.json for timm.create_model('local-dir:DIR'); "
-                             "npz: one file, our flat documented names + model.json; "
-                             "big_vision: one .npz with big_vision's ViT names (sequential LayerNorm blocks only)")
-    parser.add_argument("--out", required=True, type=Path, help="output dir (timm) or .npz file (npz, big_vision)")
+        "(e.g. --config.pretrain.init_params=OUT/model.safetensors).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--stage_dir",
+        required=True,
+        type=Path,
+        help="a training stage's output dir (holds model.json and params/)",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="timm: DIR with model.safetensors + config.json for timm.create_model('local-dir:DIR'); "
+        "npz: one file, our flat documented names + model.json; "
+        "big_vision: one .npz with big_vision's ViT names (sequential LayerNorm blocks only)",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output dir (timm) or .npz file (npz, big_vision)"
+    )
     args = parser.parse_args(argv)
     try:
         print(export(args.stage_dir, args.format, args.out))

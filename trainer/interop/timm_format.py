@@ -28,6 +28,7 @@ global_pool '', "head_exported": false in config.json and a note): a MAP head wi
 attention pool has none), a `representation_size` pre-logits layer. An RMSNorm with a bias or a
 norm_eps other than 1e-6 cannot be written at all (a ValueError naming the field).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,15 +65,34 @@ def model_args(cfg: ViTConfig) -> tuple[str, dict, bool, str]:
         raise ValueError(f"model.norm_eps={cfg.norm_eps}: timm's norms are built with eps 1e-6")
     ratio = cfg.mlp_dim / cfg.width
     if int(ratio * cfg.width) != cfg.mlp_dim:
-        raise ValueError(f"model.mlp_dim={cfg.mlp_dim} is not int(mlp_ratio * width) for any float ratio")
+        raise ValueError(
+            f"model.mlp_dim={cfg.mlp_dim} is not int(mlp_ratio * width) for any float ratio"
+        )
     with_head, why = head_maps(cfg)
     pool = {"map": "map", "gap": "avg", "token": "token"}[cfg.head]
-    args = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                num_heads=cfg.num_heads, mlp_ratio=ratio, qkv_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
-                proj_bias=True, norm_layer=cfg.norm, class_token=cfg.head == "token", no_embed_class=True,
-                reg_tokens=0, pre_norm=False, final_norm=True, fc_norm=False,
-                num_classes=cfg.num_classes if with_head else 0, global_pool=pool if with_head else "")
-    note = "" if with_head else f"encoder only: {why}; compare forward_features (the encoder's output)"
+    args = dict(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=ratio,
+        qkv_bias=cfg.use_bias,
+        qk_norm=cfg.qk_norm,
+        proj_bias=True,
+        norm_layer=cfg.norm,
+        class_token=cfg.head == "token",
+        no_embed_class=True,
+        reg_tokens=0,
+        pre_norm=False,
+        final_norm=True,
+        fc_norm=False,
+        num_classes=cfg.num_classes if with_head else 0,
+        global_pool=pool if with_head else "",
+    )
+    note = (
+        "" if with_head else f"encoder only: {why}; compare forward_features (the encoder's output)"
+    )
     return _ARCH[cfg.block], args, with_head, note
 
 
@@ -87,10 +107,19 @@ def config_json(cfg: ViTConfig) -> dict:
         "global_pool": args["global_pool"],
         "model_args": args,
         # Our loaders map pixels to [-1, 1]: x / 127.5 - 1 == (x / 255 - 0.5) / 0.5.
-        "pretrained_cfg": {"input_size": size, "fixed_input_size": True, "interpolation": "bilinear",
-                           "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
-                           "num_classes": args["num_classes"], "pool_size": None,
-                           "first_conv": "patch_embed.proj", "classifier": "head"},
+        "pretrained_cfg": {
+            "input_size": size,
+            "fixed_input_size": True,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "num_classes": args["num_classes"],
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
         "head_exported": with_head,
         "note": note,
         "vit22b_model": cfg.to_json(),
@@ -122,12 +151,17 @@ def to_timm(params: dict, cfg: ViTConfig) -> dict[str, np.ndarray]:
     _, args, with_head, _ = model_args(cfg)
     c = param_layout.to_canonical(params, cfg)
     d = cfg.width
-    sd = {"patch_embed.proj.weight": np.ascontiguousarray(c["embedding_kernel"].transpose(3, 2, 0, 1)),
-          "patch_embed.proj.bias": c["embedding_bias"]}
+    sd = {
+        "patch_embed.proj.weight": np.ascontiguousarray(
+            c["embedding_kernel"].transpose(3, 2, 0, 1)
+        ),
+        "patch_embed.proj.bias": c["embedding_bias"],
+    }
     if cfg.posemb == "learn":
         sd["pos_embed"] = c["pos_embedding"]
     else:
         from trainer.models.vit import posemb_sincos_2d
+
         g = cfg.image_size // cfg.patch_size
         sd["pos_embed"] = posemb_sincos_2d(g, g, d).astype(c["embedding_bias"].dtype)
     if cfg.head == "token":
@@ -162,20 +196,40 @@ def to_timm(params: dict, cfg: ViTConfig) -> dict[str, np.ndarray]:
             sd[b + "attn.proj.weight"] = _linear(p["attn_out_kernel"], 2)
             sd[b + "attn.proj.bias"] = _zeros_or(p, "attn_out_bias", d, like)
             sd.update(_norm(b + "norm2", p["norm2"], cfg))
-            sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"] = _linear(p["mlp_in_kernel"]), p["mlp_in_bias"]
-            sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"] = _linear(p["mlp_out_kernel"]), p["mlp_out_bias"]
+            sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"] = (
+                _linear(p["mlp_in_kernel"]),
+                p["mlp_in_bias"],
+            )
+            sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"] = (
+                _linear(p["mlp_out_kernel"]),
+                p["mlp_out_bias"],
+            )
     sd.update(_norm("norm", enc["encoder_norm"], cfg))
     if with_head and cfg.head == "map":
         h, a = c["MAPHead_0"], "attn_pool."
         like = h["mlp_in_bias"]
         sd[a + "latent"] = h["probe"]
-        sd[a + "q.weight"], sd[a + "q.bias"] = _linear(h["query_kernel"]), _zeros_or(h, "query_bias", d, like)
+        sd[a + "q.weight"], sd[a + "q.bias"] = (
+            _linear(h["query_kernel"]),
+            _zeros_or(h, "query_bias", d, like),
+        )
         sd[a + "kv.weight"] = np.concatenate(_mha_in(h, ("key", "value")))
-        sd[a + "kv.bias"] = np.concatenate([_zeros_or(h, f"{n}_bias", d, like) for n in ("key", "value")])
-        sd[a + "proj.weight"], sd[a + "proj.bias"] = _linear(h["out_kernel"], 2), _zeros_or(h, "out_bias", d, like)
+        sd[a + "kv.bias"] = np.concatenate(
+            [_zeros_or(h, f"{n}_bias", d, like) for n in ("key", "value")]
+        )
+        sd[a + "proj.weight"], sd[a + "proj.bias"] = (
+            _linear(h["out_kernel"], 2),
+            _zeros_or(h, "out_bias", d, like),
+        )
         sd.update(_norm(a + "norm", h["norm"], cfg))
-        sd[a + "mlp.fc1.weight"], sd[a + "mlp.fc1.bias"] = _linear(h["mlp_in_kernel"]), h["mlp_in_bias"]
-        sd[a + "mlp.fc2.weight"], sd[a + "mlp.fc2.bias"] = _linear(h["mlp_out_kernel"]), h["mlp_out_bias"]
+        sd[a + "mlp.fc1.weight"], sd[a + "mlp.fc1.bias"] = (
+            _linear(h["mlp_in_kernel"]),
+            h["mlp_in_bias"],
+        )
+        sd[a + "mlp.fc2.weight"], sd[a + "mlp.fc2.bias"] = (
+            _linear(h["mlp_out_kernel"]),
+            h["mlp_out_bias"],
+        )
     if with_head and cfg.num_classes:
         sd["head.weight"], sd["head.bias"] = _linear(c["head_kernel"]), c["head_bias"]
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
@@ -196,8 +250,10 @@ class _Reader:
         self.used.add(key)
         x = np.asarray(self.sd[key])
         if shape is not None and tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{self.source}: parameter {key} has shape {tuple(x.shape)}, the model needs "
-                             f"{tuple(shape)}")
+            raise ValueError(
+                f"{self.source}: parameter {key} has shape {tuple(x.shape)}, the model needs "
+                f"{tuple(shape)}"
+            )
         return x
 
     def zero(self, key: str, what: str) -> None:
@@ -205,7 +261,9 @@ class _Reader:
         if key in self.sd:
             self.used.add(key)
             if np.any(np.asarray(self.sd[key])):
-                raise ValueError(f"{self.source}: parameter {key} is non-zero but the model has no {what}")
+                raise ValueError(
+                    f"{self.source}: parameter {key} is non-zero but the model has no {what}"
+                )
 
     def check_all_used(self) -> None:
         unused = sorted(set(self.sd) - self.used)
@@ -235,23 +293,35 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
 
     def bias(key: str, shape: tuple, what: str) -> dict:
         if cfg.use_bias:
-            return {what: r.get(key).reshape(shape)} if r.has(key) else {what: np.zeros(shape, np.float32)}
+            return (
+                {what: r.get(key).reshape(shape)}
+                if r.has(key)
+                else {what: np.zeros(shape, np.float32)}
+            )
         r.zero(key, f"{what} (model.use_bias=False)")
         return {}
 
     def split_qkv(w: np.ndarray, names=("query", "key", "value")) -> dict:
-        return {f"{n}_kernel": _unlinear(w[i * d:(i + 1) * d], (d, heads, hd)) for i, n in enumerate(names)}
+        return {
+            f"{n}_kernel": _unlinear(w[i * d : (i + 1) * d], (d, heads, hd))
+            for i, n in enumerate(names)
+        }
 
-    c: dict = {"embedding_kernel": r.get("patch_embed.proj.weight", (d, 3, p, p)).transpose(2, 3, 1, 0),
-               "embedding_bias": r.get("patch_embed.proj.bias", (d,))}
+    c: dict = {
+        "embedding_kernel": r.get("patch_embed.proj.weight", (d, 3, p, p)).transpose(2, 3, 1, 0),
+        "embedding_bias": r.get("patch_embed.proj.bias", (d,)),
+    }
     n = cfg.num_patches
     if cfg.posemb == "learn":
         c["pos_embedding"] = r.get("pos_embed", (1, n, d))
     elif r.has("pos_embed"):
         from trainer.models.vit import posemb_sincos_2d
+
         g = cfg.image_size // p
         if not np.allclose(r.get("pos_embed", (1, n, d)), posemb_sincos_2d(g, g, d), atol=1e-6):
-            raise ValueError(f"{source}: parameter pos_embed is learned but model.posemb='sincos2d'")
+            raise ValueError(
+                f"{source}: parameter pos_embed is learned but model.posemb='sincos2d'"
+            )
     if cfg.head == "token":
         c["cls"] = r.get("cls_token", (1, 1, d))
     enc: dict = {}
@@ -267,18 +337,27 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
                 b_in = r.get(b + "in_proj.bias", (mlp + 3 * d,))
                 layer["mlp_in_bias"] = b_in[:mlp]
                 for j, name in enumerate(("query", "key", "value")):
-                    part = b_in[mlp + j * d: mlp + (j + 1) * d]
+                    part = b_in[mlp + j * d : mlp + (j + 1) * d]
                     if cfg.use_bias:
                         layer[f"{name}_bias"] = part.reshape(heads, hd)
                     elif np.any(part):
-                        raise ValueError(f"{source}: parameter {b}in_proj.bias has a non-zero {name} part but "
-                                         "the model has no QKV bias (model.use_bias=False)")
+                        raise ValueError(
+                            f"{source}: parameter {b}in_proj.bias has a non-zero {name} part but "
+                            "the model has no QKV bias (model.use_bias=False)"
+                        )
             else:
                 layer["mlp_in_bias"] = r.get(b + "mlp_bias", (mlp,))
                 if cfg.use_bias:
-                    layer.update({f"{n_}_bias": np.zeros((heads, hd), np.float32) for n_ in ("query", "key", "value")})
+                    layer.update(
+                        {
+                            f"{n_}_bias": np.zeros((heads, hd), np.float32)
+                            for n_ in ("query", "key", "value")
+                        }
+                    )
             attn_w, mlp_w = b + "attn_out_proj.weight", b + "mlp_out_proj.weight"
-            if r.has(b + "out_proj.weight"):  # timm's fuse_out_proj=True block: [attn | mlp] columns
+            if r.has(
+                b + "out_proj.weight"
+            ):  # timm's fuse_out_proj=True block: [attn | mlp] columns
                 w_out = r.get(b + "out_proj.weight", (d, d + mlp))
                 layer["attn_out_kernel"] = _unlinear(w_out[:, :d], (heads, hd, d))
                 layer["mlp_out_kernel"] = _unlinear(w_out[:, d:], (mlp, d))
@@ -291,7 +370,9 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
                 attn_b = r.get(b + "attn_out_proj.bias", (d,))
             if cfg.use_bias:
                 layer["attn_out_bias"] = attn_b
-            elif np.any(attn_b):  # the two projections' biases are summed: keep the sum in the MLP's
+            elif np.any(
+                attn_b
+            ):  # the two projections' biases are summed: keep the sum in the MLP's
                 layer["mlp_out_bias"] = layer["mlp_out_bias"] + attn_b
             qn = ("q_norm", "k_norm")
         else:
@@ -304,11 +385,15 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
                 b_qkv = r.get(b + "attn.qkv.bias", (3 * d,))
                 for j, name in enumerate(("query", "key", "value")):
                     if cfg.use_bias:
-                        layer[f"{name}_bias"] = b_qkv[j * d:(j + 1) * d].reshape(heads, hd)
+                        layer[f"{name}_bias"] = b_qkv[j * d : (j + 1) * d].reshape(heads, hd)
                     elif np.any(b_qkv):
-                        raise ValueError(f"{source}: parameter {b}attn.qkv.bias is non-zero but the model has "
-                                         "no QKV bias (model.use_bias=False)")
-            layer["attn_out_kernel"] = _unlinear(r.get(b + "attn.proj.weight", (d, d)), (heads, hd, d))
+                        raise ValueError(
+                            f"{source}: parameter {b}attn.qkv.bias is non-zero but the model has "
+                            "no QKV bias (model.use_bias=False)"
+                        )
+            layer["attn_out_kernel"] = _unlinear(
+                r.get(b + "attn.proj.weight", (d, d)), (heads, hd, d)
+            )
             layer.update(bias(b + "attn.proj.bias", (d,), "attn_out_bias"))
             layer["norm2"] = norm(b + "norm2", d)
             layer["mlp_in_kernel"] = _unlinear(r.get(b + "mlp.fc1.weight", (mlp, d)), (d, mlp))
@@ -323,23 +408,32 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
     c["Transformer"] = enc
     if cfg.head == "map":
         a = "attn_pool."
-        h: dict = {"probe": r.get(a + "latent", (1, 1, d)),
-                   "query_kernel": _unlinear(r.get(a + "q.weight", (d, d)), (d, heads, hd))}
+        h: dict = {
+            "probe": r.get(a + "latent", (1, 1, d)),
+            "query_kernel": _unlinear(r.get(a + "q.weight", (d, d)), (d, heads, hd)),
+        }
         h.update(bias(a + "q.bias", (heads, hd), "query_bias"))
         kv = r.get(a + "kv.weight", (2 * d, d))
         h.update(split_qkv(kv, ("key", "value")))
         if r.has(a + "kv.bias"):
             kv_b = r.get(a + "kv.bias", (2 * d,))
             if cfg.use_bias:
-                h["key_bias"], h["value_bias"] = kv_b[:d].reshape(heads, hd), kv_b[d:].reshape(heads, hd)
+                h["key_bias"], h["value_bias"] = (
+                    kv_b[:d].reshape(heads, hd),
+                    kv_b[d:].reshape(heads, hd),
+                )
             elif np.any(kv_b):
-                raise ValueError(f"{source}: parameter {a}kv.bias is non-zero but the model's MAP head has no "
-                                 "bias (model.use_bias=False)")
+                raise ValueError(
+                    f"{source}: parameter {a}kv.bias is non-zero but the model's MAP head has no "
+                    "bias (model.use_bias=False)"
+                )
         h["out_kernel"] = _unlinear(r.get(a + "proj.weight", (d, d)), (heads, hd, d))
         h.update(bias(a + "proj.bias", (d,), "out_bias"))
         if cfg.qk_norm:
-            raise ValueError(f"{source}: parameter {a}q_norm is missing: the model's MAP head has QK-norm "
-                             "(model.qk_norm=True) and timm's attention pool has none")
+            raise ValueError(
+                f"{source}: parameter {a}q_norm is missing: the model's MAP head has QK-norm "
+                "(model.qk_norm=True) and timm's attention pool has none"
+            )
         h["norm"] = norm(a + "norm", d)
         h["mlp_in_kernel"] = _unlinear(r.get(a + "mlp.fc1.weight", (mlp, d)), (d, mlp))
         h["mlp_in_bias"] = r.get(a + "mlp.fc1.bias", (mlp,))
@@ -347,9 +441,13 @@ def from_timm(sd: dict, cfg: ViTConfig, source: str = "timm state dict") -> dict
         h["mlp_out_bias"] = r.get(a + "mlp.fc2.bias", (d,))
         c["MAPHead_0"] = h
     if cfg.representation_size:
-        raise ValueError(f"{source}: parameter pre_logits is missing: timm has no representation_size layer")
+        raise ValueError(
+            f"{source}: parameter pre_logits is missing: timm has no representation_size layer"
+        )
     if cfg.num_classes:
-        c["head_kernel"] = _unlinear(r.get("head.weight", (cfg.num_classes, d)), (d, cfg.num_classes))
+        c["head_kernel"] = _unlinear(
+            r.get("head.weight", (cfg.num_classes, d)), (d, cfg.num_classes)
+        )
         c["head_bias"] = r.get("head.bias", (cfg.num_classes,))
     r.check_all_used()
     return param_layout.from_canonical(c, cfg)
@@ -361,19 +459,27 @@ def source_shape(sd: dict, cfg: ViTConfig) -> ViTConfig:
     n = np.asarray(sd["pos_embed"]).shape[1] if "pos_embed" in sd else cfg.num_patches
     grid = int(round(math.sqrt(n)))
     classes = np.asarray(sd["head.bias"]).shape[0] if "head.bias" in sd else 0
-    return dataclasses.replace(cfg, image_size=grid * cfg.patch_size if grid * grid == n else cfg.image_size,
-                               num_classes=classes)
+    return dataclasses.replace(
+        cfg,
+        image_size=grid * cfg.patch_size if grid * grid == n else cfg.image_size,
+        num_classes=classes,
+    )
 
 
 def save(path: Path, params: dict, cfg: ViTConfig) -> dict:
     """Writes DIR/model.safetensors + DIR/config.json; returns the config written."""
     from safetensors.numpy import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = config_json(cfg)
     from trainer.interop.npz_format import storable
-    save_file({k: storable(v) for k, v in to_timm(params, cfg).items()}, str(path / WEIGHTS),
-              metadata={"format": "pt"})
+
+    save_file(
+        {k: storable(v) for k, v in to_timm(params, cfg).items()},
+        str(path / WEIGHTS),
+        metadata={"format": "pt"},
+    )
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 
@@ -388,6 +494,7 @@ def weights_file(path) -> Path:
 def load_state_dict(path: Path) -> dict[str, np.ndarray]:
     """A timm .safetensors file (or a dir holding model.safetensors) as NumPy arrays."""
     from safetensors.numpy import load_file
+
     file = weights_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such timm safetensors file")

@@ -12,6 +12,7 @@ at the checkpoint's own image size and classes, then adapted like a fine-tune's 
 another number of classes is replaced by a zero-initialised one. Anything else that differs is a
 ValueError naming the first mismatched parameter.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,9 @@ from trainer.interop import npz_format, param_layout, timm_format
 from trainer.models.config import ViTConfig
 
 
-checkpoint_file = timm_format.weights_file  # a file reference: itself, or a timm export dir's weights
+checkpoint_file = (
+    timm_format.weights_file
+)  # a file reference: itself, or a timm export dir's weights
 
 
 def is_foreign(path: str | Path) -> bool:
@@ -34,8 +37,10 @@ def is_foreign(path: str | Path) -> bool:
 def check_file(value: str, where: str) -> None:
     """Plan-time: a checkpoint-file reference (a stage's `init_from` / `teacher`) exists."""
     if not checkpoint_file(value).is_file():
-        raise ValueError(f"{where}: {value}: no such checkpoint file (a timm .safetensors or a dir holding "
-                         f"{timm_format.WEIGHTS}, a big_vision or trainer.interop.export .npz)")
+        raise ValueError(
+            f"{where}: {value}: no such checkpoint file (a timm .safetensors or a dir holding "
+            f"{timm_format.WEIGHTS}, a big_vision or trainer.interop.export .npz)"
+        )
 
 
 def architecture(model_group, where: str) -> ViTConfig:
@@ -43,9 +48,12 @@ def architecture(model_group, where: str) -> ViTConfig:
     the variant (e.g. "B/16") and any field that differs from it; image size and classes come from
     the file itself (`read`)."""
     from trainer.models import vit
+
     if not model_group.variant:
-        raise ValueError(f"{where}.variant: name the checkpoint file's architecture (e.g. 'B/16'); a file "
-                         "carries no model.json")
+        raise ValueError(
+            f"{where}.variant: name the checkpoint file's architecture (e.g. 'B/16'); a file "
+            "carries no model.json"
+        )
     overrides = {k: v for k, v in model_group.items() if k != "variant" and v is not None}
     try:
         return vit.make_config(model_group.variant, **overrides)
@@ -64,7 +72,9 @@ def read(path: str | Path, cfg: ViTConfig) -> tuple[dict, ViTConfig, str]:
             return npz_format.from_ours(flat, src, source), src, "npz"
         if npz_format.is_big_vision(flat):
             return npz_format.from_big_vision(flat, src, source), src, "big_vision"
-        raise ValueError(f"{path}: neither a big_vision ViT npz (embedding/kernel) nor ours (embedding_kernel)")
+        raise ValueError(
+            f"{path}: neither a big_vision ViT npz (embedding/kernel) nor ours (embedding_kernel)"
+        )
     sd = timm_format.load_state_dict(path)
     src = timm_format.source_shape(sd, cfg)
     return timm_format.from_timm(sd, src, source), src, "timm"
@@ -74,9 +84,12 @@ def place(params: dict, abstract: Any, source: str) -> Any:
     """NumPy params -> arrays in the shardings of `abstract` (ShapeDtypeStructs with shardings):
     every process reads only the slices its devices hold."""
     import jax
+
     param_layout.check_tree(params, abstract, source)
 
     def put(x, a):
-        return jax.make_array_from_callback(a.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype))
-    return jax.tree_util.tree_map(put, params, abstract)
+        return jax.make_array_from_callback(
+            a.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype)
+        )
 
+    return jax.tree_util.tree_map(put, params, abstract)

@@ -3,6 +3,7 @@
 A model is named like big_vision's "B/16" (variant name / patch size) plus overrides. Every field is
 checked here, before anything is traced or compiled, with a one-line error naming the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,9 @@ class ViTConfig:
     # (trainer/collective.py: ppermute rings that overlap communication with the matmul).
     matmul: str = "xla"
     qk_norm: bool = True  # normalize queries and keys per head over head_dim.
-    use_bias: bool = False  # biases of QKV, attention-out and every norm (the MLP keeps its biases).
+    use_bias: bool = (
+        False  # biases of QKV, attention-out and every norm (the MLP keeps its biases).
+    )
     # The paper applies its LayerNorms "without bias and centering" (Zhang & Sennrich 2019).
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
@@ -80,33 +83,46 @@ class ViTConfig:
     def __post_init__(self):
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"ViT config field {name}={getattr(self, name)!r} is not one of {choices}")
+                raise ValueError(
+                    f"ViT config field {name}={getattr(self, name)!r} is not one of {choices}"
+                )
         for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ViT config field {name}={value!r} must be a positive int")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"ViT config field num_classes={self.num_classes!r} must be an int >= 0")
+            raise ValueError(
+                f"ViT config field num_classes={self.num_classes!r} must be an int >= 0"
+            )
         if self.width % self.num_heads:
             raise ValueError(
-                f"ViT config field width={self.width} is not divisible by num_heads={self.num_heads}")
+                f"ViT config field width={self.width} is not divisible by num_heads={self.num_heads}"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"ViT config field image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+                f"ViT config field image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
         if self.block == "parallel" and self.mlp_dim % self.num_heads:
             # The fused [QKV|MLP-in] kernel gives every head an equal slice of the MLP.
             raise ValueError(
                 f"ViT config field mlp_dim={self.mlp_dim} is not divisible by num_heads={self.num_heads} "
-                "(required by the parallel block)")
+                "(required by the parallel block)"
+            )
         if self.matmul == "collective" and (self.block != "parallel" or not self.fused):
-            raise ValueError(f"ViT config field matmul='collective' needs block='parallel' and fused=True "
-                             f"(got block={self.block!r}, fused={self.fused})")
+            raise ValueError(
+                f"ViT config field matmul='collective' needs block='parallel' and fused=True "
+                f"(got block={self.block!r}, fused={self.fused})"
+            )
         if self.posemb == "sincos2d" and self.width % 4:
-            raise ValueError(f"ViT config field width={self.width} must be divisible by 4 for posemb='sincos2d'")
+            raise ValueError(
+                f"ViT config field width={self.width} must be divisible by 4 for posemb='sincos2d'"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ViT config field dropout={self.dropout} must be in [0, 1)")
         if self.representation_size is not None and self.representation_size <= 0:
-            raise ValueError(f"ViT config field representation_size={self.representation_size} must be > 0")
+            raise ValueError(
+                f"ViT config field representation_size={self.representation_size} must be > 0"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +143,9 @@ class ViTConfig:
         allowed = {f.name for f in dataclasses.fields(cls)} - {"variant"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
-            raise ValueError(f"unknown ViT config field {unknown[0]!r} in overrides for variant {variant!r}")
+            raise ValueError(
+                f"unknown ViT config field {unknown[0]!r} in overrides for variant {variant!r}"
+            )
         fields = dict(VARIANTS[name], patch_size=patch, variant=variant)
         fields.update(overrides)
         return cls(**fields)
@@ -138,7 +156,11 @@ class ViTConfig:
         writes) to a config: a variant + overrides, or "custom" with every field an override.
         Any bad field or value is a one-line ValueError."""
         if not isinstance(spec, Mapping) or "variant" not in spec:
-            what = f"a {spec['kind']!r} spec" if isinstance(spec, Mapping) and "kind" in spec else repr(spec)
+            what = (
+                f"a {spec['kind']!r} spec"
+                if isinstance(spec, Mapping) and "kind" in spec
+                else repr(spec)
+            )
             raise ValueError(f"not a ViT model spec ({{'variant', 'overrides'}}): {what}")
         variant, overrides = spec["variant"], dict(spec.get("overrides") or {})
         try:
@@ -154,16 +176,21 @@ class ViTConfig:
             base = dataclasses.asdict(ViTConfig.from_variant(self.variant))
         except ValueError:  # a "custom" config: every field is an override.
             base = {}
-        overrides = {k: v for k, v in dataclasses.asdict(self).items()
-                     if k != "variant" and base.get(k, object()) != v}
+        overrides = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k != "variant" and base.get(k, object()) != v
+        }
         return {"variant": self.variant, "overrides": overrides}
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
-    """"B/16" -> ("B", 16), with a one-line error for anything else."""
+    """ "B/16" -> ("B", 16), with a one-line error for anything else."""
     name, sep, patch = str(variant).partition("/")
     if not sep or not patch.isdigit() or int(patch) <= 0:
-        raise ValueError(f"ViT variant {variant!r} must look like 'NAME/PATCH', e.g. 'B/16' or '22B/14'")
+        raise ValueError(
+            f"ViT variant {variant!r} must look like 'NAME/PATCH', e.g. 'B/16' or '22B/14'"
+        )
     if name not in VARIANTS:
         raise ValueError(f"unknown ViT variant {variant!r}; known names: {', '.join(VARIANTS)}")
     return name, int(patch)
