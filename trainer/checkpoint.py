@@ -4,7 +4,8 @@ Layout inside a stage output dir:
     checkpoints/<step>/{state,data}/   CheckpointManager items; a save is committed atomically by
                                        Orbax (a step dir exists only once complete)
     params/                            the final parameters alone (StandardCheckpointer)
-    model.json                         {"variant", "overrides"}: rebuilds the model without the config
+    model.json                         {"variant", "overrides"}: rebuilds the model without the
+                                       config
 
 `open_model(ref, where)` is the one reader of a model to start from, teach with, score or export:
 a stage's output dir (model.json + params/) or a checkpoint file from elsewhere (trainer/interop/).
@@ -118,7 +119,8 @@ class Checkpoints:
             differ = next(i for i, state in enumerate(states) if state != states[0])
             raise ValueError(
                 f"{directory}: the {written} processes' iterator states differ (process 0: "
-                f"{states[0]}, process {differ}: {states[differ]}); cannot map them to {pc} processes"
+                f"{states[0]}, process {differ}: {states[differ]}); "
+                f"cannot map them to {pc} processes"
             )
         log.warning(
             "%s: iterator state written by %d processes, resumed on %d: the same global batches "

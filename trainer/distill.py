@@ -9,7 +9,8 @@ checkpoints, metrics, evaluators, export) is the loop's.
 
 Objective, per example, averaged over the batch:
 
-    t² · KL(softmax(teacher / t) ‖ softmax(student / t))  [+ label_weight · label_loss(student, labels)]
+    t² · KL(softmax(teacher / t) ‖ softmax(student / t))
+        [+ label_weight · label_loss(student, labels)]
 
 with `t = temperature` (big_vision's distill configs: 1) and the label term off by default.
 
@@ -78,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def group() -> ml_collections.ConfigDict:
-    """The stage type's group: `config.distill = group(); config.distill.runs.b16 = default_config()`."""
+    """The stage type's group:
+    `config.distill = group(); config.distill.runs.b16 = default_config()`."""
     return ml_collections.ConfigDict({"runs": ml_collections.ConfigDict()})
 
 
@@ -92,7 +94,8 @@ def _classes(cfg) -> tuple[int | None, str]:
 
 def validate(cfg, upstream: Mapping | None = None, where: str = "distill") -> None:
     """Plan-time checks (launch/dag.py): shared training keys, distillation keys and, given the
-    upstream groups, that the teacher is a training stage of this plan with the student's classes."""
+    upstream groups, that the teacher is a training stage of this plan with the student's
+    classes."""
     stage_config.check(cfg, where, upstream)
     if not isinstance(cfg.teacher, str) or not cfg.teacher or cfg.teacher == "prepare":
         raise checks.fail(
@@ -150,7 +153,8 @@ def _teacher_file(cfg) -> bool:
 
 
 def _at(images: jax.Array, size: int) -> jax.Array:
-    """The batch at a model's resolution: as is, or resized (bilinear, antialiased when shrinking)."""
+    """The batch at a model's resolution: as is, or resized (bilinear, antialiased when
+    shrinking)."""
     b, h, w, c = images.shape
     if (h, w) == (size, size):
         return images

@@ -56,11 +56,11 @@ ARCHITECTURE = (
 def default_config() -> ml_collections.ConfigDict:
     """One fine-tune run's group (`config.finetune.runs.<name>`)."""
     c = stage_config.training_group(variant="")  # "" = the export's architecture
-    c.init_from = (
-        "pretrain"  # the params-exporting stage to start from ("pretrain", "finetune/<name>"),
-    )
-    # or a timm .safetensors / big_vision .npz file (then model.variant names its architecture)
-    c.head = "new"  # "new": zero-initialised head for the target classes | "keep": the export's (same classes)
+    # The params-exporting stage to start from ("pretrain", "finetune/<name>"),
+    # or a timm .safetensors / big_vision .npz file (then model.variant names its architecture).
+    c.init_from = "pretrain"
+    # "new": zero-initialised head for the target classes | "keep": the export's (same classes)
+    c.head = "new"
     c.posemb_resize = "bilinear"  # | "bicubic": the position embedding over the new patch grid
     c.loss = "softmax_xent"
     c.label_smoothing = 0.1  # our choice (big_vision's fine-tunes use none)
@@ -79,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def group() -> ml_collections.ConfigDict:
-    """The stage type's group: `config.finetune = group(); config.finetune.runs.r384 = default_config()`."""
+    """The stage type's group:
+    `config.finetune = group(); config.finetune.runs.r384 = default_config()`."""
     return ml_collections.ConfigDict({"runs": ml_collections.ConfigDict()})
 
 

@@ -149,7 +149,8 @@ def make_task(cfg, export_dir: Path, tok: tokenizer_lib.ByteTokenizer) -> Task:
         return params
 
     def embed(params, frozen, batch):
-        """{"img": [B, D], "txt": [B, D]} (L2-normalised) for whichever of image/tokens the batch has."""
+        """{"img": [B, D], "txt": [B, D]} (L2-normalised) for whichever of image/tokens the
+        batch has."""
         out = {}
         if "image" in batch:
             out["img"] = _normalize(

@@ -186,7 +186,8 @@ def _train(cfg, out: Path, task: Task, env: Env, stage: str) -> dict:
         init_fn = lambda: dict(setup.init(), params=task.start(abstract["params"]))
     if init_params and weights_import.is_foreign(init_params):
         # A timm .safetensors / big_vision .npz: mapped into this model's layout and adapted like an
-        # upstream export (new head, resized position embedding); own checkpoint and resume still win.
+        # upstream export (new head, resized position embedding); own checkpoint and resume still
+        # win.
         foreign, init_params = init_params, ""
         init_fn = lambda: dict(
             setup.init(),

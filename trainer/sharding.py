@@ -156,8 +156,9 @@ def check_batch(
 
 
 def fit_dim(axes, dim: int, mesh):
-    """`axes` (one mesh axis name, a tuple of them, or None) if their sizes' product divides `dim`, else
-    None: replicate that dim. The one policy for parameters and the collective matmuls' plans."""
+    """`axes` (one mesh axis name, a tuple of them, or None) if their sizes' product divides
+    `dim`, else None: replicate that dim. The one policy for parameters and the collective
+    matmuls' plans."""
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     if not names or dim % math.prod(mesh.shape[a] for a in names):
         return None
@@ -165,7 +166,8 @@ def fit_dim(axes, dim: int, mesh):
 
 
 def _fit(spec: P, shape: Sequence[int], mesh) -> P:
-    """Drops mesh axes from dims they do not divide (e.g. 10 classes over model=4): replicate those."""
+    """Drops mesh axes from dims they do not divide (e.g. 10 classes over model=4): replicate
+    those."""
     padded = tuple(spec) + (None,) * (len(shape) - len(spec))
     return P(*(fit_dim(axes, dim, mesh) for dim, axes in zip(shape, padded)))
 
@@ -187,7 +189,8 @@ def _keys(path) -> tuple[str, ...]:
 
 
 def fsdp_spec(shape: Sequence[int], mesh, min_size: int = 2**14) -> P:
-    """For state without a parameter twin: shard the largest dim that "data" divides, if worth it."""
+    """For state without a parameter twin: shard the largest dim that "data" divides, if worth
+    it."""
     size = mesh.shape["data"]
     if math.prod(shape) < min_size or size == 1:
         return P()
@@ -210,9 +213,8 @@ def tree_shardings(tree, params, param_sh, mesh):
         by_path[_keys(path)] = (tuple(leaf.shape), sh)
 
     def one(path, leaf):
-        keys = _keys(
-            path
-        )  # optimizer wrappers may prefix dict keys (e.g. optax.partition's labels)
+        # Optimizer wrappers may prefix dict keys (e.g. optax.partition's labels).
+        keys = _keys(path)
         twin = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
         if twin and twin[0] == tuple(leaf.shape):
             return twin[1]
@@ -222,7 +224,8 @@ def tree_shardings(tree, params, param_sh, mesh):
 
 
 def per_device_bytes(tree, shardings) -> int:
-    """Bytes one device holds for `tree` (abstract or concrete) under `shardings` (max over devices)."""
+    """Bytes one device holds for `tree` (abstract or concrete) under `shardings` (max over
+    devices)."""
     total = 0
     for leaf, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
         total += math.prod(sh.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize

@@ -50,7 +50,8 @@ def resize_posemb(posemb: jax.Array, grid: tuple[int, int], method: str = "bilin
     if (old, old) == tuple(grid):
         return posemb
     image = posemb.reshape(1, old, old, d).astype(jnp.float32)
-    # antialias=False: a plain interpolation (big_vision's scipy zoom(order=1)), also when shrinking.
+    # antialias=False: a plain interpolation (big_vision's scipy zoom(order=1)), also when
+    # shrinking.
     resized = jax.image.resize(image, (1, *grid, d), method=method, antialias=False)
     return resized.reshape(1, grid[0] * grid[1], d).astype(posemb.dtype)
 
@@ -68,7 +69,8 @@ def transform_params(
         raise ValueError(f"head={head!r} is not one of {HEADS}")
     if source.patch_size != target.patch_size:
         raise ValueError(
-            f"patch_size {target.patch_size} differs from the exported model's {source.patch_size}: "
+            f"patch_size {target.patch_size} differs from the exported model's "
+            f"{source.patch_size}: "
             "the patch embedding is kept, so the patch size cannot change"
         )
     out = dict(params)

@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--format",
         required=True,
         choices=FORMATS,
-        help="timm: DIR with model.safetensors + config.json for timm.create_model('local-dir:DIR'); "
+        help="timm: DIR with model.safetensors + config.json for "
+        "timm.create_model('local-dir:DIR'); "
         "npz: one file, our flat documented names + model.json; "
         "big_vision: one .npz with big_vision's ViT names (sequential LayerNorm blocks only)",
     )

@@ -3,22 +3,27 @@
 The mapping (timm 1.0.31, checked by tests/test_export.py against timm itself):
 
     ours                                   timm
-    block="parallel"                       architecture vit_base_patch16_xp_224 (ParallelScalingBlock,
-                                           qk_norm, no_embed_class), every size overridden by model_args
+    block="parallel"                       architecture vit_base_patch16_xp_224
+                                           (ParallelScalingBlock, qk_norm, no_embed_class), every
+                                           size overridden by model_args
     block="sequential"                     architecture vit_base_patch16_224 (Block)
-    norm="rmsnorm" | "layernorm"           norm_layer "rmsnorm" | "layernorm"; a bias-free LayerNorm is
-                                           timm's LayerNorm with zero bias (timm has no bias-free one)
+    norm="rmsnorm" | "layernorm"           norm_layer "rmsnorm" | "layernorm"; a bias-free
+                                           LayerNorm is timm's LayerNorm with zero bias (timm has
+                                           no bias-free one)
     use_bias=False                         qkv_bias=False; attention / MAP biases written as zeros
     embedding_kernel [p, p, C, D]          patch_embed.proj.weight [D, C, p, p]
-    pos_embedding (sincos: its table)      pos_embed [1, N, D]  (no_embed_class=True: not on the cls)
+    pos_embedding (sincos: its table)      pos_embed [1, N, D]
+                                           (no_embed_class=True: not on the cls)
     cls                                    cls_token (head="token", global_pool "token")
-    parallel in_kernel (canonical q,k,v,u) blocks.i.in_proj.weight rows [u (M) | q (D) | k (D) | v (D)],
-                                           q/k/v columns of head h at h*hd.., u feature h*m + j
+    parallel in_kernel (canonical q,k,v,u) blocks.i.in_proj.weight rows
+                                           [u (M) | q (D) | k (D) | v (D)], q/k/v columns of head h
+                                           at h*hd.., u feature h*m + j
     in_bias (MLP part)                     blocks.i.mlp_bias (qkv_bias=False) or in_proj.bias
-    out_kernel [H, hd+m, D], out_bias      attn_out_proj.weight / mlp_out_proj.weight; the one bias goes
-                                           to mlp_out_proj.bias, attn_out_proj.bias = 0 (VisionTransformer
-                                           builds ParallelScalingBlock without fuse_out_proj, so its
-                                           out-projection is two Linears whose outputs are summed)
+    out_kernel [H, hd+m, D], out_bias      attn_out_proj.weight / mlp_out_proj.weight; the one bias
+                                           goes to mlp_out_proj.bias, attn_out_proj.bias = 0
+                                           (VisionTransformer builds ParallelScalingBlock without
+                                           fuse_out_proj, so its out-projection is two Linears
+                                           whose outputs are summed)
     head="map" (qk_norm=False)             attn_pool (AttentionPoolLatent: q, kv, proj, norm, mlp)
     head="gap"                             global_pool "avg" with fc_norm=False (norm, then mean)
     head_kernel [F, C]                     head.weight [C, F]

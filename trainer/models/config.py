@@ -53,16 +53,16 @@ class ViTConfig:
     variant: str = "custom"
     image_size: int = 224
     num_classes: int = 1000  # 0 = encoder only: the model returns pre-logits.
-    # "parallel" = ViT-22B block (one shared norm, attention and MLP in parallel); "sequential" = ViT.
+    # "parallel" = ViT-22B block (one shared norm, attention and MLP in parallel);
+    # "sequential" = ViT.
     block: str = "parallel"
     fused: bool = True  # one matmul for [QKV|MLP-in] and one for [attn-out|MLP-out]; same math.
     # How the two fused matmuls run on a mesh: "xla" (XLA's sharded matmul) or "collective"
     # (trainer/collective.py: ppermute rings that overlap communication with the matmul).
     matmul: str = "xla"
     qk_norm: bool = True  # normalize queries and keys per head over head_dim.
-    use_bias: bool = (
-        False  # biases of QKV, attention-out and every norm (the MLP keeps its biases).
-    )
+    # Biases of QKV, attention-out and every norm (the MLP keeps its biases).
+    use_bias: bool = False
     # The paper applies its LayerNorms "without bias and centering" (Zhang & Sennrich 2019).
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
@@ -96,16 +96,19 @@ class ViTConfig:
             )
         if self.width % self.num_heads:
             raise ValueError(
-                f"ViT config field width={self.width} is not divisible by num_heads={self.num_heads}"
+                f"ViT config field width={self.width} "
+                f"is not divisible by num_heads={self.num_heads}"
             )
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"ViT config field image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+                f"ViT config field image_size={self.image_size} "
+                f"is not divisible by patch_size={self.patch_size}"
             )
         if self.block == "parallel" and self.mlp_dim % self.num_heads:
             # The fused [QKV|MLP-in] kernel gives every head an equal slice of the MLP.
             raise ValueError(
-                f"ViT config field mlp_dim={self.mlp_dim} is not divisible by num_heads={self.num_heads} "
+                f"ViT config field mlp_dim={self.mlp_dim} "
+                f"is not divisible by num_heads={self.num_heads} "
                 "(required by the parallel block)"
             )
         if self.matmul == "collective" and (self.block != "parallel" or not self.fused):

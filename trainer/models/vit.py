@@ -203,7 +203,8 @@ class SequentialBlock(_Block):
 
 
 class Encoder(nn.Module):
-    """`depth` blocks, scanned (params stacked on a leading "layers" axis) or unrolled, + final norm."""
+    """`depth` blocks, scanned (params stacked on a leading "layers" axis) or unrolled, + final
+    norm."""
 
     config: ViTConfig
 
@@ -212,7 +213,8 @@ class Encoder(nn.Module):
         c = self.config
         block = ParallelBlock if c.block == "parallel" else SequentialBlock
         if c.remat != "none":
-            # static_argnums counts self as 0: `train` (arg 2) selects dropout, so it must be static.
+            # static_argnums counts self as 0: `train` (arg 2) selects dropout, so it must be
+            # static.
             block = nn.remat(
                 block, prevent_cse=not c.scan, static_argnums=(2,), policy=REMAT_POLICIES[c.remat]
             )
