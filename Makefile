@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # start (warnings, ~0.3 s a process); tests and dry runs use the CPU. AOT still works under it.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: test dryrun venv clean chromium
+.PHONY: test dryrun venv clean chromium lint
 venv: $(STAMP)
 
 # setup.py + the C source: the editable install compiles data/_jpeg_crop.c in place.
@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml constraints.txt setup.py data/_jpeg_crop.c
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
-test: $(STAMP) chromium
+# One line length (100) and pyflakes, configured in pyproject.toml [tool.ruff]; `ruff format`
+# keeps code within it (comments and strings are wrapped by hand).
+lint: $(STAMP)
+	$(PYTHON) -m ruff check --quiet .
+
+test: $(STAMP) chromium lint
 	$(PYTHON) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 dryrun: $(STAMP)
