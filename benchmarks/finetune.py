@@ -83,10 +83,14 @@ def main(argv=None) -> list[dict]:
 
     def summary(arm):
         values = [r[arm] for r in rows]
-        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+        return (
+            f"{statistics.mean(values):.4f} ± "
+            f"{statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+        )
 
     print(
-        f"\n{datetime.date.today()} {platform.node()} ({platform.processor() or platform.machine()}): "
+        f"\n{datetime.date.today()} {platform.node()} "
+        f"({platform.processor() or platform.machine()}): "
         f"fine-tune mu/4 on digits, {args.steps} steps at {args.image_size} px, val top-1\n"
     )
     print(

@@ -1,13 +1,15 @@
 """The `evaluate` stage: scores every model the run produced on every eval its config names, writes
 `metrics.json` and renders the run report (eval/report.py).
 
-    python -m launch.run --config launch/configs/tiny.py --stages evaluate    # reuses every upstream
+    # reuses every upstream
+    python -m launch.run --config launch/configs/tiny.py --stages evaluate
     python -m launch.stage --stage evaluate --config launch/configs/tiny.py --workdir DIR
 
 Inputs: `inputs["prepare"]` (the prepared splits) and any number of upstream stages. Every one that
 exports a ViT classifier (`params/` + `model.json`: pretrain, `finetune/<run>`, `distill/<run>`) is
-scored under its stage name (a LiT two-tower is not: the report shows its own zero-shot metrics); a probe stage (`head/` + `head.json`) is scored as its backbone's export
-with the probe's linear head on the pre-logits. `models` restricts the set (default: all).
+scored under its stage name (a LiT two-tower is not: the report shows its own zero-shot metrics);
+a probe stage (`head/` + `head.json`) is scored as its backbone's export with the probe's linear
+head on the pre-logits. `models` restricts the set (default: all).
 
 Evals are the evaluator contract (trainer/evaluators): `evals.<name> = {type, split, [dataset],
 [models], ...}` (`models`: the upstream stages this eval scores, e.g. only a CelebA fine-tune for a
@@ -22,8 +24,9 @@ Outputs: `metrics.json` = {model: {"<dataset>/<split>": {"<eval>/<metric>": valu
 "model-vs-human" = the toolbox's mean over datasets when a model has model_vs_human evals);
 `details/<model>/<eval>.json` (reliability bins, fairness frontier, model-vs-human tables) and the
 model-vs-human trials as the toolbox's CSVs; `upstream.json` (what was scored: stage, fingerprint,
-path, config); `report.html` + `report.md`. outputs.json's metrics are the headline ones (`HEADLINE`:
-top-1s, ECE, gaps, shape bias, consistencies) flattened as `<model>/<dataset>/<split>/<eval>/<metric>`.
+path, config); `report.html` + `report.md`. outputs.json's metrics are the headline ones
+(`HEADLINE`: top-1s, ECE, gaps, shape bias, consistencies) flattened as
+`<model>/<dataset>/<split>/<eval>/<metric>`.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_split = (
         "train"  # with `dataset`: class names of a model whose config does not say its data
     )
-    c.models = ()  # upstream stages to score ("pretrain", "finetune/r48", "probe"); () = every model upstream
+    # upstream stages to score ("pretrain", "finetune/r48", "probe"); () = every model upstream
+    c.models = ()
     c.batch_size = 256  # global eval batch
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
     c.evals = ml_collections.ConfigDict(
@@ -86,8 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.report = ml_collections.ConfigDict(
         dict(
             title="Run report",
-            # distill/<run> -> the model trained on labels it is compared with ("" = the upstream model
-            # with the same model.json, if any): the seed's "student from labels vs distilled" table
+            # distill/<run> -> the model trained on labels it is compared with ("" = the upstream
+            # model with the same model.json, if any): the seed's "student from labels vs
+            # distilled" table
             distill_baselines=ml_collections.ConfigDict(),
         )
     )
@@ -95,13 +100,14 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# --- Plan-time checks ------------------------------------------------------------------------------
+# --- Plan-time checks -----------------------------------------------------------------------------
 
 
 def validate(
     cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "evaluate"
 ) -> None:
-    """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
+    """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the
+    key."""
     upstream = upstream or {}
     for key in ("dataset", "train_split"):
         checks.name(f"{where}.{key}", cfg[key])
@@ -158,7 +164,7 @@ def _check_splits(cfg, prepare, where: str) -> None:
                 checks.prepared_split(f"{where}.evals.{name}.{split_key}", split, dataset, prepare)
 
 
-# --- The models of the run -------------------------------------------------------------------------
+# --- The models of the run ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +229,8 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
         path = paths.as_path(stage.path)
         spec = _read_json(path / "model.json")
         if spec is not None and "variant" not in spec:
-            continue  # not a ViT classifier export (a LiT two-tower: its zero-shot evals are its own)
+            # not a ViT classifier export (a LiT two-tower: its zero-shot evals are its own)
+            continue
         if (path / "params").is_dir() and spec is not None:
             num_classes = checkpoint.open_model(path, f"evaluate: {name}").config.num_classes
             models.append(Model(name, stage, path, _class_names(stage, num_classes, cfg, prepared)))
@@ -247,11 +254,12 @@ def find_models(cfg, inputs: Mapping[str, Any]) -> list[Model]:
     return models
 
 
-# --- Scoring ---------------------------------------------------------------------------------------
+# --- Scoring --------------------------------------------------------------------------------------
 
 
 def _predict(model: Model, mesh):
-    """(params, param shardings, {"logits", "pre_logits"}, image size) of a model, params loaded sharded."""
+    """(params, param shardings, {"logits", "pre_logits"}, image size) of a model, params loaded
+    sharded."""
     import flax.linen as nn
     import jax
 

@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
                 1e-4,
                 1e-3,
             ),  # L2 penalty 0.5 * l2 * |W|^2 on standardised features; > 0
-            tol=1e-4,  # solved when the largest gradient component is <= tol (float32: keep >= ~3e-5)
+            # solved when the largest gradient component is <= tol (float32: keep >= ~3e-5)
+            tol=1e-4,
             max_iters=2000,  # L-BFGS iterations per l2; more fails the stage (features stay cached)
             seed=0,  # the holdout split
         )
@@ -100,13 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# --- Plan-time checks ------------------------------------------------------------------------------
+# --- Plan-time checks -----------------------------------------------------------------------------
 
 
 def validate(
     cfg, upstream: Mapping[str, ml_collections.ConfigDict] | None = None, where: str = "probe"
 ) -> None:
-    """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the key."""
+    """Plan-time checks (launch/dag.py; `run` repeats them without `upstream`): one line naming the
+    key."""
     upstream = upstream or {}
     checks.name(f"{where}.model_from", cfg.model_from, "the exporting stage (e.g. 'pretrain')")
     checks.upstream(f"{where}.model_from", cfg.model_from, upstream)
@@ -140,7 +142,7 @@ def validate(
             checks.prepared_split(key, split, cfg.dataset, prepare)
 
 
-# --- Features, once --------------------------------------------------------------------------------
+# --- Features, once -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +199,8 @@ class FeatureCache:
         return path
 
     def _key(self, split: str) -> dict:
-        """What the cached features are features of; a cached split is reused only if this matches."""
+        """What the cached features are features of; a cached split is reused only if this
+        matches."""
         from data import manifest  # json only
 
         m = manifest.read(self.split_dir(self.cfg.dataset, split))
@@ -291,7 +294,7 @@ class FeatureCache:
             multihost_utils.sync_global_devices(f"probe features {self.cfg.dataset}/{split}")
 
 
-# --- Linear probe ----------------------------------------------------------------------------------
+# --- Linear probe ---------------------------------------------------------------------------------
 
 
 def _moments(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +432,8 @@ def top1s(
     biases: np.ndarray,
     rows: np.ndarray | None = None,
 ) -> list[float]:
-    """Top-1 of each head [G, D, C] + [G, C] on x[rows] (x may be a memory map), _CHUNK rows at a time."""
+    """Top-1 of each head [G, D, C] + [G, C] on x[rows] (x may be a memory map), _CHUNK rows at a
+    time."""
     rows = np.arange(len(y)) if rows is None else np.sort(rows)
     hits = np.zeros(len(kernels), np.int64)
     for i in range(0, len(rows), _CHUNK):
@@ -486,7 +490,7 @@ def load_head(stage_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
     return {k: np.asarray(head[k]) for k in ("kernel", "bias")}, spec
 
 
-# --- The stage -------------------------------------------------------------------------------------
+# --- The stage ------------------------------------------------------------------------------------
 
 
 def _input(inputs: Mapping, name: str, key: str):
@@ -575,7 +579,8 @@ def run(cfg, inputs: dict, out: Path) -> dict:
             + "\n"
         )
         print(
-            f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, reused {cache.reused or 'none'}"
+            f"[probe] {cfg.model_from} features: extracted {cache.extracted or 'none'}, "
+            f"reused {cache.reused or 'none'}"
         )
         print(
             f"[probe] linear probe (l2 {info['l2']:g}, {info['iterations']} L-BFGS iterations, "
@@ -585,7 +590,8 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         print(
             f"[probe] few-shot {cfg.dataset} {fs.train_split} -> {fs.split} ({fs.seeds} seeds): "
             + ", ".join(
-                f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± {metrics[f'fewshot/{k}shot_top1_std']:.4f}"
+                f"{k}-shot {metrics[f'fewshot/{k}shot_top1']:.4f} ± "
+                f"{metrics[f'fewshot/{k}shot_top1_std']:.4f}"
                 for k in fs.shots
             )
         )

@@ -1,4 +1,5 @@
-"""Collective matmuls (trainer/collective.py) against XLA's sharded matmul, on 8 simulated devices."""
+"""Collective matmuls (trainer/collective.py) against XLA's sharded matmul, on 8 simulated
+devices."""
 
 import dataclasses
 import re
@@ -25,7 +26,8 @@ MESHES = [(4, 2), (2, 4), (1, 8)]
 # rounds once; measured here: up to ~2x XLA's error on a ring of 8.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2**-8}
 
-# name: (collective fn, contracted dims, operand shapes, operand specs as the model's params/activations have)
+# name: (collective fn, contracted dims, operand shapes, operand specs as the model's
+# params/activations have)
 OPS = {
     "all_gather_matmul": (
         collective.all_gather_matmul,
@@ -54,7 +56,8 @@ def _operands(mesh, name, dtype=jnp.float32):
 
 
 def _output_and_grads(fn, args):
-    """[fn(a, b), d/da, d/db] of a nonlinear scalar, so both gradients depend on every output element."""
+    """[fn(a, b), d/da, d/db] of a nonlinear scalar, so both gradients depend on every output
+    element."""
     loss = lambda a, b: jnp.sum(jnp.sin(fn(a, b).astype(jnp.float32)))
     return [jax.jit(fn)(*args), *jax.jit(jax.grad(loss, (0, 1)))(*args)]
 
@@ -75,7 +78,8 @@ def test_collective_op_equals_xla_forward_and_grad(name, data, model, dtype):
         g, r, e = (np.asarray(t, np.float32) for t in (g, r, e))
         scale = np.max(np.abs(e))
         assert np.max(np.abs(g - e)) / scale <= 3 * np.max(np.abs(r - e)) / scale + TOL[dtype]
-    # The output comes out sharded as the model's activations are: heads (in) / width (out) on "model".
+    # The output comes out sharded as the model's activations are: heads (in) / width (out) on
+    # "model".
     assert got[0].sharding.spec[-1 if name == "matmul_reduce_scatter" else 2] == "model"
 
 
@@ -132,7 +136,7 @@ def test_hlo_overlaps_with_collective_permutes_and_never_gathers_the_activation(
     assert not _hlo_ops(text, "all-reduce") and not _hlo_ops(text, "reduce-scatter")
 
 
-# --- the model switch ------------------------------------------------------------------------------
+# --- the model switch -----------------------------------------------------------------------------
 
 
 def _tiny(**kw):

@@ -136,7 +136,8 @@ def test_pretrain_export_matches_timm_and_round_trips(pretrain_export, digits, t
 
 
 CASES = {
-    # The ViT-22B block with a bias-free LayerNorm, fused, unscanned; a GAP head (timm: avg pool, no fc_norm).
+    # The ViT-22B block with a bias-free LayerNorm, fused, unscanned; a GAP head (timm: avg pool,
+    # no fc_norm).
     "parallel_layernorm": dict(variant="mu/4", norm="layernorm", head="gap", scan=False),
     # Unfused parallel block with biases and a class token.
     "parallel_bias_token": dict(

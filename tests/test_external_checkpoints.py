@@ -36,7 +36,8 @@ def files(pretrain_export, tmp_path_factory):
         )
         == 0
     )
-    # The parallel block has no big_vision naming: our flat .npz (same import path, weights_import.read).
+    # The parallel block has no big_vision naming: our flat .npz (same import path,
+    # weights_import.read).
     assert (
         export.main(
             [
@@ -145,7 +146,8 @@ def test_finetune_from_a_file_through_the_loop(files, prepared_digits, tmp_path)
 
 @pytest.mark.xdist_group("external")
 def test_distill_teacher_from_an_npz_file(files):
-    """The teacher's Frozen params, read from the .npz into the mesh's shardings, are the export's."""
+    """The teacher's Frozen params, read from the .npz into the mesh's shardings, are the
+    export's."""
     _, npz, params = files
     cfg = distill.default_config()
     cfg.teacher, cfg.teacher_model.variant = str(npz), "mu/4"
@@ -165,7 +167,8 @@ def test_distill_teacher_from_an_npz_file(files):
 
 
 def test_only_a_dir_holding_model_safetensors_is_a_checkpoint_file(tmp_path):
-    """A stage's export dir or an Orbax params/ dir is not a checkpoint file; a timm export dir is."""
+    """A stage's export dir or an Orbax params/ dir is not a checkpoint file; a timm export dir
+    is."""
     (tmp_path / "params").mkdir()
     assert not weights_import.is_foreign(tmp_path) and not weights_import.is_foreign(
         tmp_path / "params"

@@ -1,5 +1,6 @@
-"""LiT: tokenizer, contrastive losses, recall@k, text through the loader, and the lit stage end to end
-(locked tower bit-identical and absent from optimizer state/checkpoints, zero-shot above chance)."""
+"""LiT: tokenizer, contrastive losses, recall@k, text through the loader, and the lit stage end to
+end (locked tower bit-identical and absent from optimizer state/checkpoints, zero-shot above
+chance)."""
 
 import json
 import os
@@ -64,15 +65,17 @@ def test_contrastive_losses_equal_numpy_and_are_symmetric():
 def test_recall_at_k_equals_a_hand_computed_fixture():
     sims = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.1, 0.7, 0.6]])
     ids = np.array([0, 1, 2])
-    # row 0: top1 = 0 (hit); row 1: top1 = 2 (miss), top2 = {2, 1} (hit); row 2: top1 = 1 (miss), top2 hit.
+    # row 0: top1 = 0 (hit); row 1: top1 = 2 (miss), top2 = {2, 1} (hit); row 2: top1 = 1 (miss),
+    # top2 hit.
     assert zeroshot.recall_at_k(sims, ids, ids, 1) == pytest.approx(1 / 3)
     assert zeroshot.recall_at_k(sims, ids, ids, 2) == pytest.approx(1.0)
     # Identical captions share an id: rows 1 and 2 retrieve each other's (identical) caption: hits.
     assert zeroshot.recall_at_k(sims, np.array([0, 1, 1]), np.array([0, 1, 1]), 1) == pytest.approx(
         1.0
     )
-    # Keys relabelled [2, 1, 0]. Top-1: row 0 -> key 0 (id 2), row 1 -> key 2 (id 0), row 2 -> key 1 (id 1):
-    # no hit. Top-2: row 0 {key 0, key 2} = ids {2, 0} hit; row 1 {2, 1} = {0, 1} hit; row 2 {1, 2} = {1, 0} miss.
+    # Keys relabelled [2, 1, 0]. Top-1: row 0 -> key 0 (id 2), row 1 -> key 2 (id 0),
+    # row 2 -> key 1 (id 1): no hit. Top-2: row 0 {key 0, key 2} = ids {2, 0} hit;
+    # row 1 {2, 1} = {0, 1} hit; row 2 {1, 2} = {1, 0} miss.
     assert zeroshot.recall_at_k(sims, ids, np.array([2, 1, 0]), 1) == 0.0
     assert zeroshot.recall_at_k(sims, ids, np.array([2, 1, 0]), 2) == pytest.approx(2 / 3)
 
@@ -138,8 +141,9 @@ def test_lit_trains_a_text_tower_against_a_locked_image_tower(
     result = lit.run(cfg, {"pretrain": pretrain_export}, tmp_path)
     m = result["metrics"]
     assert m["zeroshot/top1"] > 0.3, m  # 10 classes: chance 0.1
-    # Each digit has 8 caption templates the image cannot tell apart, so even a perfect model finds its
-    # image's exact caption at rank 1 only ~1/8 of the time; chance at 5 is ~5 x 2.2 / 179 ~ 0.06.
+    # Each digit has 8 caption templates the image cannot tell apart, so even a perfect model finds
+    # its image's exact caption at rank 1 only ~1/8 of the time; chance at 5 is ~5 x 2.2 / 179
+    # ~ 0.06.
     assert m["retrieval/i2t_recall@5"] > 0.12 and m["retrieval/t2i_recall@5"] > 0.3, m
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]

@@ -1,4 +1,5 @@
-"""The pretrain stage end to end on real digits: learning, guards, checkpoints, export, preemption."""
+"""The pretrain stage end to end on real digits: learning, guards, checkpoints, export,
+preemption."""
 
 import json
 import os

@@ -19,7 +19,7 @@ from trainer.evaluators import fewshot
 from trainer.models import vit
 
 
-# --- The closed-form few-shot solve ------------------------------------------------------------------
+# --- The closed-form few-shot solve ---------------------------------------------------------------
 
 
 def _reference_ridge(x, y, num_classes, l2):
@@ -155,7 +155,7 @@ def test_a_grid_is_solved_per_l2_and_an_unsolved_head_fails_naming_max_iters():
         probe.fit_heads(x, y, rows, 4, [1e-3], mesh=mesh, max_iters=3, tol=1e-5)
 
 
-# --- Plan-time errors ------------------------------------------------------------------------------
+# --- Plan-time errors -----------------------------------------------------------------------------
 
 
 def _upstream():
@@ -215,7 +215,7 @@ def test_the_fewshot_evaluator_is_in_the_table_and_checks_its_values():
         fewshot.FewShot.check_values({"seeds": 0}, "pretrain.evals.fs")
 
 
-# --- The stage on the shared tiny pretrain export --------------------------------------------------
+# --- The stage on the shared tiny pretrain export -------------------------------------------------
 
 
 def _config():
@@ -294,7 +294,8 @@ def test_linear_probe_is_within_a_few_points_of_sklearn(probed):
 
 
 def _top1_of_backbone_plus_head(export_dir, head_dir, split_dir, mesh):
-    """Independent of eval/probe.py: the backbone on the split's eval batches, then x @ kernel + b."""
+    """Independent of eval/probe.py: the backbone on the split's eval batches, then
+    x @ kernel + b."""
     from data import loader
 
     opened = checkpoint.open_model(export_dir, "test")

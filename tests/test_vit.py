@@ -1,4 +1,5 @@
-"""ViT family: parameter counts, the ViT-22B block against NumPy, fusion/scan equivalences, configs."""
+"""ViT family: parameter counts, the ViT-22B block against NumPy, fusion/scan equivalences,
+configs."""
 
 import itertools
 
