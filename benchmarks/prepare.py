@@ -29,6 +29,17 @@ from pathlib import Path
 
 from trainer.markdown import table
 
+# One header for the per-size rows printed as they are measured and the final table.
+COLUMNS = (
+    "runner",
+    "images",
+    "wall s",
+    "img/s",
+    "img/s/core",
+    "peak RSS MiB (process)",
+    "peak RSS MiB (tree)",
+)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -157,38 +168,14 @@ def main(argv=None) -> None:
                     ]
                 )
                 print(
-                    table(
-                        [
-                            "runner",
-                            "images",
-                            "wall s",
-                            "img/s",
-                            "img/s/core",
-                            "peak RSS MiB (process)",
-                            "peak RSS MiB (tree)",
-                        ],
-                        rows[-1:],
-                    ),
+                    table(COLUMNS, rows[-1:]),
                     flush=True,
                 )
         print(
             "\nprepare: 224^2 JPEG -> validate -> JPEG q95 -> ArrayRecord + manifest "
             "(CLI, child process)"
         )
-        print(
-            table(
-                [
-                    "runner",
-                    "images",
-                    "wall s",
-                    "img/s",
-                    "img/s/core",
-                    "peak RSS MiB (process)",
-                    "peak RSS MiB (tree)",
-                ],
-                rows,
-            )
-        )
+        print(table(COLUMNS, rows))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
